@@ -1,0 +1,1 @@
+"""Ferry's operator side: the `ferry` command, the local broker and the request client."""

@@ -1,0 +1,164 @@
+"""`ferry`: the one command for users and operators."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+from ferry.broker import DEFAULT_PORT, LocalBroker, default_bootstrap, default_data_dir
+
+
+def _bootstrap_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", default=None,
+                        help="Kafka bootstrap servers (default: $KAFKA_BOOTSTRAP, else the "
+                             "local broker of `ferry kafka up`)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferry", description="Kafka-native serving for LLMs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    kafka = sub.add_parser("kafka", help="the local Kafka broker (no Docker)")
+    ksub = kafka.add_subparsers(dest="action", required=True)
+    up = ksub.add_parser("up", help="fetch jars once, format storage, start, wait until ready")
+    up.add_argument("--port", type=int, default=DEFAULT_PORT)
+    for action in (up, ksub.add_parser("down"), ksub.add_parser("status")):
+        action.add_argument("--data", type=Path, default=None,
+                            help=f"broker directory (default {default_data_dir()})")
+
+    w = sub.add_parser("worker", help="serve one deployment from a consumer group")
+    w.add_argument("--model", type=Path, required=True, help="Hugging Face layout directory")
+    w.add_argument("--deployment", required=True)
+    _bootstrap_arg(w)
+    w.add_argument("--max-batch", type=int, default=8)
+    w.add_argument("--max-wait-ms", type=float, default=20.0)
+    w.add_argument("--max-queued", type=int, default=256)
+    w.add_argument("--partitions", type=int, default=4)
+    w.add_argument("--max-message-bytes", type=int, default=1_048_576)
+    w.add_argument("--metrics-port", type=int, default=None)
+    w.add_argument("--device", default="cpu")
+    w.add_argument("--dtype", default=None)
+
+    model = sub.add_parser("model", help="checkpoints")
+    msub = model.add_subparsers(dest="action", required=True)
+    tiny = msub.add_parser("tiny", help="build a small random Llama checkpoint + tokenizer")
+    tiny.add_argument("out", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--hidden", type=int, default=64)
+
+    send = sub.add_parser("send", help="post prompts to a deployment and print the results")
+    send.add_argument("prompts", nargs="+")
+    send.add_argument("--model", required=True, help="deployment name")
+    _bootstrap_arg(send)
+    send.add_argument("--max-new-tokens", type=int, default=16)
+    send.add_argument("--temperature", type=float, default=0.0)
+    send.add_argument("--seed", type=int, default=None)
+    send.add_argument("--timeout", type=float, default=60.0)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on a local broker and a small model")
+    demo.add_argument("--requests", type=int, default=8)
+
+    schemas = sub.add_parser("schemas", help="message contract")
+    ssub = schemas.add_subparsers(dest="action", required=True)
+    export = ssub.add_parser("export", help="write the JSON Schema files")
+    export.add_argument("out", type=Path, nargs="?", default=None)
+    return p
+
+
+def _kafka(args: argparse.Namespace) -> int:
+    broker = LocalBroker(args.data or default_data_dir(), port=getattr(args, "port", DEFAULT_PORT))
+    if args.action == "up":
+        print(f"bootstrap={broker.up()}")
+    elif args.action == "down":
+        print("stopped" if broker.down() else "not running")
+    else:
+        state = broker.state()
+        print(f"running pid={state['pid']} bootstrap=127.0.0.1:{state['port']}" if state
+              else "not running")
+        return 0 if state else 1
+    return 0
+
+
+async def _run_until_signalled(coro) -> None:  # type: ignore[no-untyped-def]
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from workers.config import WorkerConfig
+    from workers.engine import Engine
+    from workers.worker import Worker
+
+    config = WorkerConfig(
+        model_dir=args.model, deployment=args.deployment,
+        bootstrap=args.bootstrap or default_bootstrap(), max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms, max_queued=args.max_queued, partitions=args.partitions,
+        max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
+        device=args.device, dtype=args.dtype)
+    engine = Engine.from_dir(config.model_dir, device=config.device, dtype=config.dtype)
+    asyncio.run(_run_until_signalled(Worker(config, engine).run()))
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    from ferry.client import FerryClient
+    from schemas import Request, encode
+
+    async def go() -> None:
+        async with FerryClient(args.bootstrap or default_bootstrap()) as client:
+            futures = [await client.submit(Request(
+                id=uuid.uuid4().hex, model=args.model, prompt=prompt,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                seed=args.seed)) for prompt in args.prompts]
+            for result in await asyncio.wait_for(asyncio.gather(*futures), args.timeout):
+                print(encode(result).decode())
+
+    asyncio.run(go())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("FERRY_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    args = _parser().parse_args(argv)
+    if args.command == "kafka":
+        return _kafka(args)
+    if args.command == "worker":
+        return _worker(args)
+    if args.command == "send":
+        return _send(args)
+    if args.command == "model":
+        from workers.model_factory import build_tiny_checkpoint
+
+        print(build_tiny_checkpoint(args.out, seed=args.seed, num_hidden_layers=args.layers,
+                                    hidden_size=args.hidden))
+        return 0
+    if args.command == "demo":
+        from ferry.demo import run_demo
+
+        return run_demo(args.requests)
+    if args.command == "schemas":
+        from schemas.export import JSON_DIR, write
+
+        for path in write(args.out or JSON_DIR):
+            print(path)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""A producer-side client: post requests on Kafka, get each one's result from its reply topic.
+
+Producers in other languages do the same with the JSON Schemas in `schemas/json/`; this is
+the Python one, used by the demo, the benchmark and the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas import (
+    RESULTS_TOPIC, ErrorCode, Request, Result, SchemaError, batch_key, decode_result, encode,
+    requests_topic,
+)
+from workers.topic_admin import ensure_topics
+
+log = logging.getLogger("ferry.client")
+
+
+class FerryClient:
+    """Posts requests to `ferry.requests.<model>` and resolves them from `reply_to`."""
+
+    def __init__(self, bootstrap: str, reply_to: str = RESULTS_TOPIC,
+                 max_message_bytes: int = 1_048_576, reply_partitions: int = 4) -> None:
+        self.bootstrap = bootstrap
+        self.reply_to = reply_to
+        self.max_message_bytes = max_message_bytes
+        self._reply_partitions = reply_partitions
+        self._waiting: dict[str, asyncio.Future[Result]] = {}
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                          max_request_size=max_message_bytes * 2)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self._reader: asyncio.Task | None = None
+
+    async def __aenter__(self) -> FerryClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        await ensure_topics(self.bootstrap, {self.reply_to: self._reply_partitions})
+        await self._producer.start()
+        await self._consumer.start()
+        partitions = self._consumer.partitions_for_topic(self.reply_to) or set()
+        if not partitions:
+            await self._consumer._client.force_metadata_update()  # fresh topic: learn its partitions
+            partitions = self._consumer.partitions_for_topic(self.reply_to) or {0}
+        tps = [TopicPartition(self.reply_to, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # pin the positions now, so no result sent after start() is missed
+            await self._consumer.position(tp)
+        self._reader = asyncio.create_task(self._read_results(), name="ferry-client-results")
+        self._reader.add_done_callback(self._reader_done)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self._consumer.stop()
+        await self._producer.stop()
+
+    async def submit(self, request: Request, topic: str | None = None) -> asyncio.Future[Result]:
+        """Post a request; the future resolves with its result (or its error)."""
+        if request.reply_to != self.reply_to:
+            request = dataclasses.replace(request, reply_to=self.reply_to)
+        if request.created_at is None:
+            request = dataclasses.replace(request, created_at=time.time())
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting[request.id] = future
+        value = encode(request.to_dict())
+        if len(value) > self.max_message_bytes:
+            # Never let an oversized request hang: answer it, on its reply topic too.
+            result = Result.failure(
+                request.id, request.model, ErrorCode.REQUEST_TOO_LARGE,
+                f"request: {len(value)} bytes exceed the message limit of "
+                f"{self.max_message_bytes}")
+            await self._producer.send_and_wait(self.reply_to, encode(result),
+                                               key=request.id.encode())
+            return future
+        key = batch_key(request, request.model).encode()
+        await self._producer.send_and_wait(topic or requests_topic(request.model), value, key=key)
+        return future
+
+    async def request(self, request: Request, timeout: float = 60.0) -> Result:
+        return await asyncio.wait_for(await self.submit(request), timeout)
+
+    async def _read_results(self) -> None:
+        async for msg in self._consumer:
+            try:
+                result = decode_result(msg.value)
+            except SchemaError as exc:
+                log.warning("unreadable result at %s@%d: %s", msg.topic, msg.offset, exc)
+                continue
+            future = self._waiting.pop(result.id, None)
+            if future is not None and not future.done():
+                future.set_result(result)
+
+    def _reader_done(self, task: asyncio.Task) -> None:
+        # Fail every waiting request loudly rather than let it hang.
+        if task.cancelled() or task.exception() is None:
+            return
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(task.exception())  # type: ignore[arg-type]
+        self._waiting.clear()

@@ -1,0 +1,41 @@
+"""One set of error codes for worker, router and gateway, mapped to HTTP status in one place."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    INVALID_REQUEST = "invalid_request"
+    UNKNOWN_MODEL = "unknown_model"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    REQUEST_TOO_LARGE = "request_too_large"
+    RESULT_TOO_LARGE = "result_too_large"
+    INFERENCE_FAILED = "inference_failed"
+    INTERNAL = "internal"
+
+
+_HTTP_STATUS = {
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.UNKNOWN_MODEL: 404,
+    ErrorCode.PROMPT_TOO_LONG: 400,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.REQUEST_TOO_LARGE: 413,
+    ErrorCode.RESULT_TOO_LARGE: 502,
+    ErrorCode.INFERENCE_FAILED: 500,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+def http_status(code: ErrorCode) -> int:
+    return _HTTP_STATUS[code]
+
+
+class SchemaError(ValueError):
+    """A message failed validation; `field` names the offending field ("$" = the whole message)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason

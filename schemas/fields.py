@@ -1,0 +1,161 @@
+"""Field specs shared by validation and JSON Schema export, so the two cannot disagree.
+
+A record is a dataclass whose fields carry `spec(...)` metadata. `from_dict` validates a
+parsed JSON object against the fields and names the first offending field; `json_schema`
+renders the same fields as JSON Schema (draft 2020-12) for producers in other languages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from enum import Enum
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from schemas.errors import SchemaError
+
+T = TypeVar("T")
+_MISSING = object()
+_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def spec(description: str, **constraints: Any) -> dict[str, Any]:
+    """Field metadata: a description plus JSON Schema keywords (minimum, maxLength, pattern...)."""
+    return {"description": description, "constraints": constraints}
+
+
+def _optional_inner(tp: Any) -> Any | None:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+def _check_constraints(path: str, value: Any, constraints: dict[str, Any]) -> None:
+    if "minimum" in constraints and value < constraints["minimum"]:
+        raise SchemaError(path, f"must be >= {constraints['minimum']}, got {value}")
+    if "maximum" in constraints and value > constraints["maximum"]:
+        raise SchemaError(path, f"must be <= {constraints['maximum']}, got {value}")
+    if "exclusiveMinimum" in constraints and value <= constraints["exclusiveMinimum"]:
+        raise SchemaError(path, f"must be > {constraints['exclusiveMinimum']}, got {value}")
+    if "minLength" in constraints and len(value) < constraints["minLength"]:
+        raise SchemaError(path, f"must have at least {constraints['minLength']} characters")
+    if "maxLength" in constraints and len(value) > constraints["maxLength"]:
+        raise SchemaError(path, f"must have at most {constraints['maxLength']} characters")
+    if "maxItems" in constraints and len(value) > constraints["maxItems"]:
+        raise SchemaError(path, f"must have at most {constraints['maxItems']} items")
+    if "pattern" in constraints:
+        if re.fullmatch(constraints["pattern"], value) is None:
+            raise SchemaError(path, f"must match {constraints['pattern']}, got {value!r}")
+
+
+def _convert(path: str, tp: Any, value: Any) -> Any:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return None if value is None else _convert(path, inner, value)
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise SchemaError(path, f"must be one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise SchemaError(path, f"must be an array, got {type(value).__name__}")
+        (item,) = get_args(tp)
+        return [_convert(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=path + ".")
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise SchemaError(path, f"must be one of {[m.value for m in tp]}, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SchemaError(path, f"must be a number, got {type(value).__name__}")
+        return float(value)
+    if tp in (int, str, bool):
+        if isinstance(value, bool) != (tp is bool) or not isinstance(value, tp):
+            raise SchemaError(path, f"must be {_JSON_TYPES[tp]}, got {type(value).__name__}")
+        return value
+    raise TypeError(f"unsupported field type {tp!r}")  # a bug in a record, not bad input
+
+
+def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Validate a parsed JSON object into record `cls`; SchemaError names the first bad field."""
+    if not isinstance(data, dict):
+        raise SchemaError(prefix.rstrip(".") or "$", f"must be an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise SchemaError(prefix + unknown[0], "unknown field")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        path = prefix + name
+        value = data.get(name, _MISSING)
+        if value is _MISSING:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SchemaError(path, "is required")
+            continue
+        kwargs[name] = _convert(path, hints[name], value)
+        if kwargs[name] is not None:
+            constraints = f.metadata.get("constraints", {})
+            items = constraints.get("items", {})
+            _check_constraints(path, kwargs[name], constraints)
+            if isinstance(kwargs[name], list):
+                for i, v in enumerate(kwargs[name]):
+                    _check_constraints(f"{path}[{i}]", v, items)
+    return cls(**kwargs)
+
+
+def _type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return {"anyOf": [_type_schema(inner, defs), {"type": "null"}]}
+    origin = get_origin(tp)
+    if origin is Literal:
+        return {"enum": list(get_args(tp))}
+    if origin is list:
+        return {"type": "array", "items": _type_schema(get_args(tp)[0], defs)}
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return {"enum": [m.value for m in tp]}
+    if dataclasses.is_dataclass(tp):
+        defs[tp.__name__] = _object_schema(tp, defs)
+        return {"$ref": f"#/$defs/{tp.__name__}"}
+    return {"type": _JSON_TYPES[tp]}
+
+
+def _object_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    props: dict[str, Any] = {}
+    required = []
+    for f in dataclasses.fields(cls):
+        schema = _type_schema(hints[f.name], defs)
+        constraints = dict(f.metadata.get("constraints", {}))
+        target = schema["anyOf"][0] if "anyOf" in schema else schema  # the non-null branch
+        if "items" in constraints:
+            target["items"] = {**target["items"], **constraints.pop("items")}
+        target.update(constraints)
+        if "description" in f.metadata:
+            schema["description"] = f.metadata["description"]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append(f.name)
+        elif f.default is not dataclasses.MISSING and not dataclasses.is_dataclass(f.default):
+            schema["default"] = f.default
+        props[f.name] = schema
+    return {"type": "object", "properties": props, "required": required,
+            "additionalProperties": False}
+
+
+def json_schema(cls: type, title: str) -> dict[str, Any]:
+    defs: dict[str, Any] = {}
+    body = _object_schema(cls, defs)
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title,
+              "description": (cls.__doc__ or "").strip(), **body}
+    if defs:
+        schema["$defs"] = dict(sorted(defs.items()))
+    return schema

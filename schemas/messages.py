@@ -1,0 +1,153 @@
+"""Request, result and dead-letter records: the wire contract of every Ferry topic."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from schemas.codec import decode
+from schemas.errors import ErrorCode, SchemaError
+from schemas.fields import from_dict, spec
+
+SCHEMA_VERSION = 1
+DEFAULT_REPLY_TO = "ferry.results"
+TOPIC_PATTERN = r"^[a-zA-Z0-9._-]{1,249}$"  # anchored: JSON Schema patterns search
+MAX_CONTEXT_TOKENS = 1 << 20
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """A generation request, posted to `ferry.requests.<deployment>` keyed by its batch key."""
+
+    id: str = field(metadata=spec("Unique request id; the result is keyed by it.",
+                                  minLength=1, maxLength=256))
+    model: str = field(metadata=spec("Deployment (or, through the router, alias) to run on.",
+                                     minLength=1, maxLength=200))
+    prompt: str | None = field(default=None, metadata=spec(
+        "Text prompt; exactly one of prompt and input_ids is set."))
+    input_ids: list[int] | None = field(default=None, metadata=spec(
+        "Token ids of the prompt [prompt_tokens].", items={"minimum": 0}))
+    max_new_tokens: int = field(default=16, metadata=spec(
+        "Most tokens to generate.", minimum=1, maximum=MAX_CONTEXT_TOKENS))
+    temperature: float = field(default=0.0, metadata=spec(
+        "0 = greedy; above 0 samples from softmax(logits / temperature).",
+        minimum=0.0, maximum=100.0))
+    top_p: float = field(default=1.0, metadata=spec(
+        "Nucleus sampling mass.", exclusiveMinimum=0.0, maximum=1.0))
+    seed: int | None = field(default=None, metadata=spec(
+        "Sampling seed: the same seed gives the same tokens whatever the batch.",
+        minimum=0, maximum=2**63 - 1))
+    stop: list[str] = field(default_factory=list, metadata=spec(
+        "Stop sequences; the text ends before the first one found.",
+        maxItems=16, items={"minLength": 1, "maxLength": 256}))
+    deadline: float | None = field(default=None, metadata=spec(
+        "Unix time (seconds) after which the request is answered with deadline_exceeded.",
+        minimum=0.0))
+    reply_to: str = field(default=DEFAULT_REPLY_TO, metadata=spec(
+        "Topic the result is published to, keyed by request id.", pattern=TOPIC_PATTERN))
+    batch_key: str | None = field(default=None, metadata=spec(
+        "Requests with equal keys may share a batch; computed when absent.", maxLength=256))
+    created_at: float | None = field(default=None, metadata=spec(
+        "Unix time (seconds) the producer created the request; used for queue timing.",
+        minimum=0.0))
+    schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(
+        "Version of this schema.", minimum=1, maximum=SCHEMA_VERSION))
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.input_ids is None):
+            raise SchemaError("prompt", "exactly one of prompt and input_ids must be set")
+        if self.input_ids is not None and not self.input_ids:
+            raise SchemaError("input_ids", "must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = field(metadata=spec("Tokens in the prompt.", minimum=0))
+    completion_tokens: int = field(metadata=spec("Tokens generated.", minimum=0))
+
+
+@dataclass(frozen=True)
+class Timings:
+    queued_ms: float = field(metadata=spec(
+        "From the request's creation (or its append to Kafka) to the start of its batch."))
+    inference_ms: float = field(metadata=spec("Model time of the batch that served it."))
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    code: ErrorCode = field(metadata=spec("Machine-readable error code."))
+    message: str = field(metadata=spec("What went wrong, naming the field where one is to blame."))
+
+
+@dataclass(frozen=True)
+class Result:
+    """The one answer to a request: generated tokens, or an error that says why."""
+
+    id: str = field(metadata=spec("Id of the request this answers.", minLength=1))
+    model: str = field(metadata=spec("Deployment that produced the answer (or was asked)."))
+    output_ids: list[int] = field(default_factory=list, metadata=spec(
+        "Generated token ids [completion_tokens]."))
+    text: str = field(default="", metadata=spec("Generated text (empty without a tokenizer)."))
+    finish_reason: FinishReason = field(default="length", metadata=spec(
+        "stop: end-of-sequence or stop string; length: max_new_tokens; error: see error."))
+    usage: Usage = field(default_factory=lambda: Usage(0, 0), metadata=spec("Token counts."))
+    timings: Timings = field(default_factory=lambda: Timings(0.0, 0.0), metadata=spec(
+        "Where the time went."))
+    error: ErrorInfo | None = field(default=None, metadata=spec("Set when the request failed."))
+    schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(
+        "Version of this schema.", minimum=1))
+
+    @classmethod
+    def failure(cls, request_id: str, model: str, code: ErrorCode, message: str) -> Result:
+        return cls(id=request_id, model=model, finish_reason="error",
+                   error=ErrorInfo(code=code, message=message))
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message no component could process, with where it came from and why."""
+
+    reason: str = field(metadata=spec("Why the message was rejected."))
+    bad_field: str = field(metadata=spec('The offending field ("$" = the whole message).'))
+    source_topic: str = field(metadata=spec("Topic the message was read from."))
+    partition: int = field(metadata=spec("Partition it was read from."))
+    offset: int = field(metadata=spec("Its offset there."))
+    component: str = field(metadata=spec("Which component rejected it (e.g. worker:NAME)."))
+    key: str | None = field(default=None, metadata=spec("Message key, as UTF-8 (replaced)."))
+    value: str | None = field(default=None, metadata=spec(
+        "Message value, as UTF-8 (undecodable bytes replaced)."))
+    timestamp: float = field(default=0.0, metadata=spec("Unix time of the rejection."))
+    schema_version: int = field(default=SCHEMA_VERSION, metadata=spec("Version of this schema."))
+
+
+def decode_request(raw: bytes | None) -> Request:
+    """Parse and validate a request; SchemaError names the first offending field."""
+    return from_dict(Request, decode(raw))
+
+
+def decode_result(raw: bytes | None) -> Result:
+    return from_dict(Result, decode(raw))
+
+
+def salvage_reply_address(raw: bytes | None) -> tuple[str, str, str] | None:
+    """(id, model, reply_to) of an invalid request when they are readable, so it can still be
+    answered with an error result; None when there is nobody to answer."""
+    try:
+        data = decode(raw)
+    except SchemaError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    rid, reply_to = data.get("id"), data.get("reply_to", DEFAULT_REPLY_TO)
+    model = data.get("model") if isinstance(data.get("model"), str) else ""
+    if not isinstance(rid, str) or not rid or not isinstance(reply_to, str):
+        return None
+    if re.fullmatch(TOPIC_PATTERN, reply_to) is None:
+        return None
+    return rid, model, reply_to

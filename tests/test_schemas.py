@@ -1,0 +1,93 @@
+"""The message contract: validation names the field, encoding round-trips, export is in sync."""
+
+from __future__ import annotations
+
+import jsonschema
+import orjson
+import pytest
+
+from schemas import (
+    ErrorCode, Request, Result, SchemaError, Timings, Usage, batch_key, decode_request,
+    decode_result, encode, salvage_reply_address,
+)
+from schemas.export import JSON_DIR, schema_files
+
+
+def test_request_round_trip_and_defaults() -> None:
+    req = Request(id="a", model="m", prompt="hi", stop=["\n"], seed=3)
+    back = decode_request(encode(req.to_dict()))
+    assert back == req and back.reply_to == "ferry.results" and back.max_new_tokens == 16
+
+
+def test_result_round_trip_with_error() -> None:
+    ok = Result(id="a", model="m", output_ids=[1, 2], text="xy", finish_reason="stop",
+                usage=Usage(3, 2), timings=Timings(1.5, 2.5))
+    assert decode_result(encode(ok)) == ok
+    failed = Result.failure("a", "m", ErrorCode.UNKNOWN_MODEL, "model: nope")
+    assert decode_result(encode(failed)).error.code is ErrorCode.UNKNOWN_MODEL
+
+
+@pytest.mark.parametrize("raw, field, reason", [
+    (b"{", "$", "not valid JSON"),
+    (b"[1]", "$", "must be an object"),
+    (b'{"model": "m", "prompt": "x"}', "id", "is required"),
+    (b'{"id": "a", "model": "m"}', "prompt", "exactly one of prompt and input_ids"),
+    (b'{"id": "a", "model": "m", "prompt": "x", "input_ids": [1]}', "prompt", "exactly one"),
+    (b'{"id": "a", "model": "m", "input_ids": []}', "input_ids", "must not be empty"),
+    (b'{"id": "a", "model": "m", "input_ids": [1, -1]}', "input_ids[1]", "must be >= 0"),
+    (b'{"id": "a", "model": "m", "prompt": "x", "max_new_tokens": 0}', "max_new_tokens", ">= 1"),
+    (b'{"id": "a", "model": "m", "prompt": "x", "max_new_tokens": 1.5}', "max_new_tokens",
+     "must be integer"),
+    (b'{"id": "a", "model": "m", "prompt": "x", "temperature": "hot"}', "temperature",
+     "must be a number"),
+    (b'{"id": "a", "model": "m", "prompt": "x", "top_p": 0}', "top_p", "must be > 0"),
+    (b'{"id": "a", "model": "m", "prompt": "x", "stop": [""]}', "stop[0]", "at least 1"),
+    (b'{"id": "a", "model": "m", "prompt": "x", "reply_to": "no spaces"}', "reply_to", "match"),
+    (b'{"id": "a", "model": "m", "prompt": "x", "max_tokens": 5}', "max_tokens", "unknown field"),
+    (b'{"id": "a", "model": "m", "prompt": "x", "schema_version": 99}', "schema_version", "<= 1"),
+])
+def test_validation_names_the_field(raw: bytes, field: str, reason: str) -> None:
+    with pytest.raises(SchemaError) as err:
+        decode_request(raw)
+    assert err.value.field == field
+    assert reason in err.value.reason
+
+
+def test_salvage_reply_address() -> None:
+    assert salvage_reply_address(b'{"id": "a", "model": "m", "reply_to": "t"}') == ("a", "m", "t")
+    assert salvage_reply_address(b'{"id": "a"}') == ("a", "", "ferry.results")
+    assert salvage_reply_address(b'{"id": 5}') is None
+    assert salvage_reply_address(b"junk") is None
+    assert salvage_reply_address(b'{"id": "a", "reply_to": "bad topic"}') is None
+
+
+def test_batch_key_groups_compatible_requests() -> None:
+    a = Request(id="1", model="m", input_ids=[1] * 10, max_new_tokens=8)
+    b = Request(id="2", model="m", input_ids=[1] * 30, max_new_tokens=16)
+    sampled = Request(id="3", model="m", input_ids=[1] * 10, temperature=0.7)
+    longer = Request(id="4", model="m", input_ids=[1] * 100)
+    assert batch_key(a, "d") == batch_key(b, "d") == "d|greedy|p32|n16"
+    assert batch_key(sampled, "d") != batch_key(a, "d")
+    assert batch_key(longer, "d") == "d|greedy|p128|n16"
+    assert batch_key(Request(id="5", model="m", prompt="x", batch_key="mine"), "d") == "mine"
+
+
+def test_exported_json_schemas_match_the_code() -> None:
+    for name, data in schema_files().items():
+        committed = (JSON_DIR / name).read_bytes()
+        assert committed == data, f"schemas/json/{name} is stale: run `ferry schemas export`"
+
+
+def test_json_schema_agrees_with_validation() -> None:
+    schema = orjson.loads((JSON_DIR / "request.schema.json").read_bytes())
+    good = Request(id="a", model="m", input_ids=[1, 2], stop=["x"], deadline=1.0).to_dict()
+    jsonschema.validate(good, schema)
+    for bad in ({**good, "max_new_tokens": 0}, {**good, "extra": 1}, {**good, "top_p": 0},
+                {**good, "reply_to": "a b"}, {**good, "input_ids": [-1]}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+        with pytest.raises(SchemaError):
+            decode_request(orjson.dumps(bad))
+    result_schema = orjson.loads((JSON_DIR / "result.schema.json").read_bytes())
+    failure = orjson.loads(encode(Result.failure("a", "m", ErrorCode.INTERNAL, "boom")))
+    jsonschema.validate(failure, result_schema)

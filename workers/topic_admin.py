@@ -1,0 +1,27 @@
+"""Create the topics a component needs before it uses them (idempotent)."""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+log = logging.getLogger("ferry.topics")
+
+
+async def ensure_topics(bootstrap: str, partitions: dict[str, int]) -> None:
+    """Create each missing topic with the given partition count; existing ones are left as they are."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(name, n, 1) for name, n in partitions.items() if name not in existing]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:
+                pass  # another member created it between the listing and the request
+            log.info("created topics %s", ", ".join(t.name for t in missing))
+    finally:
+        await admin.close()

@@ -1,0 +1,356 @@
+"""The worker: a thin Kafka loop around the batcher (decides) and the engine (executes).
+
+read → admit (validate, tokenise) → batcher → engine → publish → commit. Offsets are
+committed only after every answer of the offsets before them is acknowledged by the broker
+(`OffsetTracker`), so killing a worker loses no request. Every message ends as exactly one
+thing: a result on its `reply_to`, or a dead letter on `ferry.dlq` (plus an error result
+when the bad message still says where to answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, MessageSizeTooLargeError
+from aiokafka.structs import ConsumerRecord
+from prometheus_client import CollectorRegistry, start_http_server
+
+from schemas import (
+    DLQ_TOPIC, DeadLetter, ErrorCode, Request, Result, SchemaError, Timings, Usage, batch_key,
+    decode_request, encode, salvage_reply_address,
+)
+from workers.batcher import Batcher
+from workers.config import WorkerConfig
+from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
+from workers.metrics import WorkerMetrics
+from workers.offsets import OffsetTracker
+from workers.topic_admin import ensure_topics
+
+log = logging.getLogger("ferry.worker")
+
+# Kafka's per-record framing on top of key and value; results are checked against the
+# limit with this margin so the broker never has to reject one.
+_RECORD_OVERHEAD = 512
+
+
+@dataclass
+class Job:
+    """An admitted request waiting in the batcher."""
+
+    tp: TopicPartition
+    offset: int
+    request: Request
+    input_ids: list[int]     # [prompt_tokens]
+    created: float           # unix seconds: producer's created_at, else the record timestamp
+
+
+@dataclass
+class Answer:
+    """What one consumed message becomes: a result, a dead letter, or both."""
+
+    tp: TopicPartition
+    offset: int
+    result: Result | None = None
+    reply_to: str | None = None
+    dead_letter: DeadLetter | None = None
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._worker._release(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, engine: Engine,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.registry = registry or CollectorRegistry()
+        self.metrics = WorkerMetrics.create(self.registry)
+        self._batcher: Batcher[Job] = Batcher(config.max_batch, config.max_wait_ms / 1000)
+        self._offsets = OffsetTracker()
+        self._arrived = asyncio.Event()   # the batcher got work
+        self._space = asyncio.Event()     # the batcher has room again
+        self._batch_lock = asyncio.Lock()  # held while a batch runs and is delivered
+        self._commit_lock = asyncio.Lock()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self.ready = asyncio.Event()      # set once the consumer has joined the group
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until cancelled; a failure in either loop stops the worker loudly."""
+        log.info("worker starting: %s", self.config.describe())
+        if self.config.metrics_port is not None:
+            start_http_server(self.config.metrics_port, registry=self.registry)
+        await ensure_topics(self.config.bootstrap, {self.config.topic: self.config.partitions})
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.config.bootstrap, acks="all", enable_idempotence=True,
+            max_request_size=self.config.max_message_bytes + _RECORD_OVERHEAD, linger_ms=2)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.config.bootstrap, group_id=self.config.group,
+            enable_auto_commit=False, auto_offset_reset="earliest",  # serve what came first
+            max_poll_interval_ms=600_000)
+        self._consumer.subscribe([self.config.topic], listener=_Rebalance(self))
+        await self._producer.start()
+        await self._consumer.start()
+        try:
+            loops = [asyncio.create_task(self._consume_loop(), name="consume"),
+                     asyncio.create_task(self._serve_loop(), name="serve")]
+            try:
+                done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()  # re-raise the loop's failure
+            finally:
+                for task in loops:
+                    task.cancel()
+                await asyncio.gather(*loops, return_exceptions=True)
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        # Queued requests are not answered here: their offsets stay uncommitted, so the
+        # group's next owner of the partition serves them.
+        async with self._batch_lock:
+            pass
+        try:
+            await self._commit()
+        finally:
+            await self._consumer.stop()
+            await self._producer.stop()
+            log.info("worker stopped: deployment=%s", self.config.deployment)
+
+    async def _release(self, revoked: set[TopicPartition]) -> None:
+        dropped = self._batcher.drop(lambda job: job.tp in revoked)
+        async with self._batch_lock:  # let a running batch finish and commit first
+            await self._commit()
+        self._offsets.forget(revoked)
+        self.metrics.queue_depth.labels(self.config.deployment).set(len(self._batcher))
+        log.info("revoked partitions %s, %d queued requests left for their next owner",
+                 sorted(tp.partition for tp in revoked), len(dropped))
+
+    # ---- read and admit --------------------------------------------------------------
+
+    async def _consume_loop(self) -> None:
+        assert self._consumer is not None
+        while True:
+            room = self.config.max_queued - len(self._batcher)
+            if room <= 0:
+                self._space.clear()
+                await self._space.wait()
+                continue
+            records = await self._consumer.getmany(timeout_ms=200, max_records=room)
+            if not self.ready.is_set() and self._consumer.assignment():
+                self.ready.set()
+            rejected = [a for tp, msgs in records.items() for msg in msgs
+                        if (a := self._admit(tp, msg)) is not None]
+            if rejected:
+                await self._deliver(rejected)
+            if len(self._batcher):
+                self._arrived.set()
+
+    def _admit(self, tp: TopicPartition, msg: ConsumerRecord) -> Answer | None:
+        """Queue a valid request; return the answer for one that can't be served."""
+        self._offsets.started(tp, msg.offset)
+        try:
+            request = decode_request(msg.value)
+        except SchemaError as exc:
+            return self._reject(tp, msg, exc)
+        try:
+            input_ids = self._validate(request)
+        except _Refused as refusal:
+            return Answer(tp, msg.offset, reply_to=request.reply_to, result=Result.failure(
+                request.id, request.model, refusal.code, refusal.message))
+        created = request.created_at or msg.timestamp / 1000
+        key = request.batch_key or (msg.key.decode(errors="replace") if msg.key else None)
+        key = key or batch_key(request, self.config.deployment)
+        self._batcher.add(key, Job(tp, msg.offset, request, input_ids, created), time.monotonic())
+        self.metrics.queue_depth.labels(self.config.deployment).set(len(self._batcher))
+        return None
+
+    def _reject(self, tp: TopicPartition, msg: ConsumerRecord, exc: SchemaError) -> Answer:
+        log.warning("dead letter from %s[%d]@%d: %s", tp.topic, tp.partition, msg.offset, exc)
+        self.metrics.dead_letters.labels(self.config.deployment, exc.field).inc()
+        letter = DeadLetter(
+            reason=str(exc), bad_field=exc.field, source_topic=tp.topic, partition=tp.partition,
+            offset=msg.offset, component=f"worker:{self.config.deployment}",
+            key=msg.key.decode(errors="replace") if msg.key else None,
+            value=msg.value.decode(errors="replace") if msg.value is not None else None,
+            timestamp=time.time())
+        answer = Answer(tp, msg.offset, dead_letter=letter)
+        if (address := salvage_reply_address(msg.value)) is not None:
+            rid, model, answer.reply_to = address
+            answer.result = Result.failure(rid, model, ErrorCode.INVALID_REQUEST, str(exc))
+        return answer
+
+    def _validate(self, request: Request) -> list[int]:
+        if request.model != self.config.deployment:
+            raise _Refused(ErrorCode.UNKNOWN_MODEL,
+                           f"model: {request.model!r} is not served here "
+                           f"(this is {self.config.deployment!r})")
+        if request.deadline is not None and request.deadline < time.time():
+            raise _Refused(ErrorCode.DEADLINE_EXCEEDED, "deadline: passed before it was read")
+        if request.input_ids is not None:
+            vocab = self.engine.config.vocab_size
+            if (bad := next((t for t in request.input_ids if t >= vocab), None)) is not None:
+                raise _Refused(ErrorCode.INVALID_REQUEST,
+                               f"input_ids: token {bad} is outside the vocabulary ({vocab})")
+            input_ids = request.input_ids
+        else:
+            try:
+                input_ids = self.engine.encode(request.prompt or "")
+            except ValueError as exc:
+                raise _Refused(ErrorCode.INVALID_REQUEST, f"prompt: {exc}") from None
+            if not input_ids:
+                raise _Refused(ErrorCode.INVALID_REQUEST, "prompt: encodes to no tokens")
+        if len(input_ids) + request.max_new_tokens > self.engine.max_context:
+            raise _Refused(ErrorCode.PROMPT_TOO_LONG,
+                           f"prompt: {len(input_ids)} tokens + max_new_tokens "
+                           f"{request.max_new_tokens} exceed the context of "
+                           f"{self.engine.max_context}")
+        return input_ids
+
+    # ---- batch and execute -----------------------------------------------------------
+
+    async def _serve_loop(self) -> None:
+        while True:
+            self._arrived.clear()  # before looking, so an arrival after the look wakes us
+            now = time.monotonic()
+            picked = self._batcher.next_batch(now)
+            if picked is None:
+                wait = self._batcher.seconds_until_ready(now)
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), wait)
+                except TimeoutError:
+                    pass
+                continue
+            self._space.set()
+            async with self._batch_lock:
+                answers = await self._run_batch(picked[1])
+                await self._deliver(answers)
+
+    async def _run_batch(self, jobs: list[Job]) -> list[Answer]:
+        dep = self.config.deployment
+        self.metrics.queue_depth.labels(dep).set(len(self._batcher))
+        start = time.time()
+        answers, live = [], []
+        for job in jobs:
+            if job.request.deadline is not None and job.request.deadline < start:
+                answers.append(self._failed(job, ErrorCode.DEADLINE_EXCEEDED,
+                                            "deadline: passed while queued"))
+            else:
+                live.append(job)
+        if not live:
+            return answers
+        inputs = [GenerationInput(job.input_ids, _sampling(job.request)) for job in live]
+        try:
+            outputs = await asyncio.to_thread(self.engine.generate, inputs)
+        except Exception as exc:  # one bad batch must not kill the worker
+            log.exception("batch of %d failed", len(live))
+            return answers + [self._failed(j, ErrorCode.INFERENCE_FAILED, str(exc)) for j in live]
+        elapsed = time.time() - start
+        self.metrics.batch_size.labels(dep).observe(len(live))
+        self.metrics.inference.labels(dep).observe(elapsed)
+        for job, out in zip(live, outputs):
+            self.metrics.queue_wait.labels(dep).observe(max(0.0, start - job.created))
+            answers.append(self._succeeded(job, out, start, elapsed))
+        return answers
+
+    def _succeeded(self, job: Job, out: GenerationOutput, start: float, elapsed: float) -> Answer:
+        dep = self.config.deployment
+        self.metrics.tokens_generated.labels(dep).inc(len(out.output_ids))
+        self.metrics.prompt_tokens.labels(dep).inc(out.prompt_tokens)
+        result = Result(
+            id=job.request.id, model=dep, output_ids=out.output_ids, text=out.text,
+            finish_reason=out.finish_reason,  # type: ignore[arg-type]
+            usage=Usage(out.prompt_tokens, len(out.output_ids)),
+            timings=Timings(queued_ms=max(0.0, start - job.created) * 1000,
+                            inference_ms=elapsed * 1000))
+        return Answer(job.tp, job.offset, result=result, reply_to=job.request.reply_to)
+
+    def _failed(self, job: Job, code: ErrorCode, message: str) -> Answer:
+        result = Result.failure(job.request.id, job.request.model, code, message)
+        return Answer(job.tp, job.offset, result=result, reply_to=job.request.reply_to)
+
+    # ---- publish and commit ----------------------------------------------------------
+
+    async def _deliver(self, answers: list[Answer]) -> None:
+        """Publish every answer, wait for the broker's acks, then commit what is complete."""
+        acks = [ack for a in answers for ack in await self._send(a)]
+        await asyncio.gather(*acks)
+        for answer in answers:
+            self._offsets.finished(answer.tp, answer.offset)
+        await self._commit()
+
+    async def _send(self, answer: Answer) -> list[asyncio.Future]:
+        assert self._producer is not None
+        acks = []
+        if answer.dead_letter is not None:
+            acks.append(await self._producer.send(DLQ_TOPIC, encode(answer.dead_letter)))
+        if answer.result is not None and answer.reply_to is not None:
+            acks.append(asyncio.ensure_future(self._send_result(answer.result, answer.reply_to)))
+        return acks
+
+    async def _send_result(self, result: Result, reply_to: str) -> None:
+        assert self._producer is not None
+        value, key = encode(result), result.id.encode()
+        if len(value) + len(key) > self.config.max_message_bytes:
+            result = self._too_large(result, len(value))
+            value = encode(result)
+        try:
+            await (await self._producer.send(reply_to, value, key=key))
+        except MessageSizeTooLargeError:  # the topic's own limit is below ours
+            result = self._too_large(result, len(value))
+            await (await self._producer.send(reply_to, encode(result), key=key))
+        self._count(result)
+
+    def _too_large(self, result: Result, size: int) -> Result:
+        log.warning("result %s is %d bytes, over the message limit", result.id, size)
+        return Result.failure(
+            result.id, result.model, ErrorCode.RESULT_TOO_LARGE,
+            f"result: {size} bytes exceed the message limit of {self.config.max_message_bytes}; "
+            "lower max_new_tokens")
+
+    def _count(self, result: Result) -> None:
+        dep = self.config.deployment
+        self.metrics.results.labels(dep, result.finish_reason).inc()
+        if result.error is not None:
+            self.metrics.errors.labels(dep, result.error.code.value).inc()
+
+    async def _commit(self) -> None:
+        """The commit point: only offsets whose answers (and all before) are acknowledged."""
+        assert self._consumer is not None
+        async with self._commit_lock:
+            points = self._offsets.to_commit()
+            if not points:
+                return
+            try:
+                await self._consumer.commit(points)
+            except (CommitFailedError, IllegalStateError) as exc:
+                # Lost the partitions in a rebalance: their new owner re-serves from the last
+                # commit (a duplicate answer, never a lost one).
+                log.warning("commit failed, partitions moved: %s", exc)
+                return
+            self._offsets.committed(points)
+
+
+class _Refused(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _sampling(request: Request) -> SamplingParams:
+    return SamplingParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+                          top_p=request.top_p, seed=request.seed, stop=tuple(request.stop))
