@@ -1,0 +1,45 @@
+# Every set-up step of Ferry lives here: `make demo` and `make test` work on a fresh machine.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install system-deps demo test test-slow bench kafka-up kafka-down schemas clean
+
+# Java 17 runs the broker, Maven fetches its jars from Maven Central (no Docker needed).
+system-deps:
+	@command -v java >/dev/null && command -v mvn >/dev/null || { \
+	  echo "installing Java 17 and Maven"; \
+	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: system-deps $(STAMP)
+
+demo: install
+	$(BIN)/ferry demo
+
+test: install
+	$(BIN)/python -m pytest
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
+
+bench: install
+	$(BIN)/python -m tests.bench.bench_pipeline
+
+kafka-up: install
+	$(BIN)/ferry kafka up
+
+kafka-down: install
+	$(BIN)/ferry kafka down
+
+schemas: install
+	$(BIN)/ferry schemas export
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,166 @@
+"""Pipeline benchmark: the worker through Kafka against the same model in-process on the same
+batches, and against a plain aiokafka produce-consume round trip with no model.
+
+Run: `make bench` (starts its own broker unless KAFKA_BOOTSTRAP is set). All modes run side
+by side in one process, one after another on the same machine, so their ratios are what to
+read (the absolute numbers move with the machine's noise). Results go to
+tests/bench/results/pipeline.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from ferry.broker import LocalBroker, free_port
+from ferry.client import FerryClient
+from schemas import Request, requests_topic
+from workers.config import WorkerConfig
+from workers.engine import Engine, GenerationInput, SamplingParams
+from workers.model_factory import build_tiny_checkpoint
+from workers.topic_admin import ensure_topics
+from workers.worker import Worker
+
+N_REQUESTS = int(os.environ.get("BENCH_REQUESTS", "96"))
+MAX_BATCH = 8
+MAX_NEW_TOKENS = 16
+RESULTS = Path(__file__).parent / "results" / "pipeline.json"
+PROMPTS = [f"request number {i} asks the model about topic {i % 7}" for i in range(N_REQUESTS)]
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 \
+        else values[0]
+
+
+def summary(name: str, latencies: list[float], wall: float) -> dict:
+    return {"mode": name, "requests": len(latencies), "req_per_s": len(latencies) / wall,
+            "p50_ms": pct(latencies, 50) * 1000, "p99_ms": pct(latencies, 99) * 1000}
+
+
+def in_process(engine: Engine) -> dict:
+    """The same batches of MAX_BATCH, run back to back; latency = time until its batch ends."""
+    params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
+    inputs = [GenerationInput(engine.encode(p), params) for p in PROMPTS]
+    start = time.perf_counter()
+    latencies = []
+    for i in range(0, len(inputs), MAX_BATCH):
+        engine.generate(inputs[i:i + MAX_BATCH])
+        latencies += [time.perf_counter() - start] * len(inputs[i:i + MAX_BATCH])
+    return summary("in-process engine", latencies, time.perf_counter() - start)
+
+
+async def burst(client: FerryClient, model: str,
+                topic: str | None = None) -> tuple[float, list[float]]:
+    """Post every request at once; latency = submit to result."""
+    sent: dict[str, float] = {}
+    futures = []
+    start = time.perf_counter()
+    for i, prompt in enumerate(PROMPTS):
+        rid = f"{model}-{i}-{uuid.uuid4().hex[:6]}"
+        sent[rid] = time.perf_counter()
+        future = await client.submit(Request(id=rid, model=model, prompt=prompt,
+                                             max_new_tokens=MAX_NEW_TOKENS,
+                                             batch_key="bench"), topic=topic)
+        future.add_done_callback(lambda f, rid=rid: sent.__setitem__(
+            rid, time.perf_counter() - sent[rid]))
+        futures.append(future)
+    results = await asyncio.wait_for(asyncio.gather(*futures), 600)
+    wall = time.perf_counter() - start
+    assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    return wall, list(sent.values())
+
+
+async def pipeline(bootstrap: str, model_dir: Path, engine: Engine) -> dict:
+    dep = f"bench-{uuid.uuid4().hex[:6]}"
+    config = WorkerConfig(model_dir=model_dir, deployment=dep, bootstrap=bootstrap,
+                          max_batch=MAX_BATCH, max_wait_ms=10)
+    worker = Worker(config, engine, registry=CollectorRegistry())
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 60)
+    try:
+        async with FerryClient(bootstrap, reply_to=f"{dep}-replies") as client:
+            await client.request(Request(id=f"warm-{dep}", model=dep, prompt="warm up"))
+            wall, latencies = await burst(client, dep)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return summary("pipeline (Kafka + worker)", latencies, wall)
+
+
+async def echo_round_trip(bootstrap: str) -> dict:
+    """A consumer that answers every request at once with a canned result: Kafka's own cost."""
+    topic, replies = f"echo-{uuid.uuid4().hex[:6]}", f"echo-replies-{uuid.uuid4().hex[:6]}"
+    await ensure_topics(bootstrap, {topic: 4})
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=topic,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await producer.start()
+    await consumer.start()
+
+    async def echo() -> None:
+        while True:
+            batch = await consumer.getmany(timeout_ms=100)
+            for msgs in batch.values():
+                for msg in msgs:
+                    rid = json.loads(msg.value)["id"]
+                    body = json.dumps({"id": rid, "model": "echo", "finish_reason": "length"})
+                    await producer.send(replies, body.encode(), key=rid.encode())
+            if batch:
+                await consumer.commit()
+
+    task = asyncio.create_task(echo())
+    try:
+        async with FerryClient(bootstrap, reply_to=replies) as client:
+            wall, latencies = await burst(client, "echo", topic=topic)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await consumer.stop()
+        await producer.stop()
+    return summary("aiokafka round trip, no model", latencies, wall)
+
+
+async def main() -> None:
+    broker = None
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
+    with tempfile.TemporaryDirectory() as tmp:
+        if bootstrap is None:
+            broker = LocalBroker(Path(tmp) / "kafka", port=free_port())
+            bootstrap = broker.up()
+        try:
+            model_dir = build_tiny_checkpoint(Path(tmp) / "model", seed=0)
+            engine = Engine.from_dir(model_dir)
+            engine.generate([GenerationInput(engine.encode("warm up"), SamplingParams())])
+            rows = [await pipeline(bootstrap, model_dir, engine), in_process(engine),
+                    await echo_round_trip(bootstrap)]
+        finally:
+            if broker is not None:
+                broker.down()
+    base = rows[0]
+    print(f"\n{N_REQUESTS} requests, max_batch={MAX_BATCH}, max_new_tokens={MAX_NEW_TOKENS}, "
+          f"tiny Llama on CPU ({os.cpu_count()} cores)\n")
+    print(f"{'mode':<32}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'req/s vs pipeline':>19}")
+    for row in rows:
+        row["throughput_ratio_vs_pipeline"] = row["req_per_s"] / base["req_per_s"]
+        print(f"{row['mode']:<32}{row['req_per_s']:>9.1f}{row['p50_ms']:>10.1f}"
+              f"{row['p99_ms']:>10.1f}{row['throughput_ratio_vs_pipeline']:>18.2f}x")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                   "machine": platform.platform(), "cpus": os.cpu_count(),
+                                   "rows": rows}, indent=2) + "\n")
+    print(f"\nwritten to {RESULTS}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,239 @@
+"""A Llama-architecture decoder-only transformer, in the spirit of gpt-fast.
+
+Module and parameter names mirror Hugging Face's `LlamaForCausalLM`, so its safetensors
+state dict loads with `load_state_dict(strict=True)`. Attention modules keep their *local*
+head counts (`n_heads`, `n_kv_heads`) and reshapes never hard-code hidden sizes, so a
+tensor-parallel wrapper can shard q/k/v/gate/up by output columns and o/down by input
+columns from outside, then all-reduce after `o_proj` and `down_proj`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ModelConfig:
+    """The subset of a Hugging Face `LlamaConfig` that the model needs."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None   # None: same as num_attention_heads (no GQA)
+    head_dim: int | None = None              # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) is not a "
+                             f"multiple of num_key_value_heads ({self.num_key_value_heads})")
+        rope_type = (self.rope_scaling or {}).get("rope_type",
+                                                  (self.rope_scaling or {}).get("type"))
+        if rope_type not in (None, "default"):
+            raise ValueError(f"rope_scaling type {rope_type!r} is not supported "
+                             "(only plain RoPE)")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (only 'silu')")
+
+    @classmethod
+    def from_dict(cls, config_json: dict[str, Any]) -> ModelConfig:
+        """Build from a Hugging Face `config.json` dict; unknown keys are ignored."""
+        d = dict(config_json)
+        d.setdefault("torch_dtype", d.get("dtype"))
+        # transformers 5 nests RoPE settings in `rope_parameters`.
+        if isinstance(rope := d.get("rope_parameters"), dict):
+            d.setdefault("rope_theta", rope.get("rope_theta", cls.rope_theta))
+            d["rope_scaling"] = d.get("rope_scaling") or rope
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """All end-of-sequence ids (Llama 3 style configs list several)."""
+        eos = self.eos_token_id
+        return () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+
+
+class KVCache:
+    """One layer's preallocated keys and values, shape (batch, n_kv_heads, max_len, head_dim)."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, cache_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, T, D) into slots `cache_pos` (T,); return the whole cache."""
+        self.k[:, :, cache_pos] = k
+        self.v[:, :, cache_pos] = v
+        return self.k, self.v
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 and scale after casting back, exactly as HF does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (B, T, head_dim) for the HF (rotate_half) RoPE convention."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float,
+                                             device=position_ids.device) / head_dim))
+    freqs = position_ids.float()[..., None] * inv_freq  # float32 always, like HF
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, H, T, D); cos/sin: (B, T, D)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads       # local heads: a TP shard rewrites these
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, cache_pos: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(cache_pos, k, v)
+            # The mask's width says how many slots are live: skip the unused tail.
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: KVCache | None, cache_pos: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """HF's `LlamaModel`: embeddings, layers, final norm (the `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """HF's `LlamaForCausalLM`: `model` (the decoder) plus `lm_head`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with `lm_head` (call again after `assign=True` loads)."""
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def new_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        """A zeroed KV cache per layer, sized from each layer's local kv heads."""
+        w = self.model.embed_tokens.weight
+        return [KVCache(batch, layer.self_attn.n_kv_heads, max_len, layer.self_attn.head_dim,
+                        w.dtype, w.device) for layer in self.model.layers]
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor,
+                cache: list[KVCache] | None = None, attn_mask: Tensor | None = None,
+                cache_pos: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
+        """Logits (B, T', vocab) for input_ids (B, T).
+
+        position_ids (B, T): RoPE positions, per row (left padding shifts them).
+        cache: from `new_cache`; the new keys/values go to slots `cache_pos` (T,), shared
+        by all rows. attn_mask: bool (B, 1, T, S), True = attend; with a cache its columns
+        are cache slots 0..S-1 (S <= max_len, only those are read). Without a mask the
+        attention is plain causal (cache: slots up to each query's own). logits_to_keep:
+        only the last n positions get logits (0 = all), to spare the lm_head on prefill.
+        """
+        if cache is not None:
+            if cache_pos is None:
+                raise ValueError("cache_pos is required with a cache")
+            if attn_mask is None:
+                slots = torch.arange(cache[0].k.shape[2], device=input_ids.device)
+                attn_mask = (slots <= cache_pos[:, None])[None, None]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta,
+                                x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, attn_mask, None if cache is None else cache[i], cache_pos)
+        x = self.model.norm(x[:, -logits_to_keep:])
+        return self.lm_head(x)
