@@ -20,7 +20,7 @@ import socket
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
@@ -128,6 +128,7 @@ class LocalBroker:
     port: int = DEFAULT_PORT
     partitions: int = 4
     heap: str = "512m"
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
 
     @property
     def bootstrap(self) -> str:
@@ -173,6 +174,7 @@ class LocalBroker:
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C in the caller's terminal is not the broker's
             )
+        self._proc = proc  # kept so `down` reaps it (an unreaped child warns on collection)
         self._state_file.write_text(json.dumps({"pid": proc.pid, "port": self.port}))
         try:
             asyncio.run(_wait_ready(self.bootstrap, proc, timeout))
@@ -197,6 +199,9 @@ class LocalBroker:
         if _pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
         _reap(pid)
+        if self._proc is not None:
+            self._proc.wait(timeout=timeout)
+            self._proc = None
         return True
 
     def _jvm_flags(self) -> list[str]:

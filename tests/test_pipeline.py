@@ -117,19 +117,19 @@ async def test_requests_posted_before_first_worker_are_served(start_worker, clie
 
 async def test_errors_for_unservable_requests(start_worker, client, engine, unique) -> None:
     dep = unique("err")
-    await start_worker(dep, max_message_bytes=700)
+    await start_worker(dep, max_message_bytes=300)
     long_prompt = [1] * engine.max_context
     cases = {
         "too-long": Request(id="too-long", model=dep, input_ids=long_prompt, max_new_tokens=4),
         "expired": Request(id="expired", model=dep, prompt="late", deadline=time.time() - 1),
-        "big-result": Request(id="big-result", model=dep, prompt="a", max_new_tokens=200),
+        "big-result": Request(id="big-result", model=dep, prompt="Hello", max_new_tokens=60),
         "bad-token": Request(id="bad-token", model=dep, input_ids=[engine.config.vocab_size]),
     }
     results = {k: await client.request(r) for k, r in cases.items()}
     assert results["too-long"].error.code == ErrorCode.PROMPT_TOO_LONG
     assert results["expired"].error.code == ErrorCode.DEADLINE_EXCEEDED
     assert results["big-result"].error.code == ErrorCode.RESULT_TOO_LARGE
-    assert "700" in results["big-result"].error.message
+    assert "300" in results["big-result"].error.message
     assert results["bad-token"].error.code == ErrorCode.INVALID_REQUEST
 
 

@@ -61,7 +61,7 @@ def read_config(path: Path) -> ModelConfig:
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig,
                   device: torch.device) -> torch.dtype:
-    if dtype is None:
+    if dtype is None or dtype == "auto":
         dtype = "float32" if device.type == "cpu" else (config.torch_dtype or "float32")
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
@@ -92,7 +92,7 @@ def read_weights(files: dict[str, Path], expected: dict[str, torch.Size],
     """Read every tensor, checking names and shapes against `expected`, naming the file."""
     state: dict[str, torch.Tensor] = {}
     for file in dict.fromkeys(files.values()):  # each file once, in order
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with safe_open(file, framework="pt", device="cpu") as f:  # mmap; copied once below
             for name in f.keys():
                 if _ignored(name, expected):
                     continue
@@ -103,7 +103,7 @@ def read_weights(files: dict[str, Path], expected: dict[str, torch.Size],
                 if shape != expected[name]:
                     raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, "
                                      f"the config implies {tuple(expected[name])}")
-                state[name] = f.get_tensor(name).to(dtype)
+                state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
     if missing := sorted(expected.keys() - state.keys()):
         where = ", ".join(sorted({str(f) for f in files.values()}))
         raise ValueError(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -23,5 +24,19 @@ async def ensure_topics(bootstrap: str, partitions: dict[str, int]) -> None:
             except TopicAlreadyExistsError:
                 pass  # another member created it between the listing and the request
             log.info("created topics %s", ", ".join(t.name for t in missing))
+            await _wait_for_leaders(admin, [t.name for t in missing])
     finally:
         await admin.close()
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str],
+                            timeout: float = 15.0) -> None:
+    """A new topic's partitions have no leader for a moment; using them then fails."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        described = await admin.describe_topics(topics)
+        if all(t["error_code"] == 0 and t["partitions"]
+               and all(p["leader"] >= 0 for p in t["partitions"]) for t in described):
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"topics {topics} have no leaders after {timeout}s")

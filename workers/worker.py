@@ -201,6 +201,9 @@ class Worker:
                            f"(this is {self.config.deployment!r})")
         if request.deadline is not None and request.deadline < time.time():
             raise _Refused(ErrorCode.DEADLINE_EXCEEDED, "deadline: passed before it was read")
+        if request.stop and self.engine.tokenizer is None:
+            raise _Refused(ErrorCode.INVALID_REQUEST,
+                           "stop: this deployment has no tokenizer to match stop text against")
         if request.input_ids is not None:
             vocab = self.engine.config.vocab_size
             if (bad := next((t for t in request.input_ids if t >= vocab), None)) is not None:
@@ -305,7 +308,8 @@ class Worker:
     async def _send_result(self, result: Result, reply_to: str) -> None:
         assert self._producer is not None
         value, key = encode(result), result.id.encode()
-        if len(value) + len(key) > self.config.max_message_bytes:
+        # Error results are small and bounded, so only a success can be over the limit.
+        if result.error is None and len(value) + len(key) > self.config.max_message_bytes:
             result = self._too_large(result, len(value))
             value = encode(result)
         try:
