@@ -164,7 +164,7 @@ class LocalBroker:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
                 ["java", "-cp", classpath, *self._jvm_flags(), "kafka.tools.StorageTool",
-                 "format", "-t", cluster_id, "-c", str(config)],
+                 "format", f"--cluster-id={cluster_id}", "-c", str(config)],
                 check=True, stdout=subprocess.DEVNULL,
             )
         with open(self.log_file, "ab") as out:

@@ -32,7 +32,7 @@ class FerryClient:
         self.max_message_bytes = max_message_bytes
         self._reply_partitions = reply_partitions
         self._waiting: dict[str, asyncio.Future[Result]] = {}
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1,
                                           max_request_size=max_message_bytes * 2)
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
         self._reader: asyncio.Task | None = None
@@ -68,7 +68,7 @@ class FerryClient:
         await self._producer.stop()
 
     async def submit(self, request: Request, topic: str | None = None) -> asyncio.Future[Result]:
-        """Post a request; the future resolves with its result (or its error)."""
+        """Post a request; the future resolves with its result, or fails if it can't be posted."""
         if request.reply_to != self.reply_to:
             request = dataclasses.replace(request, reply_to=self.reply_to)
         if request.created_at is None:
@@ -86,8 +86,18 @@ class FerryClient:
                                                key=request.id.encode())
             return future
         key = batch_key(request, request.model).encode()
-        await self._producer.send_and_wait(topic or requests_topic(request.model), value, key=key)
+        # Only the enqueue is awaited, so many submits share produce requests; a failed
+        # delivery fails the request's future instead of leaving it waiting.
+        delivery = await self._producer.send(topic or requests_topic(request.model), value, key=key)
+        delivery.add_done_callback(lambda d: self._delivered(request.id, d))
         return future
+
+    def _delivered(self, request_id: str, delivery: asyncio.Future) -> None:
+        if delivery.cancelled() or delivery.exception() is None:
+            return
+        future = self._waiting.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_exception(delivery.exception())  # type: ignore[arg-type]
 
     async def request(self, request: Request, timeout: float = 60.0) -> Result:
         return await asyncio.wait_for(await self.submit(request), timeout)

@@ -20,7 +20,8 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry, start_http_server
 
 from schemas import (
-    DLQ_TOPIC, DeadLetter, ErrorCode, Request, Result, SchemaError, Timings, Usage, batch_key,
+    DLQ_TOPIC, RESULTS_TOPIC, DeadLetter, ErrorCode, Request, Result, SchemaError, Timings,
+    Usage, batch_key,
     decode_request, encode, salvage_reply_address,
 )
 from workers.batcher import Batcher
@@ -86,6 +87,8 @@ class Worker:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self.ready = asyncio.Event()      # set once the consumer has joined the group
+        self._topics_ready: set[str] = set()
+        self._delivery: asyncio.Task | None = None  # the last batch's publish-and-commit
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -94,7 +97,10 @@ class Worker:
         log.info("worker starting: %s", self.config.describe())
         if self.config.metrics_port is not None:
             start_http_server(self.config.metrics_port, registry=self.registry)
-        await ensure_topics(self.config.bootstrap, {self.config.topic: self.config.partitions})
+        await ensure_topics(self.config.bootstrap, {self.config.topic: self.config.partitions,
+                                                    DLQ_TOPIC: self.config.partitions,
+                                                    RESULTS_TOPIC: self.config.partitions})
+        self._topics_ready.update({DLQ_TOPIC, RESULTS_TOPIC})
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.config.bootstrap, acks="all", enable_idempotence=True,
             max_request_size=self.config.max_message_bytes + _RECORD_OVERHEAD, linger_ms=2)
@@ -122,9 +128,9 @@ class Worker:
     async def _shutdown(self) -> None:
         # Queued requests are not answered here: their offsets stay uncommitted, so the
         # group's next owner of the partition serves them.
-        async with self._batch_lock:
-            pass
         try:
+            async with self._batch_lock:
+                await self._delivered()
             await self._commit()
         finally:
             await self._consumer.stop()
@@ -134,6 +140,7 @@ class Worker:
     async def _release(self, revoked: set[TopicPartition]) -> None:
         dropped = self._batcher.drop(lambda job: job.tp in revoked)
         async with self._batch_lock:  # let a running batch finish and commit first
+            await self._delivered()
             await self._commit()
         self._offsets.forget(revoked)
         self.metrics.queue_depth.labels(self.config.deployment).set(len(self._batcher))
@@ -229,6 +236,8 @@ class Worker:
     async def _serve_loop(self) -> None:
         while True:
             self._arrived.clear()  # before looking, so an arrival after the look wakes us
+            if self._delivery is not None and self._delivery.done():
+                await self._delivered()  # surfaces a failed delivery even when idle
             now = time.monotonic()
             picked = self._batcher.next_batch(now)
             if picked is None:
@@ -241,7 +250,16 @@ class Worker:
             self._space.set()
             async with self._batch_lock:
                 answers = await self._run_batch(picked[1])
-                await self._deliver(answers)
+                # Publish this batch while the next one computes; one delivery in flight.
+                await self._delivered()
+                self._delivery = asyncio.create_task(self._deliver(answers))
+                self._delivery.add_done_callback(lambda _: self._arrived.set())
+
+    async def _delivered(self) -> None:
+        """Wait for the batch delivery in flight, re-raising its failure."""
+        if self._delivery is not None:
+            delivery, self._delivery = self._delivery, None
+            await delivery
 
     async def _run_batch(self, jobs: list[Job]) -> list[Answer]:
         dep = self.config.deployment
@@ -307,6 +325,11 @@ class Worker:
 
     async def _send_result(self, result: Result, reply_to: str) -> None:
         assert self._producer is not None
+        if reply_to not in self._topics_ready:
+            # Create a new reply topic and wait for its leaders: a record sent to a topic
+            # that the broker auto-creates can sit leaderless until it expires.
+            await ensure_topics(self.config.bootstrap, {reply_to: self.config.partitions})
+            self._topics_ready.add(reply_to)
         value, key = encode(result), result.id.encode()
         # Error results are small and bounded, so only a success can be over the limit.
         if result.error is None and len(value) + len(key) > self.config.max_message_bytes:

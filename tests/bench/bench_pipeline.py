@@ -131,19 +131,23 @@ async def echo_round_trip(bootstrap: str) -> dict:
     return summary("aiokafka round trip, no model", latencies, wall)
 
 
-async def main() -> None:
+async def run_modes(bootstrap: str, model_dir: Path) -> list[dict]:
+    engine = Engine.from_dir(model_dir)
+    engine.generate([GenerationInput(engine.encode("warm up"), SamplingParams())])
+    return [await pipeline(bootstrap, model_dir, engine), in_process(engine),
+            await echo_round_trip(bootstrap)]
+
+
+def main() -> None:
     broker = None
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
     with tempfile.TemporaryDirectory() as tmp:
-        if bootstrap is None:
+        if bootstrap is None:  # the broker is started outside the event loop: it runs its own
             broker = LocalBroker(Path(tmp) / "kafka", port=free_port())
             bootstrap = broker.up()
         try:
             model_dir = build_tiny_checkpoint(Path(tmp) / "model", seed=0)
-            engine = Engine.from_dir(model_dir)
-            engine.generate([GenerationInput(engine.encode("warm up"), SamplingParams())])
-            rows = [await pipeline(bootstrap, model_dir, engine), in_process(engine),
-                    await echo_round_trip(bootstrap)]
+            rows = asyncio.run(run_modes(bootstrap, model_dir))
         finally:
             if broker is not None:
                 broker.down()
@@ -163,4 +167,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
