@@ -26,16 +26,17 @@ class FerryClient:
     """Posts requests to `ferry.requests.<model>` and resolves them from `reply_to`."""
 
     def __init__(self, bootstrap: str, reply_to: str = RESULTS_TOPIC,
-                 max_message_bytes: int = 1_048_576, reply_partitions: int = 4) -> None:
+                 max_message_bytes: int = 1_048_576, partitions: int = 4) -> None:
         self.bootstrap = bootstrap
         self.reply_to = reply_to
         self.max_message_bytes = max_message_bytes
-        self._reply_partitions = reply_partitions
+        self._partitions = partitions
         self._waiting: dict[str, asyncio.Future[Result]] = {}
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1,
                                           max_request_size=max_message_bytes * 2)
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
         self._reader: asyncio.Task | None = None
+        self._topics_ready: set[str] = {reply_to}
 
     async def __aenter__(self) -> FerryClient:
         await self.start()
@@ -45,7 +46,7 @@ class FerryClient:
         await self.close()
 
     async def start(self) -> None:
-        await ensure_topics(self.bootstrap, {self.reply_to: self._reply_partitions})
+        await ensure_topics(self.bootstrap, {self.reply_to: self._partitions})
         await self._producer.start()
         await self._consumer.start()
         partitions = self._consumer.partitions_for_topic(self.reply_to) or set()
@@ -86,9 +87,15 @@ class FerryClient:
                                                key=request.id.encode())
             return future
         key = batch_key(request, request.model).encode()
+        topic = topic or requests_topic(request.model)
+        if topic not in self._topics_ready:
+            # Created here (with the worker's default partitioning) rather than auto-created
+            # by the broker, whose new partitions can stay leaderless for the producer.
+            await ensure_topics(self.bootstrap, {topic: self._partitions})
+            self._topics_ready.add(topic)
         # Only the enqueue is awaited, so many submits share produce requests; a failed
         # delivery fails the request's future instead of leaving it waiting.
-        delivery = await self._producer.send(topic or requests_topic(request.model), value, key=key)
+        delivery = await self._producer.send(topic, value, key=key)
         delivery.add_done_callback(lambda d: self._delivered(request.id, d))
         return future
 
