@@ -33,7 +33,12 @@ def _parser() -> argparse.ArgumentParser:
                             help=f"broker directory (default {default_data_dir()})")
 
     w = sub.add_parser("worker", help="serve one deployment from a consumer group")
-    w.add_argument("--model", type=Path, required=True, help="Hugging Face layout directory")
+    w.add_argument("--model", type=Path, required=True,
+                   help="Hugging Face layout directory, or NAME/VERSION with --store")
+    w.add_argument("--store", type=Path, default=None,
+                   help="model store (a mounted volume): load --model NAME/VERSION from it")
+    w.add_argument("--verify-hashes", action="store_true",
+                   help="check every file's sha256 before loading (sizes are always checked)")
     w.add_argument("--deployment", required=True)
     _bootstrap_arg(w)
     w.add_argument("--max-batch", type=int, default=8)
@@ -52,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--layers", type=int, default=2)
     tiny.add_argument("--hidden", type=int, default=64)
+
+    push = msub.add_parser("push", help="upload a checkpoint to a model store, in parallel")
+    push.add_argument("src", type=Path)
+    push.add_argument("target", help="STORE/NAME/VERSION")
+    push.add_argument("--parallel", type=int, default=4)
+    push.add_argument("--chunk-mb", type=int, default=64)
+    verify = msub.add_parser("verify", help="check every file of a stored version")
+    verify.add_argument("target", help="STORE/NAME/VERSION")
+    verify.add_argument("--sizes-only", action="store_true")
 
     send = sub.add_parser("send", help="post prompts to a deployment and print the results")
     send.add_argument("prompts", nargs="+")
@@ -102,8 +116,14 @@ def _worker(args: argparse.Namespace) -> int:
     from workers.engine import Engine
     from workers.worker import Worker
 
+    model_dir = args.model
+    if args.store is not None:
+        from workers.model_store import open_version
+
+        name, _, version = str(args.model).partition("/")
+        model_dir = open_version(args.store, name, version, verify_hashes=args.verify_hashes)
     config = WorkerConfig(
-        model_dir=args.model, deployment=args.deployment,
+        model_dir=model_dir, deployment=args.deployment,
         bootstrap=args.bootstrap or default_bootstrap(), max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_queued=args.max_queued, partitions=args.partitions,
         max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
@@ -130,6 +150,38 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model(args: argparse.Namespace) -> int:
+    from workers.model_store import StoreError, parse_target, push, verify
+
+    try:
+        if args.action == "tiny":
+            from workers.model_factory import build_tiny_checkpoint
+
+            print(build_tiny_checkpoint(args.out, seed=args.seed, num_hidden_layers=args.layers,
+                                        hidden_size=args.hidden))
+        elif args.action == "push":
+            manifest = push(args.src, args.target, parallel=args.parallel,
+                            chunk_bytes=args.chunk_mb << 20, progress=_progress_bar())
+            size = sum(f.size for f in manifest.files)
+            print(f"\npublished {args.target}: {len(manifest.files)} files, {size / 2**20:.1f} MiB")
+        elif args.action == "verify":
+            store, name, version = parse_target(args.target)
+            manifest = verify(store / name / version, full=not args.sizes_only)
+            print(f"ok {args.target}: {len(manifest.files)} files verified")
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _progress_bar():  # type: ignore[no-untyped-def]
+    def show(done: int, total: int) -> None:
+        pct = 100 * done / total if total else 100
+        print(f"\r{done / 2**20:8.1f} / {total / 2**20:.1f} MiB ({pct:5.1f}%)", end="",
+              file=sys.stderr, flush=True)
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("FERRY_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -142,11 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "send":
         return _send(args)
     if args.command == "model":
-        from workers.model_factory import build_tiny_checkpoint
-
-        print(build_tiny_checkpoint(args.out, seed=args.seed, num_hidden_layers=args.layers,
-                                    hidden_size=args.hidden))
-        return 0
+        return _model(args)
     if args.command == "demo":
         from ferry.demo import run_demo
 

@@ -154,11 +154,15 @@ def main() -> None:
     base = rows[0]
     print(f"\n{N_REQUESTS} requests, max_batch={MAX_BATCH}, max_new_tokens={MAX_NEW_TOKENS}, "
           f"tiny Llama on CPU ({os.cpu_count()} cores)\n")
-    print(f"{'mode':<32}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}{'req/s vs pipeline':>19}")
+    print(f"{'mode':<32}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}"
+          f"{'req/s ratio':>13}{'p50 ratio':>11}{'p99 ratio':>11}   (ratios: mode / pipeline)")
     for row in rows:
         row["throughput_ratio_vs_pipeline"] = row["req_per_s"] / base["req_per_s"]
+        row["p50_ratio_vs_pipeline"] = row["p50_ms"] / base["p50_ms"]
+        row["p99_ratio_vs_pipeline"] = row["p99_ms"] / base["p99_ms"]
         print(f"{row['mode']:<32}{row['req_per_s']:>9.1f}{row['p50_ms']:>10.1f}"
-              f"{row['p99_ms']:>10.1f}{row['throughput_ratio_vs_pipeline']:>18.2f}x")
+              f"{row['p99_ms']:>10.1f}{row['throughput_ratio_vs_pipeline']:>12.2f}x"
+              f"{row['p50_ratio_vs_pipeline']:>10.2f}x{row['p99_ratio_vs_pipeline']:>10.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                    "machine": platform.platform(), "cpus": os.cpu_count(),
