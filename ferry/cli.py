@@ -118,10 +118,14 @@ def _worker(args: argparse.Namespace) -> int:
 
     model_dir = args.model
     if args.store is not None:
-        from workers.model_store import open_version
+        from workers.model_store import StoreError, open_version
 
         name, _, version = str(args.model).partition("/")
-        model_dir = open_version(args.store, name, version, verify_hashes=args.verify_hashes)
+        try:
+            model_dir = open_version(args.store, name, version, verify_hashes=args.verify_hashes)
+        except StoreError as exc:  # refuse a corrupt or incomplete version, saying which file
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     config = WorkerConfig(
         model_dir=model_dir, deployment=args.deployment,
         bootstrap=args.bootstrap or default_bootstrap(), max_batch=args.max_batch,
