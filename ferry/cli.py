@@ -10,8 +10,12 @@ import signal
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ferry.broker import DEFAULT_PORT, LocalBroker, default_bootstrap, default_data_dir
+
+if TYPE_CHECKING:
+    from workers.config import WorkerConfig
 
 
 def _bootstrap_arg(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--metrics-port", type=int, default=None)
     w.add_argument("--device", default="cpu")
     w.add_argument("--dtype", default=None)
+    w.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks of this replica on this node")
+    w.add_argument("--nnodes", type=int, default=1, help="nodes the replica spans")
+    w.add_argument("--node-rank", type=int, default=0)
+    w.add_argument("--master-addr", default="127.0.0.1", help="rank 0's node address")
+    w.add_argument("--master-port", type=int, default=None)
+    w.add_argument("--tp-timeout", type=float, default=60.0,
+                   help="seconds before a dead or stalled rank stops the whole replica")
 
     model = sub.add_parser("model", help="checkpoints")
     msub = model.add_subparsers(dest="action", required=True)
@@ -63,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("target", help="STORE/NAME/VERSION")
     push.add_argument("--parallel", type=int, default=4)
     push.add_argument("--chunk-mb", type=int, default=64)
+    reshard = msub.add_parser("reshard", help="split a checkpoint into per-rank TP slices")
+    reshard.add_argument("src", type=Path)
+    reshard.add_argument("--tp", type=int, required=True)
+    reshard.add_argument("--out", type=Path, required=True)
+    merge = msub.add_parser("merge", help="per-rank TP partitions back to one HF checkpoint")
+    merge.add_argument("src", type=Path)
+    merge.add_argument("--out", type=Path, required=True)
     verify = msub.add_parser("verify", help="check every file of a stored version")
     verify.add_argument("target", help="STORE/NAME/VERSION")
     verify.add_argument("--sizes-only", action="store_true")
@@ -132,9 +151,61 @@ def _worker(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms, max_queued=args.max_queued, partitions=args.partitions,
         max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
         device=args.device, dtype=args.dtype)
+    if args.tp * args.nnodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _launch_ranks(args, config)
     engine = Engine.from_dir(config.model_dir, device=config.device, dtype=config.dtype)
     asyncio.run(_run_until_signalled(Worker(config, engine).run()))
     return 0
+
+
+def _serve_ranks(config: "WorkerConfig", timeout_s: float) -> None:
+    """One rank's process: rank 0 runs the Kafka worker, the others follow its batches."""
+    from workers.ranks import serve_rank
+    from workers.worker import Worker
+
+    _setup_logging()  # a spawned rank starts with a fresh interpreter
+
+    def serve(engine) -> None:  # type: ignore[no-untyped-def]
+        asyncio.run(_run_until_signalled(Worker(config, engine).run()))
+
+    serve_rank(config.model_dir, serve, timeout_s=timeout_s, device=config.device,
+               dtype=config.dtype)
+
+
+def _launch_ranks(args: argparse.Namespace, config: "WorkerConfig") -> int:
+    """Start this node's ranks (or, under torchrun, be one); stop all if one fails."""
+    from workers.ranks import launch_local
+
+    if "RANK" in os.environ:  # torchrun started us: this process is one rank
+        _serve_ranks(config, args.tp_timeout)
+        return 0
+    procs = launch_local(args.tp, _serve_ranks, config, args.tp_timeout, nnodes=args.nnodes,
+                         node_rank=args.node_rank, master_addr=args.master_addr,
+                         master_port=args.master_port)
+
+    def stop(*_: object) -> None:  # rank 0 (if on this node) shuts the followers down cleanly
+        if procs[0].is_alive():
+            os.kill(procs[0].pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while any(p.is_alive() for p in procs):
+        failed = [p for p in procs if p.exitcode not in (None, 0)]
+        if failed:
+            logging.getLogger("ferry.worker").error(
+                "rank process %d exited with %s: stopping the replica", failed[0].pid,
+                failed[0].exitcode)
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            break
+        procs[0].join(timeout=0.2)
+    for p in procs:
+        p.join(timeout=args.tp_timeout)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return int(any(p.exitcode != 0 for p in procs))
 
 
 def _send(args: argparse.Namespace) -> int:
@@ -168,11 +239,19 @@ def _model(args: argparse.Namespace) -> int:
                             chunk_bytes=args.chunk_mb << 20, progress=_progress_bar())
             size = sum(f.size for f in manifest.files)
             print(f"\npublished {args.target}: {len(manifest.files)} files, {size / 2**20:.1f} MiB")
+        elif args.action == "reshard":
+            from workers.reshard import reshard
+
+            print(reshard(args.src, args.tp, args.out))
+        elif args.action == "merge":
+            from workers.reshard import merge
+
+            print(merge(args.src, args.out))
         elif args.action == "verify":
             store, name, version = parse_target(args.target)
             manifest = verify(store / name / version, full=not args.sizes_only)
             print(f"ok {args.target}: {len(manifest.files)} files verified")
-    except StoreError as exc:
+    except (StoreError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -186,10 +265,14 @@ def _progress_bar():  # type: ignore[no-untyped-def]
     return show
 
 
-def main(argv: list[str] | None = None) -> int:
+def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("FERRY_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
     args = _parser().parse_args(argv)
     if args.command == "kafka":
         return _kafka(args)

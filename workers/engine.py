@@ -20,6 +20,11 @@ from workers.model import ModelConfig, Transformer
 from workers.tokenizer import Tokenizer, load_tokenizer
 
 
+class EngineDown(RuntimeError):
+    """The engine can run no batch again (e.g. a tensor-parallel rank died): the worker
+    must stop without answering, so its uncommitted requests go to another replica."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded."""
@@ -82,6 +87,11 @@ class Engine:
         """Model and tokenizer from a Hugging Face layout directory (see `load_model`)."""
         model, config = load_model(path, device=device, dtype=dtype)
         return cls(model, config, load_tokenizer(path), device)
+
+    @property
+    def healthy(self) -> bool:
+        """A single-process engine stays usable; a ranked one reports its ranks' state."""
+        return True
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt text to ids (bos included if the tokenizer adds it)."""

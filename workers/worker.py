@@ -26,7 +26,7 @@ from schemas import (
 )
 from workers.batcher import Batcher
 from workers.config import WorkerConfig
-from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
+from workers.engine import Engine, EngineDown, GenerationInput, GenerationOutput, SamplingParams
 from workers.metrics import WorkerMetrics
 from workers.offsets import OffsetTracker
 from workers.topic_admin import ensure_topics
@@ -36,6 +36,8 @@ log = logging.getLogger("ferry.worker")
 # Kafka's per-record framing on top of key and value; results are checked against the
 # limit with this margin so the broker never has to reject one.
 _RECORD_OVERHEAD = 512
+# How often an idle worker checks that its engine (all its ranks) can still serve.
+_HEALTH_EVERY_S = 1.0
 
 
 @dataclass
@@ -242,7 +244,10 @@ class Worker:
             now = time.monotonic()
             picked = self._batcher.next_batch(now)
             if picked is None:
-                wait = self._batcher.seconds_until_ready(now)
+                if not self.engine.healthy:
+                    raise EngineDown("engine reports unhealthy (a tensor-parallel rank failed)")
+                ready_in = self._batcher.seconds_until_ready(now)
+                wait = _HEALTH_EVERY_S if ready_in is None else min(ready_in, _HEALTH_EVERY_S)
                 try:
                     await asyncio.wait_for(self._arrived.wait(), wait)
                 except TimeoutError:
@@ -278,6 +283,8 @@ class Worker:
         inputs = [GenerationInput(job.input_ids, _sampling(job.request)) for job in live]
         try:
             outputs = await asyncio.to_thread(self.engine.generate, inputs)
+        except EngineDown:
+            raise  # stop unanswered: the group's other replicas serve these requests
         except Exception as exc:  # one bad batch must not kill the worker
             log.exception("batch of %d failed", len(live))
             return answers + [self._failed(j, ErrorCode.INFERENCE_FAILED, str(exc)) for j in live]
