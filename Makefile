@@ -31,6 +31,8 @@ test-slow: install
 
 bench: install
 	$(BIN)/python -m tests.bench.bench_pipeline
+	$(BIN)/python -m tests.bench.bench_push
+	$(BIN)/python -m tests.bench.bench_tp
 
 kafka-up: install
 	$(BIN)/ferry kafka up
