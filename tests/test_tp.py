@@ -120,21 +120,28 @@ def _scenario_ranked(ckpt: Path, rank: int, world: int) -> dict | None:
             "max_context": ranked.max_context}
 
 
-class _DyingEngine(Engine):
-    """A follower that is killed (SIGKILL) right after its first batch."""
+class _SignalledEngine(Engine):
+    """A follower that signals itself right after its first batch: SIGKILL (it dies) or
+    SIGSTOP (it freezes, alive with its connections open)."""
+
+    sig: int = signal.SIGKILL
 
     def generate(self, batch: list[GenerationInput]) -> list:
         out = super().generate(batch)
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), self.sig)
         return out
 
 
-def _scenario_follower_dies(ckpt: Path, rank: int, world: int) -> dict | None:
+def _follower_fails(ckpt: Path, rank: int, world: int, sig: int, timeout_s: float) -> None:
+    """Rank 0 runs two batches; the follower signals itself after the first. Rank 0 writes
+    whether (and how fast) the second one failed to FERRY_TEST_OUT."""
     engine = load_engine(ckpt, rank, world)
     if rank:
-        follow(_DyingEngine(engine.model, engine.config, engine.tokenizer))
+        follower = _SignalledEngine(engine.model, engine.config, engine.tokenizer)
+        follower.sig = sig
+        follow(follower)
         return None
-    ranked = RankedEngine(engine, timeout_s=10)
+    ranked = RankedEngine(engine, timeout_s=timeout_s)
     ranked.generate(greedy_batch(engine))
     start = time.monotonic()
     try:
@@ -142,37 +149,17 @@ def _scenario_follower_dies(ckpt: Path, rank: int, world: int) -> dict | None:
         error = None
     except RanksFailed as exc:
         error = str(exc)
-    elapsed = time.monotonic() - start
     Path(os.environ["FERRY_TEST_OUT"]).write_text(json.dumps(
-        {"error": error, "elapsed": elapsed, "healthy": ranked.healthy}))
+        {"error": error, "elapsed": time.monotonic() - start, "healthy": ranked.healthy}))
     os._exit(0)  # the process group is broken: exit without a collective teardown
 
 
-class _StallingEngine(Engine):
-    """A follower that freezes (SIGSTOP: alive, connections open) after its first batch."""
-
-    def generate(self, batch: list[GenerationInput]) -> list:
-        out = super().generate(batch)
-        os.kill(os.getpid(), signal.SIGSTOP)
-        return out
+def _scenario_follower_dies(ckpt: Path, rank: int, world: int) -> dict | None:
+    return _follower_fails(ckpt, rank, world, signal.SIGKILL, 10.0)
 
 
 def _scenario_follower_stalls(ckpt: Path, rank: int, world: int) -> dict | None:
-    engine = load_engine(ckpt, rank, world)
-    if rank:
-        follow(_StallingEngine(engine.model, engine.config, engine.tokenizer))
-        return None
-    ranked = RankedEngine(engine, timeout_s=TIMEOUT_S["follower_stalls"])
-    ranked.generate(greedy_batch(engine))
-    start = time.monotonic()
-    try:
-        ranked.generate(greedy_batch(engine))
-        error = None
-    except RanksFailed as exc:
-        error = str(exc)
-    Path(os.environ["FERRY_TEST_OUT"]).write_text(json.dumps(
-        {"error": error, "elapsed": time.monotonic() - start}))
-    os._exit(0)
+    return _follower_fails(ckpt, rank, world, signal.SIGSTOP, TIMEOUT_S["follower_stalls"])
 
 
 class _TimedEngine(Engine):
