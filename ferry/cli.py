@@ -95,6 +95,15 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--seed", type=int, default=None)
     send.add_argument("--timeout", type=float, default=60.0)
 
+    gw = sub.add_parser("gateway", help="OpenAI-compatible HTTP gateway over Kafka")
+    gw.add_argument("--port", type=int, default=8000)
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--request-timeout", type=float, default=60.0)
+    gw.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    gw.add_argument("--host-route", action="append", default=[], metavar="HOST=DEPLOYMENT",
+                    help="send calls whose Host is HOST (and model absent/'default') to DEPLOYMENT")
+    _bootstrap_arg(gw)
+
     demo = sub.add_parser("demo", help="the whole pipeline on a local broker and a small model")
     demo.add_argument("--requests", type=int, default=8)
 
@@ -208,6 +217,17 @@ def _launch_ranks(args: argparse.Namespace, config: "WorkerConfig") -> int:
     return int(any(p.exitcode != 0 for p in procs))
 
 
+def _gateway(args: argparse.Namespace) -> int:
+    from streams.gateway import serve
+
+    routes = dict(r.split("=", 1) for r in args.host_route)
+    asyncio.run(_run_until_signalled(serve(
+        args.bootstrap or default_bootstrap(), args.port, args.host,
+        request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+        host_routes=routes)))
+    return 0
+
+
 def _send(args: argparse.Namespace) -> int:
     from ferry.client import FerryClient
     from schemas import Request, encode
@@ -280,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     if args.command == "send":
         return _send(args)
+    if args.command == "gateway":
+        return _gateway(args)
     if args.command == "model":
         return _model(args)
     if args.command == "demo":

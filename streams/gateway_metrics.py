@@ -1,0 +1,28 @@
+"""The HTTP gateway's metrics, declared against a registry passed in (tests use a fresh one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class GatewayMetrics:
+    requests: Counter  # labels: route, status
+    latency: Histogram  # labels: route; seconds from request read to response sent
+    in_flight: Gauge
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
+        return cls(
+            requests=Counter("ferry_gateway_requests_total", "HTTP requests answered.",
+                             ["route", "status"], registry=registry),
+            latency=Histogram("ferry_gateway_request_latency_seconds",
+                              "Time to answer an HTTP request.", ["route"],
+                              buckets=LATENCY_BUCKETS, registry=registry),
+            in_flight=Gauge("ferry_gateway_in_flight_requests",
+                            "HTTP requests being answered now.", registry=registry),
+        )
