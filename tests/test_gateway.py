@@ -17,9 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from ferry.broker import free_port
 from schemas import Result, SchemaError, Usage, requests_topic
-from streams.gateway import (
-    create_app, host_name, parse_call, pick_model, render_chat, serve, stream_chunks,
-)
+from streams.gateway import create_app, serve
+from streams.openai_format import host_name, parse_call, pick_model, render_chat, stream_chunks
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
 from workers.topic_admin import ensure_topics
 

@@ -8,7 +8,6 @@ import time
 import urllib.request
 
 import orjson
-import pytest
 from aiokafka import AIOKafkaProducer
 
 from ferry.broker import free_port

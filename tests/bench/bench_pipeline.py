@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from ferry.broker import LocalBroker, free_port
 from ferry.client import FerryClient
-from schemas import Request, requests_topic
+from schemas import Request
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
 from workers.model_factory import build_tiny_checkpoint
