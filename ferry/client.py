@@ -68,8 +68,14 @@ class FerryClient:
         await self._consumer.stop()
         await self._producer.stop()
 
-    async def submit(self, request: Request, topic: str | None = None) -> asyncio.Future[Result]:
-        """Post a request; the future resolves with its result, or fails if it can't be posted."""
+    async def submit(self, request: Request, topic: str | None = None, *,
+                     key: bytes | None = None,
+                     headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future[Result]:
+        """Post a request; the future resolves with its result, or fails if it can't be posted.
+
+        By default it goes to its deployment's topic keyed by batch key; through the router
+        it goes to `ferry.ingress` (`topic`) keyed by tenant (`key`) with the API key in
+        `headers`."""
         if request.reply_to != self.reply_to:
             request = dataclasses.replace(request, reply_to=self.reply_to)
         if request.created_at is None:
@@ -86,7 +92,7 @@ class FerryClient:
             await self._producer.send_and_wait(self.reply_to, encode(result),
                                                key=request.id.encode())
             return future
-        key = batch_key(request, request.model).encode()
+        key = key if key is not None else batch_key(request, request.model).encode()
         topic = topic or requests_topic(request.model)
         if topic not in self._topics_ready:
             # Created here (with the worker's default partitioning) rather than auto-created
@@ -95,7 +101,7 @@ class FerryClient:
             self._topics_ready.add(topic)
         # Only the enqueue is awaited, so many submits share produce requests; a failed
         # delivery fails the request's future instead of leaving it waiting.
-        delivery = await self._producer.send(topic, value, key=key)
+        delivery = await self._producer.send(topic, value, key=key, headers=headers)
         delivery.add_done_callback(lambda d: self._delivered(request.id, d))
         return future
 
@@ -105,6 +111,12 @@ class FerryClient:
         future = self._waiting.pop(request_id, None)
         if future is not None and not future.done():
             future.set_exception(delivery.exception())  # type: ignore[arg-type]
+
+    def forget(self, request_id: str) -> None:
+        """Stop waiting for a request (given up on, or about to be retried)."""
+        future = self._waiting.pop(request_id, None)
+        if future is not None and not future.done():
+            future.cancel()
 
     async def request(self, request: Request, timeout: float = 60.0) -> Result:
         return await asyncio.wait_for(await self.submit(request), timeout)

@@ -14,6 +14,9 @@ class ErrorCode(str, Enum):
     RESULT_TOO_LARGE = "result_too_large"
     INFERENCE_FAILED = "inference_failed"
     INTERNAL = "internal"
+    UNAUTHENTICATED = "unauthenticated"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    OVERLOADED = "overloaded"
 
 
 _HTTP_STATUS = {
@@ -25,7 +28,14 @@ _HTTP_STATUS = {
     ErrorCode.RESULT_TOO_LARGE: 502,
     ErrorCode.INFERENCE_FAILED: 500,
     ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAUTHENTICATED: 401,
+    ErrorCode.QUOTA_EXCEEDED: 429,
+    ErrorCode.OVERLOADED: 503,
 }
+
+# Worth another attempt on another backend of the same alias: the backend failed, not the
+# request.
+RETRYABLE = frozenset({ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL, ErrorCode.OVERLOADED})
 
 
 def http_status(code: ErrorCode) -> int:

@@ -83,6 +83,9 @@ class Timings:
 class ErrorInfo:
     code: ErrorCode = field(metadata=spec("Machine-readable error code."))
     message: str = field(metadata=spec("What went wrong, naming the field where one is to blame."))
+    retry_after_s: float | None = field(default=None, metadata=spec(
+        "Set on quota_exceeded and overloaded: seconds after which a retry can succeed.",
+        minimum=0.0))
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,10 @@ class Result:
         "Version of this schema.", minimum=1))
 
     @classmethod
-    def failure(cls, request_id: str, model: str, code: ErrorCode, message: str) -> Result:
+    def failure(cls, request_id: str, model: str, code: ErrorCode, message: str,
+                retry_after_s: float | None = None) -> Result:
         return cls(id=request_id, model=model, finish_reason="error",
-                   error=ErrorInfo(code=code, message=message))
+                   error=ErrorInfo(code=code, message=message, retry_after_s=retry_after_s))
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,31 @@
 """The HTTP gateway: an OpenAI-compatible front over Ferry's Kafka request path.
 
-Thin transport: each HTTP call becomes one `schemas.Request` posted through one shared
-`FerryClient` (reply topic `ferry.replies.gateway-<uuid8>`, one per gateway instance), and
-the `schemas.Result` that comes back becomes an OpenAI object or an error JSON.
+Each HTTP call becomes one `schemas.Request` posted through one shared `FerryClient`
+(reply topic `ferry.replies.gateway-<uuid8>`, one per gateway instance), and the
+`schemas.Result` that comes back becomes an OpenAI object or an error JSON.
 
-Routing (first match wins):
-  * `POST /v1/models/{model}/versions/{version}/completions` (and `.../chat/completions`)
-    serve deployment `{model}-{version}` exactly, whatever the body's `model` says;
-  * otherwise the body's `model` names the deployment; when it is absent or `"default"`
-    and the Host header (port stripped) is in `host_routes`, that entry names it.
-A deployment exists when its topic `ferry.requests.<deployment>` does (cached admin lookup),
-so a request for a model nobody serves gets 404 at once instead of waiting for a timeout.
+Two modes. With `auth` (the default) the caller's API key (`Authorization: Bearer`, or the
+`ferry-api-key` header) is checked here for a quick 401, and the request goes through the
+router (`ferry.ingress`, keyed by tenant) which charges quotas and forwards it. Without it
+(`--direct`, for trusted callers and development) requests go straight to deployment topics.
+
+Routing (first match wins): `POST /v1/models/{model}/versions/{version}/completions` (and
+`.../chat/completions`) pins deployment `{model}-{version}`; otherwise the body's `model`,
+or for `"default"`/absent the Host table, names an alias or a deployment. The gateway picks
+the alias's backend with the router's own routing core (`streams.routes.pick`, by request
+id) and pins it, so it knows which backend to avoid on a retry.
+
+Busy check: when the chosen backend's worker-group lag is at `max_lag` or above, the next
+backend of the alias is tried; when all are busy the call gets 429 with `Retry-After` at
+once. Retries: an attempt that times out (`attempt_timeout_s`) or answers with a retryable
+error goes to another backend of the same alias with the same request id, at most
+`max_attempts` in all within `request_timeout_s`; the caller gets exactly one answer.
 
 Chat messages are rendered to one prompt as `"{role}: {content}\\n"` lines followed by
 `"assistant:"`. Sampling defaults are Ferry's (greedy, 16 tokens), not OpenAI's.
 `stream: true` sends server-sent events in OpenAI's chunk format; the worker answers with
 whole results for now, so the text arrives as one content chunk, then a chunk with the
-finish reason, then `data: [DONE]`. Token-level streaming comes with a later milestone.
+finish reason, then `data: [DONE]`.
 
 Async: `"async": true` in the body (or `Prefer: respond-async`) answers 202 `{id}` at once;
 `GET /v1/requests/{id}?wait=S` long-polls (200 with the object, 202 if still pending, 404 if
@@ -27,66 +36,54 @@ kept for `RESULT_RETENTION_S`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ferry.client import FerryClient
 from schemas import ErrorCode, Request, Result, SchemaError
-from schemas.topics import REQUESTS_PREFIX
+from schemas.errors import RETRYABLE
+from schemas.topics import API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_TOPIC
+from streams.backlog import BacklogProbe, retry_after_s
+from streams.catalog import DeploymentCatalog
 from streams.gateway_metrics import GatewayMetrics
+from streams.keys import KeyRing, Tenant
 from streams.openai_format import (
-    ApiError, completion_object, error_response, error_type, json_text, parse_call, pick_model,
+    REASON, ApiError, completion_object, error_response, error_type, json_text, parse_call, pick_model,
     result_error, schema_error, stream_chunks,
 )
+from streams.routes import RouteTable
 
 log = logging.getLogger("ferry.gateway")
 
 RESULT_RETENTION_S = 600.0
 MAX_WAIT_S = 300.0
-# ---- Kafka-side state -----------------------------------------------------------------
 
-class DeploymentCatalog:
-    """Which deployments exist: the `ferry.requests.*` topics, from a cached admin lookup.
 
-    A name found is trusted for `ttl_s`; a name not found triggers a fresh listing, at most
-    one per `min_refresh_s`, so unknown names cost one metadata request, not a timeout.
-    """
+@dataclass(frozen=True)
+class GatewaySettings:
+    auth: bool = True  # API keys + router; False posts straight to deployment topics
+    request_timeout_s: float = 60.0  # the whole call, all attempts
+    attempt_timeout_s: float = 20.0  # one backend's time before the call moves on
+    max_attempts: int = 3
+    max_lag: int | None = None  # busy threshold per deployment (None: no busy check)
+    host_routes: dict[str, str] = field(default_factory=dict)
 
-    def __init__(self, bootstrap: str, ttl_s: float = 30.0, min_refresh_s: float = 0.5) -> None:
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        self._ttl_s, self._min_refresh_s = ttl_s, min_refresh_s
-        self._names: set[str] = set()
-        self._listed_at = float("-inf")
-        self._lock = asyncio.Lock()
 
-    async def start(self) -> None:
-        await self._admin.start()
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the tenant and key to post with (None in direct mode)."""
 
-    async def close(self) -> None:
-        await self._admin.close()
-
-    async def names(self, max_age_s: float = 0.0) -> set[str]:
-        async with self._lock:
-            if time.monotonic() - self._listed_at > max_age_s:
-                topics = await self._admin.list_topics()
-                self._names = {t[len(REQUESTS_PREFIX):] for t in topics
-                               if t.startswith(REQUESTS_PREFIX)}
-                self._listed_at = time.monotonic()
-            return set(self._names)
-
-    async def exists(self, deployment: str) -> bool:
-        if deployment in await self.names(max_age_s=self._ttl_s):
-            return True
-        return deployment in await self.names(max_age_s=self._min_refresh_s)
+    tenant: Tenant | None
+    api_key: str | None
 
 
 @dataclass
@@ -98,51 +95,47 @@ class Pending:
     created: int
 
 
-async def await_result(future: Awaitable[Result], request: Request, timeout_s: float) -> Result:
-    """The result, or a failure result: deadline_exceeded when none came within `timeout_s`,
-    internal when it could not be posted (so an async call never ends in a raw exception)."""
-    try:
-        return await asyncio.wait_for(future, timeout_s)
-    except asyncio.TimeoutError:
-        return Result.failure(request.id, request.model, ErrorCode.DEADLINE_EXCEEDED,
-                              f"deadline: no result within {timeout_s:g}s")
-    except Exception as exc:  # a delivery failure or a dead result reader
-        log.warning("request %s failed: %r", request.id, exc)
-        return Result.failure(request.id, request.model, ErrorCode.INTERNAL,
-                              f"request could not be served: {type(exc).__name__}")
-
-
 # ---- HTTP handlers --------------------------------------------------------------------
 
 class Gateway:
-    """Handlers over one FerryClient, one catalog and the async calls in progress."""
+    """Handlers over one FerryClient, the routing views and the async calls in progress."""
 
-    client: FerryClient  # both built on app startup, inside the serving loop
+    # All built on app startup, inside the serving loop (Kafka clients belong to it).
+    client: FerryClient
     catalog: DeploymentCatalog
+    routes: RouteTable
+    backlog: BacklogProbe
+    keys: KeyRing | None = None
 
-    def __init__(self, bootstrap: str, registry: CollectorRegistry, request_timeout_s: float,
-                 host_routes: dict[str, str]) -> None:
+    def __init__(self, bootstrap: str, registry: CollectorRegistry,
+                 settings: GatewaySettings) -> None:
         self.bootstrap = bootstrap
         self.reply_to = f"ferry.replies.gateway-{uuid.uuid4().hex[:8]}"
         self.registry = registry
         self.metrics = GatewayMetrics.create(registry)
-        self.request_timeout_s = request_timeout_s
-        self.host_routes = host_routes
+        self.settings = settings
         self.pending: dict[str, Pending] = {}
 
     async def start(self, _app: web.Application) -> None:
-        # Built here, not in __init__: Kafka clients must belong to the serving loop.
         self.client = FerryClient(self.bootstrap, reply_to=self.reply_to)
         self.catalog = DeploymentCatalog(self.bootstrap)
-        await self.client.start()
-        await self.catalog.start()
+        self.routes = RouteTable(self.bootstrap)
+        self.backlog = BacklogProbe(self.bootstrap)
+        parts: list[Any] = [self.client, self.catalog, self.routes, self.backlog]
+        if self.settings.auth:
+            self.keys = KeyRing(self.bootstrap)
+            parts.append(self.keys)
+        await asyncio.gather(*(part.start() for part in parts))
+        log.info("gateway ready (%s), replies on %s",
+                 "auth + router" if self.settings.auth else "direct", self.reply_to)
 
     async def close(self, _app: web.Application) -> None:
         for p in self.pending.values():
             p.task.cancel()
         await asyncio.gather(*(p.task for p in self.pending.values()), return_exceptions=True)
-        await self.catalog.close()
-        await self.client.close()
+        closers = [self.catalog.close(), self.routes.close(), self.backlog.close(),
+                   self.client.close()] + ([self.keys.close()] if self.keys else [])
+        await asyncio.gather(*closers, return_exceptions=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -151,35 +144,125 @@ class Gateway:
         return await self._generate(request, chat=True)
 
     async def _generate(self, http: web.Request, chat: bool) -> web.StreamResponse:
+        started = time.perf_counter()
+        caller = self._caller(http)
         body = await _read_json(http)
         info = http.match_info
         path_model = f"{info['model']}-{info['version']}" if "version" in info else None
         prefer_async = "respond-async" in http.headers.get("Prefer", "")
         try:
-            model = pick_model(body, path_model, http.host, self.host_routes)
+            model = pick_model(body, path_model, http.host, self.settings.host_routes)
             call = parse_call(body, chat=chat, model=model, prefer_async=prefer_async,
-                              deadline=time.time() + self.request_timeout_s)
+                              deadline=time.time() + self.settings.request_timeout_s)
         except SchemaError as exc:
             raise schema_error(exc, "messages" if chat else "prompt") from None
-        if not await self.catalog.exists(model):
-            raise ApiError(404, f"model: {model!r} is not served by any deployment",
-                           ErrorCode.UNKNOWN_MODEL.value, "model")
+        pinned = path_model is not None
+        first = await self._choose(call.request, pinned, tried=set())
         created = int(time.time())
-        task = asyncio.create_task(self._result_of(call.request))
+        task = asyncio.create_task(self._result_of(call.request, caller, first, pinned))
         if call.respond_async:
             self._keep(call.request.id, Pending(task, chat, created))
             return web.json_response({"id": call.request.id, "object": "request",
                                       "status": "pending"}, status=202)
         result = await task
+        if result.error is None:
+            self.metrics.ttft.labels(_route_label(http)).observe(time.perf_counter() - started)
         if call.stream:
             return await _send_events(http, result, chat, created)
         return _answer(result, chat, created)
 
-    async def _result_of(self, request: Request) -> Result:
-        async def answer() -> Result:
-            return await (await self.client.submit(request))
+    def _caller(self, http: web.Request) -> Caller:
+        if self.keys is None:
+            return Caller(None, None)
+        auth = http.headers.get("Authorization", "")
+        api_key = auth[7:].strip() if auth[:7].lower() == "bearer " else http.headers.get(
+            API_KEY_HEADER, "")
+        tenant = self.keys.authenticate(api_key)
+        if tenant is None:
+            self.metrics.rejections.labels(ErrorCode.UNAUTHENTICATED.value).inc()
+            raise ApiError(401, "authorization: missing, unknown or revoked API key",
+                           ErrorCode.UNAUTHENTICATED.value, "authorization")
+        return Caller(tenant, api_key)
 
-        return await await_result(answer(), request, self.request_timeout_s)
+    async def _choose(self, request: Request, pinned: bool, tried: set[str]) -> str:
+        """The backend for a new call: by route, skipping missing and busy deployments."""
+        busy: list[int] = []
+        while True:
+            deployment = (None if request.model in tried else request.model) if pinned else \
+                self.routes.resolve(request.model, request.id, exclude=tried)
+            if deployment is None:
+                break
+            tried.add(deployment)
+            if not await self.catalog.exists(deployment):
+                continue  # an alias may name a deployment that is not up yet
+            if self.settings.max_lag is not None:
+                sample = await self.backlog.sample(deployment)
+                if sample.lag >= self.settings.max_lag:
+                    busy.append(retry_after_s(sample, self.settings.max_lag))
+                    continue
+            return deployment
+        if busy:
+            self.metrics.rejections.labels(ErrorCode.OVERLOADED.value).inc()
+            raise ApiError(429, f"model: every deployment of {request.model!r} has a backlog of "
+                           f"{self.settings.max_lag} requests or more; retry later",
+                           ErrorCode.OVERLOADED.value, "model", min(busy))
+        self.metrics.rejections.labels(ErrorCode.UNKNOWN_MODEL.value).inc()
+        raise ApiError(404, f"model: {request.model!r} is not served by any deployment",
+                       ErrorCode.UNKNOWN_MODEL.value, "model")
+
+    async def _result_of(self, request: Request, caller: Caller, deployment: str,
+                         pinned: bool) -> Result:
+        """Attempts on backends of the alias until one answers; always returns one result."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        tried = {deployment}
+        result: Result | None = None
+        for attempt in range(1, self.settings.max_attempts + 1):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            result = await self._attempt(request, caller, deployment, attempt,
+                                         min(self.settings.attempt_timeout_s, remaining))
+            if result.error is None or not _retryable(result):
+                return result
+            following = None if pinned else self.routes.resolve(request.model, request.id,
+                                                                 exclude=tried)
+            if following is None or attempt == self.settings.max_attempts:
+                break
+            log.info("request %s: %s on %s; retrying on %s", request.id,
+                     result.error.code.value, deployment, following)
+            self.metrics.retries.labels(request.model).inc()
+            tried.add(following)
+            deployment = following
+        if result is None or result.error is None:
+            return Result.failure(request.id, request.model, ErrorCode.DEADLINE_EXCEEDED,
+                                  "deadline: no result within "
+                                  f"{self.settings.request_timeout_s:g}s")
+        return result
+
+    async def _attempt(self, request: Request, caller: Caller, deployment: str, attempt: int,
+                       timeout_s: float) -> Result:
+        """One try on one backend: its result, or a failure naming why there is none."""
+        try:
+            if caller.tenant is not None and caller.api_key is not None:
+                headers = [(API_KEY_HEADER, caller.api_key.encode()),
+                           (DEPLOYMENT_HEADER, deployment.encode()),
+                           (ATTEMPT_HEADER, str(attempt).encode())]
+                future = await self.client.submit(request, INGRESS_TOPIC,
+                                                  key=caller.tenant.name.encode(),
+                                                  headers=headers)
+            else:
+                future = await self.client.submit(dataclasses.replace(request, model=deployment))
+            return await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            self.client.forget(request.id)
+            return Result.failure(request.id, deployment, ErrorCode.DEADLINE_EXCEEDED,
+                                  f"deadline: {deployment} gave no result within {timeout_s:g}s")
+        except Exception as exc:  # a delivery failure or a dead result reader
+            self.client.forget(request.id)
+            log.warning("request %s failed on %s: %r", request.id, deployment, exc)
+            return Result.failure(request.id, deployment, ErrorCode.INTERNAL,
+                                  f"request could not be served: {type(exc).__name__}")
 
     def _keep(self, request_id: str, pending: Pending) -> None:
         self.pending[request_id] = pending
@@ -215,8 +298,11 @@ class Gateway:
         return pending
 
     async def models(self, _http: web.Request) -> web.Response:
-        names = sorted(await self.catalog.names())
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "ferry"} for n in names]
+        aliases = self.routes.aliases()
+        data = [{"id": alias, "object": "model", "created": 0, "owned_by": "ferry",
+                 "routes": route.weights} for alias, route in sorted(aliases.items())]
+        data += [{"id": n, "object": "model", "created": 0, "owned_by": "ferry"}
+                 for n in sorted(await self.catalog.names()) if n not in aliases]
         return web.json_response({"object": "list", "data": data})
 
     async def healthz(self, _http: web.Request) -> web.Response:
@@ -231,17 +317,28 @@ class Gateway:
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                          ) -> web.StreamResponse:
         """Every answer is counted and timed; every failure becomes an error JSON."""
-        route = http.match_info.route.resource
-        label = route.canonical if route is not None else "unmatched"
+        label = _route_label(http)
         start = time.perf_counter()
         self.metrics.in_flight.inc()
         try:
             response = await _guarded(handler, http)
         finally:
             self.metrics.in_flight.dec()
-        self.metrics.requests.labels(label, str(response.status)).inc()
+        reason = response.get(REASON, "ok" if response.status < 400 else "http_error")
+        self.metrics.requests.labels(label, str(response.status), reason).inc()
         self.metrics.latency.labels(label).observe(time.perf_counter() - start)
         return response
+
+
+def _retryable(result: Result) -> bool:
+    """A backend's failure (worth another backend), not the request's own fault."""
+    assert result.error is not None
+    return result.error.code in RETRYABLE or result.error.code is ErrorCode.DEADLINE_EXCEEDED
+
+
+def _route_label(http: web.Request) -> str:
+    route = http.match_info.route.resource
+    return route.canonical if route is not None else "unmatched"
 
 
 async def _guarded(handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
@@ -304,12 +401,12 @@ async def _send_events(http: web.Request, result: Result, chat: bool,
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
-def create_app(bootstrap: str, *, registry: CollectorRegistry | None = None,
-               max_body_bytes: int = 1 << 20, request_timeout_s: float = 60.0,
-               host_routes: dict[str, str] | None = None) -> web.Application:
-    """The gateway application; its FerryClient starts with the app and closes with it."""
+def create_app(bootstrap: str, settings: GatewaySettings | None = None, *,
+               registry: CollectorRegistry | None = None,
+               max_body_bytes: int = 1 << 20) -> web.Application:
+    """The gateway application; its Kafka clients start with the app and close with it."""
     gateway = Gateway(bootstrap, registry if registry is not None else CollectorRegistry(),
-                      request_timeout_s, dict(host_routes or {}))
+                      settings or GatewaySettings())
     app = web.Application(client_max_size=max_body_bytes, middlewares=[gateway.middleware])
     app[GATEWAY] = gateway
     app.on_startup.append(gateway.start)
@@ -325,9 +422,10 @@ def create_app(bootstrap: str, *, registry: CollectorRegistry | None = None,
     return app
 
 
-async def serve(bootstrap: str, port: int, host: str = "127.0.0.1", **settings: Any) -> None:
+async def serve(bootstrap: str, port: int, host: str = "127.0.0.1",
+                settings: GatewaySettings | None = None, max_body_bytes: int = 1 << 20) -> None:
     """Run the gateway until cancelled."""
-    runner = web.AppRunner(create_app(bootstrap, **settings))
+    runner = web.AppRunner(create_app(bootstrap, settings, max_body_bytes=max_body_bytes))
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()

@@ -11,18 +11,30 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 @dataclass(frozen=True)
 class GatewayMetrics:
-    requests: Counter  # labels: route, status
+    requests: Counter  # labels: route, status, reason (error code, or "ok")
     latency: Histogram  # labels: route; seconds from request read to response sent
+    ttft: Histogram  # labels: route; seconds from request read to the first generated text
     in_flight: Gauge
+    retries: Counter  # labels: alias; attempts after the first
+    rejections: Counter  # labels: reason; refused before reaching a backend
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> GatewayMetrics:
         return cls(
             requests=Counter("ferry_gateway_requests_total", "HTTP requests answered.",
-                             ["route", "status"], registry=registry),
+                             ["route", "status", "reason"], registry=registry),
             latency=Histogram("ferry_gateway_request_latency_seconds",
                               "Time to answer an HTTP request.", ["route"],
                               buckets=LATENCY_BUCKETS, registry=registry),
+            ttft=Histogram("ferry_gateway_time_to_first_token_seconds",
+                           "Time from the request to its first generated text.", ["route"],
+                           buckets=LATENCY_BUCKETS, registry=registry),
             in_flight=Gauge("ferry_gateway_in_flight_requests",
                             "HTTP requests being answered now.", registry=registry),
+            retries=Counter("ferry_gateway_retries_total",
+                            "Attempts sent to another backend after a timeout or failure.",
+                            ["alias"], registry=registry),
+            rejections=Counter("ferry_gateway_rejections_total",
+                               "Calls refused at the gateway (auth, busy, unknown model).",
+                               ["reason"], registry=registry),
         )

@@ -3,6 +3,7 @@ building completion objects and stream chunks. Pure functions; the gateway does 
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from aiohttp import web
 from schemas import ErrorCode, Request, Result, SchemaError, decode_request, encode, http_status
 
 DEFAULT_MODEL = "default"
+REASON = web.ResponseKey("reason", str)  # the error code of an answer, for metrics
 # Request fields as OpenAI names them, for error messages and `param`.
 _OPENAI_FIELD = {"max_new_tokens": "max_tokens"}
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
@@ -24,9 +26,11 @@ _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 class ApiError(Exception):
     """An error answer: HTTP status plus OpenAI's error object fields."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.retry_after_s = retry_after_s
 
 
 def error_type(status: int) -> str:
@@ -38,7 +42,11 @@ def error_type(status: int) -> str:
 def error_response(err: ApiError) -> web.Response:
     body = {"error": {"message": err.message, "type": error_type(err.status),
                       "param": err.param, "code": err.code}}
-    return web.json_response(body, status=err.status, dumps=json_text)
+    headers = ({"Retry-After": str(max(1, math.ceil(err.retry_after_s)))}
+               if err.retry_after_s is not None else None)
+    response = web.json_response(body, status=err.status, dumps=json_text, headers=headers)
+    response[REASON] = err.code
+    return response
 
 
 def _openai_field(field: str) -> str:
@@ -59,7 +67,7 @@ def result_error(result: Result) -> ApiError:
     match = _FIELD_PREFIX.match(result.error.message)
     param = _openai_field(match.group(1)) if match else None
     return ApiError(http_status(result.error.code), result.error.message,
-                    result.error.code.value, param)
+                    result.error.code.value, param, result.error.retry_after_s)
 
 
 def json_text(obj: Any) -> str:

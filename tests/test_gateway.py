@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import openai
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from ferry.broker import free_port
 from schemas import Result, SchemaError, Usage, requests_topic
-from streams.gateway import create_app, serve
+from streams.gateway import GatewaySettings, create_app, serve
 from streams.openai_format import host_name, parse_call, pick_model, render_chat, stream_chunks
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
 from workers.topic_admin import ensure_topics
@@ -46,9 +47,11 @@ async def start_gateway(kafka_bootstrap: str) -> AsyncIterator[GatewayFactory]:
     """start_gateway(**settings) -> a gateway app served on 127.0.0.1; all stopped at teardown."""
     runners: list[web.AppRunner] = []
 
-    async def start(**settings: object) -> Gateway:
+    async def start(max_body_bytes: int = 1 << 20, **settings: Any) -> Gateway:
+        settings.setdefault("auth", False)  # these tests are about HTTP; test_router adds keys
         registry = CollectorRegistry()
-        runner = web.AppRunner(create_app(kafka_bootstrap, registry=registry, **settings))
+        runner = web.AppRunner(create_app(kafka_bootstrap, GatewaySettings(**settings),
+                                          registry=registry, max_body_bytes=max_body_bytes))
         runners.append(runner)
         await runner.setup()
         port = free_port()
@@ -260,9 +263,13 @@ async def test_errors(start_gateway, http, unique) -> None:
         assert resp.status == 200
     async with http.get(f"{gw.url}/metrics") as resp:
         text = await resp.text()
-    assert 'ferry_gateway_requests_total{route="/v1/completions",status="400"}' in text
+    assert ('ferry_gateway_requests_total{reason="invalid_request",route="/v1/completions",'
+            'status="400"}') in text
     assert gw.registry.get_sample_value(
-        "ferry_gateway_requests_total", {"route": "/v1/completions", "status": "404"}) == 1
+        "ferry_gateway_requests_total",
+        {"route": "/v1/completions", "status": "404", "reason": "unknown_model"}) == 1
+    assert gw.registry.get_sample_value(
+        "ferry_gateway_rejections_total", {"reason": "unknown_model"}) == 1
     assert gw.registry.get_sample_value(
         "ferry_gateway_request_latency_seconds_count", {"route": "/v1/completions"}) == 10
     assert gw.registry.get_sample_value("ferry_gateway_in_flight_requests") == 0

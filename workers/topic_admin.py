@@ -11,13 +11,16 @@ from aiokafka.errors import TopicAlreadyExistsError
 log = logging.getLogger("ferry.topics")
 
 
-async def ensure_topics(bootstrap: str, partitions: dict[str, int]) -> None:
-    """Create each missing topic with the given partition count; existing ones are left as they are."""
+async def ensure_topics(bootstrap: str, partitions: dict[str, int],
+                        configs: dict[str, str] | None = None) -> None:
+    """Create each missing topic with the given partition count (and topic `configs`, e.g.
+    compaction); existing ones are left as they are."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(name, n, 1) for name, n in partitions.items() if name not in existing]
+        missing = [NewTopic(name, n, 1, topic_configs=dict(configs or {}))
+                   for name, n in partitions.items() if name not in existing]
         if missing:
             try:
                 await admin.create_topics(missing)

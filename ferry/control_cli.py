@@ -1,0 +1,106 @@
+"""`ferry router`, `ferry keys ...`, `ferry route ...`: the router and its control tables."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from ferry.broker import default_bootstrap
+
+
+def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
+    router = sub.add_parser("router", help="the router stream: ingress -> auth, quota, route")
+    router.add_argument("--app-id", default="ferry-router",
+                        help="faust app id (consumer group and quota changelog names)")
+    router.add_argument("--ingress", default=None, help="ingress topic (default ferry.ingress)")
+    router.add_argument("--metrics-port", type=int, default=None)
+    router.add_argument("--log-level", default="WARNING")
+    bootstrap_arg(router)
+
+    keys = sub.add_parser("keys", help="API keys of tenants")
+    ksub = keys.add_subparsers(dest="action", required=True)
+    add = ksub.add_parser("add", help="create a key for TENANT; prints it once")
+    add.add_argument("tenant")
+    add.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    add.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    revoke = ksub.add_parser("revoke", help="revoke a key (by key or key id)")
+    revoke.add_argument("key")
+    for parser in (add, revoke, ksub.add_parser("list")):
+        bootstrap_arg(parser)
+
+    route = sub.add_parser("route", help="aliases -> weighted deployments")
+    rsub = route.add_subparsers(dest="action", required=True)
+    rset = rsub.add_parser("set", help="ferry route set ALIAS dep-a=90 dep-b=10")
+    rset.add_argument("alias")
+    rset.add_argument("weights", nargs="+", metavar="DEPLOYMENT=WEIGHT")
+    rdel = rsub.add_parser("delete")
+    rdel.add_argument("alias")
+    for parser in (rset, rdel, rsub.add_parser("show")):
+        bootstrap_arg(parser)
+
+
+def dispatch(args: argparse.Namespace) -> int | None:
+    """Run the command if it is one of these; None when it is not."""
+    if args.command == "router":
+        from schemas.topics import INGRESS_TOPIC
+        from streams.router import run_router
+
+        run_router(args.bootstrap or default_bootstrap(), app_id=args.app_id,
+                   ingress=args.ingress or INGRESS_TOPIC, metrics_port=args.metrics_port,
+                   loglevel=args.log_level)
+        return 0
+    if args.command == "keys":
+        return _run(_keys(args))
+    if args.command == "route":
+        return _run(_route(args))
+    return None
+
+
+def _run(coro: Any) -> int:
+    try:
+        asyncio.run(coro)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _keys(args: argparse.Namespace) -> None:
+    from streams.keys import add_key, list_keys, revoke_key
+
+    bootstrap = args.bootstrap or default_bootstrap()
+    if args.action == "add":
+        print(await add_key(bootstrap, args.tenant, args.rpm, args.tpm))
+        print(f"(key for tenant {args.tenant}; it is not stored and will not be shown again)",
+              file=sys.stderr)
+    elif args.action == "revoke":
+        print(f"revoked {await revoke_key(bootstrap, args.key)}")
+    else:
+        print(f"{'KEY ID':14} {'TENANT':20} {'RPM':>8} {'TPM':>10}  CREATED")
+        for row in await list_keys(bootstrap):
+            created = datetime.fromtimestamp(float(row["created_at"] or 0), timezone.utc)  # type: ignore[arg-type]
+            print(f"{row['id']!s:14} {row['tenant']!s:20} {row['rpm'] or '-'!s:>8} "
+                  f"{row['tpm'] or '-'!s:>10}  {created:%Y-%m-%d %H:%M:%SZ}")
+
+
+async def _route(args: argparse.Namespace) -> None:
+    from streams.routes import delete_route, parse_weights, read_routes, set_route
+
+    bootstrap = args.bootstrap or default_bootstrap()
+    if args.action == "set":
+        route = await set_route(bootstrap, args.alias, parse_weights(args.weights))
+        print(f"{route.alias} -> {_weights(route.weights)}")
+    elif args.action == "delete":
+        await delete_route(bootstrap, args.alias)
+        print(f"deleted route {args.alias}")
+    else:
+        for alias, route in sorted((await read_routes(bootstrap)).items()):
+            print(f"{alias} -> {_weights(route.weights)}")
+
+
+def _weights(weights: dict[str, int]) -> str:
+    total = sum(weights.values()) or 1
+    return ", ".join(f"{d}={w} ({100 * w / total:.0f}%)" for d, w in weights.items())

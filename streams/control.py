@@ -1,0 +1,116 @@
+"""Control state in compacted topics: every router and gateway reads it whole and follows it.
+
+A compacted topic keeps the last value per key, so it is a small replicated table: writers
+(`ferry route set`, `ferry keys add`) put one record, every reader sees it within its next
+fetch (well under a second), and a restarted reader rebuilds the table from the topic.
+A record with no value (a tombstone) deletes its key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas import SchemaError, decode, encode
+from workers.topic_admin import ensure_topics
+
+log = logging.getLogger("ferry.control")
+
+COMPACTED = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0",
+             "segment.ms": "3600000"}
+CONTROL_PARTITIONS = 1  # tiny tables; one partition keeps one global order of changes
+
+
+async def ensure_control_topic(bootstrap: str, topic: str) -> None:
+    await ensure_topics(bootstrap, {topic: CONTROL_PARTITIONS}, configs=COMPACTED)
+
+
+async def put(bootstrap: str, topic: str, key: str, value: dict[str, Any] | None) -> None:
+    """Write (or, with None, delete) one key of a control table and wait for the ack."""
+    await ensure_control_topic(bootstrap, topic)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, None if value is None else encode(value),
+                                     key=key.encode())
+    finally:
+        await producer.stop()
+
+
+class CompactedView:
+    """The latest value per key of a compacted topic, kept current by a background reader.
+
+    `start()` returns once everything written before it has been read, so a component never
+    serves with an empty route or key table after a restart. `on_change` callbacks run after
+    each record applied.
+    """
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap, self.topic = bootstrap, topic
+        self.values: dict[str, dict[str, Any]] = {}
+        self.on_change: list[Callable[[str, dict[str, Any] | None], None]] = []
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                          fetch_max_wait_ms=100)
+        self._reader: asyncio.Task | None = None
+        self._caught_up = asyncio.Event()
+        self._targets: dict[TopicPartition, int] = {}
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        await ensure_control_topic(self.bootstrap, self.topic)
+        await self._consumer.start()
+        partitions = self._consumer.partitions_for_topic(self.topic)
+        if not partitions:
+            await self._consumer._client.force_metadata_update()  # a topic created just now
+            partitions = self._consumer.partitions_for_topic(self.topic) or {0}
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        self._targets = {tp: off for tp, off in (await self._consumer.end_offsets(tps)).items()
+                         if off > 0}
+        if not self._targets:
+            self._caught_up.set()
+        self._reader = asyncio.create_task(self._read(), name=f"control-{self.topic}")
+        await asyncio.wait_for(self._caught_up.wait(), timeout_s)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        await self._consumer.stop()
+
+    async def _read(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=500)
+            for tp, records in batches.items():
+                for record in records:
+                    self._apply(record.key, record.value)
+                    if record.offset + 1 >= self._targets.get(tp, 0):
+                        self._targets.pop(tp, None)
+            if not self._targets and not self._caught_up.is_set():
+                self._caught_up.set()
+
+    def _apply(self, raw_key: bytes | None, raw_value: bytes | None) -> None:
+        if raw_key is None:
+            return
+        key = raw_key.decode(errors="replace")
+        value: dict[str, Any] | None = None
+        if raw_value is not None:
+            try:
+                decoded = decode(raw_value)
+            except SchemaError as exc:
+                log.warning("%s: unreadable record for %r ignored: %s", self.topic, key, exc)
+                return
+            if not isinstance(decoded, dict):
+                log.warning("%s: record for %r is not an object; ignored", self.topic, key)
+                return
+            value = decoded
+        if value is None:
+            self.values.pop(key, None)
+        else:
+            self.values[key] = value
+        for callback in self.on_change:
+            callback(key, value)

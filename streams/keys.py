@@ -1,0 +1,121 @@
+"""API keys and tenants, kept in the compacted `ferry.keys` topic as hashes only.
+
+A key is `fk_<id>_<secret>`: the id (public) finds the record, the SHA-256 of the whole key
+is what is stored and compared, in constant time. Keys are 190 bits of randomness, so a
+plain hash is enough; a slow password hash would only slow every request down.
+Records: `key:<id>` -> {tenant, sha256, created_at}; `tenant:<name>` -> {rpm, tpm}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from schemas.topics import KEYS_TOPIC
+from streams.control import CompactedView, put
+
+KEY_FORMAT = re.compile(r"^fk_([0-9a-f]{12})_([A-Za-z0-9_-]{32})$")
+TENANT = re.compile(r"^[a-zA-Z0-9._-]{1,100}$")
+_DUMMY = hashlib.sha256(b"no such key").hexdigest()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    rpm: int | None  # requests per minute; None = unlimited
+    tpm: int | None  # tokens (prompt + max_new_tokens) per minute; None = unlimited
+
+
+def _digest(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def key_id(api_key: str) -> str | None:
+    match = KEY_FORMAT.fullmatch(api_key)
+    return match.group(1) if match else None
+
+
+class KeyRing:
+    """Authenticates API keys against the live `ferry.keys` table."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.view = CompactedView(bootstrap, KEYS_TOPIC)
+
+    async def start(self) -> None:
+        await self.view.start()
+
+    async def close(self) -> None:
+        await self.view.close()
+
+    def authenticate(self, api_key: str | None) -> Tenant | None:
+        kid = key_id(api_key or "")
+        record = self.view.values.get(f"key:{kid}") if kid else None
+        stored = record.get("sha256") if record else None
+        # Compare even when the id is unknown, so timing tells nothing about which ids exist.
+        ok = hmac.compare_digest(_digest(api_key or ""), stored if isinstance(stored, str)
+                                 else _DUMMY)
+        if not ok or record is None:
+            return None
+        return self.tenant(str(record.get("tenant")))
+
+    def tenant(self, name: str) -> Tenant:
+        limits = self.view.values.get(f"tenant:{name}") or {}
+        return Tenant(name, _limit(limits.get("rpm")), _limit(limits.get("tpm")))
+
+    def listing(self) -> list[dict[str, object]]:
+        """Every key (id, tenant, created) with its tenant's limits; never a secret."""
+        rows = []
+        for name, record in sorted(self.view.values.items()):
+            if name.startswith("key:"):
+                tenant = self.tenant(str(record.get("tenant")))
+                rows.append({"id": name[4:], "tenant": tenant.name, "rpm": tenant.rpm,
+                             "tpm": tenant.tpm, "created_at": record.get("created_at")})
+        return rows
+
+
+def _limit(value: object) -> int | None:
+    return value if isinstance(value, int) and value > 0 else None
+
+
+async def add_key(bootstrap: str, tenant: str, rpm: int | None = None,
+                  tpm: int | None = None) -> str:
+    """Create a key for `tenant` (setting its limits when given); returns the key, once."""
+    if not TENANT.fullmatch(tenant):
+        raise ValueError(f"tenant: {tenant!r} must match {TENANT.pattern}")
+    for name, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{name}: must be > 0, got {value}")
+    kid = secrets.token_hex(6)
+    api_key = f"fk_{kid}_{secrets.token_urlsafe(24)}"
+    if rpm is not None or tpm is not None:
+        await set_limits(bootstrap, tenant, rpm, tpm)
+    await put(bootstrap, KEYS_TOPIC, f"key:{kid}",
+              {"tenant": tenant, "sha256": _digest(api_key), "created_at": time.time()})
+    return api_key
+
+
+async def set_limits(bootstrap: str, tenant: str, rpm: int | None, tpm: int | None) -> None:
+    await put(bootstrap, KEYS_TOPIC, f"tenant:{tenant}",
+              {"rpm": rpm, "tpm": tpm, "updated_at": time.time()})
+
+
+async def revoke_key(bootstrap: str, key_or_id: str) -> str:
+    """Revoke by key id or by the key itself; returns the id."""
+    kid = key_id(key_or_id) or key_or_id
+    if not re.fullmatch(r"[0-9a-f]{12}", kid):
+        raise ValueError(f"key: {key_or_id!r} is neither a key nor a key id")
+    await put(bootstrap, KEYS_TOPIC, f"key:{kid}", None)
+    return kid
+
+
+async def list_keys(bootstrap: str) -> list[dict[str, object]]:
+    ring = KeyRing(bootstrap)
+    await ring.start()
+    try:
+        return ring.listing()
+    finally:
+        await ring.close()

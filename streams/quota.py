@@ -1,0 +1,62 @@
+"""Per-tenant token buckets for requests and tokens per minute, as plain values.
+
+A bucket holds up to a minute's allowance and refills continuously, so a tenant may burst
+its whole per-minute quota and then gets its rate. The state is a small dict so the router
+can keep it in a faust table (changelogged: it survives a restart).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from streams.keys import Tenant
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    state: dict[str, float]  # the new state (unchanged when refused)
+    retry_after_s: float = 0.0
+    reason: str = ""
+
+
+def _level(state: dict[str, Any], name: str, per_minute: int, now: float) -> float:
+    """A bucket's level now: its stored level plus the refill since, capped at capacity."""
+    stored = state.get(name)
+    if not isinstance(stored, (int, float)):
+        return float(per_minute)
+    elapsed = max(0.0, now - float(state.get("at", now)))
+    return min(float(per_minute), float(stored) + elapsed * per_minute / 60.0)
+
+
+def admit(state: dict[str, Any] | None, tenant: Tenant, tokens: int, now: float) -> Verdict:
+    """Take one request and `tokens` from the tenant's buckets, or say when to retry."""
+    state = state or {}
+    new: dict[str, float] = {"at": now}
+    waits: list[tuple[float, str]] = []
+    for name, per_minute, cost in (("r", tenant.rpm, 1), ("t", tenant.tpm, tokens)):
+        if per_minute is None:
+            continue
+        level = _level(state, name, per_minute, now)
+        if cost > per_minute:
+            unit = "requests" if name == "r" else "tokens"
+            return Verdict(False, dict(state), math.inf,
+                           f"{cost} {unit} exceed the quota of {per_minute} per minute")
+        if level < cost:
+            waits.append(((cost - level) * 60.0 / per_minute, "rpm" if name == "r" else "tpm"))
+        new[name] = level - cost
+    if waits:
+        wait, which = max(waits)
+        return Verdict(False, dict(state), wait,
+                       f"{which} quota of tenant {tenant.name!r} exceeded")
+    return Verdict(True, new)
+
+
+def estimate_tokens(prompt: str | None, input_ids: list[int] | None, max_new_tokens: int) -> int:
+    """Tokens charged up front: the prompt (ids, or ~4 bytes of text per token) plus the most
+    that may be generated. The router cannot tokenize: each deployment has its own tokenizer."""
+    prompt_tokens = len(input_ids) if input_ids is not None else math.ceil(
+        len((prompt or "").encode()) / 4)
+    return prompt_tokens + max_new_tokens

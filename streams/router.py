@@ -1,0 +1,209 @@
+"""The router stream: `ferry.ingress` -> auth -> quota -> route -> `ferry.requests.<deployment>`.
+
+A faust-streaming agent reads requests that producers (and the gateway) post with their API
+key in the `ferry-api-key` header. Per request it authenticates the key against the live
+key table, resolves the model alias to a deployment (or takes the one pinned by the
+`ferry-deployment` header), charges the tenant's token buckets, and forwards the request
+with its batch key. A request it refuses gets an error result on its `reply_to` and a
+dead-letter record with the reason; nothing is dropped silently.
+
+Quotas are exact because one router owns each tenant: ingress is keyed by tenant, and the
+bucket table is co-partitioned with it (a faust table, changelogged, so it survives a
+restart). A message keyed otherwise (a producer that does not know its tenant) is re-posted
+keyed by its tenant first. Retries (`ferry-attempt` > 1) are not charged again.
+
+Agent concurrency stays 1: faust-streaming's offset commit is unsafe with concurrency > 1,
+and one router handles thousands of requests a second; scale out with more routers (more
+ingress partitions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+import faust
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from schemas import (
+    DLQ_TOPIC, DeadLetter, ErrorCode, Request, Result, SchemaError, batch_key, decode_request,
+    encode, requests_topic, salvage_reply_address,
+)
+from schemas.topics import (
+    API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_PARTITIONS, INGRESS_TOPIC,
+)
+from streams.catalog import DeploymentCatalog
+from streams.keys import KeyRing
+from streams.quota import admit, estimate_tokens
+from streams.routes import RouteTable
+from workers.topic_admin import ensure_topics
+
+log = logging.getLogger("ferry.router")
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.routed = Counter("ferry_router_routed", "Requests forwarded, by alias and deployment",
+                              ["alias", "deployment"], registry=registry)
+        self.rejected = Counter("ferry_router_rejected", "Requests refused, by reason",
+                                ["reason"], registry=registry)
+        self.rekeyed = Counter("ferry_router_rekeyed", "Requests re-posted keyed by tenant",
+                               registry=registry)
+        self.handle = Histogram("ferry_router_handle_seconds", "Time to route one request",
+                                buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .5),
+                                registry=registry)
+
+
+class _Refusal(Exception):
+    def __init__(self, code: ErrorCode, message: str, bad_field: str,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.bad_field = code, message, bad_field
+        self.retry_after_s = retry_after_s
+
+
+class Router:
+    """One router instance: a faust app with one agent and one quota table."""
+
+    def __init__(self, bootstrap: str, *, app_id: str = "ferry-router",
+                 ingress: str = INGRESS_TOPIC, registry: CollectorRegistry | None = None) -> None:
+        self.bootstrap, self.ingress = bootstrap, ingress
+        self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
+        self.app = faust.App(
+            app_id, broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False,
+            topic_partitions=INGRESS_PARTITIONS, consumer_auto_offset_reset="earliest",
+            producer_acks=-1, stream_wait_empty=False, broker_commit_every=100,
+            broker_commit_interval=1.0)
+        self.topic = self.app.topic(ingress, key_type=bytes, value_type=bytes,
+                                    key_serializer="raw", value_serializer="raw",
+                                    partitions=INGRESS_PARTITIONS)
+        self.quotas = self.app.Table("quotas", default=dict, partitions=INGRESS_PARTITIONS)
+        self._ready = asyncio.Event()
+        self.app.task(self._start_views)
+        self.app.agent(self.topic, name="route")(self._route_stream)
+
+    keys: KeyRing  # built when the app starts: Kafka clients belong to faust's loop
+    routes: RouteTable
+    catalog: DeploymentCatalog
+
+    async def _start_views(self) -> None:
+        self.keys = KeyRing(self.bootstrap)
+        self.routes = RouteTable(self.bootstrap)
+        self.catalog = DeploymentCatalog(self.bootstrap)
+        await asyncio.gather(self.keys.start(), self.routes.start(), self.catalog.start())
+        self._ready.set()
+        log.info("router ready: ingress=%s, %d routes, %d keys", self.ingress,
+                 len(self.routes.aliases()), len(self.keys.listing()))
+
+    async def _route_stream(self, stream: Any) -> None:
+        await self._ready.wait()
+        async for event in stream.events():
+            start = time.perf_counter()
+            try:
+                await self.handle(event.key, event.value, _headers(event.headers), event.message)
+            except Exception:  # a bug or a broker failure: log it, never kill the agent
+                log.exception("router failed on %s[%d]@%d", event.message.topic,
+                              event.message.partition, event.message.offset)
+            self.metrics.handle.observe(time.perf_counter() - start)
+
+    async def handle(self, key: bytes | None, value: bytes | None, headers: dict[str, bytes],
+                     message: Any) -> None:
+        try:
+            request = decode_request(value)
+        except SchemaError as exc:
+            await self._dead_letter(message, key, value, str(exc), exc.field, "invalid")
+            if (address := salvage_reply_address(value)) is not None:
+                rid, model, reply_to = address
+                await self._reply(reply_to, Result.failure(
+                    rid, model, ErrorCode.INVALID_REQUEST, str(exc)))
+            return
+        try:
+            await self._forward(request, key, value, headers, message)
+        except _Refusal as refusal:
+            self.metrics.rejected.labels(refusal.code.value).inc()
+            await self._dead_letter(message, key, value, refusal.message, refusal.bad_field,
+                                    refusal.code.value)
+            await self._reply(request.reply_to, Result.failure(
+                request.id, request.model, refusal.code, refusal.message, refusal.retry_after_s))
+
+    async def _forward(self, request: Request, key: bytes | None, value: bytes | None,
+                       headers: dict[str, bytes], message: Any) -> None:
+        tenant = self.keys.authenticate(headers.get(API_KEY_HEADER, b"").decode(errors="replace"))
+        if tenant is None:
+            raise _Refusal(ErrorCode.UNAUTHENTICATED,
+                           f"{API_KEY_HEADER}: missing, unknown or revoked API key",
+                           API_KEY_HEADER)
+        if key != tenant.name.encode():
+            # Quota state lives with the tenant's partition: move the request there first.
+            self.metrics.rekeyed.inc()
+            await self.app.producer.send(self.ingress, tenant.name.encode(), value, None, None,
+                                         list(headers.items()))
+            return
+        pinned = headers.get(DEPLOYMENT_HEADER, b"").decode(errors="replace")
+        deployment = pinned or self.routes.resolve(request.model, request.id)
+        if not deployment or not await self.catalog.exists(deployment):
+            raise _Refusal(ErrorCode.UNKNOWN_MODEL,
+                           f"model: {deployment or request.model!r} is not served by any "
+                           "deployment", "model")
+        if _attempt(headers) <= 1:
+            now = time.time()
+            verdict = admit(self.quotas[tenant.name], tenant, estimate_tokens(
+                request.prompt, request.input_ids, request.max_new_tokens), now)
+            if not verdict.allowed:
+                retry = None if math.isinf(verdict.retry_after_s) else round(
+                    verdict.retry_after_s, 3)
+                raise _Refusal(ErrorCode.QUOTA_EXCEEDED, f"quota: {verdict.reason}", "quota",
+                               retry)
+            self.quotas[tenant.name] = verdict.state
+        forwarded = dataclasses.replace(
+            request, model=deployment,
+            created_at=request.created_at or message.timestamp / 1000)
+        await self.app.producer.send(
+            requests_topic(deployment), batch_key(forwarded, deployment).encode(),
+            encode(forwarded.to_dict()), None, None, None)
+        self.metrics.routed.labels(request.model, deployment).inc()
+
+    async def _reply(self, reply_to: str, result: Result) -> None:
+        await self.app.producer.send(reply_to, result.id.encode(), encode(result), None, None,
+                                     None)
+
+    async def _dead_letter(self, message: Any, key: bytes | None, value: bytes | None,
+                           reason: str, bad_field: str, kind: str) -> None:
+        log.warning("refused %s[%d]@%d (%s): %s", message.topic, message.partition,
+                    message.offset, kind, reason)
+        letter = DeadLetter(
+            reason=reason, bad_field=bad_field, source_topic=message.topic,
+            partition=message.partition, offset=message.offset, component="router",
+            key=key.decode(errors="replace") if key else None,
+            value=value.decode(errors="replace") if value is not None else None,
+            timestamp=time.time())
+        await self.app.producer.send(DLQ_TOPIC, key, encode(letter), None, None, None)
+
+
+def _headers(raw: Any) -> dict[str, bytes]:
+    items = raw.items() if isinstance(raw, dict) else (raw or [])
+    return {str(k).lower(): (v if isinstance(v, bytes) else str(v).encode()) for k, v in items}
+
+
+def _attempt(headers: dict[str, bytes]) -> int:
+    try:
+        return int(headers.get(ATTEMPT_HEADER, b"1"))
+    except ValueError:
+        return 1
+
+
+def run_router(bootstrap: str, *, app_id: str = "ferry-router", ingress: str = INGRESS_TOPIC,
+               metrics_port: int | None = None, loglevel: str = "WARNING") -> None:
+    """Run one router until SIGTERM/SIGINT (faust's worker owns the loop and the signals)."""
+    # The ingress topic exists before faust subscribes, with the partitions the table needs.
+    asyncio.run(ensure_topics(bootstrap, {ingress: INGRESS_PARTITIONS}))
+    registry = CollectorRegistry()
+    router = Router(bootstrap, app_id=app_id, ingress=ingress, registry=registry)
+    if metrics_port is not None:
+        start_http_server(metrics_port, registry=registry)
+    worker = faust.Worker(router.app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()

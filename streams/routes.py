@@ -1,0 +1,126 @@
+"""Routes: an alias maps to deployments with weights; the one routing core of router and gateway.
+
+The choice is a pure function of the request id, so every router and gateway instance sends
+the same request to the same deployment, a retry can exclude backends already tried, and a
+90/10 split is 90/10 over ids whatever instance handles them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from schemas.messages import TOPIC_PATTERN
+from schemas.topics import ROUTES_TOPIC
+from streams.control import CompactedView, put
+
+NAME = re.compile(r"^[a-zA-Z0-9._@-]{1,200}$")
+
+
+@dataclass(frozen=True)
+class Route:
+    alias: str
+    weights: dict[str, int]  # deployment -> weight (> 0 share; 0 = attached, no traffic)
+
+    def backends(self) -> list[str]:
+        return [d for d, w in self.weights.items() if w > 0]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"alias": self.alias, "weights": self.weights, "updated_at": time.time()}
+
+
+def parse_weights(items: Collection[str]) -> dict[str, int]:
+    """`["dep-a=90", "dep-b=10"]` -> {"dep-a": 90, "dep-b": 10}; a bare name weighs 100."""
+    weights: dict[str, int] = {}
+    for item in items:
+        name, _, weight = item.partition("=")
+        if not NAME.fullmatch(name) or not re.fullmatch(TOPIC_PATTERN, "ferry.requests." + name):
+            raise ValueError(f"deployment: {name!r} is not a valid deployment name")
+        try:
+            value = int(weight) if weight else 100
+        except ValueError:
+            raise ValueError(f"weight of {name}: {weight!r} is not an integer") from None
+        if value < 0:
+            raise ValueError(f"weight of {name}: must be >= 0, got {value}")
+        weights[name] = value
+    if not weights or sum(weights.values()) <= 0:
+        raise ValueError("weights: at least one deployment needs a weight above 0")
+    return weights
+
+
+def _point(request_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the request id."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def pick(weights: Mapping[str, int], request_id: str,
+         exclude: Collection[str] = ()) -> str | None:
+    """The deployment for `request_id` by weight, skipping `exclude`; None when none is left."""
+    live = [(d, w) for d, w in sorted(weights.items()) if w > 0 and d not in exclude]
+    total = sum(w for _, w in live)
+    if total <= 0:
+        return None
+    target = _point(request_id) * total
+    for deployment, weight in live:
+        target -= weight
+        if target < 0:
+            return deployment
+    return live[-1][0]
+
+
+class RouteTable:
+    """Routes from the compacted `ferry.routes` topic, current within a fetch."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.view = CompactedView(bootstrap, ROUTES_TOPIC)
+
+    async def start(self) -> None:
+        await self.view.start()
+
+    async def close(self) -> None:
+        await self.view.close()
+
+    def get(self, alias: str) -> Route | None:
+        value = self.view.values.get(alias)
+        weights = value.get("weights") if value else None
+        if not isinstance(weights, dict):
+            return None
+        return Route(alias, {str(d): int(w) for d, w in weights.items()
+                             if isinstance(w, int) and w >= 0})
+
+    def aliases(self) -> dict[str, Route]:
+        return {a: r for a in list(self.view.values) if (r := self.get(a)) is not None}
+
+    def resolve(self, model: str, request_id: str, exclude: Collection[str] = ()) -> str | None:
+        """The deployment to serve `model`: by its route when it is an alias, else the name
+        itself (a deployment addressed directly); None when every backend is excluded."""
+        route = self.get(model)
+        if route is None:
+            return None if model in exclude else model
+        return pick(route.weights, request_id, exclude)
+
+
+async def set_route(bootstrap: str, alias: str, weights: dict[str, int]) -> Route:
+    if not NAME.fullmatch(alias):
+        raise ValueError(f"alias: {alias!r} is not a valid name")
+    route = Route(alias, dict(weights))
+    await put(bootstrap, ROUTES_TOPIC, alias, route.to_dict())
+    return route
+
+
+async def delete_route(bootstrap: str, alias: str) -> None:
+    await put(bootstrap, ROUTES_TOPIC, alias, None)
+
+
+async def read_routes(bootstrap: str) -> dict[str, Route]:
+    """A snapshot of every route (for the CLI and the canary controller)."""
+    table = RouteTable(bootstrap)
+    await table.start()
+    try:
+        return table.aliases()
+    finally:
+        await table.close()
