@@ -98,11 +98,39 @@ def _parser() -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="OpenAI-compatible HTTP gateway over Kafka")
     gw.add_argument("--port", type=int, default=8000)
     gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--request-timeout", type=float, default=60.0)
+    gw.add_argument("--direct", action="store_true",
+                    help="no API keys and no router: post straight to deployment topics")
+    gw.add_argument("--request-timeout", type=float, default=60.0,
+                    help="seconds for the whole call, retries included")
+    gw.add_argument("--attempt-timeout", type=float, default=20.0,
+                    help="seconds one backend gets before the call is retried on another")
+    gw.add_argument("--max-attempts", type=int, default=3)
+    gw.add_argument("--max-lag", type=int, default=None,
+                    help="busy threshold: a deployment with this many requests queued gets "
+                         "no new ones (429 + Retry-After when all of an alias's are busy)")
     gw.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    gw.add_argument("--host-route", action="append", default=[], metavar="HOST=DEPLOYMENT",
-                    help="send calls whose Host is HOST (and model absent/'default') to DEPLOYMENT")
+    gw.add_argument("--host-route", action="append", default=[], metavar="HOST=MODEL",
+                    help="send calls whose Host is HOST (and model absent/'default') to MODEL "
+                         "(an alias or a deployment)")
     _bootstrap_arg(gw)
+
+    canary = sub.add_parser("canary", help="shift an alias to a deployment step by step; roll "
+                                           "back on worse errors or latency")
+    canary.add_argument("alias")
+    canary.add_argument("--to", required=True, metavar="DEPLOYMENT")
+    canary.add_argument("--steps", default="5,25,50,100", help="percents for --to, ending at 100")
+    canary.add_argument("--every", default="60s", help="watch time per step: 60s, 2m, 1.5")
+    canary.add_argument("--max-error-margin", type=float, default=0.05,
+                        help="roll back if new error rate > old + this (absolute)")
+    canary.add_argument("--max-p99-ratio", type=float, default=1.5,
+                        help="roll back if new p99 latency > old p99 x this")
+    canary.add_argument("--min-requests", type=int, default=10,
+                        help="results a side needs in a step before it is judged")
+    _bootstrap_arg(canary)
+
+    from ferry import control_cli
+
+    control_cli.add_parsers(sub, _bootstrap_arg)
 
     demo = sub.add_parser("demo", help="the whole pipeline on a local broker and a small model")
     demo.add_argument("--requests", type=int, default=8)
@@ -218,13 +246,36 @@ def _launch_ranks(args: argparse.Namespace, config: "WorkerConfig") -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from streams.gateway import serve
+    from streams.gateway import GatewaySettings, serve
 
-    routes = dict(r.split("=", 1) for r in args.host_route)
+    settings = GatewaySettings(
+        auth=not args.direct, request_timeout_s=args.request_timeout,
+        attempt_timeout_s=args.attempt_timeout, max_attempts=args.max_attempts,
+        max_lag=args.max_lag, host_routes=dict(r.split("=", 1) for r in args.host_route))
     asyncio.run(_run_until_signalled(serve(
-        args.bootstrap or default_bootstrap(), args.port, args.host,
-        request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-        host_routes=routes)))
+        args.bootstrap or default_bootstrap(), args.port, args.host, settings,
+        max_body_bytes=args.max_body_bytes)))
+    return 0
+
+
+def _canary(args: argparse.Namespace) -> int:
+    from streams.canary import CanaryPolicy, parse_seconds, run_canary
+
+    try:
+        policy = CanaryPolicy(
+            steps=[int(s) for s in args.steps.split(",")], every_s=parse_seconds(args.every),
+            max_error_rate_margin=args.max_error_margin, max_p99_ratio=args.max_p99_ratio,
+            min_requests=args.min_requests)
+        outcome = asyncio.run(run_canary(args.bootstrap or default_bootstrap(), args.alias,
+                                         args.to, policy, log_fn=print))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if outcome.status == "rolled_back":
+        print(f"rolled back at {outcome.step}%: {outcome.reason}; route restored to "
+              f"{outcome.weights}")
+        return 1
+    print(f"completed: {args.alias} -> {outcome.weights}")
     return 0
 
 
@@ -302,8 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         return _send(args)
     if args.command == "gateway":
         return _gateway(args)
+    if args.command == "canary":
+        return _canary(args)
     if args.command == "model":
         return _model(args)
+    from ferry import control_cli
+
+    if (code := control_cli.dispatch(args)) is not None:
+        return code
     if args.command == "demo":
         from ferry.demo import run_demo
 

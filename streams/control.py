@@ -53,14 +53,15 @@ class CompactedView:
         self.bootstrap, self.topic = bootstrap, topic
         self.values: dict[str, dict[str, Any]] = {}
         self.on_change: list[Callable[[str, dict[str, Any] | None], None]] = []
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                          fetch_max_wait_ms=100)
+        self._consumer: AIOKafkaConsumer | None = None  # made in start(), on the serving loop
         self._reader: asyncio.Task | None = None
         self._caught_up = asyncio.Event()
         self._targets: dict[TopicPartition, int] = {}
 
     async def start(self, timeout_s: float = 30.0) -> None:
         await ensure_control_topic(self.bootstrap, self.topic)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                          enable_auto_commit=False, fetch_max_wait_ms=100)
         await self._consumer.start()
         partitions = self._consumer.partitions_for_topic(self.topic)
         if not partitions:
@@ -80,9 +81,11 @@ class CompactedView:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
-        await self._consumer.stop()
+        if self._consumer is not None:
+            await self._consumer.stop()
 
     async def _read(self) -> None:
+        assert self._consumer is not None
         while True:
             batches = await self._consumer.getmany(timeout_ms=500)
             for tp, records in batches.items():

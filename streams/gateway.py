@@ -76,6 +76,7 @@ class GatewaySettings:
     max_attempts: int = 3
     max_lag: int | None = None  # busy threshold per deployment (None: no busy check)
     host_routes: dict[str, str] = field(default_factory=dict)
+    ingress: str = INGRESS_TOPIC  # the router's input topic
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Pending:
     task: asyncio.Task[Result]
     chat: bool
     created: int
+    tenant: str | None  # only its tenant may read it
 
 
 # ---- HTTP handlers --------------------------------------------------------------------
@@ -161,7 +163,8 @@ class Gateway:
         created = int(time.time())
         task = asyncio.create_task(self._result_of(call.request, caller, first, pinned))
         if call.respond_async:
-            self._keep(call.request.id, Pending(task, chat, created))
+            self._keep(call.request.id, Pending(task, chat, created,
+                                                caller.tenant.name if caller.tenant else None))
             return web.json_response({"id": call.request.id, "object": "request",
                                       "status": "pending"}, status=202)
         result = await task
@@ -248,7 +251,7 @@ class Gateway:
                 headers = [(API_KEY_HEADER, caller.api_key.encode()),
                            (DEPLOYMENT_HEADER, deployment.encode()),
                            (ATTEMPT_HEADER, str(attempt).encode())]
-                future = await self.client.submit(request, INGRESS_TOPIC,
+                future = await self.client.submit(request, self.settings.ingress,
                                                   key=caller.tenant.name.encode(),
                                                   headers=headers)
             else:
@@ -292,6 +295,10 @@ class Gateway:
 
     def _pending(self, http: web.Request) -> Pending:
         pending = self.pending.get(http.match_info["id"])
+        if pending is not None and pending.tenant is not None:
+            caller = self._caller(http)
+            if caller.tenant is None or caller.tenant.name != pending.tenant:
+                pending = None  # someone else's: as good as unknown
         if pending is None:
             raise ApiError(404, f"id: no request {http.match_info['id']!r} is known here",
                            "not_found", "id")

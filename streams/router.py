@@ -7,10 +7,13 @@ key table, resolves the model alias to a deployment (or takes the one pinned by 
 with its batch key. A request it refuses gets an error result on its `reply_to` and a
 dead-letter record with the reason; nothing is dropped silently.
 
-Quotas are exact because one router owns each tenant: ingress is keyed by tenant, and the
-bucket table is co-partitioned with it (a faust table, changelogged, so it survives a
-restart). A message keyed otherwise (a producer that does not know its tenant) is re-posted
-keyed by its tenant first. Retries (`ferry-attempt` > 1) are not charged again.
+Quotas are exact because one router owns each tenant: ingress is keyed by tenant, so one
+partition (one router) sees all of a tenant's requests. A message keyed otherwise (a
+producer that does not know its tenant) is re-posted keyed by its tenant first. Bucket
+state is written through to a compacted topic (`<app id>.quotas`) and read back on start,
+so it survives a restart. (Not a faust Table: with aiokafka 0.14, a restarted router whose
+table had a changelog to restore sometimes never fetched its ingress partition again; seen
+here in 1 of 3 restarts.) Retries (`ferry-attempt` > 1) are not charged again.
 
 Agent concurrency stays 1: faust-streaming's offset commit is unsafe with concurrency > 1,
 and one router handles thousands of requests a second; scale out with more routers (more
@@ -37,6 +40,7 @@ from schemas.topics import (
     API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_PARTITIONS, INGRESS_TOPIC,
 )
 from streams.catalog import DeploymentCatalog
+from streams.control import CompactedView
 from streams.keys import KeyRing
 from streams.quota import admit, estimate_tokens
 from streams.routes import RouteTable
@@ -72,6 +76,7 @@ class Router:
     def __init__(self, bootstrap: str, *, app_id: str = "ferry-router",
                  ingress: str = INGRESS_TOPIC, registry: CollectorRegistry | None = None) -> None:
         self.bootstrap, self.ingress = bootstrap, ingress
+        self.quota_topic = f"{app_id}.quotas"
         self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
         self.app = faust.App(
             app_id, broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False,
@@ -81,23 +86,37 @@ class Router:
         self.topic = self.app.topic(ingress, key_type=bytes, value_type=bytes,
                                     key_serializer="raw", value_serializer="raw",
                                     partitions=INGRESS_PARTITIONS)
-        self.quotas = self.app.Table("quotas", default=dict, partitions=INGRESS_PARTITIONS)
         self._ready = asyncio.Event()
         self.app.task(self._start_views)
+        self.app.on_before_shutdown.connect(self._close_views)
+        self.app.on_partitions_revoked.connect(self._forget_buckets)
+        self._buckets: dict[str, dict[str, float]] = {}  # tenants this router charged
         self.app.agent(self.topic, name="route")(self._route_stream)
 
     keys: KeyRing  # built when the app starts: Kafka clients belong to faust's loop
     routes: RouteTable
     catalog: DeploymentCatalog
+    quotas: CompactedView  # tenant -> bucket state
 
     async def _start_views(self) -> None:
         self.keys = KeyRing(self.bootstrap)
         self.routes = RouteTable(self.bootstrap)
         self.catalog = DeploymentCatalog(self.bootstrap)
-        await asyncio.gather(self.keys.start(), self.routes.start(), self.catalog.start())
+        self.quotas = CompactedView(self.bootstrap, self.quota_topic)
+        await asyncio.gather(self.keys.start(), self.routes.start(), self.catalog.start(),
+                             self.quotas.start())
         self._ready.set()
         log.info("router ready: ingress=%s, %d routes, %d keys", self.ingress,
                  len(self.routes.aliases()), len(self.keys.listing()))
+
+    async def _forget_buckets(self, *_: Any, **__: Any) -> None:
+        # Tenants may move to another router: from now on its writes (via the topic) count.
+        self._buckets.clear()
+
+    async def _close_views(self, *_: Any, **__: Any) -> None:
+        if self._ready.is_set():
+            await asyncio.gather(self.keys.close(), self.routes.close(), self.catalog.close(),
+                                 self.quotas.close(), return_exceptions=True)
 
     async def _route_stream(self, stream: Any) -> None:
         await self._ready.wait()
@@ -151,14 +170,20 @@ class Router:
                            "deployment", "model")
         if _attempt(headers) <= 1:
             now = time.time()
-            verdict = admit(self.quotas[tenant.name], tenant, estimate_tokens(
+            state = self._buckets.get(tenant.name) or self.quotas.values.get(tenant.name)
+            verdict = admit(state, tenant, estimate_tokens(
                 request.prompt, request.input_ids, request.max_new_tokens), now)
             if not verdict.allowed:
                 retry = None if math.isinf(verdict.retry_after_s) else round(
                     verdict.retry_after_s, 3)
                 raise _Refusal(ErrorCode.QUOTA_EXCEEDED, f"quota: {verdict.reason}", "quota",
                                retry)
-            self.quotas[tenant.name] = verdict.state
+            # Kept here for the next request (the topic's copy arrives later, and older
+            # records may still be on their way); the topic keeps it for a restart (faust
+            # flushes it before the ingress offset is committed).
+            self._buckets[tenant.name] = verdict.state
+            await self.app.producer.send(self.quota_topic, tenant.name.encode(),
+                                         encode(verdict.state), None, None, None)
         forwarded = dataclasses.replace(
             request, model=deployment,
             created_at=request.created_at or message.timestamp / 1000)

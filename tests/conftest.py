@@ -20,6 +20,8 @@ from workers.engine import Engine
 from workers.model_factory import build_tiny_checkpoint
 from workers.worker import Worker
 
+from tests.harness import http, router, start_gateway  # noqa: F401  (fixtures for all modules)
+
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> str:

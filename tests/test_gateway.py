@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 import openai
 import orjson
 import pytest
-from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from ferry.broker import free_port
 from schemas import Result, SchemaError, Usage, requests_topic
-from streams.gateway import GatewaySettings, create_app, serve
+from streams.gateway import serve
 from streams.openai_format import host_name, parse_call, pick_model, render_chat, stream_chunks
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
+from tests.harness import post
 from workers.topic_admin import ensure_topics
 
 
@@ -28,52 +23,6 @@ def alone(engine: Engine, prompt: str, **params: object) -> GenerationOutput:
     """What the engine gives for this prompt run by itself."""
     [out] = engine.generate([GenerationInput(engine.encode(prompt), SamplingParams(**params))])
     return out
-
-
-@dataclass
-class Gateway:
-    url: str
-    registry: CollectorRegistry
-
-    def openai(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0)
-
-
-GatewayFactory = Callable[..., Awaitable[Gateway]]
-
-
-@pytest.fixture
-async def start_gateway(kafka_bootstrap: str) -> AsyncIterator[GatewayFactory]:
-    """start_gateway(**settings) -> a gateway app served on 127.0.0.1; all stopped at teardown."""
-    runners: list[web.AppRunner] = []
-
-    async def start(max_body_bytes: int = 1 << 20, **settings: Any) -> Gateway:
-        settings.setdefault("auth", False)  # these tests are about HTTP; test_router adds keys
-        registry = CollectorRegistry()
-        runner = web.AppRunner(create_app(kafka_bootstrap, GatewaySettings(**settings),
-                                          registry=registry, max_body_bytes=max_body_bytes))
-        runners.append(runner)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return Gateway(f"http://127.0.0.1:{port}", registry)
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-async def post(http: aiohttp.ClientSession, url: str, body: object,
-               **kwargs: object) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with http.post(url, data=data, **kwargs) as resp:
-        return resp.status, await resp.json(content_type=None)
 
 
 async def test_openai_client_completion_and_chat(start_worker, start_gateway, engine,

@@ -4,7 +4,8 @@ read → admit (validate, tokenise) → batcher → engine → publish → commi
 committed only after every answer of the offsets before them is acknowledged by the broker
 (`OffsetTracker`), so killing a worker loses no request. Every message ends as exactly one
 thing: a result on its `reply_to`, or a dead letter on `ferry.dlq` (plus an error result
-when the bad message still says where to answer).
+when the bad message still says where to answer). Each delivered batch also sends one
+telemetry record (latency and error per result) for canaries and dashboards.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from schemas import (
     Usage, batch_key,
     decode_request, encode, salvage_reply_address,
 )
+from schemas.topics import TELEMETRY_TOPIC
 from workers.batcher import Batcher
 from workers.config import WorkerConfig
 from workers.engine import Engine, EngineDown, GenerationInput, GenerationOutput, SamplingParams
 from workers.metrics import WorkerMetrics
 from workers.offsets import OffsetTracker
+from workers.telemetry import TELEMETRY_PARTITIONS, TelemetrySender
 from workers.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.worker")
@@ -60,6 +63,7 @@ class Answer:
     result: Result | None = None
     reply_to: str | None = None
     dead_letter: DeadLetter | None = None
+    created: float | None = None  # unix seconds the request was made, for telemetry
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -92,6 +96,7 @@ class Worker:
         self.ready = asyncio.Event()      # set once the consumer has joined the group
         self._topics_ready: set[str] = set()
         self._delivery: asyncio.Task | None = None  # the last batch's publish-and-commit
+        self._telemetry: TelemetrySender | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -102,7 +107,8 @@ class Worker:
             start_http_server(self.config.metrics_port, registry=self.registry)
         await ensure_topics(self.config.bootstrap, {self.config.topic: self.config.partitions,
                                                     DLQ_TOPIC: self.config.partitions,
-                                                    RESULTS_TOPIC: self.config.partitions})
+                                                    RESULTS_TOPIC: self.config.partitions,
+                                                    TELEMETRY_TOPIC: TELEMETRY_PARTITIONS})
         self._topics_ready.update({DLQ_TOPIC, RESULTS_TOPIC})
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.config.bootstrap, acks="all", enable_idempotence=True,
@@ -114,6 +120,7 @@ class Worker:
         self._consumer.subscribe([self.config.topic], listener=_Rebalance(self))
         await self._producer.start()
         await self._consumer.start()
+        self._telemetry = TelemetrySender(self._producer, self.config.deployment)
         try:
             loops = [asyncio.create_task(self._consume_loop(), name="consume"),
                      asyncio.create_task(self._serve_loop(), name="serve")]
@@ -177,12 +184,13 @@ class Worker:
             request = decode_request(msg.value)
         except SchemaError as exc:
             return self._reject(tp, msg, exc)
+        created = request.created_at or msg.timestamp / 1000
         try:
             input_ids = self._validate(request)
         except _Refused as refusal:
-            return Answer(tp, msg.offset, reply_to=request.reply_to, result=Result.failure(
-                request.id, request.model, refusal.code, refusal.message))
-        created = request.created_at or msg.timestamp / 1000
+            return Answer(tp, msg.offset, reply_to=request.reply_to, created=created,
+                          result=Result.failure(request.id, request.model, refusal.code,
+                                                refusal.message))
         key = request.batch_key or (msg.key.decode(errors="replace") if msg.key else None)
         key = key or batch_key(request, self.config.deployment)
         self._batcher.add(key, Job(tp, msg.offset, request, input_ids, created), time.monotonic())
@@ -198,7 +206,7 @@ class Worker:
             key=msg.key.decode(errors="replace") if msg.key else None,
             value=msg.value.decode(errors="replace") if msg.value is not None else None,
             timestamp=time.time())
-        answer = Answer(tp, msg.offset, dead_letter=letter)
+        answer = Answer(tp, msg.offset, dead_letter=letter, created=msg.timestamp / 1000)
         if (address := salvage_reply_address(msg.value)) is not None:
             rid, model, answer.reply_to = address
             answer.result = Result.failure(rid, model, ErrorCode.INVALID_REQUEST, str(exc))
@@ -306,11 +314,13 @@ class Worker:
             usage=Usage(out.prompt_tokens, len(out.output_ids)),
             timings=Timings(queued_ms=max(0.0, start - job.created) * 1000,
                             inference_ms=elapsed * 1000))
-        return Answer(job.tp, job.offset, result=result, reply_to=job.request.reply_to)
+        return Answer(job.tp, job.offset, result=result, reply_to=job.request.reply_to,
+                      created=job.created)
 
     def _failed(self, job: Job, code: ErrorCode, message: str) -> Answer:
         result = Result.failure(job.request.id, job.request.model, code, message)
-        return Answer(job.tp, job.offset, result=result, reply_to=job.request.reply_to)
+        return Answer(job.tp, job.offset, result=result, reply_to=job.request.reply_to,
+                      created=job.created)
 
     # ---- publish and commit ----------------------------------------------------------
 
@@ -318,9 +328,17 @@ class Worker:
         """Publish every answer, wait for the broker's acks, then commit what is complete."""
         acks = [ack for a in answers for ack in await self._send(a)]
         await asyncio.gather(*acks)
+        await self._send_telemetry(answers)
         for answer in answers:
             self._offsets.finished(answer.tp, answer.offset)
         await self._commit()
+
+    async def _send_telemetry(self, answers: list[Answer]) -> None:
+        assert self._telemetry is not None
+        await self._telemetry.send([
+            (a.created if a.created is not None else time.time(),
+             a.result.error.code.value if a.result.error is not None else None)
+            for a in answers if a.result is not None])
 
     async def _send(self, answer: Answer) -> list[asyncio.Future]:
         assert self._producer is not None
@@ -328,11 +346,14 @@ class Worker:
         if answer.dead_letter is not None:
             acks.append(await self._producer.send(DLQ_TOPIC, encode(answer.dead_letter)))
         if answer.result is not None and answer.reply_to is not None:
-            acks.append(asyncio.ensure_future(self._send_result(answer.result, answer.reply_to)))
+            acks.append(asyncio.ensure_future(self._send_result(answer, answer.reply_to)))
         return acks
 
-    async def _send_result(self, result: Result, reply_to: str) -> None:
-        assert self._producer is not None
+    async def _send_result(self, answer: Answer, reply_to: str) -> None:
+        """Publish the answer's result; one replaced as too large is kept on the answer, so
+        telemetry reports what was sent."""
+        assert self._producer is not None and answer.result is not None
+        result = answer.result
         if reply_to not in self._topics_ready:
             # Create a new reply topic and wait for its leaders: a record sent to a topic
             # that the broker auto-creates can sit leaderless until it expires.
@@ -341,12 +362,12 @@ class Worker:
         value, key = encode(result), result.id.encode()
         # Error results are small and bounded, so only a success can be over the limit.
         if result.error is None and len(value) + len(key) > self.config.max_message_bytes:
-            result = self._too_large(result, len(value))
+            result = answer.result = self._too_large(result, len(value))
             value = encode(result)
         try:
             await (await self._producer.send(reply_to, value, key=key))
         except MessageSizeTooLargeError:  # the topic's own limit is below ours
-            result = self._too_large(result, len(value))
+            result = answer.result = self._too_large(result, len(value))
             await (await self._producer.send(reply_to, encode(result), key=key))
         self._count(result)
 
