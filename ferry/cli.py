@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--metrics-port", type=int, default=None)
     w.add_argument("--device", default="cpu")
     w.add_argument("--dtype", default=None)
+    w.add_argument("--shadow", action="store_true",
+                   help="serve as a shadow candidate: read ferry.mirror.DEPLOYMENT, answer on "
+                        "ferry.shadow-results.DEPLOYMENT (never to clients)")
     w.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks of this replica on this node")
     w.add_argument("--nnodes", type=int, default=1, help="nodes the replica spans")
@@ -131,6 +134,9 @@ def _parser() -> argparse.ArgumentParser:
     from ferry import control_cli
 
     control_cli.add_parsers(sub, _bootstrap_arg)
+    shadow = sub.add_parser("shadow", help="shadow traffic to candidate deployments")
+    control_cli.add_shadow_parsers(shadow.add_subparsers(dest="action", required=True),
+                                   _bootstrap_arg)
 
     demo = sub.add_parser("demo", help="the whole pipeline on a local broker and a small model")
     demo.add_argument("--requests", type=int, default=8)
@@ -187,7 +193,7 @@ def _worker(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap or default_bootstrap(), max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms, max_queued=args.max_queued, partitions=args.partitions,
         max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
-        device=args.device, dtype=args.dtype)
+        device=args.device, dtype=args.dtype, shadow=args.shadow)
     if args.tp * args.nnodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _launch_ranks(args, config)
     engine = Engine.from_dir(config.model_dir, device=config.device, dtype=config.dtype)

@@ -42,6 +42,18 @@ def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
         bootstrap_arg(parser)
 
 
+def add_shadow_parsers(shadow_sub: Any, bootstrap_arg: Any) -> None:
+    """`ferry shadow set|off|show` (next to `ferry shadow report`)."""
+    sset = shadow_sub.add_parser("set", help="mirror a share of ALIAS's traffic to candidates")
+    sset.add_argument("alias")
+    sset.add_argument("--candidate", action="append", required=True, dest="candidates")
+    sset.add_argument("--percent", type=float, default=100.0)
+    soff = shadow_sub.add_parser("off", help="stop mirroring ALIAS")
+    soff.add_argument("alias")
+    for parser in (sset, soff, shadow_sub.add_parser("show")):
+        bootstrap_arg(parser)
+
+
 def dispatch(args: argparse.Namespace) -> int | None:
     """Run the command if it is one of these; None when it is not."""
     if args.command == "router":
@@ -56,6 +68,8 @@ def dispatch(args: argparse.Namespace) -> int | None:
         return _run(_keys(args))
     if args.command == "route":
         return _run(_route(args))
+    if args.command == "shadow" and args.action in ("set", "off", "show"):
+        return _run(_shadow(args))
     return None
 
 
@@ -104,3 +118,18 @@ async def _route(args: argparse.Namespace) -> None:
 def _weights(weights: dict[str, int]) -> str:
     total = sum(weights.values()) or 1
     return ", ".join(f"{d}={w} ({100 * w / total:.0f}%)" for d, w in weights.items())
+
+
+async def _shadow(args: argparse.Namespace) -> None:
+    from streams.shadow import read_shadows, set_shadow, shadow_off
+
+    bootstrap = args.bootstrap or default_bootstrap()
+    if args.action == "set":
+        shadow = await set_shadow(bootstrap, args.alias, args.candidates, args.percent)
+        print(f"{shadow.alias}: {shadow.percent:g}% mirrored to {', '.join(shadow.candidates)}")
+    elif args.action == "off":
+        await shadow_off(bootstrap, args.alias)
+        print(f"{args.alias}: shadow off")
+    else:
+        for alias, shadow in sorted((await read_shadows(bootstrap)).items()):
+            print(f"{alias}: {shadow.percent:g}% mirrored to {', '.join(shadow.candidates)}")

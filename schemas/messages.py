@@ -53,6 +53,10 @@ class Request:
     created_at: float | None = field(default=None, metadata=spec(
         "Unix time (seconds) the producer created the request; used for queue timing.",
         minimum=0.0))
+    score_ids: list[int] | None = field(default=None, metadata=spec(
+        "Teacher-forced scoring: instead of generating, the result's score is the model's "
+        "mean log-probability per token of these ids following the prompt [score_tokens].",
+        items={"minimum": 0}))
     schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(
         "Version of this schema.", minimum=1, maximum=SCHEMA_VERSION))
 
@@ -61,6 +65,8 @@ class Request:
             raise SchemaError("prompt", "exactly one of prompt and input_ids must be set")
         if self.input_ids is not None and not self.input_ids:
             raise SchemaError("input_ids", "must not be empty")
+        if self.score_ids is not None and not self.score_ids:
+            raise SchemaError("score_ids", "must not be empty")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -103,6 +109,8 @@ class Result:
     timings: Timings = field(default_factory=lambda: Timings(0.0, 0.0), metadata=spec(
         "Where the time went."))
     error: ErrorInfo | None = field(default=None, metadata=spec("Set when the request failed."))
+    score: float | None = field(default=None, metadata=spec(
+        "For a scoring request (score_ids): mean log-probability per scored token."))
     schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(
         "Version of this schema.", minimum=1))
 

@@ -26,3 +26,30 @@ def requests_topic(deployment: str) -> str:
 
 def worker_group(deployment: str) -> str:
     return WORKER_GROUP_PREFIX + deployment
+
+
+# ---- shadow traffic --------------------------------------------------------------------
+# The router copies a sampled share of an alias's requests to each candidate's mirror topic
+# (the same request, `model` = the candidate, header `ferry-primary` = the primary
+# deployment). Candidate workers answer on their shadow-results topic, never on reply_to.
+# A primary worker copies its result for a mirrored request (header `ferry-mirrored`) to
+# PRIMARY_RESULTS_TOPIC, where the comparator pairs it with the candidates' by request id.
+MIRROR_PREFIX = "ferry.mirror."
+SHADOW_RESULTS_PREFIX = "ferry.shadow-results."
+PRIMARY_RESULTS_TOPIC = "ferry.primary-results"
+COMPARISONS_TOPIC = "ferry.comparisons"
+SHADOW_TOPIC = "ferry.shadow"  # compacted: alias -> {candidates, percent}
+PRIMARY_HEADER = "ferry-primary"
+MIRRORED_HEADER = "ferry-mirrored"
+
+
+def mirror_topic(candidate: str) -> str:
+    return MIRROR_PREFIX + candidate
+
+
+def shadow_results_topic(candidate: str) -> str:
+    return SHADOW_RESULTS_PREFIX + candidate
+
+
+def shadow_group(candidate: str) -> str:
+    return "ferry.shadow." + candidate

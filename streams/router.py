@@ -38,12 +38,14 @@ from schemas import (
 )
 from schemas.topics import (
     API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_PARTITIONS, INGRESS_TOPIC,
+    MIRRORED_HEADER, PRIMARY_HEADER, mirror_topic,
 )
 from streams.catalog import DeploymentCatalog
 from streams.control import CompactedView
 from streams.keys import KeyRing
 from streams.quota import admit, estimate_tokens
 from streams.routes import RouteTable
+from streams.shadow import Shadow, ShadowTable
 from workers.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.router")
@@ -55,6 +57,8 @@ class RouterMetrics:
                               ["alias", "deployment"], registry=registry)
         self.rejected = Counter("ferry_router_rejected", "Requests refused, by reason",
                                 ["reason"], registry=registry)
+        self.mirrored = Counter("ferry_router_mirrored", "Requests copied to a shadow candidate",
+                                ["alias", "candidate"], registry=registry)
         self.rekeyed = Counter("ferry_router_rekeyed", "Requests re-posted keyed by tenant",
                                registry=registry)
         self.handle = Histogram("ferry_router_handle_seconds", "Time to route one request",
@@ -91,20 +95,23 @@ class Router:
         self.app.on_before_shutdown.connect(self._close_views)
         self.app.on_partitions_revoked.connect(self._forget_buckets)
         self._buckets: dict[str, dict[str, float]] = {}  # tenants this router charged
+        self._mirror_topics: set[str] = set()  # created already
         self.app.agent(self.topic, name="route")(self._route_stream)
 
     keys: KeyRing  # built when the app starts: Kafka clients belong to faust's loop
     routes: RouteTable
     catalog: DeploymentCatalog
     quotas: CompactedView  # tenant -> bucket state
+    shadows: ShadowTable
 
     async def _start_views(self) -> None:
         self.keys = KeyRing(self.bootstrap)
         self.routes = RouteTable(self.bootstrap)
         self.catalog = DeploymentCatalog(self.bootstrap)
         self.quotas = CompactedView(self.bootstrap, self.quota_topic)
+        self.shadows = ShadowTable(self.bootstrap)
         await asyncio.gather(self.keys.start(), self.routes.start(), self.catalog.start(),
-                             self.quotas.start())
+                             self.quotas.start(), self.shadows.start())
         self._ready.set()
         log.info("router ready: ingress=%s, %d routes, %d keys", self.ingress,
                  len(self.routes.aliases()), len(self.keys.listing()))
@@ -116,7 +123,8 @@ class Router:
     async def _close_views(self, *_: Any, **__: Any) -> None:
         if self._ready.is_set():
             await asyncio.gather(self.keys.close(), self.routes.close(), self.catalog.close(),
-                                 self.quotas.close(), return_exceptions=True)
+                                 self.quotas.close(), self.shadows.close(),
+                                 return_exceptions=True)
 
     async def _route_stream(self, stream: Any) -> None:
         await self._ready.wait()
@@ -187,10 +195,32 @@ class Router:
         forwarded = dataclasses.replace(
             request, model=deployment,
             created_at=request.created_at or message.timestamp / 1000)
+        shadow = self.shadows.get(request.model) if _attempt(headers) <= 1 else None
+        if shadow is not None and not shadow.mirrors(request.id):
+            shadow = None
+        marks = [(MIRRORED_HEADER, ",".join(shadow.candidates).encode())] if shadow else None
         await self.app.producer.send(
             requests_topic(deployment), batch_key(forwarded, deployment).encode(),
-            encode(forwarded.to_dict()), None, None, None)
+            encode(forwarded.to_dict()), None, None, marks)
         self.metrics.routed.labels(request.model, deployment).inc()
+        if shadow is not None:
+            await self._mirror(forwarded, shadow, deployment)
+
+    async def _mirror(self, forwarded: Request, shadow: Shadow, primary: str) -> None:
+        """Copy a request to each candidate's mirror topic: fire-and-forget, after the primary
+        is on its way, so a slow or absent candidate never delays the answer."""
+        for candidate in shadow.candidates:
+            if candidate == primary:
+                continue
+            topic = mirror_topic(candidate)
+            if topic not in self._mirror_topics:
+                await ensure_topics(self.bootstrap, {topic: INGRESS_PARTITIONS})
+                self._mirror_topics.add(topic)
+            copy = dataclasses.replace(forwarded, model=candidate)
+            await self.app.producer.send(topic, batch_key(copy, candidate).encode(),
+                                         encode(copy.to_dict()), None, None,
+                                         [(PRIMARY_HEADER, primary.encode())])
+            self.metrics.mirrored.labels(shadow.alias, candidate).inc()
 
     async def _reply(self, reply_to: str, result: Result) -> None:
         await self.app.producer.send(reply_to, result.id.encode(), encode(result), None, None,

@@ -51,7 +51,7 @@ def parse_weights(items: Collection[str]) -> dict[str, int]:
     return weights
 
 
-def _point(request_id: str) -> float:
+def point(request_id: str) -> float:
     """A uniform number in [0, 1) fixed by the request id."""
     digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
@@ -64,7 +64,7 @@ def pick(weights: Mapping[str, int], request_id: str,
     total = sum(w for _, w in live)
     if total <= 0:
         return None
-    target = _point(request_id) * total
+    target = point(request_id) * total
     for deployment, weight in live:
         target -= weight
         if target < 0:

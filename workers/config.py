@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from schemas.topics import requests_topic, worker_group
+from schemas.topics import mirror_topic, requests_topic, shadow_group, worker_group
 
 
 @dataclass(frozen=True)
@@ -21,14 +21,15 @@ class WorkerConfig:
     metrics_port: int | None = None     # None: no HTTP endpoint (the registry still counts)
     device: str = "cpu"
     dtype: str | None = None       # e.g. "bfloat16"; default: the checkpoint's
+    shadow: bool = False           # a candidate: serve its mirror topic, answer on shadow results
 
     @property
     def topic(self) -> str:
-        return requests_topic(self.deployment)
+        return mirror_topic(self.deployment) if self.shadow else requests_topic(self.deployment)
 
     @property
     def group(self) -> str:
-        return worker_group(self.deployment)
+        return shadow_group(self.deployment) if self.shadow else worker_group(self.deployment)
 
     def describe(self) -> str:
         return " ".join(f"{k}={v}" for k, v in asdict(self).items())

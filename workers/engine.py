@@ -117,6 +117,23 @@ class Engine:
             self._run(batch, rows, steps)
         return [self._output(row) for row in rows]
 
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int], target_ids: list[int]) -> float:
+        """Mean log-probability per token of `target_ids` following `prompt_ids`, teacher-
+        forced in one forward pass (how likely this model finds another model's answer)."""
+        if not prompt_ids or not target_ids:
+            raise ValueError("score: prompt and target must both be non-empty")
+        if len(prompt_ids) + len(target_ids) > self.max_context:
+            raise ValueError(f"score: {len(prompt_ids) + len(target_ids)} tokens exceed the "
+                             f"context of {self.max_context}")
+        ids = torch.tensor([prompt_ids + target_ids], device=self.device)
+        positions = torch.arange(ids.shape[1], device=self.device)[None]
+        # Logits at position t predict token t + 1: the last len(target) predictions score it.
+        logits = self.model(ids, positions, logits_to_keep=len(target_ids) + 1)[0, :-1]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        target = torch.tensor(target_ids, device=self.device)
+        return float(logprobs.gather(-1, target[:, None]).mean())
+
     def _check(self, i: int, item: GenerationInput) -> None:
         ids, p = item.input_ids, item.params
         if not ids:

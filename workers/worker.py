@@ -25,7 +25,10 @@ from schemas import (
     Usage, batch_key,
     decode_request, encode, salvage_reply_address,
 )
-from schemas.topics import TELEMETRY_TOPIC
+from schemas.topics import (
+    MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, TELEMETRY_TOPIC,
+    shadow_results_topic,
+)
 from workers.batcher import Batcher
 from workers.config import WorkerConfig
 from workers.engine import Engine, EngineDown, GenerationInput, GenerationOutput, SamplingParams
@@ -52,6 +55,16 @@ class Job:
     request: Request
     input_ids: list[int]     # [prompt_tokens]
     created: float           # unix seconds: producer's created_at, else the record timestamp
+    route: Route
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a request's result goes: its reply topic, copies, and the headers they carry."""
+
+    reply_to: str | None
+    also: tuple[str, ...] = ()
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass
@@ -61,7 +74,7 @@ class Answer:
     tp: TopicPartition
     offset: int
     result: Result | None = None
-    reply_to: str | None = None
+    route: Route = Route(None)
     dead_letter: DeadLetter | None = None
     created: float | None = None  # unix seconds the request was made, for telemetry
 
@@ -108,8 +121,9 @@ class Worker:
         await ensure_topics(self.config.bootstrap, {self.config.topic: self.config.partitions,
                                                     DLQ_TOPIC: self.config.partitions,
                                                     RESULTS_TOPIC: self.config.partitions,
+                                                    PRIMARY_RESULTS_TOPIC: self.config.partitions,
                                                     TELEMETRY_TOPIC: TELEMETRY_PARTITIONS})
-        self._topics_ready.update({DLQ_TOPIC, RESULTS_TOPIC})
+        self._topics_ready.update({DLQ_TOPIC, RESULTS_TOPIC, PRIMARY_RESULTS_TOPIC})
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.config.bootstrap, acks="all", enable_idempotence=True,
             max_request_size=self.config.max_message_bytes + _RECORD_OVERHEAD, linger_ms=2)
@@ -185,15 +199,17 @@ class Worker:
         except SchemaError as exc:
             return self._reject(tp, msg, exc)
         created = request.created_at or msg.timestamp / 1000
+        route = self._route(request.reply_to, msg)
         try:
             input_ids = self._validate(request)
         except _Refused as refusal:
-            return Answer(tp, msg.offset, reply_to=request.reply_to, created=created,
+            return Answer(tp, msg.offset, route=route, created=created,
                           result=Result.failure(request.id, request.model, refusal.code,
                                                 refusal.message))
         key = request.batch_key or (msg.key.decode(errors="replace") if msg.key else None)
         key = key or batch_key(request, self.config.deployment)
-        self._batcher.add(key, Job(tp, msg.offset, request, input_ids, created), time.monotonic())
+        self._batcher.add(key, Job(tp, msg.offset, request, input_ids, created, route),
+                          time.monotonic())
         self.metrics.queue_depth.labels(self.config.deployment).set(len(self._batcher))
         return None
 
@@ -208,9 +224,22 @@ class Worker:
             timestamp=time.time())
         answer = Answer(tp, msg.offset, dead_letter=letter, created=msg.timestamp / 1000)
         if (address := salvage_reply_address(msg.value)) is not None:
-            rid, model, answer.reply_to = address
+            rid, model, reply_to = address
+            answer.route = self._route(reply_to, msg)
             answer.result = Result.failure(rid, model, ErrorCode.INVALID_REQUEST, str(exc))
         return answer
+
+    def _route(self, reply_to: str, msg: ConsumerRecord) -> Route:
+        """A shadow worker answers only on its shadow-results topic, never to the client; a
+        primary copies results of mirrored requests for the comparator."""
+        headers = dict(msg.headers or ())
+        if self.config.shadow:
+            return Route(shadow_results_topic(self.config.deployment),
+                         headers=((PRIMARY_HEADER, headers.get(PRIMARY_HEADER, b"")),))
+        if MIRRORED_HEADER in headers:
+            return Route(reply_to, (PRIMARY_RESULTS_TOPIC,),
+                         (("ferry-deployment", self.config.deployment.encode()),))
+        return Route(reply_to)
 
     def _validate(self, request: Request) -> list[int]:
         if request.model != self.config.deployment:
@@ -222,6 +251,8 @@ class Worker:
         if request.stop and self.engine.tokenizer is None:
             raise _Refused(ErrorCode.INVALID_REQUEST,
                            "stop: this deployment has no tokenizer to match stop text against")
+        if request.score_ids is not None:
+            self._check_scoring(request.score_ids)
         if request.input_ids is not None:
             vocab = self.engine.config.vocab_size
             if (bad := next((t for t in request.input_ids if t >= vocab), None)) is not None:
@@ -235,12 +266,22 @@ class Worker:
                 raise _Refused(ErrorCode.INVALID_REQUEST, f"prompt: {exc}") from None
             if not input_ids:
                 raise _Refused(ErrorCode.INVALID_REQUEST, "prompt: encodes to no tokens")
-        if len(input_ids) + request.max_new_tokens > self.engine.max_context:
+        extra = len(request.score_ids) if request.score_ids else request.max_new_tokens
+        if len(input_ids) + extra > self.engine.max_context:
             raise _Refused(ErrorCode.PROMPT_TOO_LONG,
                            f"prompt: {len(input_ids)} tokens + max_new_tokens "
                            f"{request.max_new_tokens} exceed the context of "
                            f"{self.engine.max_context}")
         return input_ids
+
+    def _check_scoring(self, score_ids: list[int]) -> None:
+        if not isinstance(self.engine, Engine):
+            raise _Refused(ErrorCode.INVALID_REQUEST,
+                           "score_ids: scoring is not supported by a sharded deployment yet")
+        vocab = self.engine.config.vocab_size
+        if (bad := next((t for t in score_ids if t >= vocab), None)) is not None:
+            raise _Refused(ErrorCode.INVALID_REQUEST,
+                           f"score_ids: token {bad} is outside the vocabulary ({vocab})")
 
     # ---- batch and execute -----------------------------------------------------------
 
@@ -288,6 +329,12 @@ class Worker:
                 live.append(job)
         if not live:
             return answers
+        scoring = [job for job in live if job.request.score_ids is not None]
+        live = [job for job in live if job.request.score_ids is None]
+        if scoring:
+            answers += await self._score(scoring)
+        if not live:
+            return answers
         inputs = [GenerationInput(job.input_ids, _sampling(job.request)) for job in live]
         try:
             outputs = await asyncio.to_thread(self.engine.generate, inputs)
@@ -304,6 +351,27 @@ class Worker:
             answers.append(self._succeeded(job, out, start, elapsed))
         return answers
 
+    async def _score(self, jobs: list[Job]) -> list[Answer]:
+        """Teacher-forced scores, one forward pass each (the comparator's quality signal)."""
+        assert isinstance(self.engine, Engine)
+        answers = []
+        for job in jobs:
+            start = time.time()
+            target = job.request.score_ids or []
+            try:
+                score = await asyncio.to_thread(self.engine.score, job.input_ids, target)
+            except Exception as exc:  # one bad request must not kill the worker
+                answers.append(self._failed(job, ErrorCode.INFERENCE_FAILED, str(exc)))
+                continue
+            elapsed = time.time() - start
+            result = Result(id=job.request.id, model=self.config.deployment,
+                            finish_reason="stop", score=score,
+                            usage=Usage(len(job.input_ids) + len(target), 0),
+                            timings=Timings(max(0.0, start - job.created) * 1000, elapsed * 1000))
+            answers.append(Answer(job.tp, job.offset, result=result, route=job.route,
+                                  created=job.created))
+        return answers
+
     def _succeeded(self, job: Job, out: GenerationOutput, start: float, elapsed: float) -> Answer:
         dep = self.config.deployment
         self.metrics.tokens_generated.labels(dep).inc(len(out.output_ids))
@@ -314,13 +382,11 @@ class Worker:
             usage=Usage(out.prompt_tokens, len(out.output_ids)),
             timings=Timings(queued_ms=max(0.0, start - job.created) * 1000,
                             inference_ms=elapsed * 1000))
-        return Answer(job.tp, job.offset, result=result, reply_to=job.request.reply_to,
-                      created=job.created)
+        return Answer(job.tp, job.offset, result=result, route=job.route, created=job.created)
 
     def _failed(self, job: Job, code: ErrorCode, message: str) -> Answer:
         result = Result.failure(job.request.id, job.request.model, code, message)
-        return Answer(job.tp, job.offset, result=result, reply_to=job.request.reply_to,
-                      created=job.created)
+        return Answer(job.tp, job.offset, result=result, route=job.route, created=job.created)
 
     # ---- publish and commit ----------------------------------------------------------
 
@@ -345,8 +411,9 @@ class Worker:
         acks = []
         if answer.dead_letter is not None:
             acks.append(await self._producer.send(DLQ_TOPIC, encode(answer.dead_letter)))
-        if answer.result is not None and answer.reply_to is not None:
-            acks.append(asyncio.ensure_future(self._send_result(answer, answer.reply_to)))
+        if answer.result is not None and answer.route.reply_to is not None:
+            for topic in (answer.route.reply_to, *answer.route.also):
+                acks.append(asyncio.ensure_future(self._send_result(answer, topic)))
         return acks
 
     async def _send_result(self, answer: Answer, reply_to: str) -> None:
@@ -364,12 +431,14 @@ class Worker:
         if result.error is None and len(value) + len(key) > self.config.max_message_bytes:
             result = answer.result = self._too_large(result, len(value))
             value = encode(result)
+        headers = list(answer.route.headers) or None
         try:
-            await (await self._producer.send(reply_to, value, key=key))
+            await (await self._producer.send(reply_to, value, key=key, headers=headers))
         except MessageSizeTooLargeError:  # the topic's own limit is below ours
             result = answer.result = self._too_large(result, len(value))
-            await (await self._producer.send(reply_to, encode(result), key=key))
-        self._count(result)
+            await (await self._producer.send(reply_to, encode(result), key=key, headers=headers))
+        if reply_to == answer.route.reply_to:  # copies are not counted twice
+            self._count(result)
 
     def _too_large(self, result: Result, size: int) -> Result:
         log.warning("result %s is %d bytes, over the message limit", result.id, size)
