@@ -1,8 +1,11 @@
 """`ferry demo`: the whole pipeline on an embedded default, then everything stopped again.
 
 Starts a local Kafka broker, builds a small Llama checkpoint, starts a worker process for
-deployment `tiny`, posts a handful of requests (plus one malformed message, to show the
-dead-letter path), prints the results and the worker's metrics, and stops both.
+deployment `tiny`, posts a handful of requests straight to its topic (plus one malformed
+message, to show the dead-letter path) and prints the results and the worker's metrics.
+Then the front door: an API key, a route `chat -> tiny`, 100% shadow traffic to a candidate
+worker on the same checkpoint, a router process and an HTTP gateway; a few OpenAI-style chat
+calls through them, one with a bad key, and the candidate's shadow answers counted.
 """
 
 from __future__ import annotations
@@ -13,14 +16,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
+import aiohttp
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from ferry.broker import LocalBroker, ferry_home, free_port
 from ferry.client import FerryClient
 from schemas import Request, requests_topic
+from schemas.topics import shadow_results_topic
 
 DEPLOYMENT = "tiny"
+CANDIDATE = "tiny-candidate"  # the same checkpoint as a shadow candidate
 PROMPTS = ["The ship left the harbour", "Kafka topics are", "Once upon a time",
            "A batch of requests", "Tensor parallel ranks", "The checkpoint was"]
 
@@ -38,19 +46,84 @@ def run_demo(n_requests: int = 8) -> int:
     bootstrap = broker.up()
     print(f"[demo] bootstrap={bootstrap}", flush=True)
     metrics_port = free_port()
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "ferry.cli", "worker", "--model", str(model_dir),
-         "--deployment", DEPLOYMENT, "--bootstrap", bootstrap, "--max-batch", "4",
-         "--metrics-port", str(metrics_port)])
+    worker = [sys.executable, "-m", "ferry.cli", "worker", "--model", str(model_dir),
+              "--bootstrap", bootstrap, "--max-batch", "4"]
+    processes = [subprocess.Popen(worker + ["--deployment", DEPLOYMENT,
+                                            "--metrics-port", str(metrics_port)])]
     try:
         asyncio.run(_traffic(bootstrap, n_requests))
         _print_metrics(metrics_port)
+        processes.append(subprocess.Popen(worker + ["--deployment", CANDIDATE, "--shadow"]))
+        router_log = home / "router.log"
+        with router_log.open("w") as log:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "ferry.cli", "router", "--bootstrap", bootstrap,
+                 "--log-level", "INFO"], stdout=log, stderr=subprocess.STDOUT))
+        asyncio.run(_front_door(bootstrap, router_log))
     finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
         broker.down()
-        print("[demo] worker and broker stopped", flush=True)
+        print("[demo] workers, router and broker stopped", flush=True)
     return 0
+
+
+async def _front_door(bootstrap: str, router_log: Path) -> None:
+    from streams.gateway import GatewaySettings, create_app
+    from streams.keys import add_key
+    from streams.routes import set_route
+    from streams.shadow import set_shadow
+
+    api_key = await add_key(bootstrap, "demo", rpm=600, tpm=100_000)
+    await set_route(bootstrap, "chat", {DEPLOYMENT: 100})
+    await set_shadow(bootstrap, "chat", [CANDIDATE], 100)
+    print(f"\n[demo] front door: key for tenant 'demo', route chat -> {DEPLOYMENT}, "
+          f"100% shadow to {CANDIDATE}; waiting for the router", flush=True)
+    deadline = time.monotonic() + 120
+    while "router ready" not in router_log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"router not ready; see {router_log}")
+        await asyncio.sleep(0.2)
+    runner = web.AppRunner(create_app(bootstrap, GatewaySettings(request_timeout_s=120)))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    try:
+        async with aiohttp.ClientSession() as http:
+            ids = []
+            for prompt in PROMPTS[:4]:
+                body = {"model": "chat", "max_tokens": 8,
+                        "messages": [{"role": "user", "content": prompt}]}
+                async with http.post(url, json=body,
+                                     headers={"Authorization": f"Bearer {api_key}"}) as resp:
+                    answer = await resp.json()
+                ids.append(answer["id"])
+                print(f"[demo] POST /v1/chat/completions {resp.status} model={answer['model']} "
+                      f"{answer['choices'][0]['message']['content']!r}", flush=True)
+            async with http.post(url, json={"model": "chat", "messages": []},
+                                 headers={"Authorization": "Bearer fk_nope"}) as resp:
+                print(f"[demo] a bad key: {resp.status} {(await resp.json())['error']['code']}")
+    finally:
+        await runner.cleanup()
+    shadowed = await _count(bootstrap, shadow_results_topic(CANDIDATE), len(ids))
+    print(f"[demo] {CANDIDATE} answered {shadowed} of the {len(ids)} chat calls on "
+          f"{shadow_results_topic(CANDIDATE)} (never to the caller)", flush=True)
+
+
+async def _count(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0) -> int:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    seen = 0
+    try:
+        deadline = time.monotonic() + timeout_s
+        while seen < expected and time.monotonic() < deadline:
+            seen += sum(map(len, (await consumer.getmany(timeout_ms=500)).values()))
+    finally:
+        await consumer.stop()
+    return seen
 
 
 async def _traffic(bootstrap: str, n: int) -> None:

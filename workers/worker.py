@@ -118,12 +118,15 @@ class Worker:
         log.info("worker starting: %s", self.config.describe())
         if self.config.metrics_port is not None:
             start_http_server(self.config.metrics_port, registry=self.registry)
-        await ensure_topics(self.config.bootstrap, {self.config.topic: self.config.partitions,
+        answers_to = ({shadow_results_topic(self.config.deployment): self.config.partitions}
+                      if self.config.shadow else {})
+        await ensure_topics(self.config.bootstrap, {**answers_to,
+                                                    self.config.topic: self.config.partitions,
                                                     DLQ_TOPIC: self.config.partitions,
                                                     RESULTS_TOPIC: self.config.partitions,
                                                     PRIMARY_RESULTS_TOPIC: self.config.partitions,
                                                     TELEMETRY_TOPIC: TELEMETRY_PARTITIONS})
-        self._topics_ready.update({DLQ_TOPIC, RESULTS_TOPIC, PRIMARY_RESULTS_TOPIC})
+        self._topics_ready.update({DLQ_TOPIC, RESULTS_TOPIC, PRIMARY_RESULTS_TOPIC, *answers_to})
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.config.bootstrap, acks="all", enable_idempotence=True,
             max_request_size=self.config.max_message_bytes + _RECORD_OVERHEAD, linger_ms=2)
