@@ -16,10 +16,11 @@ the alias's backend with the router's own routing core (`streams.routes.pick`, b
 id) and pins it, so it knows which backend to avoid on a retry.
 
 Busy check: when the chosen backend's worker-group lag is at `max_lag` or above, the next
-backend of the alias is tried; when all are busy the call gets 429 with `Retry-After` at
-once. Retries: an attempt that times out (`attempt_timeout_s`) or answers with a retryable
-error goes to another backend of the same alias with the same request id, at most
-`max_attempts` in all within `request_timeout_s`; the caller gets exactly one answer.
+backend of the alias is tried; when all are busy the call gets 503 `overloaded` with
+`Retry-After` at once (429 is for the caller's own quota). Retries: an attempt that times
+out (`attempt_timeout_s`) or answers with a retryable error goes to another backend of the
+same alias with the same request id, at most `max_attempts` in all within
+`request_timeout_s`; the caller gets exactly one answer.
 
 Chat messages are rendered to one prompt as `"{role}: {content}\\n"` lines followed by
 `"assistant:"`. Sampling defaults are Ferry's (greedy, 16 tokens), not OpenAI's.
@@ -206,7 +207,7 @@ class Gateway:
             return deployment
         if busy:
             self.metrics.rejections.labels(ErrorCode.OVERLOADED.value).inc()
-            raise ApiError(429, f"model: every deployment of {request.model!r} has a backlog of "
+            raise ApiError(503, f"model: every deployment of {request.model!r} has a backlog of "
                            f"{self.settings.max_lag} requests or more; retry later",
                            ErrorCode.OVERLOADED.value, "model", min(busy))
         self.metrics.rejections.labels(ErrorCode.UNKNOWN_MODEL.value).inc()
