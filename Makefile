@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python -m tests.bench.bench_pipeline
 	$(BIN)/python -m tests.bench.bench_push
 	$(BIN)/python -m tests.bench.bench_tp
+	$(BIN)/python -m tests.bench.bench_gateway
 
 kafka-up: install
 	$(BIN)/ferry kafka up
