@@ -131,9 +131,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="results a side needs in a step before it is judged")
     _bootstrap_arg(canary)
 
-    from ferry import control_cli
+    from ferry import control_cli, deploy_cli
 
     control_cli.add_parsers(sub, _bootstrap_arg)
+    deploy_cli.add_parsers(sub, _bootstrap_arg)
     shadow = sub.add_parser("shadow", help="shadow traffic to candidate deployments")
     control_cli.add_shadow_parsers(shadow.add_subparsers(dest="action", required=True),
                                    _bootstrap_arg)
@@ -363,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         return _canary(args)
     if args.command == "model":
         return _model(args)
-    from ferry import control_cli
+    from ferry import control_cli, deploy_cli
 
-    if (code := control_cli.dispatch(args)) is not None:
-        return code
+    for module in (control_cli, deploy_cli):
+        if (code := module.dispatch(args)) is not None:
+            return code
     if args.command == "demo":
         from ferry.demo import run_demo
 

@@ -12,6 +12,10 @@ ROUTER_GROUP = "ferry.router"
 # Compacted control topics, read whole by every router and gateway instance.
 ROUTES_TOPIC = "ferry.routes"  # alias -> weighted deployments
 KEYS_TOPIC = "ferry.keys"  # API key hashes and tenant limits
+# Deployments of checkpoints (compacted, NAME@VERSION -> status record) and the events that
+# ask for them (a trainer announcing a checkpoint, `ferry deploy`, `ferry undeploy`).
+REGISTRY_TOPIC = "ferry.registry"
+CHECKPOINTS_TOPIC = "ferry.checkpoints"
 # One record per worker batch (latencies, errors), for canaries and dashboards.
 TELEMETRY_TOPIC = "ferry.telemetry"
 

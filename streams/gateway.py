@@ -61,6 +61,7 @@ from streams.openai_format import (
     REASON, ApiError, completion_object, error_response, error_type, json_text, parse_call, pick_model,
     result_error, schema_error, stream_chunks,
 )
+from streams.registry import Registry
 from streams.routes import RouteTable
 
 log = logging.getLogger("ferry.gateway")
@@ -108,6 +109,7 @@ class Gateway:
     catalog: DeploymentCatalog
     routes: RouteTable
     backlog: BacklogProbe
+    deployments: Registry  # the deployment registry (self.registry is Prometheus')
     keys: KeyRing | None = None
 
     def __init__(self, bootstrap: str, registry: CollectorRegistry,
@@ -124,7 +126,8 @@ class Gateway:
         self.catalog = DeploymentCatalog(self.bootstrap)
         self.routes = RouteTable(self.bootstrap)
         self.backlog = BacklogProbe(self.bootstrap)
-        parts: list[Any] = [self.client, self.catalog, self.routes, self.backlog]
+        self.deployments = Registry(self.bootstrap)
+        parts: list[Any] = [self.client, self.catalog, self.routes, self.backlog, self.deployments]
         if self.settings.auth:
             self.keys = KeyRing(self.bootstrap)
             parts.append(self.keys)
@@ -137,7 +140,7 @@ class Gateway:
             p.task.cancel()
         await asyncio.gather(*(p.task for p in self.pending.values()), return_exceptions=True)
         closers = [self.catalog.close(), self.routes.close(), self.backlog.close(),
-                   self.client.close()] + ([self.keys.close()] if self.keys else [])
+                   self.deployments.close(), self.client.close()] + ([self.keys.close()] if self.keys else [])
         await asyncio.gather(*closers, return_exceptions=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -191,6 +194,7 @@ class Gateway:
     async def _choose(self, request: Request, pinned: bool, tried: set[str]) -> str:
         """The backend for a new call: by route, skipping missing and busy deployments."""
         busy: list[int] = []
+        unready: list[str] = []
         while True:
             deployment = (None if request.model in tried else request.model) if pinned else \
                 self.routes.resolve(request.model, request.id, exclude=tried)
@@ -199,12 +203,21 @@ class Gateway:
             tried.add(deployment)
             if not await self.catalog.exists(deployment):
                 continue  # an alias may name a deployment that is not up yet
+            if not self.deployments.accepts_new(deployment):
+                unready.append(deployment)  # loading, draining or retired: no new requests
+                continue
             if self.settings.max_lag is not None:
                 sample = await self.backlog.sample(deployment)
                 if sample.lag >= self.settings.max_lag:
                     busy.append(retry_after_s(sample, self.settings.max_lag))
                     continue
             return deployment
+        if unready and not busy:
+            self.metrics.rejections.labels(ErrorCode.OVERLOADED.value).inc()
+            states = ", ".join(f"{d} is {r.status}" for d in unready
+                               if (r := self.deployments.by_deployment(d)) is not None)
+            raise ApiError(503, f"model: no deployment of {request.model!r} takes new requests "
+                           f"({states})", ErrorCode.OVERLOADED.value, "model", 1.0)
         if busy:
             self.metrics.rejections.labels(ErrorCode.OVERLOADED.value).inc()
             raise ApiError(503, f"model: every deployment of {request.model!r} has a backlog of "
@@ -229,20 +242,26 @@ class Gateway:
                                          min(self.settings.attempt_timeout_s, remaining))
             if result.error is None or not _retryable(result):
                 return result
-            following = None if pinned else self.routes.resolve(request.model, request.id,
-                                                                 exclude=tried)
+            following = None if pinned else await self._alternative(request, tried)
             if following is None or attempt == self.settings.max_attempts:
                 break
             log.info("request %s: %s on %s; retrying on %s", request.id,
                      result.error.code.value, deployment, following)
             self.metrics.retries.labels(request.model).inc()
-            tried.add(following)
             deployment = following
         if result is None or result.error is None:
             return Result.failure(request.id, request.model, ErrorCode.DEADLINE_EXCEEDED,
                                   "deadline: no result within "
                                   f"{self.settings.request_timeout_s:g}s")
         return result
+
+    async def _alternative(self, request: Request, tried: set[str]) -> str | None:
+        """Another backend of the alias that takes requests (no busy check: a retry is owed)."""
+        while (deployment := self.routes.resolve(request.model, request.id, tried)) is not None:
+            tried.add(deployment)
+            if self.deployments.accepts_new(deployment) and await self.catalog.exists(deployment):
+                return deployment
+        return None
 
     async def _attempt(self, request: Request, caller: Caller, deployment: str, attempt: int,
                        timeout_s: float) -> Result:
@@ -309,8 +328,13 @@ class Gateway:
         aliases = self.routes.aliases()
         data = [{"id": alias, "object": "model", "created": 0, "owned_by": "ferry",
                  "routes": route.weights} for alias, route in sorted(aliases.items())]
+        deployed = {r.deployment: r for r in self.deployments.records()}
+        data += [{"id": r.id, "object": "model", "created": int(r.times.get("pending", 0)),
+                  "owned_by": "ferry", "deployment": r.deployment, "status": r.status}
+                 for r in sorted(deployed.values(), key=lambda r: r.id)]
         data += [{"id": n, "object": "model", "created": 0, "owned_by": "ferry"}
-                 for n in sorted(await self.catalog.names()) if n not in aliases]
+                 for n in sorted(await self.catalog.names())
+                 if n not in aliases and n not in deployed]
         return web.json_response({"object": "list", "data": data})
 
     async def healthz(self, _http: web.Request) -> web.Response:

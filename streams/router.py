@@ -44,6 +44,7 @@ from streams.catalog import DeploymentCatalog
 from streams.control import CompactedView
 from streams.keys import KeyRing
 from streams.quota import admit, estimate_tokens
+from streams.registry import Registry
 from streams.routes import RouteTable
 from streams.shadow import Shadow, ShadowTable
 from workers.topic_admin import ensure_topics
@@ -103,6 +104,7 @@ class Router:
     catalog: DeploymentCatalog
     quotas: CompactedView  # tenant -> bucket state
     shadows: ShadowTable
+    registry: Registry
 
     async def _start_views(self) -> None:
         self.keys = KeyRing(self.bootstrap)
@@ -110,8 +112,9 @@ class Router:
         self.catalog = DeploymentCatalog(self.bootstrap)
         self.quotas = CompactedView(self.bootstrap, self.quota_topic)
         self.shadows = ShadowTable(self.bootstrap)
+        self.registry = Registry(self.bootstrap)
         await asyncio.gather(self.keys.start(), self.routes.start(), self.catalog.start(),
-                             self.quotas.start(), self.shadows.start())
+                             self.quotas.start(), self.shadows.start(), self.registry.start())
         self._ready.set()
         log.info("router ready: ingress=%s, %d routes, %d keys", self.ingress,
                  len(self.routes.aliases()), len(self.keys.listing()))
@@ -124,6 +127,7 @@ class Router:
         if self._ready.is_set():
             await asyncio.gather(self.keys.close(), self.routes.close(), self.catalog.close(),
                                  self.quotas.close(), self.shadows.close(),
+                                 self.registry.close(),
                                  return_exceptions=True)
 
     async def _route_stream(self, stream: Any) -> None:
@@ -171,7 +175,7 @@ class Router:
                                          list(headers.items()))
             return
         pinned = headers.get(DEPLOYMENT_HEADER, b"").decode(errors="replace")
-        deployment = pinned or self.routes.resolve(request.model, request.id)
+        deployment = pinned or await self._pick(request)
         if not deployment or not await self.catalog.exists(deployment):
             raise _Refusal(ErrorCode.UNKNOWN_MODEL,
                            f"model: {deployment or request.model!r} is not served by any "
@@ -205,6 +209,16 @@ class Router:
         self.metrics.routed.labels(request.model, deployment).inc()
         if shadow is not None:
             await self._mirror(forwarded, shadow, deployment)
+
+    async def _pick(self, request: Request) -> str | None:
+        """The routed backend that exists and takes new requests (deployed checkpoints do so
+        only when ready)."""
+        tried: set[str] = set()
+        while (deployment := self.routes.resolve(request.model, request.id, tried)) is not None:
+            if self.registry.accepts_new(deployment) and await self.catalog.exists(deployment):
+                return deployment
+            tried.add(deployment)
+        return None
 
     async def _mirror(self, forwarded: Request, shadow: Shadow, primary: str) -> None:
         """Copy a request to each candidate's mirror topic: fire-and-forget, after the primary

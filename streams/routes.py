@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from schemas.messages import TOPIC_PATTERN
 from schemas.topics import ROUTES_TOPIC
 from streams.control import CompactedView, put
+from streams.registry import deployment_name
 
 NAME = re.compile(r"^[a-zA-Z0-9._@-]{1,200}$")
 
@@ -100,7 +101,9 @@ class RouteTable:
         itself (a deployment addressed directly); None when every backend is excluded."""
         route = self.get(model)
         if route is None:
-            return None if model in exclude else model
+            name, sep, version = model.partition("@")  # NAME@VERSION of a deployed checkpoint
+            direct = deployment_name(name, version) if sep else model
+            return None if direct in exclude else direct
         return pick(route.weights, request_id, exclude)
 
 

@@ -1,0 +1,104 @@
+"""`ferry deployer`, `ferry deployments`, `ferry deploy`, `ferry undeploy`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ferry.broker import default_bootstrap
+
+
+def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
+    d = sub.add_parser("deployer", help="deploy every finished checkpoint of a training run")
+    d.add_argument("--model", required=True, help="model name: deployments are NAME@VERSION")
+    d.add_argument("--store", type=Path, required=True, help="model store directory")
+    d.add_argument("--watch", type=Path, default=None,
+                   help="training output directory to follow (checkpoint-* subdirectories)")
+    d.add_argument("--keep", type=int, default=3, help="checkpoints kept deployed")
+    d.add_argument("--settle", type=float, default=10.0,
+                   help="seconds without change that finish a checkpoint lacking COMPLETE")
+    d.add_argument("--replicas", type=int, default=1)
+    d.add_argument("--shadow-of", default=None, metavar="ALIAS",
+                   help="make each new checkpoint the shadow candidate of ALIAS")
+    d.add_argument("--shadow-percent", type=float, default=100.0)
+    d.add_argument("--canary-of", default=None, metavar="ALIAS",
+                   help="give each new checkpoint --canary-weight %% of ALIAS's traffic")
+    d.add_argument("--canary-weight", type=int, default=10)
+    d.add_argument("--launcher", choices=("local", "manifests"), default="local")
+    d.add_argument("--manifests", type=Path, default=Path("deployments"),
+                   help="where the manifests launcher writes compose/Kubernetes files")
+    d.add_argument("--logs", type=Path, default=None, help="worker logs (local launcher)")
+    bootstrap_arg(d)
+    lst = sub.add_parser("deployments", help="deployments with status, age, lag, endpoint")
+    dep = sub.add_parser("deploy", help="deploy STORE/NAME/VERSION (through its deployer)")
+    dep.add_argument("target", type=Path)
+    und = sub.add_parser("undeploy", help="drain and retire NAME@VERSION")
+    und.add_argument("id")
+    for parser in (lst, dep, und):
+        bootstrap_arg(parser)
+
+
+def dispatch(args: argparse.Namespace) -> int | None:
+    if args.command not in ("deployer", "deployments", "deploy", "undeploy"):
+        return None
+    bootstrap = args.bootstrap or default_bootstrap()
+    try:
+        if args.command == "deployer":
+            asyncio.run(_deployer(args, bootstrap))
+        elif args.command == "deployments":
+            asyncio.run(_list(bootstrap))
+        elif args.command == "deploy":
+            from streams.deployer import request_deploy
+
+            print(f"asked to deploy {asyncio.run(request_deploy(bootstrap, args.target))}")
+        else:
+            from streams.deployer import request_undeploy
+
+            asyncio.run(request_undeploy(bootstrap, args.id))
+            print(f"asked to undeploy {args.id}")
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _deployer(args: argparse.Namespace, bootstrap: str) -> None:
+    from streams.deployer import Deployer, Policy
+    from streams.launchers import Launcher, LocalLauncher, ManifestLauncher
+
+    launcher: Launcher = (ManifestLauncher(bootstrap, args.manifests)
+                          if args.launcher == "manifests" else
+                          LocalLauncher(bootstrap, args.logs or args.store / ".logs"))
+    policy = Policy(keep=args.keep, settle_s=args.settle, replicas=args.replicas,
+                    shadow_of=args.shadow_of, shadow_percent=args.shadow_percent,
+                    canary_of=args.canary_of, canary_weight=args.canary_weight)
+    await Deployer(bootstrap, args.model, args.store, launcher, policy, watch=args.watch).run()
+
+
+async def _list(bootstrap: str) -> None:
+    from streams.backlog import BacklogProbe
+    from streams.registry import read_registry
+
+    records = sorted(await read_registry(bootstrap), key=lambda r: r.id)
+    probe = BacklogProbe(bootstrap)
+    await probe.start()
+    try:
+        print(f"{'DEPLOYMENT':34} {'STATUS':9} {'AGE':>7} {'REPL':>4} {'LAG':>5}  ENDPOINT")
+        for r in records:
+            lag = (await probe.sample(r.deployment)).lag if r.status != "retired" else 0
+            age = time.time() - r.times.get("pending", time.time())
+            print(f"{r.id:34} {r.status:9} {_age(age):>7} {r.replicas:>4} {lag:>5}  "
+                  f"/v1/models/{r.name}/versions/{r.version}/completions")
+    finally:
+        await probe.close()
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"

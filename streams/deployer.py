@@ -1,0 +1,317 @@
+"""The deployer: every finished training checkpoint becomes a deployment with its own endpoint.
+
+It follows a training run's output directory (a new `checkpoint-*` directory counts once it
+is complete, see `workers.checkpoints`) and the `ferry.checkpoints` topic (trainers that
+announce checkpoints, `ferry deploy`, `ferry undeploy`). For each new checkpoint, one at a
+time: verify -> push to the model store (parallel, verified) -> registry `pending` ->
+create the request topic -> start replicas through the launcher (`loading`) -> a probe
+request answered through Kafka (weights loaded, partitions owned) -> `ready`. Only then do
+the gateway and the router send it traffic. The four durations are kept on the record.
+
+Policy: keep the last `keep` checkpoints; older ones go `draining` (no new traffic; what is
+queued is still answered) and are `retired` once their worker group's lag is zero (their
+topics stay, for replay). A deployment still in a route with weight is never drained by the
+policy. Optionally each new checkpoint becomes the alias's shadow candidate, or a canary at
+a given weight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from ferry.client import FerryClient
+from schemas import Request, SchemaError, decode, encode, requests_topic
+from schemas.topics import CHECKPOINTS_TOPIC
+from streams.backlog import BacklogProbe
+from streams.canary import split_weights
+from streams.launchers import Launcher
+from streams.registry import LIVE, DeploymentRecord, Registry, publish
+from streams.routes import RouteTable, set_route
+from streams.shadow import set_shadow
+from workers import model_store
+from workers.checkpoints import check
+from workers.topic_admin import ensure_topics
+
+log = logging.getLogger("ferry.deployer")
+
+
+@dataclass(frozen=True)
+class Policy:
+    keep: int = 3  # checkpoints kept deployed
+    settle_s: float = 10.0  # quiet time that marks a checkpoint without COMPLETE as finished
+    replicas: int = 1
+    shadow_of: str | None = None  # attach each new checkpoint as this alias's shadow candidate
+    shadow_percent: float = 100.0
+    canary_of: str | None = None  # or give it this share of the alias's traffic
+    canary_weight: int = 10
+    load_timeout_s: float = 300.0
+
+
+def version_order(version: str) -> tuple[int, str]:
+    """checkpoint-900 < checkpoint-1200: by the last number in the name, then by name."""
+    numbers = re.findall(r"\d+", version)
+    return (int(numbers[-1]) if numbers else -1, version)
+
+
+class Deployer:
+    def __init__(self, bootstrap: str, model: str, store: Path, launcher: Launcher,
+                 policy: Policy = Policy(), watch: Path | None = None,
+                 poll_s: float = 1.0) -> None:
+        self.bootstrap, self.model, self.store = bootstrap, model, store
+        self.launcher, self.policy, self.watch, self.poll_s = launcher, policy, watch, poll_s
+        self.registry = Registry(bootstrap)
+        self._waiting: dict[str, str] = {}  # checkpoint dir -> why it is not taken yet
+        self._queued: set[str] = set()  # versions found finished, deployment under way
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._mine: dict[str, DeploymentRecord] = {}  # this model's records, latest state
+        self.deployed = asyncio.Event()  # set after each deployment became ready (for tests)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.client = FerryClient(self.bootstrap,
+                                  reply_to=f"ferry.replies.deployer-{uuid.uuid4().hex[:8]}")
+        self.routes = RouteTable(self.bootstrap)
+        self.backlog = BacklogProbe(self.bootstrap)
+        await ensure_topics(self.bootstrap, {CHECKPOINTS_TOPIC: 1})
+        parts = [self.registry, self.client, self.routes, self.backlog]
+        await asyncio.gather(*(p.start() for p in parts))
+        try:
+            await self._adopt()
+            loops = [self._act(), self._follow_events(), self._drain_loop()]
+            if self.watch is not None:
+                loops.append(self._watch_loop())
+            await asyncio.gather(*loops)
+        finally:
+            await self.launcher.close()
+            await asyncio.gather(*(p.close() for p in parts), return_exceptions=True)
+
+    async def _adopt(self) -> None:
+        """After a restart, bring this model's live deployments back up."""
+        for record in self.registry.records():
+            if record.name != self.model:
+                continue
+            self._mine[record.id] = record
+            if record.status in LIVE:
+                log.info("adopting %s (%s)", record.id, record.status)
+                await self.launcher.start(record)
+                if record.status != "draining":
+                    self._queue.put_nowait(("probe", record))
+
+    # ---- inputs: the watched directory and the checkpoints topic -------------------------
+
+    async def _watch_loop(self) -> None:
+        assert self.watch is not None
+        while True:
+            self.scan()
+            await asyncio.sleep(self.poll_s)  # a directory has no change feed we can rely on
+
+    def scan(self) -> None:
+        """Queue every finished checkpoint directory not deployed yet; note why others wait."""
+        assert self.watch is not None
+        now = time.time()
+        for directory in sorted(self.watch.iterdir() if self.watch.is_dir() else []):
+            if not directory.is_dir() or directory.name.startswith("."):
+                continue
+            if self._known(directory.name) or directory.name in self._queued:
+                continue
+            verdict = check(directory, self.policy.settle_s, now)
+            if verdict.complete:
+                self._waiting.pop(str(directory), None)
+                self._queued.add(directory.name)
+                self._queue.put_nowait(("dir", directory))
+            elif self._waiting.get(str(directory)) != verdict.reason:
+                self._waiting[str(directory)] = verdict.reason
+                log.info("waiting for %s: %s", directory.name, verdict.reason)
+
+    def _known(self, version: str) -> bool:
+        return f"{self.model}@{version}" in self._mine
+
+    async def _follow_events(self) -> None:
+        consumer = AIOKafkaConsumer(CHECKPOINTS_TOPIC, bootstrap_servers=self.bootstrap,
+                                    group_id=f"ferry.deployer.{self.model}",
+                                    auto_offset_reset="latest", enable_auto_commit=True)
+        await consumer.start()
+        try:
+            async for message in consumer:
+                try:
+                    event = decode(message.value)
+                except SchemaError as exc:
+                    log.warning("unreadable checkpoint event at offset %d: %s",
+                                message.offset, exc)
+                    continue
+                if isinstance(event, dict) and event.get("model") == self.model:
+                    self._queue.put_nowait(("event", event))
+        finally:
+            await consumer.stop()
+
+    # ---- actions, one at a time ----------------------------------------------------------
+
+    async def _act(self) -> None:
+        while True:
+            kind, item = await self._queue.get()
+            try:
+                if kind == "dir":
+                    await self.deploy_checkpoint(item)
+                elif kind == "probe":
+                    await self._bring_up(item, {})
+                else:
+                    await self._handle_event(item)
+            except Exception as exc:  # one bad checkpoint must not stop the deployer
+                log.exception("deployer action %s %s failed: %s", kind, item, exc)
+
+    async def _handle_event(self, event: dict[str, Any]) -> None:
+        action = event.get("action")
+        if action == "deploy" and isinstance(event.get("path"), str):
+            await self.deploy_checkpoint(Path(event["path"]), event.get("version"))
+        elif action == "deploy" and isinstance(event.get("store_path"), str):
+            await self.deploy_stored(Path(event["store_path"]))
+        elif action == "undeploy" and isinstance(event.get("id"), str):
+            record = self._mine.get(event["id"])
+            if record is None or record.status not in ("ready", "loading", "pending"):
+                log.warning("undeploy %s: not a live deployment of %s", event["id"], self.model)
+                return
+            await self._set(record.moved("draining"))
+        else:
+            log.warning("ignored checkpoint event %r", event)
+
+    async def deploy_checkpoint(self, src: Path, version: str | None = None) -> None:
+        version = version or src.name
+        if self._known(version):
+            return
+        start = time.monotonic()
+        verdict = check(src, 0.0, time.time())
+        if not verdict.complete:
+            raise ValueError(f"{src}: not a complete checkpoint: {verdict.reason}")
+        verify_s = time.monotonic() - start
+        target = self.store / self.model / version
+        record = DeploymentRecord(self.model, version, str(target), replicas=self.policy.replicas)
+        await self._set(record.moved("pending"))
+        start = time.monotonic()
+        await asyncio.to_thread(model_store.push, src, target)
+        await self._launch(record, {"verify_s": verify_s, "upload_s": time.monotonic() - start})
+
+    async def deploy_stored(self, version_dir: Path) -> None:
+        """A version already in the store (`ferry deploy STORE/NAME/VERSION`)."""
+        start = time.monotonic()
+        manifest = await asyncio.to_thread(model_store.verify, version_dir, full=False)
+        if manifest.name != self.model or self._known(manifest.version):
+            return
+        record = DeploymentRecord(self.model, manifest.version, str(version_dir),
+                                  replicas=self.policy.replicas)
+        await self._set(record.moved("pending"))
+        await self._launch(record, {"verify_s": time.monotonic() - start, "upload_s": 0.0})
+
+    async def _launch(self, record: DeploymentRecord, durations: dict[str, float]) -> None:
+        await ensure_topics(self.bootstrap, {requests_topic(record.deployment): 4})
+        record = self._mine[record.id].moved("loading")
+        await self._set(record)
+        await self.launcher.start(record)
+        await self._bring_up(record, durations)
+
+    async def _bring_up(self, record: DeploymentRecord, durations: dict[str, float]) -> None:
+        """Wait for a probe answered through Kafka, then mark the deployment ready."""
+        start = time.monotonic()
+        probe = Request(id=f"probe-{record.deployment}-{uuid.uuid4().hex[:8]}",
+                        model=record.deployment, prompt="ready?", max_new_tokens=1)
+        try:
+            result = await self.client.request(probe, timeout=self.policy.load_timeout_s)
+        except asyncio.TimeoutError:
+            result = None
+        if result is None or result.error is not None:
+            reason = "no answer" if result is None else result.error.message  # type: ignore[union-attr]
+            await self.launcher.stop(record)
+            await self._set(self._mine[record.id].moved("failed", error=f"probe: {reason}"))
+            log.error("%s failed to come up: %s", record.id, reason)
+            return
+        durations = {**durations, "load_s": time.monotonic() - start}
+        await self._set(self._mine[record.id].moved("ready", durations=durations))
+        log.info("%s ready at /v1/models/%s/versions/%s/completions: %s", record.id,
+                 record.name, record.version,
+                 ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in durations.items()))
+        await self._attach(self._mine[record.id])
+        await self._apply_keep()
+        self.deployed.set()
+
+    async def _attach(self, record: DeploymentRecord) -> None:
+        if self.policy.shadow_of:
+            await set_shadow(self.bootstrap, self.policy.shadow_of, [record.deployment],
+                             self.policy.shadow_percent)
+            log.info("%s is now the shadow candidate of %s", record.id, self.policy.shadow_of)
+        if self.policy.canary_of:
+            route = self.routes.get(self.policy.canary_of)
+            weights = (split_weights(route.weights, record.deployment, self.policy.canary_weight)
+                       if route else {record.deployment: 100})
+            await set_route(self.bootstrap, self.policy.canary_of, weights)
+            log.info("%s is a canary of %s: %s", record.id, self.policy.canary_of, weights)
+
+    async def _apply_keep(self) -> None:
+        ready = sorted((r for r in self._mine.values() if r.status == "ready"),
+                       key=lambda r: version_order(r.version))
+        for record in ready[:-self.policy.keep] if self.policy.keep > 0 else []:
+            if self._in_routes(record.deployment):
+                log.info("keeping %s beyond keep=%d: a route still sends it traffic",
+                         record.id, self.policy.keep)
+                continue
+            await self._set(record.moved("draining"))
+
+    def _in_routes(self, deployment: str) -> bool:
+        return any(route.weights.get(deployment, 0) > 0 for route in self.routes.aliases().values())
+
+    async def _drain_loop(self) -> None:
+        """Retire draining deployments once everything queued for them is answered."""
+        while True:
+            for record in [r for r in self._mine.values() if r.status == "draining"]:
+                if (await self.backlog.sample(record.deployment)).lag == 0:
+                    await self.launcher.stop(record)
+                    await self._set(self._mine[record.id].moved("retired"))
+                    log.info("%s retired (lag 0); its topic stays for replay", record.id)
+            await asyncio.sleep(self.poll_s)  # lag is sampled, not pushed
+
+    async def _set(self, record: DeploymentRecord) -> None:
+        record = DeploymentRecord(**{**record.to_dict(),
+                                     "restarts": self.launcher.restarts(record.deployment)})
+        self._mine[record.id] = record
+        await publish(self.bootstrap, record)
+
+
+async def request_deploy(bootstrap: str, version_dir: Path) -> str:
+    """`ferry deploy STORE/NAME/VERSION`: ask the model's deployer to deploy a stored version."""
+    manifest = model_store.verify(version_dir, full=False)
+    await _announce(bootstrap, {"action": "deploy", "model": manifest.name,
+                                "store_path": str(version_dir.resolve())})
+    return f"{manifest.name}@{manifest.version}"
+
+
+async def request_undeploy(bootstrap: str, deployment_id: str) -> None:
+    name, sep, version = deployment_id.partition("@")
+    if not sep or not name or not version:
+        raise ValueError(f"deployment: {deployment_id!r} is not NAME@VERSION")
+    await _announce(bootstrap, {"action": "undeploy", "model": name, "id": deployment_id})
+
+
+async def announce_checkpoint(bootstrap: str, model: str, path: Path) -> None:
+    """What a trainer calls when it finished writing a checkpoint directory."""
+    await _announce(bootstrap, {"action": "deploy", "model": model, "path": str(path.resolve()),
+                                "version": path.name})
+
+
+async def _announce(bootstrap: str, event: dict[str, Any]) -> None:
+    await ensure_topics(bootstrap, {CHECKPOINTS_TOPIC: 1})
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(CHECKPOINTS_TOPIC, encode(event),
+                                     key=str(event["model"]).encode())
+    finally:
+        await producer.stop()
+

@@ -1,0 +1,101 @@
+"""The deployment registry: one record per deployed checkpoint, in the compacted `ferry.registry`.
+
+A deployment `NAME@VERSION` (e.g. `tiny@checkpoint-1200`) serves the store version
+`STORE/NAME/VERSION` from the topic `ferry.requests.NAME-VERSION` (topic names have no `@`).
+Its status moves pending -> loading -> ready -> draining -> retired (or failed), each with
+the time it was entered, so `ferry deployments` and the measurements read one place. Only a
+`ready` deployment takes new requests from the gateway and the router; a `draining` one
+answers what is already queued for it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from schemas.topics import REGISTRY_TOPIC
+from streams.control import CompactedView, put
+
+STATUSES = ("pending", "loading", "ready", "draining", "retired", "failed")
+LIVE = ("pending", "loading", "ready", "draining")  # a worker runs (or is starting)
+
+
+def deployment_name(name: str, version: str) -> str:
+    """The topic-safe name of NAME@VERSION; also what version paths resolve to."""
+    return f"{name}-{version}"
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    name: str
+    version: str
+    store_path: str
+    status: str = "pending"
+    replicas: int = 1
+    times: dict[str, float] = field(default_factory=dict)  # status -> unix time entered
+    durations: dict[str, float] = field(default_factory=dict)  # verify/upload/load/ready s
+    restarts: int = 0
+    error: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def deployment(self) -> str:
+        return deployment_name(self.name, self.version)
+
+    def moved(self, status: str, **changes: Any) -> DeploymentRecord:
+        assert status in STATUSES, status
+        return replace(self, status=status, times={**self.times, status: time.time()},
+                       **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeploymentRecord | None:
+        try:
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        except TypeError:
+            return None
+
+
+async def publish(bootstrap: str, record: DeploymentRecord) -> None:
+    await put(bootstrap, REGISTRY_TOPIC, record.id, record.to_dict())
+
+
+class Registry:
+    """The live registry, keyed by NAME@VERSION and looked up by topic-safe name."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.view = CompactedView(bootstrap, REGISTRY_TOPIC)
+
+    async def start(self) -> None:
+        await self.view.start()
+
+    async def close(self) -> None:
+        await self.view.close()
+
+    def records(self) -> list[DeploymentRecord]:
+        return [r for v in list(self.view.values.values())
+                if (r := DeploymentRecord.from_dict(v)) is not None]
+
+    def by_deployment(self, deployment: str) -> DeploymentRecord | None:
+        return next((r for r in self.records() if r.deployment == deployment), None)
+
+    def accepts_new(self, deployment: str) -> bool:
+        """Deployments the deployer manages take new requests only when ready; others (started
+        by hand) are not in the registry and are judged by their topic alone."""
+        record = self.by_deployment(deployment)
+        return record is None or record.status == "ready"
+
+
+async def read_registry(bootstrap: str) -> list[DeploymentRecord]:
+    registry = Registry(bootstrap)
+    await registry.start()
+    try:
+        return registry.records()
+    finally:
+        await registry.close()

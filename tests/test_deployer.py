@@ -1,0 +1,187 @@
+"""Every checkpoint deployed: the watcher, the registry, local launchers, keep-last-K, crash
+restarts and a rolling switch under load, on the real broker with real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from streams.deployer import Deployer, Policy, request_undeploy, version_order
+from streams.gateway import GATEWAY
+from streams.launchers import LocalLauncher, ManifestLauncher
+from streams.registry import DeploymentRecord
+from streams.routes import set_route
+from tests.conftest import wait_for
+from tests.harness import post
+from workers.checkpoints import COMPLETE, check
+from workers.model_factory import build_tiny_checkpoint
+
+
+def make_checkpoint(directory: Path, seed: int = 0, complete: bool = True) -> Path:
+    build_tiny_checkpoint(directory, seed=seed)
+    if complete:
+        (directory / COMPLETE).touch()
+    return directory
+
+
+def status(deployer: Deployer, version: str) -> str | None:
+    record = deployer._mine.get(f"{deployer.model}@{version}")
+    return record.status if record else None
+
+
+def gateway_sees(gw, deployer: Deployer, version: str, wanted: str) -> Callable[[], bool]:
+    """The gateway follows the registry within a fetch of the deployer's write."""
+    def seen() -> bool:
+        record = gw.app[GATEWAY].deployments.by_deployment(f"{deployer.model}-{version}")
+        return record is not None and record.status == wanted
+    return seen
+
+
+@pytest.fixture
+async def start_deployer(kafka_bootstrap: str, tmp_path: Path
+                         ) -> AsyncIterator[Callable[..., Deployer]]:
+    tasks: list[asyncio.Task] = []
+
+    def start(model: str, policy: Policy, watch: Path | None = None) -> Deployer:
+        launcher = LocalLauncher(kafka_bootstrap, tmp_path / "logs", backoff_s=(0.2, 1.0))
+        deployer = Deployer(kafka_bootstrap, model, tmp_path / "store", launcher, policy,
+                            watch=watch, poll_s=0.2)
+        tasks.append(asyncio.create_task(deployer.run()))
+        return deployer
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_finished_means_complete_or_settled_and_whole(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "checkpoint-1", complete=False)
+    now = time.time()
+    assert not check(ckpt, settle_s=30, now=now).complete  # just written: not settled
+    assert check(ckpt, settle_s=30, now=now + 60).reason == "settled"
+    (ckpt / COMPLETE).touch()
+    assert check(ckpt, settle_s=30, now=now).reason == "COMPLETE marker"
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # a half-written file, even with COMPLETE
+    verdict = check(ckpt, settle_s=0, now=now + 60)
+    assert not verdict.complete and "model.safetensors" in verdict.reason
+    weights.unlink()
+    assert "missing" in check(ckpt, 0, now).reason
+    assert version_order("checkpoint-900") < version_order("checkpoint-1200")
+
+
+async def test_checkpoints_become_endpoints_and_old_ones_retire(
+        start_deployer, start_gateway, http, unique, tmp_path) -> None:
+    model, watch = unique("llm"), tmp_path / "run"
+    watch.mkdir()
+    deployer = start_deployer(model, Policy(keep=1, settle_s=1.0), watch=watch)
+    gw = await start_gateway(request_timeout_s=60)
+
+    started = time.monotonic()
+    make_checkpoint(watch / "checkpoint-100", seed=1)
+    await wait_for(gateway_sees(gw, deployer, "checkpoint-100", "ready"), 120, "first deploy")
+    path = f"{gw.url}/v1/models/{model}/versions/checkpoint-100/completions"
+    code, obj = await post(http, path, {"prompt": "hello", "max_tokens": 3})
+    assert code == 200 and obj["model"] == f"{model}-checkpoint-100", obj
+    first_answer = time.monotonic() - started
+    code, obj = await post(http, f"{gw.url}/v1/completions",
+                           {"model": f"{model}@checkpoint-100", "prompt": "hi", "max_tokens": 2})
+    assert code == 200 and obj["model"] == f"{model}-checkpoint-100"
+    record = deployer._mine[f"{model}@checkpoint-100"]
+    print(f"checkpoint to first answer {first_answer:.1f}s: "
+          + ", ".join(f"{k} {v:.2f}s" for k, v in record.durations.items()))
+    assert set(record.durations) == {"verify_s", "upload_s", "load_s"}
+
+    # A half-written checkpoint (truncated weights, no COMPLETE) is not taken...
+    staged = make_checkpoint(tmp_path / "staging" / "checkpoint-200", seed=2, complete=False)
+    half = watch / "checkpoint-200"
+    half.mkdir()
+    for file in staged.iterdir():
+        if file.name != "model.safetensors":
+            shutil.copy(file, half / file.name)
+    weights = (staged / "model.safetensors").read_bytes()
+    (half / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    await wait_for(lambda: "header says" in deployer._waiting.get(str(half), ""), 30,
+                   "the deployer to see the half-written checkpoint")
+    assert status(deployer, "checkpoint-200") is None
+    # ...until it is whole and marked complete.
+    (half / "model.safetensors").write_bytes(weights)
+    (half / COMPLETE).touch()
+    await wait_for(gateway_sees(gw, deployer, "checkpoint-200", "ready"), 120, "second deploy")
+
+    # keep=1: the older checkpoint drains (no new requests) and retires once its lag is 0.
+    await wait_for(gateway_sees(gw, deployer, "checkpoint-100", "retired"), 60, "retirement")
+    code, obj = await post(http, path, {"prompt": "hello", "max_tokens": 3})
+    assert code == 503 and "retired" in obj["error"]["message"]
+
+    # A crashed worker is restarted by the launcher and serves again.
+    launcher = deployer.launcher
+    assert isinstance(launcher, LocalLauncher)
+    [pid] = launcher.pids(f"{model}-checkpoint-200")
+    os.kill(pid, signal.SIGKILL)
+    await wait_for(lambda: launcher.restarts(f"{model}-checkpoint-200") == 1, 30, "a restart")
+    code, obj = await post(http, f"{gw.url}/v1/models/{model}/versions/checkpoint-200/completions",
+                           {"prompt": "after the crash", "max_tokens": 3})
+    assert code == 200 and obj["model"] == f"{model}-checkpoint-200"
+
+
+async def test_rolling_switch_under_load_fails_nothing(
+        start_deployer, start_gateway, unique, tmp_path, kafka_bootstrap) -> None:
+    model, alias, watch = unique("llm"), unique("main"), tmp_path / "run"
+    watch.mkdir()
+    deployer = start_deployer(model, Policy(keep=2, settle_s=1.0), watch=watch)
+    make_checkpoint(watch / "checkpoint-1", seed=1)
+    make_checkpoint(watch / "checkpoint-2", seed=2)
+    await wait_for(lambda: status(deployer, "checkpoint-1") == status(deployer, "checkpoint-2")
+                   == "ready", 180, "two deployments")
+    a, b = f"{model}-checkpoint-1", f"{model}-checkpoint-2"
+    await set_route(kafka_bootstrap, alias, {a: 100})
+    gw = await start_gateway(request_timeout_s=120)
+    await wait_for(gateway_sees(gw, deployer, "checkpoint-2", "ready"), 30, "the gateway")
+
+    n, answered = 300, []
+    async with aiohttp.ClientSession() as http:
+        async def one(i: int) -> None:
+            code, obj = await post(http, f"{gw.url}/v1/completions",
+                                   {"model": alias, "prompt": f"request {i}", "max_tokens": 4})
+            answered.append((code, obj.get("model")))
+
+        async def load() -> None:
+            pending = set()
+            for i in range(n):
+                pending.add(asyncio.create_task(one(i)))
+                if len(pending) >= 16:
+                    _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.gather(*pending)
+
+        traffic = asyncio.create_task(load())
+        await wait_for(lambda: len(answered) >= n // 3, 120, "a third of the load")
+        await set_route(kafka_bootstrap, alias, {b: 100})  # the switch
+        await request_undeploy(kafka_bootstrap, f"{model}@checkpoint-1")  # drain A
+        await asyncio.wait_for(traffic, 180)
+    assert [c for c, _ in answered if c != 200] == []
+    served = {m for _, m in answered}
+    assert served == {a, b}
+    await wait_for(lambda: status(deployer, "checkpoint-1") == "retired", 60, "A retired")
+
+
+async def test_manifest_launcher_renders_files(tmp_path) -> None:
+    launcher = ManifestLauncher("kafka:9092", tmp_path / "out")
+    record = DeploymentRecord("llm", "checkpoint-7", "/models/llm/checkpoint-7", replicas=2)
+    await launcher.start(record)
+    compose = (tmp_path / "out" / "llm-checkpoint-7.compose.yml").read_text()
+    k8s = (tmp_path / "out" / "llm-checkpoint-7.k8s.yaml").read_text()
+    assert '"--model", "llm/checkpoint-7"' in compose and "replicas: 2" in compose
+    assert "readOnly: true" in k8s and '"--deployment", "llm-checkpoint-7"' in k8s
+    await launcher.stop(record)
+    assert not list((tmp_path / "out").iterdir())
