@@ -139,7 +139,9 @@ class Deployer:
     async def _follow_events(self) -> None:
         consumer = AIOKafkaConsumer(CHECKPOINTS_TOPIC, bootstrap_servers=self.bootstrap,
                                     group_id=f"ferry.deployer.{self.model}",
-                                    auto_offset_reset="latest", enable_auto_commit=True)
+                                    # A new deployer also takes what was announced before
+                                    # it started; a restarted one goes on from its commit.
+                                    auto_offset_reset="earliest", enable_auto_commit=True)
         await consumer.start()
         try:
             async for message in consumer:

@@ -14,7 +14,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from streams.deployer import Deployer, Policy, request_undeploy, version_order
+from streams.deployer import (
+    Deployer, Policy, announce_checkpoint, request_deploy, request_undeploy, version_order,
+)
 from streams.gateway import GATEWAY
 from streams.launchers import LocalLauncher, ManifestLauncher
 from streams.registry import DeploymentRecord
@@ -23,6 +25,7 @@ from tests.conftest import wait_for
 from tests.harness import post
 from workers.checkpoints import COMPLETE, check
 from workers.model_factory import build_tiny_checkpoint
+from workers.model_store import push
 
 
 def make_checkpoint(directory: Path, seed: int = 0, complete: bool = True) -> Path:
@@ -185,3 +188,18 @@ async def test_manifest_launcher_renders_files(tmp_path) -> None:
     assert "readOnly: true" in k8s and '"--deployment", "llm-checkpoint-7"' in k8s
     await launcher.stop(record)
     assert not list((tmp_path / "out").iterdir())
+
+
+async def test_announced_and_stored_checkpoints_deploy(start_deployer, unique, tmp_path,
+                                                       kafka_bootstrap) -> None:
+    model = unique("llm")
+    deployer = start_deployer(model, Policy(keep=2))  # no watched directory: events only
+    await wait_for(lambda: deployer.registry.view._caught_up.is_set(), 30, "the deployer")
+    await announce_checkpoint(kafka_bootstrap, model,
+                              make_checkpoint(tmp_path / "elsewhere" / "step-10"))
+    await wait_for(lambda: status(deployer, "step-10") == "ready", 120, "announced checkpoint")
+    stored = tmp_path / "store" / model / "step-20"
+    push(make_checkpoint(tmp_path / "src" / "step-20", seed=3), stored)
+    assert await request_deploy(kafka_bootstrap, stored) == f"{model}@step-20"
+    await wait_for(lambda: status(deployer, "step-20") == "ready", 120, "stored version")
+    assert deployer._mine[f"{model}@step-20"].durations["upload_s"] == 0.0
