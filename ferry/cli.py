@@ -131,13 +131,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="results a side needs in a step before it is judged")
     _bootstrap_arg(canary)
 
-    from ferry import control_cli, deploy_cli
+    from ferry import control_cli, deploy_cli, shadow_cli
 
     control_cli.add_parsers(sub, _bootstrap_arg)
     deploy_cli.add_parsers(sub, _bootstrap_arg)
-    shadow = sub.add_parser("shadow", help="shadow traffic to candidate deployments")
-    control_cli.add_shadow_parsers(shadow.add_subparsers(dest="action", required=True),
-                                   _bootstrap_arg)
+    control_cli.add_shadow_parsers(shadow_cli.add_parsers(sub, _bootstrap_arg), _bootstrap_arg)
 
     demo = sub.add_parser("demo", help="the whole pipeline on a local broker and a small model")
     demo.add_argument("--requests", type=int, default=8)
@@ -364,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         return _canary(args)
     if args.command == "model":
         return _model(args)
-    from ferry import control_cli, deploy_cli
+    from ferry import control_cli, deploy_cli, shadow_cli
 
-    for module in (control_cli, deploy_cli):
+    for module in (control_cli, deploy_cli, shadow_cli):
         if (code := module.dispatch(args)) is not None:
             return code
     if args.command == "demo":

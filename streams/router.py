@@ -198,7 +198,7 @@ class Router:
                                          encode(verdict.state), None, None, None)
         forwarded = dataclasses.replace(
             request, model=deployment,
-            created_at=request.created_at or message.timestamp / 1000)
+            created_at=request.created_at or message.timestamp)  # faust: in seconds
         shadow = self.shadows.get(request.model) if _attempt(headers) <= 1 else None
         if shadow is not None and not shadow.mirrors(request.id):
             shadow = None
