@@ -15,8 +15,10 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from ferry import shadow_cli
-from schemas import ErrorCode, Result, decode, encode
-from schemas.topics import DEPLOYMENT_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, mirror_topic
+from schemas import ErrorCode, Request, Result, decode, decode_result, encode
+from schemas.topics import (
+    DEPLOYMENT_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, mirror_topic, shadow_results_topic,
+)
 from streams.replay import Pacer, collect, read_entries, replay, retarget, write_entries
 from streams.shadow_report import parse_time
 from workers.topic_admin import ensure_topics
@@ -146,3 +148,32 @@ def test_write_entries_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"nope": 1}\n')
     with pytest.raises(ValueError, match="not a replay entry"):
         read_entries(tmp_path / "bad.jsonl")
+
+
+async def test_replay_reproduces_the_recorded_tokens(kafka_bootstrap: str, start_worker,
+                                                     unique: Callable[[str], str],
+                                                     read_topic) -> None:
+    """Same checkpoint, seed and sampling: the replayed candidate generates what the recorded
+    one did, so differences in a comparison come from the candidate, not from chance."""
+    recorded, replayed = unique("rec"), unique("rep")
+    await start_worker(recorded, shadow=True)
+    await start_worker(replayed, shadow=True)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
+    await producer.start()
+    ids = [unique("sampled") for _ in range(4)]
+    try:
+        for i, rid in enumerate(ids):  # mirrored traffic, as the router writes it
+            request = Request(id=rid, model=recorded, prompt=f"prompt number {i}",
+                              max_new_tokens=8, temperature=0.9, top_p=0.9, seed=100 + i)
+            await producer.send_and_wait(mirror_topic(recorded), encode(request.to_dict()),
+                                         headers=[(PRIMARY_HEADER, b"primary")])
+    finally:
+        await producer.stop()
+    first = await read_topic(shadow_results_topic(recorded), 4)
+    assert await replay(kafka_bootstrap, replayed,
+                        await collect(kafka_bootstrap, mirror_topic(recorded))) == (4, 0)
+    again = await read_topic(shadow_results_topic(replayed), 4)
+    tokens = {decode_result(m.value).id: decode_result(m.value).output_ids for m in first}
+    assert {decode_result(m.value).id: decode_result(m.value).output_ids for m in again} \
+        == tokens
+    assert set(tokens) == set(ids) and len({tuple(t) for t in tokens.values()}) > 1
