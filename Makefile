@@ -34,6 +34,7 @@ bench: install
 	$(BIN)/python -m tests.bench.bench_push
 	$(BIN)/python -m tests.bench.bench_tp
 	$(BIN)/python -m tests.bench.bench_gateway
+	$(BIN)/python -m tests.bench.bench_shadow
 
 kafka-up: install
 	$(BIN)/ferry kafka up
