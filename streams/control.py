@@ -33,8 +33,8 @@ async def put(bootstrap: str, topic: str, key: str, value: dict[str, Any] | None
     """Write (or, with None, delete) one key of a control table and wait for the ack."""
     await ensure_control_topic(bootstrap, topic)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
-    try:
+    try:  # start() inside: a write cancelled while connecting still closes its producer
+        await producer.start()
         await producer.send_and_wait(topic, None if value is None else encode(value),
                                      key=key.encode())
     finally:

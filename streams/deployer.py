@@ -282,8 +282,8 @@ class Deployer:
     async def _set(self, record: DeploymentRecord) -> None:
         record = DeploymentRecord(**{**record.to_dict(),
                                      "restarts": self.launcher.restarts(record.deployment)})
-        self._mine[record.id] = record
         await publish(self.bootstrap, record)
+        self._mine[record.id] = record  # what others can read now
 
 
 async def request_deploy(bootstrap: str, version_dir: Path) -> str:
@@ -310,8 +310,8 @@ async def announce_checkpoint(bootstrap: str, model: str, path: Path) -> None:
 async def _announce(bootstrap: str, event: dict[str, Any]) -> None:
     await ensure_topics(bootstrap, {CHECKPOINTS_TOPIC: 1})
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    await producer.start()
     try:
+        await producer.start()
         await producer.send_and_wait(CHECKPOINTS_TOPIC, encode(event),
                                      key=str(event["model"]).encode())
     finally:
