@@ -137,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     deploy_cli.add_parsers(sub, _bootstrap_arg)
     control_cli.add_shadow_parsers(shadow_cli.add_parsers(sub, _bootstrap_arg), _bootstrap_arg)
 
+    # Listed for --help; `main` hands its arguments to workers.trainer unparsed.
+    sub.add_parser("train", help="train a tiny model, writing a checkpoint every N steps "
+                                 "(ferry train OUT --steps 300 --every 100; --help for more)")
+
     demo = sub.add_parser("demo", help="the whole pipeline on a local broker and a small model")
     demo.add_argument("--requests", type=int, default=8)
 
@@ -349,6 +353,11 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from workers.trainer import main as train_main
+
+        return train_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "kafka":
         return _kafka(args)

@@ -4,13 +4,18 @@ Starts a local Kafka broker, builds a small Llama checkpoint, starts a worker pr
 deployment `tiny`, posts a handful of requests straight to its topic (plus one malformed
 message, to show the dead-letter path) and prints the results and the worker's metrics.
 Then the front door: an API key, a route `chat -> tiny`, 100% shadow traffic to a candidate
-worker on the same checkpoint, a router process and an HTTP gateway; a few OpenAI-style chat
-calls through them, one with a bad key, and the candidate's shadow answers counted.
+worker on the same checkpoint, a router process, a comparator process and an HTTP gateway; a
+few OpenAI-style chat calls through them, one with a bad key, and the shadow report.
+Last, every checkpoint deployed: a tiny trainer writes a checkpoint every 100 steps, the
+deployer deploys each one with its own endpoint and retires the oldest (keep 2); each
+checkpoint's validation loss, a corpus sentence's log-likelihood under it and its answer show
+the later checkpoints answering better.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import sys
@@ -26,6 +31,7 @@ from ferry.broker import LocalBroker, ferry_home, free_port
 from ferry.client import FerryClient
 from schemas import Request, requests_topic
 from schemas.topics import shadow_results_topic
+from streams.shadow_report import format_table, read_comparisons, summarize
 
 DEPLOYMENT = "tiny"
 CANDIDATE = "tiny-candidate"  # the same checkpoint as a shadow candidate
@@ -59,7 +65,12 @@ def run_demo(n_requests: int = 8) -> int:
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "ferry.cli", "router", "--bootstrap", bootstrap,
                  "--log-level", "INFO"], stdout=log, stderr=subprocess.STDOUT))
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "ferry.cli", "comparator", "--bootstrap", bootstrap,
+                 "--candidate", CANDIDATE, "--window", "120"], stdout=log,
+                stderr=subprocess.STDOUT))
         asyncio.run(_front_door(bootstrap, router_log))
+        asyncio.run(_checkpoints(bootstrap, home))
     finally:
         for process in processes:
             process.terminate()
@@ -111,6 +122,77 @@ async def _front_door(bootstrap: str, router_log: Path) -> None:
     shadowed = await _count(bootstrap, shadow_results_topic(CANDIDATE), len(ids))
     print(f"[demo] {CANDIDATE} answered {shadowed} of the {len(ids)} chat calls on "
           f"{shadow_results_topic(CANDIDATE)} (never to the caller)", flush=True)
+    deadline = time.monotonic() + 60
+    while len(records := await read_comparisons(bootstrap, CANDIDATE)) < len(ids):
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)  # the comparator pairs, scores, then publishes
+    print(f"[demo] ferry shadow report {CANDIDATE} (same checkpoint as the primary):")
+    print(format_table(summarize(CANDIDATE, records)), flush=True)
+
+
+async def _checkpoints(bootstrap: str, home: Path) -> None:
+    from streams.deployer import Deployer, Policy
+    from streams.gateway import GATEWAY, GatewaySettings, create_app
+    from streams.launchers import LocalLauncher
+    from workers.tokenizer import load_tokenizer
+
+    run, store = home / "run", home / "store"
+    for directory in (run, store):
+        shutil.rmtree(directory, ignore_errors=True)
+    run.mkdir(parents=True)
+    print(f"\n[demo] every checkpoint deployed: training into {run}, deployer keeps 2",
+          flush=True)
+    trainer = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ferry.cli", "train", str(run), "--steps", "300", "--every",
+        "100", stdout=asyncio.subprocess.PIPE)
+    deployer = Deployer(bootstrap, "tinylm", store, LocalLauncher(bootstrap, home / "logs"),
+                        Policy(keep=2, settle_s=5.0), watch=run, poll_s=0.5)
+    deploying = asyncio.create_task(deployer.run())
+    runner = web.AppRunner(create_app(bootstrap, GatewaySettings(auth=False)))
+    await runner.setup()
+    gateway = runner.app[GATEWAY]
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as http, FerryClient(bootstrap) as client:
+            for step in (100, 200, 300):
+                version = f"checkpoint-{step}"
+                line = (await trainer.stdout.readline()).decode().strip()  # type: ignore[union-attr]
+                print(f"[train] {line}", flush=True)
+                while (record := deployer.record(version)) is None or record.status != "ready":
+                    if deploying.done():
+                        deploying.result()  # the deployer died: say why
+                    await asyncio.sleep(0.2)  # the deployer works in the background
+                while not gateway.deployments.accepts_new(record.deployment):
+                    await asyncio.sleep(0.05)  # the gateway follows the registry within a fetch
+                state = json.loads((run / version / "trainer_state.json").read_text())
+                tokenizer = load_tokenizer(run / version)
+                assert tokenizer is not None
+                score = await client.request(Request(
+                    id=f"score-{step}", model=record.deployment,
+                    input_ids=tokenizer.encode("The ferry leaves the harbour"),
+                    score_ids=tokenizer.encode(" at dawn, carrying cars"), max_new_tokens=1))
+                url = f"http://127.0.0.1:{port}/v1/models/tinylm/versions/{version}/completions"
+                async with http.post(url, json={"prompt": "Return the", "max_tokens": 12}) as r:
+                    text = (await r.json())["choices"][0]["text"]
+                took = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in record.durations.items())
+                print(f"[demo] tinylm@{version} ready ({took}); val loss {state['val_loss']:.3f},"
+                      f" corpus log-likelihood {score.score:.2f}; 'Return the' -> {text!r}",
+                      flush=True)
+        while (first := deployer.record("checkpoint-100")) and first.status != "retired":
+            await asyncio.sleep(0.2)  # keep=2: the oldest drains, then retires
+        print("[demo] ferry deployments:")
+        for v in (100, 200, 300):
+            record = deployer.record(f"checkpoint-{v}")
+            assert record is not None
+            print(f"    {record.id:24} {record.status:8} "
+                  f"/v1/models/tinylm/versions/checkpoint-{v}/completions", flush=True)
+    finally:
+        await runner.cleanup()
+        deploying.cancel()
+        await asyncio.gather(deploying, return_exceptions=True)
+        await trainer.wait()
 
 
 async def _count(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0) -> int:

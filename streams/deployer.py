@@ -75,6 +75,10 @@ class Deployer:
         self._mine: dict[str, DeploymentRecord] = {}  # this model's records, latest state
         self.deployed = asyncio.Event()  # set after each deployment became ready (for tests)
 
+    def record(self, version: str) -> DeploymentRecord | None:
+        """This model's deployment of `version`, as last published."""
+        return self._mine.get(f"{self.model}@{version}")
+
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def run(self) -> None:

@@ -36,7 +36,7 @@ def make_checkpoint(directory: Path, seed: int = 0, complete: bool = True) -> Pa
 
 
 def status(deployer: Deployer, version: str) -> str | None:
-    record = deployer._mine.get(f"{deployer.model}@{version}")
+    record = deployer.record(version)
     return record.status if record else None
 
 
@@ -100,7 +100,8 @@ async def test_checkpoints_become_endpoints_and_old_ones_retire(
     code, obj = await post(http, f"{gw.url}/v1/completions",
                            {"model": f"{model}@checkpoint-100", "prompt": "hi", "max_tokens": 2})
     assert code == 200 and obj["model"] == f"{model}-checkpoint-100"
-    record = deployer._mine[f"{model}@checkpoint-100"]
+    record = deployer.record("checkpoint-100")
+    assert record is not None
     print(f"checkpoint to first answer {first_answer:.1f}s: "
           + ", ".join(f"{k} {v:.2f}s" for k, v in record.durations.items()))
     assert set(record.durations) == {"verify_s", "upload_s", "load_s"}
@@ -202,4 +203,4 @@ async def test_announced_and_stored_checkpoints_deploy(start_deployer, unique, t
     push(make_checkpoint(tmp_path / "src" / "step-20", seed=3), stored)
     assert await request_deploy(kafka_bootstrap, stored) == f"{model}@step-20"
     await wait_for(lambda: status(deployer, "step-20") == "ready", 120, "stored version")
-    assert deployer._mine[f"{model}@step-20"].durations["upload_s"] == 0.0
+    assert deployer.record("step-20").durations["upload_s"] == 0.0
