@@ -171,14 +171,16 @@ async def _checkpoints(bootstrap: str, home: Path) -> None:
                 assert tokenizer is not None
                 score = await client.request(Request(
                     id=f"score-{step}", model=record.deployment,
-                    input_ids=tokenizer.encode("The ferry leaves the harbour"),
-                    score_ids=tokenizer.encode(" at dawn, carrying cars"), max_new_tokens=1))
+                    input_ids=tokenizer.encode("If the"),
+                    score_ids=tokenizer.encode(" argument is omitted, the default is used.",
+                                               add_special_tokens=False),  # no bos mid-text
+                    max_new_tokens=1))
                 url = f"http://127.0.0.1:{port}/v1/models/tinylm/versions/{version}/completions"
                 async with http.post(url, json={"prompt": "Return the", "max_tokens": 12}) as r:
                     text = (await r.json())["choices"][0]["text"]
                 took = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in record.durations.items())
                 print(f"[demo] tinylm@{version} ready ({took}); val loss {state['val_loss']:.3f},"
-                      f" corpus log-likelihood {score.score:.2f}; 'Return the' -> {text!r}",
+                      f" log-likelihood of a docstring {score.score:.2f}; 'Return the' -> {text!r}",
                       flush=True)
         while (first := deployer.record("checkpoint-100")) and first.status != "retired":
             await asyncio.sleep(0.2)  # keep=2: the oldest drains, then retires
