@@ -7,6 +7,8 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,7 +22,8 @@ from streams.deployer import (
 from streams.gateway import GATEWAY
 from streams.launchers import LocalLauncher, ManifestLauncher
 from streams.registry import DeploymentRecord
-from streams.routes import set_route
+from streams.routes import read_routes, set_route
+from streams.shadow import read_shadows
 from tests.conftest import wait_for
 from tests.harness import post
 from workers.checkpoints import COMPLETE, check
@@ -193,8 +196,9 @@ async def test_manifest_launcher_renders_files(tmp_path) -> None:
 
 async def test_announced_and_stored_checkpoints_deploy(start_deployer, unique, tmp_path,
                                                        kafka_bootstrap) -> None:
-    model = unique("llm")
-    deployer = start_deployer(model, Policy(keep=2))  # no watched directory: events only
+    model, shadowed, canaried = unique("llm"), unique("chat"), unique("main")
+    deployer = start_deployer(model, Policy(keep=2, shadow_of=shadowed, canary_of=canaried,
+                                            canary_weight=20))  # no watched dir: events only
     await wait_for(lambda: deployer.registry.view._caught_up.is_set(), 30, "the deployer")
     await announce_checkpoint(kafka_bootstrap, model,
                               make_checkpoint(tmp_path / "elsewhere" / "step-10"))
@@ -204,3 +208,13 @@ async def test_announced_and_stored_checkpoints_deploy(start_deployer, unique, t
     assert await request_deploy(kafka_bootstrap, stored) == f"{model}@step-20"
     await wait_for(lambda: status(deployer, "step-20") == "ready", 120, "stored version")
     assert deployer.record("step-20").durations["upload_s"] == 0.0
+
+    # Policy: the newest checkpoint is the shadow candidate and a 20% canary.
+    first, second = f"{model}-step-10", f"{model}-step-20"
+    assert (await read_shadows(kafka_bootstrap))[shadowed].candidates == (second,)
+    assert (await read_routes(kafka_bootstrap))[canaried].weights == {first: 80, second: 20}
+    listing = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "ferry.cli", "deployments", "--bootstrap", kafka_bootstrap],
+        capture_output=True, text=True, timeout=60)
+    row = next(line for line in listing.stdout.splitlines() if f"{model}@step-20" in line)
+    assert "ready" in row and f"/v1/models/{model}/versions/step-20/completions" in row
