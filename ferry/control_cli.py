@@ -65,15 +65,16 @@ def dispatch(args: argparse.Namespace) -> int | None:
                    loglevel=args.log_level)
         return 0
     if args.command == "keys":
-        return _run(_keys(args))
+        return run_command(_keys(args))
     if args.command == "route":
-        return _run(_route(args))
+        return run_command(_route(args))
     if args.command == "shadow" and args.action in ("set", "off", "show"):
-        return _run(_shadow(args))
+        return run_command(_shadow(args))
     return None
 
 
-def _run(coro: Any) -> int:
+def run_command(coro: Any) -> int:
+    """Run a command's coroutine; a ValueError is the user's mistake: print it, exit 1."""
     try:
         asyncio.run(coro)
     except ValueError as exc:

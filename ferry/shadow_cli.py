@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
 from ferry.broker import default_bootstrap
+from ferry.control_cli import run_command
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> Any:
@@ -70,19 +69,10 @@ def dispatch(args: argparse.Namespace) -> int | None:
                        metrics_port=args.metrics_port, loglevel=args.log_level)
         return 0
     if args.command == "shadow" and args.action == "report":
-        return _run(_report(args))
+        return run_command(_report(args))
     if args.command == "replay":
-        return _run(_replay(args))
+        return run_command(_replay(args))
     return None
-
-
-def _run(coro: Any) -> int:
-    try:
-        asyncio.run(coro)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def _times(args: argparse.Namespace) -> tuple[float | None, float | None]:

@@ -77,26 +77,26 @@ async def post(http: aiohttp.ClientSession, url: str, body: object,
 
 
 @dataclass
-class RouterProcess:
-    """A `ferry router` process with its own app id and ingress topic."""
+class FerryProcess:
+    """A `ferry COMMAND ARGS...` process that logs `ready_line` when it can work."""
 
-    app_id: str
-    ingress: str
+    command: str
+    args: list[str]
+    ready_line: str
     metrics_port: int
     log: Path
     process: subprocess.Popen | None = None
 
-    def start(self, bootstrap: str, timeout: float = 60.0) -> None:
-        cmd = [sys.executable, "-m", "ferry.cli", "router", "--bootstrap", bootstrap,
-               "--app-id", self.app_id, "--ingress", self.ingress,
+    def start(self, timeout: float = 60.0) -> None:
+        cmd = [sys.executable, "-m", "ferry.cli", self.command, *self.args,
                "--metrics-port", str(self.metrics_port), "--log-level", "INFO"]
         with self.log.open("a") as out:
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + timeout
-        while "router ready" not in self.log.read_text(errors="replace"):
-            assert self.process.poll() is None, f"router exited:\n{self.log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"router not ready:\n{self.log.read_text()[-3000:]}"
+        while self.ready_line not in self.log.read_text(errors="replace"):
+            assert self.process.poll() is None, f"exited:\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready:\n{self.log.read_text()[-3000:]}"
             time.sleep(0.1)  # polling a log file for a condition, with a deadline
 
     def stop(self) -> None:
@@ -109,7 +109,7 @@ class RouterProcess:
                 self.process.wait()
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """A sample from the router's /metrics page (0 when absent)."""
+        """A sample from the process's /metrics page (0 when absent)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as page:
             text = page.read().decode()
         for family in text_string_to_metric_families(text):
@@ -118,6 +118,20 @@ class RouterProcess:
                                                for k, v in (labels or {}).items()):
                     return sample.value
         return 0.0
+
+
+class RouterProcess(FerryProcess):
+    """A `ferry router` process with its own app id and ingress topic."""
+
+    def __init__(self, app_id: str, ingress: str, metrics_port: int, log: Path) -> None:
+        super().__init__("router", ["--app-id", app_id, "--ingress", ingress],
+                         "router ready", metrics_port, log)
+        self.app_id, self.ingress = app_id, ingress
+
+    def start(self, bootstrap: str, timeout: float = 60.0) -> None:  # type: ignore[override]
+        if "--bootstrap" not in self.args:
+            self.args += ["--bootstrap", bootstrap]
+        super().start(timeout)
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from prometheus_client.parser import text_string_to_metric_families
 
 from ferry import shadow_cli
 from ferry.broker import free_port
@@ -30,6 +22,7 @@ from schemas.topics import (
 from streams.comparator import PairWindow, ScoreAsk, compare, common_prefix, overlap
 from streams.shadow_report import format_table, summarize, write_png
 from tests.conftest import wait_for
+from tests.harness import FerryProcess
 from workers.topic_admin import ensure_topics
 
 
@@ -141,63 +134,19 @@ def test_png_written(tmp_path: Path) -> None:
 
 # ---- on the broker ---------------------------------------------------------------------
 
-_CLI = ("import argparse, sys; from ferry import shadow_cli; p = argparse.ArgumentParser(); "
-        "sub = p.add_subparsers(dest='command'); "
-        "shadow_cli.add_parsers(sub, lambda q: q.add_argument('--bootstrap')); "
-        "sys.exit(shadow_cli.dispatch(p.parse_args(sys.argv[1:])))")
-
-
-@dataclass
-class ComparatorProcess:
-    args: list[str]
-    metrics_port: int
-    log: Path
-    process: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        cmd = [sys.executable, "-c", _CLI, "comparator", *self.args,
-               "--metrics-port", str(self.metrics_port), "--log-level", "INFO"]
-        with self.log.open("a") as out:
-            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + timeout
-        while "comparator ready" not in self.log.read_text(errors="replace"):
-            assert self.process.poll() is None, f"exited:\n{self.log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"not ready:\n{self.log.read_text()[-3000:]}"
-            time.sleep(0.1)  # polling a log file for a condition, with a deadline
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def metric(self, name: str, labels: dict[str, str]) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics") as page:
-            text = page.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v
-                                               for k, v in labels.items()):
-                    return sample.value
-        return 0.0
-
-
 @pytest.fixture
 def tag(unique: Callable[[str], str]) -> str:
     return unique("cmp")
 
 
 @pytest.fixture
-def comparator(kafka_bootstrap: str, tag: str, tmp_path: Path) -> Iterator[ComparatorProcess]:
+def comparator(kafka_bootstrap: str, tag: str, tmp_path: Path) -> Iterator[FerryProcess]:
     """A comparator watching candidates `same-<tag>` and `diff-<tag>`, window 2 s."""
-    proc = ComparatorProcess(
-        ["--bootstrap", kafka_bootstrap, "--app-id", f"ferry-comparator-{tag}",
-         "--candidate", f"same-{tag}", "--candidate", f"diff-{tag}", "--window", "2",
-         "--score-timeout", "20"], free_port(), tmp_path / "comparator.log")
+    args = ["--bootstrap", kafka_bootstrap, "--app-id", f"ferry-comparator-{tag}",
+            "--candidate", f"same-{tag}", "--candidate", f"diff-{tag}", "--window", "2",
+            "--score-timeout", "20"]
+    proc = FerryProcess("comparator", args, "comparator ready", free_port(),
+                        tmp_path / "comparator.log")
     try:
         proc.start()
         yield proc
@@ -233,7 +182,7 @@ async def _fake_scorer(bootstrap: str, tag: str, producer: AIOKafkaProducer,
 
 
 async def test_comparator_pairs_scores_and_counts_unpaired(
-        kafka_bootstrap: str, tag: str, comparator: ComparatorProcess, read_topic) -> None:
+        kafka_bootstrap: str, tag: str, comparator: FerryProcess, read_topic) -> None:
     same, diff, primary = f"same-{tag}", f"diff-{tag}", f"prim-{tag}"
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
@@ -300,7 +249,7 @@ async def test_comparator_pairs_scores_and_counts_unpaired(
 
 
 async def test_real_shadow_worker_is_compared_and_scored(
-        kafka_bootstrap: str, tag: str, comparator: ComparatorProcess, start_worker,
+        kafka_bootstrap: str, tag: str, comparator: FerryProcess, start_worker,
         read_topic) -> None:
     """Workers of the same model as primary and shadow candidate: the comparator pairs their
     results and the shadow worker answers its score request."""
