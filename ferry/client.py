@@ -112,6 +112,12 @@ class FerryClient:
         if future is not None and not future.done():
             future.set_exception(delivery.exception())  # type: ignore[arg-type]
 
+    async def publish(self, topic: str, result: Result,
+                      headers: list[tuple[str, bytes]] | None = None) -> None:
+        """Post a result (keyed by its id) to a topic, e.g. a copy for other readers."""
+        await self._producer.send_and_wait(topic, encode(result), key=result.id.encode(),
+                                           headers=headers)
+
     def forget(self, request_id: str) -> None:
         """Stop waiting for a request (given up on, or about to be retried)."""
         future = self._waiting.pop(request_id, None)

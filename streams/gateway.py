@@ -31,7 +31,9 @@ finish reason, then `data: [DONE]`.
 Async: `"async": true` in the body (or `Prefer: respond-async`) answers 202 `{id}` at once;
 `GET /v1/requests/{id}?wait=S` long-polls (200 with the object, 202 if still pending, 404 if
 unknown) and `GET /v1/requests/{id}/events` streams it as SSE. Finished async results are
-kept for `RESULT_RETENTION_S`.
+kept for `RESULT_RETENTION_S` and copied to `ferry.results` (with the caller's tenant), so
+any gateway instance answers the poll; the same works for producers that posted on Kafka
+with `reply_to = ferry.results` (`streams.recent_results`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from ferry.client import FerryClient
-from schemas import ErrorCode, Request, Result, SchemaError
+from schemas import RESULTS_TOPIC, ErrorCode, Request, Result, SchemaError
 from schemas.errors import RETRYABLE
 from schemas.topics import API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_TOPIC
 from streams.backlog import BacklogProbe, retry_after_s
@@ -61,6 +63,7 @@ from streams.openai_format import (
     REASON, ApiError, completion_object, error_response, error_type, json_text, parse_call, pick_model,
     result_error, schema_error, stream_chunks,
 )
+from streams.recent_results import CHAT_HEADER, TENANT_HEADER, RecentResults, Seen
 from streams.registry import Registry
 from streams.routes import RouteTable
 
@@ -120,6 +123,7 @@ class Gateway:
         self.metrics = GatewayMetrics.create(registry)
         self.settings = settings
         self.pending: dict[str, Pending] = {}
+        self._sharing: set[asyncio.Future] = set()  # result copies being published
 
     async def start(self, _app: web.Application) -> None:
         self.client = FerryClient(self.bootstrap, reply_to=self.reply_to)
@@ -127,7 +131,9 @@ class Gateway:
         self.routes = RouteTable(self.bootstrap)
         self.backlog = BacklogProbe(self.bootstrap)
         self.deployments = Registry(self.bootstrap)
-        parts: list[Any] = [self.client, self.catalog, self.routes, self.backlog, self.deployments]
+        self.recent = RecentResults(self.bootstrap, retention_s=RESULT_RETENTION_S)
+        parts: list[Any] = [self.client, self.catalog, self.routes, self.backlog,
+                            self.deployments, self.recent]
         if self.settings.auth:
             self.keys = KeyRing(self.bootstrap)
             parts.append(self.keys)
@@ -138,9 +144,10 @@ class Gateway:
     async def close(self, _app: web.Application) -> None:
         for p in self.pending.values():
             p.task.cancel()
-        await asyncio.gather(*(p.task for p in self.pending.values()), return_exceptions=True)
+        await asyncio.gather(*(p.task for p in self.pending.values()), *self._sharing,
+                             return_exceptions=True)
         closers = [self.catalog.close(), self.routes.close(), self.backlog.close(),
-                   self.deployments.close(), self.client.close()] + ([self.keys.close()] if self.keys else [])
+                   self.deployments.close(), self.recent.close(), self.client.close()] + ([self.keys.close()] if self.keys else [])
         await asyncio.gather(*closers, return_exceptions=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -290,39 +297,60 @@ class Gateway:
     def _keep(self, request_id: str, pending: Pending) -> None:
         self.pending[request_id] = pending
         loop = asyncio.get_running_loop()
-        pending.task.add_done_callback(lambda _: loop.call_later(
-            RESULT_RETENTION_S, self.pending.pop, request_id, None))
+
+        def done(task: asyncio.Task[Result]) -> None:
+            loop.call_later(RESULT_RETENTION_S, self.pending.pop, request_id, None)
+            if not task.cancelled():
+                share = asyncio.ensure_future(self._share(task.result(), pending))
+                self._sharing.add(share)
+                share.add_done_callback(self._sharing.discard)
+
+        pending.task.add_done_callback(done)
+
+    async def _share(self, result: Result, pending: Pending) -> None:
+        """Copy an async call's result to `ferry.results`, so every gateway can answer it."""
+        headers = [(CHAT_HEADER, b"1" if pending.chat else b"0")]
+        if pending.tenant is not None:
+            headers.append((TENANT_HEADER, pending.tenant.encode()))
+        try:
+            await self.client.publish(RESULTS_TOPIC, result, headers)
+        except Exception as exc:  # this gateway still answers it; others will not
+            log.warning("result %s not shared: %r", result.id, exc)
 
     async def poll(self, http: web.Request) -> web.StreamResponse:
-        pending = self._pending(http)
-        try:
-            wait = float(http.query.get("wait", "30"))
-        except ValueError:
-            wait = -1.0
-        if not 0.0 <= wait <= MAX_WAIT_S:
-            raise ApiError(400, f"wait: must be a number of seconds in [0, {MAX_WAIT_S:g}]",
-                           ErrorCode.INVALID_REQUEST.value, "wait")
-        done, _ = await asyncio.wait([pending.task], timeout=wait)
+        wait = _wait_param(http)
+        found = await self._find(http, wait)
+        if isinstance(found, Seen):
+            return _answer(found.result, found.chat, int(time.time()))
+        done, _ = await asyncio.wait([found.task], timeout=wait)
         if not done:
             return web.json_response({"id": http.match_info["id"], "object": "request",
                                       "status": "pending"}, status=202)
-        return _answer(pending.task.result(), pending.chat, pending.created)
+        return _answer(found.task.result(), found.chat, found.created)
 
     async def events(self, http: web.Request) -> web.StreamResponse:
-        pending = self._pending(http)
-        result = await asyncio.shield(pending.task)
-        return await _send_events(http, result, pending.chat, pending.created)
+        found = await self._find(http, _wait_param(http))
+        if isinstance(found, Seen):
+            return await _send_events(http, found.result, found.chat, int(time.time()))
+        result = await asyncio.shield(found.task)
+        return await _send_events(http, result, found.chat, found.created)
 
-    def _pending(self, http: web.Request) -> Pending:
-        pending = self.pending.get(http.match_info["id"])
-        if pending is not None and pending.tenant is not None:
-            caller = self._caller(http)
-            if caller.tenant is None or caller.tenant.name != pending.tenant:
-                pending = None  # someone else's: as good as unknown
-        if pending is None:
-            raise ApiError(404, f"id: no request {http.match_info['id']!r} is known here",
-                           "not_found", "id")
-        return pending
+    async def _find(self, http: web.Request, wait: float) -> Pending | Seen:
+        """An async call accepted here, else a result on `ferry.results` (a producer's, or an
+        async call another gateway accepted), waiting up to `wait` s for it; only its tenant
+        may read one that names a tenant."""
+        request_id = http.match_info["id"]
+        tenant = self._caller(http).tenant if self.keys is not None else None
+        name = tenant.name if tenant else None
+        pending = self.pending.get(request_id)
+        if pending is not None:
+            if pending.tenant in (None, name):
+                return pending
+        elif (seen := await self.recent.wait(request_id, wait)) is not None:
+            if seen.tenant in (None, name):
+                return seen
+        raise ApiError(404, f"id: no request {request_id!r} is known here (nor a result for it "
+                       f"within {wait:g}s)", "not_found", "id")
 
     async def models(self, _http: web.Request) -> web.Response:
         aliases = self.routes.aliases()
@@ -360,6 +388,17 @@ class Gateway:
         self.metrics.requests.labels(label, str(response.status), reason).inc()
         self.metrics.latency.labels(label).observe(time.perf_counter() - start)
         return response
+
+
+def _wait_param(http: web.Request) -> float:
+    try:
+        wait = float(http.query.get("wait", "30"))
+    except ValueError:
+        wait = -1.0
+    if not 0.0 <= wait <= MAX_WAIT_S:
+        raise ApiError(400, f"wait: must be a number of seconds in [0, {MAX_WAIT_S:g}]",
+                       ErrorCode.INVALID_REQUEST.value, "wait")
+    return wait
 
 
 def _retryable(result: Result) -> bool:

@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from ferry.broker import free_port
-from schemas import Result, SchemaError, Usage, requests_topic
+from ferry.client import FerryClient
+from schemas import RESULTS_TOPIC, Request, Result, SchemaError, Usage, requests_topic
 from streams.gateway import serve
 from streams.openai_format import host_name, parse_call, pick_model, render_chat, stream_chunks
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
@@ -136,6 +137,34 @@ async def test_async_poll_and_events(start_worker, start_gateway, http, engine,
 
     async with http.get(f"{gw.url}/v1/requests/nobody-knows?wait=0") as resp:
         assert resp.status == 404
+
+
+async def test_any_gateway_answers_shared_results(start_worker, start_gateway, http, engine,
+                                                  unique, kafka_bootstrap) -> None:
+    """A request posted on Kafka with reply_to ferry.results, and an async call accepted by
+    another gateway instance, are both readable by id on any gateway."""
+    dep = unique("shared")
+    await start_worker(dep)
+    gw1, gw2 = await start_gateway(), await start_gateway()
+    want = alone(engine, "Once upon", max_new_tokens=4)
+    async with FerryClient(kafka_bootstrap, reply_to=RESULTS_TOPIC) as producer:
+        rid = unique("kafka-producer")
+        await producer.submit(Request(id=rid, model=dep, prompt="Once upon", max_new_tokens=4))
+        async with http.get(f"{gw2.url}/v1/requests/{rid}?wait=30") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["choices"][0]["text"] == want.text
+
+    status, accepted = await post(http, f"{gw1.url}/v1/chat/completions",
+                                  {"model": dep, "max_tokens": 4, "async": True,
+                                   "messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 202
+    async with http.get(f"{gw2.url}/v1/requests/{accepted['id']}?wait=30") as resp:
+        assert resp.status == 200
+        obj = await resp.json()
+    assert obj["object"] == "chat.completion" and obj["id"] == accepted["id"]
+    async with http.get(f"{gw2.url}/v1/requests/{accepted['id']}/events") as resp:
+        lines = [ln for ln in (await resp.text()).splitlines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and len(lines) >= 3
 
 
 async def test_pending_then_deadline(start_gateway, http, unique, kafka_bootstrap) -> None:

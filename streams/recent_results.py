@@ -1,0 +1,108 @@
+"""Results that arrive on a shared results topic, kept a while and awaitable by request id.
+
+This is how any gateway instance answers `GET /v1/requests/{id}` for a request it did not
+accept itself: producers that posted straight to Kafka with `reply_to = ferry.results`, and
+async calls accepted by another gateway (which copies their final result there, with the
+caller's tenant in a header so only that tenant can read it). Reading starts at the end of
+the topic when the gateway starts; results are kept `retention_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas import RESULTS_TOPIC, Result, SchemaError, decode_result
+
+log = logging.getLogger("ferry.results")
+
+TENANT_HEADER = "ferry-tenant"
+CHAT_HEADER = "ferry-chat"
+
+
+@dataclass(frozen=True)
+class Seen:
+    result: Result
+    tenant: str | None  # None: anyone with the id may read it
+    chat: bool
+    at: float
+
+
+class RecentResults:
+    def __init__(self, bootstrap: str, topic: str = RESULTS_TOPIC,
+                 retention_s: float = 600.0) -> None:
+        self.bootstrap, self.topic, self.retention_s = bootstrap, topic, retention_s
+        self._seen: dict[str, Seen] = {}
+        self._waiters: dict[str, list[asyncio.Future[Seen]]] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._reader: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                          enable_auto_commit=False)
+        await self._consumer.start()
+        partitions = self._consumer.partitions_for_topic(self.topic)
+        if not partitions:
+            await self._consumer._client.force_metadata_update()  # a topic new to us
+            partitions = self._consumer.partitions_for_topic(self.topic) or {0}
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # pin the positions: a result sent after start() is not missed
+            await self._consumer.position(tp)
+        self._reader = asyncio.create_task(self._read(), name="recent-results")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def wait(self, request_id: str, timeout_s: float) -> Seen | None:
+        """The result for `request_id`, waiting up to `timeout_s` for it to arrive."""
+        if (seen := self._seen.get(request_id)) is not None:
+            return seen
+        future: asyncio.Future[Seen] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(request_id, []).append(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            waiters = self._waiters.get(request_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._waiters.pop(request_id, None)
+
+    async def _read(self) -> None:
+        assert self._consumer is not None
+        async for message in self._consumer:
+            try:
+                result = decode_result(message.value)
+            except SchemaError as exc:
+                log.warning("unreadable result at %s@%d: %s", message.topic, message.offset, exc)
+                continue
+            headers = dict(message.headers or ())
+            tenant = headers.get(TENANT_HEADER)
+            seen = Seen(result, tenant.decode() if tenant else None,
+                        headers.get(CHAT_HEADER) == b"1", time.monotonic())
+            self._seen[result.id] = seen
+            for future in self._waiters.pop(result.id, []):
+                if not future.done():
+                    future.set_result(seen)
+            self._expire()
+
+    def _expire(self) -> None:
+        # dicts keep insertion order: the oldest entries are first.
+        cutoff = time.monotonic() - self.retention_s
+        while self._seen:
+            oldest = next(iter(self._seen))
+            if self._seen[oldest].at >= cutoff:
+                break
+            del self._seen[oldest]
