@@ -76,7 +76,7 @@ class _Refusal(Exception):
 
 
 class Router:
-    """One router instance: a faust app with one agent and one quota table."""
+    """One router instance: a faust app with one agent; quota buckets in a compacted topic."""
 
     def __init__(self, bootstrap: str, *, app_id: str = "ferry-router",
                  ingress: str = INGRESS_TOPIC, registry: CollectorRegistry | None = None) -> None:

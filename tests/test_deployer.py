@@ -93,20 +93,22 @@ async def test_checkpoints_become_endpoints_and_old_ones_retire(
     deployer = start_deployer(model, Policy(keep=1, settle_s=1.0), watch=watch)
     gw = await start_gateway(request_timeout_s=60)
 
-    started = time.monotonic()
     make_checkpoint(watch / "checkpoint-100", seed=1)
+    completed = time.time()  # COMPLETE written
     await wait_for(gateway_sees(gw, deployer, "checkpoint-100", "ready"), 120, "first deploy")
     path = f"{gw.url}/v1/models/{model}/versions/checkpoint-100/completions"
     code, obj = await post(http, path, {"prompt": "hello", "max_tokens": 3})
     assert code == 200 and obj["model"] == f"{model}-checkpoint-100", obj
-    first_answer = time.monotonic() - started
+    answered = time.time()
     code, obj = await post(http, f"{gw.url}/v1/completions",
                            {"model": f"{model}@checkpoint-100", "prompt": "hi", "max_tokens": 2})
     assert code == 200 and obj["model"] == f"{model}-checkpoint-100"
     record = deployer.record("checkpoint-100")
     assert record is not None
-    print(f"checkpoint to first answer {first_answer:.1f}s: "
-          + ", ".join(f"{k} {v:.2f}s" for k, v in record.durations.items()))
+    t = record.times
+    print(f"checkpoint complete -> first answer {answered - completed:.2f}s: found+verify "
+          f"{t['pending'] - completed:.2f}s, upload {t['loading'] - t['pending']:.2f}s, "
+          f"load {t['ready'] - t['loading']:.2f}s, ready -> answered {answered - t['ready']:.2f}s")
     assert set(record.durations) == {"verify_s", "upload_s", "load_s"}
 
     # A half-written checkpoint (truncated weights, no COMPLETE) is not taken...

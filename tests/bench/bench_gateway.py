@@ -25,11 +25,7 @@ tests/bench/results/gateway.json.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import platform
-import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,14 +35,14 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from ferry.broker import LocalBroker, free_port
+from ferry.broker import free_port
 from ferry.client import FerryClient
 from schemas import Request
 from schemas.topics import API_KEY_HEADER
 from streams.gateway import GatewaySettings, create_app
 from streams.keys import add_key
 from streams.routes import set_route
-from tests.harness import RouterProcess
+from tests.bench.common import kafka_and_tmp, pct, router_process, write_results
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
 from workers.model_factory import build_tiny_checkpoint
@@ -64,11 +60,6 @@ PROMPTS = [f"request number {i} asks the model about topic {i % 7}" for i in ran
 
 # One call: (e2e seconds, model ms when the path returns a Result, else None).
 Call = Callable[[int], Awaitable[tuple[float, float | None]]]
-
-
-def pct(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 \
-        else values[0]
 
 
 def kafka_call(client: FerryClient, model: str, topic: str | None = None,
@@ -234,34 +225,15 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
-    with tempfile.TemporaryDirectory() as tmp:
-        if bootstrap is None:  # the broker is started outside the event loop: it runs its own
-            broker = LocalBroker(Path(tmp) / "kafka", port=free_port())
-            bootstrap = broker.up()
-        tag = uuid.uuid4().hex[:8]
-        router = RouterProcess(f"ferry-router-bench-{tag}", f"ferry.ingress.bench-{tag}",
-                               free_port(), Path(tmp) / "router.log")
-        try:
-            model_dir = build_tiny_checkpoint(Path(tmp) / "model", seed=0)
-            router.start(bootstrap)
+    with kafka_and_tmp() as (bootstrap, tmp):
+        model_dir = build_tiny_checkpoint(tmp / "model", seed=0)
+        with router_process(bootstrap, tmp) as router:
             rows = asyncio.run(run_paths(bootstrap, model_dir, router.ingress))
-        finally:
-            router.stop()
-            if broker is not None:
-                broker.down()
     add_ratios(rows)
     print_table(rows)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                   "machine": platform.platform(), "cpus": os.cpu_count(),
-                                   "sequential_per_path": SEQUENTIAL,
-                                   "concurrent_per_path": CONCURRENT,
-                                   "concurrency": CONCURRENCY, "max_batch": MAX_BATCH,
-                                   "max_new_tokens": MAX_NEW_TOKENS, "rows": rows},
-                                  indent=2) + "\n")
-    print(f"\nwritten to {RESULTS}")
+    write_results(RESULTS, sequential_per_path=SEQUENTIAL, concurrent_per_path=CONCURRENT,
+                  concurrency=CONCURRENCY, max_batch=MAX_BATCH, max_new_tokens=MAX_NEW_TOKENS,
+                  rows=rows)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import platform
-import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -22,9 +19,9 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from ferry.broker import LocalBroker, free_port
 from ferry.client import FerryClient
 from schemas import Request
+from tests.bench.common import kafka_and_tmp, pct, write_results
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
 from workers.model_factory import build_tiny_checkpoint
@@ -36,11 +33,6 @@ MAX_BATCH = 8
 MAX_NEW_TOKENS = 16
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 PROMPTS = [f"request number {i} asks the model about topic {i % 7}" for i in range(N_REQUESTS)]
-
-
-def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 \
-        else values[0]
 
 
 def summary(name: str, latencies: list[float], wall: float) -> dict:
@@ -139,18 +131,9 @@ async def run_modes(bootstrap: str, model_dir: Path) -> list[dict]:
 
 
 def main() -> None:
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
-    with tempfile.TemporaryDirectory() as tmp:
-        if bootstrap is None:  # the broker is started outside the event loop: it runs its own
-            broker = LocalBroker(Path(tmp) / "kafka", port=free_port())
-            bootstrap = broker.up()
-        try:
-            model_dir = build_tiny_checkpoint(Path(tmp) / "model", seed=0)
-            rows = asyncio.run(run_modes(bootstrap, model_dir))
-        finally:
-            if broker is not None:
-                broker.down()
+    with kafka_and_tmp() as (bootstrap, tmp):
+        model_dir = build_tiny_checkpoint(tmp / "model", seed=0)
+        rows = asyncio.run(run_modes(bootstrap, model_dir))
     base = rows[0]
     print(f"\n{N_REQUESTS} requests, max_batch={MAX_BATCH}, max_new_tokens={MAX_NEW_TOKENS}, "
           f"tiny Llama on CPU ({os.cpu_count()} cores)\n")
@@ -163,11 +146,7 @@ def main() -> None:
         print(f"{row['mode']:<32}{row['req_per_s']:>9.1f}{row['p50_ms']:>10.1f}"
               f"{row['p99_ms']:>10.1f}{row['throughput_ratio_vs_pipeline']:>12.2f}x"
               f"{row['p50_ratio_vs_pipeline']:>10.2f}x{row['p99_ratio_vs_pipeline']:>10.2f}x")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                   "machine": platform.platform(), "cpus": os.cpu_count(),
-                                   "rows": rows}, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS}")
+    write_results(RESULTS, rows=rows)
 
 
 if __name__ == "__main__":

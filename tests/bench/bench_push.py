@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.bench.common import write_results
 from workers.model_store import push
 
 TOTAL_MB = int(os.environ.get("BENCH_PUSH_MB", "1024"))
@@ -105,12 +105,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['mode']:<36}{row['seconds']:>8.2f}{row['mib_per_s']:>9.0f}"
               f"{row['ratio_vs_sequential_copy']:>9.2f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                   "machine": platform.platform(), "cpus": os.cpu_count(),
-                                   "total_bytes": total, "repeat": REPEAT, "rows": rows},
-                                  indent=2) + "\n")
-    print(f"\nwritten to {RESULTS}")
+    write_results(RESULTS, total_bytes=total, repeat=REPEAT, rows=rows)
 
 
 if __name__ == "__main__":

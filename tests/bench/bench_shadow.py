@@ -26,11 +26,7 @@ tests/bench/results/shadow.json.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import platform
-import statistics
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -39,7 +35,6 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry
 
-from ferry.broker import LocalBroker, free_port
 from ferry.client import FerryClient
 from schemas import Request, decode
 from schemas.topics import (
@@ -48,6 +43,7 @@ from schemas.topics import (
 from streams.keys import add_key
 from streams.routes import set_route
 from streams.shadow import set_shadow
+from tests.bench.common import kafka_and_tmp, pct, router_process, write_results
 from tests.harness import RouterProcess
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
@@ -67,11 +63,6 @@ DRAIN_S = 120.0
 RESULTS = Path(__file__).parent / "results" / "shadow.json"
 PROMPTS = [f"request number {i} asks the model about topic {i % 7}" for i in range(64)]
 MODES = ("(a) off", "(b) 100% + cand", "(c) 100% no cand")
-
-
-def pct(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 \
-        else values[0]
 
 
 @dataclass
@@ -309,34 +300,15 @@ def print_table(rows: list[dict], shadow_side: dict) -> None:
 
 
 def main() -> None:
-    broker = None
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP")
-    with tempfile.TemporaryDirectory() as tmp:
-        if bootstrap is None:  # the broker is started outside the event loop: it runs its own
-            broker = LocalBroker(Path(tmp) / "kafka", port=free_port())
-            bootstrap = broker.up()
-        tag = uuid.uuid4().hex[:8]
-        router = RouterProcess(f"ferry-router-bench-{tag}", f"ferry.ingress.bench-{tag}",
-                               free_port(), Path(tmp) / "router.log")
-        try:
-            model_dir = build_tiny_checkpoint(Path(tmp) / "model", seed=0)
-            router.start(bootstrap)
+    with kafka_and_tmp() as (bootstrap, tmp):
+        model_dir = build_tiny_checkpoint(tmp / "model", seed=0)
+        with router_process(bootstrap, tmp) as router:
             out = asyncio.run(run_modes(bootstrap, model_dir, router))
-        finally:
-            router.stop()
-            if broker is not None:
-                broker.down()
     add_ratios(out["rows"])
     print_table(out["rows"], out["shadow_side"])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                   "machine": platform.platform(), "cpus": os.cpu_count(),
-                                   "sequential_per_mode": SEQUENTIAL,
-                                   "concurrent_per_mode": CONCURRENT, "rounds": ROUNDS,
-                                   "concurrency": CONCURRENCY, "max_batch": MAX_BATCH,
-                                   "max_new_tokens": MAX_NEW_TOKENS, **out},
-                                  indent=2) + "\n")
-    print(f"\nwritten to {RESULTS}")
+    write_results(RESULTS, sequential_per_mode=SEQUENTIAL, concurrent_per_mode=CONCURRENT,
+                  rounds=ROUNDS, concurrency=CONCURRENCY, max_batch=MAX_BATCH,
+                  max_new_tokens=MAX_NEW_TOKENS, **out)
 
 
 if __name__ == "__main__":
