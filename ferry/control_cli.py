@@ -96,7 +96,9 @@ async def _keys(args: argparse.Namespace) -> None:
     else:
         print(f"{'KEY ID':14} {'TENANT':20} {'RPM':>8} {'TPM':>10}  CREATED")
         for row in await list_keys(bootstrap):
-            created = datetime.fromtimestamp(float(row["created_at"] or 0), timezone.utc)  # type: ignore[arg-type]
+            stamp = row["created_at"]
+            created = datetime.fromtimestamp(stamp if isinstance(stamp, float) else 0,
+                                             timezone.utc)
             print(f"{row['id']!s:14} {row['tenant']!s:20} {row['rpm'] or '-'!s:>8} "
                   f"{row['tpm'] or '-'!s:>10}  {created:%Y-%m-%d %H:%M:%SZ}")
 

@@ -158,7 +158,8 @@ async def _checkpoints(bootstrap: str, home: Path) -> None:
         async with aiohttp.ClientSession() as http, FerryClient(bootstrap) as client:
             for step in (100, 200, 300):
                 version = f"checkpoint-{step}"
-                line = (await trainer.stdout.readline()).decode().strip()  # type: ignore[union-attr]
+                assert trainer.stdout is not None
+                line = (await trainer.stdout.readline()).decode().strip()
                 print(f"[train] {line}", flush=True)
                 while (record := deployer.record(version)) is None or record.status != "ready":
                     if deploying.done():
@@ -180,7 +181,8 @@ async def _checkpoints(bootstrap: str, home: Path) -> None:
                     text = (await r.json())["choices"][0]["text"]
                 took = ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in record.durations.items())
                 print(f"[demo] tinylm@{version} ready ({took}); val loss {state['val_loss']:.3f},"
-                      f" log-likelihood of a docstring {score.score:.2f}; 'Return the' -> {text!r}",
+                      f" log-likelihood of a docstring {score.score:.2f};"
+                      f" 'Return the' -> {text!r}",
                       flush=True)
         while (first := deployer.record("checkpoint-100")) and first.status != "retired":
             await asyncio.sleep(0.2)  # keep=2: the oldest drains, then retires

@@ -13,15 +13,19 @@ from schemas.topics import REQUESTS_PREFIX
 class DeploymentCatalog:
     """Which deployments exist: the `ferry.requests.*` topics, from a cached admin lookup.
 
-    A name found is trusted for `ttl_s`; a name not found triggers a fresh listing, at most
-    one per `min_refresh_s`, so unknown names cost one metadata request, not a timeout.
+    A name found is trusted for `ttl_s`. A name not found is unknown only if the listing is
+    newer than the request (`since`): a topic created a moment before its first request is
+    never refused from a stale list. Otherwise the catalog lists again, at most once per
+    `min_refresh_s` (waiting for the next allowed listing), so a stream of unknown names
+    costs at most two metadata requests a second, and never a timeout.
     """
 
     def __init__(self, bootstrap: str, ttl_s: float = 30.0, min_refresh_s: float = 0.5) -> None:
         self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         self._ttl_s, self._min_refresh_s = ttl_s, min_refresh_s
         self._names: set[str] = set()
-        self._listed_at = float("-inf")
+        self._listed_at = float("-inf")  # monotonic
+        self._listed_wall = float("-inf")  # unix time of the same listing
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -33,13 +37,25 @@ class DeploymentCatalog:
     async def names(self, max_age_s: float = 0.0) -> set[str]:
         async with self._lock:
             if time.monotonic() - self._listed_at > max_age_s:
-                topics = await self._admin.list_topics()
-                self._names = {t[len(REQUESTS_PREFIX):] for t in topics
-                               if t.startswith(REQUESTS_PREFIX)}
-                self._listed_at = time.monotonic()
+                await self._list()
             return set(self._names)
 
-    async def exists(self, deployment: str) -> bool:
+    async def exists(self, deployment: str, since: float | None = None) -> bool:
+        """Whether `deployment` has a request topic, as of unix time `since` (default now)."""
+        now = time.time()
+        since = now if since is None else min(since, now)  # a clock ahead must not stall us
         if deployment in await self.names(max_age_s=self._ttl_s):
             return True
-        return deployment in await self.names(max_age_s=self._min_refresh_s)
+        async with self._lock:
+            if self._listed_wall < since:
+                wait = self._listed_at + self._min_refresh_s - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # the throttle: at most one listing per interval
+                if self._listed_wall < since:  # nobody listed while we waited
+                    await self._list()
+            return deployment in self._names
+
+    async def _list(self) -> None:
+        topics = await self._admin.list_topics()
+        self._names = {t[len(REQUESTS_PREFIX):] for t in topics if t.startswith(REQUESTS_PREFIX)}
+        self._listed_at, self._listed_wall = time.monotonic(), time.time()

@@ -234,7 +234,7 @@ class Deployer:
         except asyncio.TimeoutError:
             result = None
         if result is None or result.error is not None:
-            reason = "no answer" if result is None else result.error.message  # type: ignore[union-attr]
+            reason = result.error.message if result and result.error else "no answer"
             await self.launcher.stop(record)
             await self._set(self._mine[record.id].moved("failed", error=f"probe: {reason}"))
             log.error("%s failed to come up: %s", record.id, reason)
@@ -271,7 +271,8 @@ class Deployer:
             await self._set(record.moved("draining"))
 
     def _in_routes(self, deployment: str) -> bool:
-        return any(route.weights.get(deployment, 0) > 0 for route in self.routes.aliases().values())
+        routes = self.routes.aliases().values()
+        return any(route.weights.get(deployment, 0) > 0 for route in routes)
 
     async def _drain_loop(self) -> None:
         """Retire draining deployments once everything queued for them is answered."""

@@ -60,8 +60,8 @@ from streams.catalog import DeploymentCatalog
 from streams.gateway_metrics import GatewayMetrics
 from streams.keys import KeyRing, Tenant
 from streams.openai_format import (
-    REASON, ApiError, completion_object, error_response, error_type, json_text, parse_call, pick_model,
-    result_error, schema_error, stream_chunks,
+    REASON, ApiError, completion_object, error_response, error_type, json_text, parse_call,
+    pick_model, result_error, schema_error, stream_chunks,
 )
 from streams.recent_results import CHAT_HEADER, TENANT_HEADER, RecentResults, Seen
 from streams.registry import Registry
@@ -146,9 +146,9 @@ class Gateway:
             p.task.cancel()
         await asyncio.gather(*(p.task for p in self.pending.values()), *self._sharing,
                              return_exceptions=True)
-        closers = [self.catalog.close(), self.routes.close(), self.backlog.close(),
-                   self.deployments.close(), self.recent.close(), self.client.close()] + ([self.keys.close()] if self.keys else [])
-        await asyncio.gather(*closers, return_exceptions=True)
+        parts: list[Any] = [self.catalog, self.routes, self.backlog, self.deployments,
+                            self.recent, self.client, *([self.keys] if self.keys else [])]
+        await asyncio.gather(*(part.close() for part in parts), return_exceptions=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)

@@ -174,9 +174,10 @@ class Router:
             await self.app.producer.send(self.ingress, tenant.name.encode(), value, None, None,
                                          list(headers.items()))
             return
+        posted = request.created_at or message.timestamp  # faust: seconds
         pinned = headers.get(DEPLOYMENT_HEADER, b"").decode(errors="replace")
-        deployment = pinned or await self._pick(request)
-        if not deployment or not await self.catalog.exists(deployment):
+        deployment = pinned or await self._pick(request, posted)
+        if not deployment or not await self.catalog.exists(deployment, posted):
             raise _Refusal(ErrorCode.UNKNOWN_MODEL,
                            f"model: {deployment or request.model!r} is not served by any "
                            "deployment", "model")
@@ -196,9 +197,7 @@ class Router:
             self._buckets[tenant.name] = verdict.state
             await self.app.producer.send(self.quota_topic, tenant.name.encode(),
                                          encode(verdict.state), None, None, None)
-        forwarded = dataclasses.replace(
-            request, model=deployment,
-            created_at=request.created_at or message.timestamp)  # faust: in seconds
+        forwarded = dataclasses.replace(request, model=deployment, created_at=posted)
         shadow = self.shadows.get(request.model) if _attempt(headers) <= 1 else None
         if shadow is not None and not shadow.mirrors(request.id):
             shadow = None
@@ -210,12 +209,13 @@ class Router:
         if shadow is not None:
             await self._mirror(forwarded, shadow, deployment)
 
-    async def _pick(self, request: Request) -> str | None:
+    async def _pick(self, request: Request, posted: float) -> str | None:
         """The routed backend that exists and takes new requests (deployed checkpoints do so
         only when ready)."""
         tried: set[str] = set()
         while (deployment := self.routes.resolve(request.model, request.id, tried)) is not None:
-            if self.registry.accepts_new(deployment) and await self.catalog.exists(deployment):
+            if self.registry.accepts_new(deployment) and await self.catalog.exists(deployment,
+                                                                                  posted):
                 return deployment
             tried.add(deployment)
         return None
