@@ -71,6 +71,7 @@ class Deployer:
         self.registry = Registry(bootstrap)
         self._waiting: dict[str, str] = {}  # checkpoint dir -> why it is not taken yet
         self._queued: set[str] = set()  # versions found finished, deployment under way
+        self._held: set[str] = set()  # kept beyond `keep` because a route uses them
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._mine: dict[str, DeploymentRecord] = {}  # this model's records, latest state
         self.deployed = asyncio.Event()  # set after each deployment became ready (for tests)
@@ -265,8 +266,10 @@ class Deployer:
                        key=lambda r: version_order(r.version))
         for record in ready[:-self.policy.keep] if self.policy.keep > 0 else []:
             if self._in_routes(record.deployment):
-                log.info("keeping %s beyond keep=%d: a route still sends it traffic",
-                         record.id, self.policy.keep)
+                if record.id not in self._held:  # said once, not every tick
+                    self._held.add(record.id)
+                    log.info("keeping %s beyond keep=%d: a route still sends it traffic",
+                             record.id, self.policy.keep)
                 continue
             await self._set(record.moved("draining"))
 
@@ -275,8 +278,11 @@ class Deployer:
         return any(route.weights.get(deployment, 0) > 0 for route in routes)
 
     async def _drain_loop(self) -> None:
-        """Retire draining deployments once everything queued for them is answered."""
+        """Drain what the keep policy no longer keeps (a checkpoint that just left its last
+        route, after a route change or a finished canary), and retire draining deployments
+        once everything queued for them is answered."""
         while True:
+            await self._apply_keep()
             for record in [r for r in self._mine.values() if r.status == "draining"]:
                 if (await self.backlog.sample(record.deployment)).lag == 0:
                     await self.launcher.stop(record)

@@ -71,6 +71,7 @@ log = logging.getLogger("ferry.gateway")
 
 RESULT_RETENTION_S = 600.0
 MAX_WAIT_S = 300.0
+CLOSE_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,15 @@ class Gateway:
     async def close(self, _app: web.Application) -> None:
         for p in self.pending.values():
             p.task.cancel()
-        await asyncio.gather(*(p.task for p in self.pending.values()), *self._sharing,
-                             return_exceptions=True)
         parts: list[Any] = [self.catalog, self.routes, self.backlog, self.deployments,
                             self.recent, self.client, *([self.keys] if self.keys else [])]
-        await asyncio.gather(*(part.close() for part in parts), return_exceptions=True)
+        try:  # bounded: a broker that stopped answering must not hold the shutdown
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await asyncio.gather(*(p.task for p in self.pending.values()), *self._sharing,
+                                     return_exceptions=True)
+                await asyncio.gather(*(part.close() for part in parts), return_exceptions=True)
+        except TimeoutError:
+            log.warning("gateway: Kafka clients not closed within %gs", CLOSE_TIMEOUT_S)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)

@@ -148,13 +148,15 @@ async def test_rolling_switch_under_load_fails_nothing(
         start_deployer, start_gateway, unique, tmp_path, kafka_bootstrap) -> None:
     model, alias, watch = unique("llm"), unique("main"), tmp_path / "run"
     watch.mkdir()
-    deployer = start_deployer(model, Policy(keep=2, settle_s=1.0), watch=watch)
-    make_checkpoint(watch / "checkpoint-1", seed=1)
-    make_checkpoint(watch / "checkpoint-2", seed=2)
-    await wait_for(lambda: status(deployer, "checkpoint-1") == status(deployer, "checkpoint-2")
-                   == "ready", 180, "two deployments")
+    deployer = start_deployer(model, Policy(keep=1, settle_s=1.0), watch=watch)
     a, b = f"{model}-checkpoint-1", f"{model}-checkpoint-2"
+    make_checkpoint(watch / "checkpoint-1", seed=1)
+    await wait_for(lambda: status(deployer, "checkpoint-1") == "ready", 120, "A")
     await set_route(kafka_bootstrap, alias, {a: 100})
+    await wait_for(lambda: deployer.routes.get(alias) is not None, 10, "the deployer")
+    make_checkpoint(watch / "checkpoint-2", seed=2)
+    await wait_for(lambda: status(deployer, "checkpoint-2") == "ready", 120, "B")
+    assert status(deployer, "checkpoint-1") == "ready"  # beyond keep=1, but routed: kept
     gw = await start_gateway(request_timeout_s=120)
     await wait_for(gateway_sees(gw, deployer, "checkpoint-2", "ready"), 30, "the gateway")
 
@@ -175,8 +177,7 @@ async def test_rolling_switch_under_load_fails_nothing(
 
         traffic = asyncio.create_task(load())
         await wait_for(lambda: len(answered) >= n // 3, 120, "a third of the load")
-        await set_route(kafka_bootstrap, alias, {b: 100})  # the switch
-        await request_undeploy(kafka_bootstrap, f"{model}@checkpoint-1")  # drain A
+        await set_route(kafka_bootstrap, alias, {b: 100})  # the switch: A drains by itself
         await asyncio.wait_for(traffic, 180)
     assert [c for c, _ in answered if c != 200] == []
     served = {m for _, m in answered}
@@ -215,6 +216,8 @@ async def test_announced_and_stored_checkpoints_deploy(start_deployer, unique, t
     first, second = f"{model}-step-10", f"{model}-step-20"
     assert (await read_shadows(kafka_bootstrap))[shadowed].candidates == (second,)
     assert (await read_routes(kafka_bootstrap))[canaried].weights == {first: 80, second: 20}
+    await request_undeploy(kafka_bootstrap, f"{model}@step-10")  # by hand, though routed
+    await wait_for(lambda: status(deployer, "step-10") == "retired", 60, "undeploy")
     listing = await asyncio.to_thread(subprocess.run, [
         sys.executable, "-m", "ferry.cli", "deployments", "--bootstrap", kafka_bootstrap],
         capture_output=True, text=True, timeout=60)

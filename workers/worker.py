@@ -44,6 +44,8 @@ log = logging.getLogger("ferry.worker")
 _RECORD_OVERHEAD = 512
 # How often an idle worker checks that its engine (all its ranks) can still serve.
 _HEALTH_EVERY_S = 1.0
+# Longest a stopping worker waits on the broker for each shutdown step.
+_SHUTDOWN_STEP_S = 15.0
 
 
 @dataclass
@@ -156,11 +158,22 @@ class Worker:
         # Queued requests are not answered here: their offsets stay uncommitted, so the
         # group's next owner of the partition serves them.
         try:
-            async with self._batch_lock:
-                await self._delivered()
-            await self._commit()
+            # Bounded: with the group coordinator unreachable a commit retries for ever, and
+            # what stays uncommitted is only served again, never lost.
+            async with asyncio.timeout(_SHUTDOWN_STEP_S):
+                async with self._batch_lock:
+                    await self._delivered()
+                await self._commit()
+        except TimeoutError:
+            log.warning("shutdown: last answers not committed within %gs; the group's next "
+                        "owner serves them again", _SHUTDOWN_STEP_S)
         finally:
-            await self._consumer.stop()
+            try:
+                async with asyncio.timeout(_SHUTDOWN_STEP_S):
+                    await self._consumer.stop()
+            except TimeoutError:
+                log.warning("shutdown: leaving the group took over %gs; the broker expires "
+                            "this member instead", _SHUTDOWN_STEP_S)
             await self._producer.stop()
             log.info("worker stopped: deployment=%s", self.config.deployment)
 
