@@ -289,7 +289,7 @@ def _canary(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from ferry.client import FerryClient
+    from streams.client import FerryClient
     from schemas import Request, encode
 
     async def go() -> None:

@@ -28,9 +28,9 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from ferry.broker import LocalBroker, ferry_home, free_port
-from ferry.client import FerryClient
 from schemas import Request, requests_topic
 from schemas.topics import shadow_results_topic
+from streams.client import FerryClient
 from streams.shadow_report import format_table, read_comparisons, summarize
 
 DEPLOYMENT = "tiny"

@@ -28,11 +28,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from ferry.client import FerryClient
 from schemas import Request, SchemaError, decode, encode, requests_topic
 from schemas.topics import CHECKPOINTS_TOPIC
 from streams.backlog import BacklogProbe
 from streams.canary import split_weights
+from streams.client import FerryClient
 from streams.launchers import Launcher
 from streams.registry import LIVE, DeploymentRecord, Registry, publish
 from streams.routes import RouteTable, set_route

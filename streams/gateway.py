@@ -51,12 +51,12 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from ferry.client import FerryClient
 from schemas import RESULTS_TOPIC, ErrorCode, Request, Result, SchemaError
 from schemas.errors import RETRYABLE
 from schemas.topics import API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_TOPIC
 from streams.backlog import BacklogProbe, retry_after_s
 from streams.catalog import DeploymentCatalog
+from streams.client import FerryClient
 from streams.gateway_metrics import GatewayMetrics
 from streams.keys import KeyRing, Tenant
 from streams.openai_format import (

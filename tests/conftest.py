@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry
 
 from ferry.broker import LocalBroker, free_port
-from ferry.client import FerryClient
+from streams.client import FerryClient
 from workers.config import WorkerConfig
 from workers.engine import Engine
 from workers.model_factory import build_tiny_checkpoint

@@ -11,12 +11,12 @@ import orjson
 import pytest
 
 from ferry.broker import free_port
-from ferry.client import FerryClient
 from schemas import RESULTS_TOPIC, Request, Result, SchemaError, Usage, requests_topic
+from streams.client import FerryClient
 from streams.gateway import serve
 from streams.openai_format import host_name, parse_call, pick_model, render_chat, stream_chunks
-from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
 from tests.harness import post
+from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
 from workers.topic_admin import ensure_topics
 
 

@@ -15,9 +15,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from ferry.broker import free_port
-from ferry.client import FerryClient
 from schemas import ErrorCode, Request, Result, decode, decode_request, requests_topic
 from schemas.topics import API_KEY_HEADER
+from streams.client import FerryClient
 from streams.gateway import GATEWAY
 from streams.keys import KeyRing, Tenant, add_key, revoke_key
 from streams.quota import admit, estimate_tokens

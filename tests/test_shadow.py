@@ -9,11 +9,11 @@ import uuid
 
 import torch
 
-from ferry.client import FerryClient
 from schemas import Request, decode, decode_result, requests_topic
 from schemas.topics import (
     API_KEY_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, mirror_topic, shadow_results_topic,
 )
+from streams.client import FerryClient
 from streams.keys import add_key
 from streams.routes import set_route
 from streams.shadow import Shadow, set_shadow

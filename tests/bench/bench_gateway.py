@@ -36,9 +36,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from ferry.broker import free_port
-from ferry.client import FerryClient
 from schemas import Request
 from schemas.topics import API_KEY_HEADER
+from streams.client import FerryClient
 from streams.gateway import GatewaySettings, create_app
 from streams.keys import add_key
 from streams.routes import set_route

@@ -19,8 +19,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from ferry.client import FerryClient
 from schemas import Request
+from streams.client import FerryClient
 from tests.bench.common import kafka_and_tmp, pct, write_results
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams

@@ -35,11 +35,11 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry
 
-from ferry.client import FerryClient
 from schemas import Request, decode
 from schemas.topics import (
     API_KEY_HEADER, INGRESS_PARTITIONS, PRIMARY_RESULTS_TOPIC, mirror_topic, shadow_results_topic,
 )
+from streams.client import FerryClient
 from streams.keys import add_key
 from streams.routes import set_route
 from streams.shadow import set_shadow
