@@ -4,8 +4,10 @@ read → admit (validate, tokenise) → batcher → engine → publish → commi
 committed only after every answer of the offsets before them is acknowledged by the broker
 (`OffsetTracker`), so killing a worker loses no request. Every message ends as exactly one
 thing: a result on its `reply_to`, or a dead letter on `ferry.dlq` (plus an error result
-when the bad message still says where to answer). Each delivered batch also sends one
-telemetry record (latency and error per result) for canaries and dashboards.
+when the bad message still says where to answer). A shadow candidate (`shadow=True`) answers
+on its `ferry.shadow-results.<deployment>` instead, never to the client; a primary copies its
+results of mirrored requests to `ferry.primary-results` for the comparator. Each delivered
+batch also sends one telemetry record (latency and error per result) for canaries.
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ class Job:
     request: Request
     input_ids: list[int]     # [prompt_tokens]
     created: float           # unix seconds: producer's created_at, else the record timestamp
-    route: Route
+    dest: Destination
 
 
 @dataclass(frozen=True)
-class Route:
+class Destination:
     """Where a request's result goes: its reply topic, copies, and the headers they carry."""
 
     reply_to: str | None
@@ -76,7 +78,7 @@ class Answer:
     tp: TopicPartition
     offset: int
     result: Result | None = None
-    route: Route = Route(None)
+    dest: Destination = Destination(None)
     dead_letter: DeadLetter | None = None
     created: float | None = None  # unix seconds the request was made, for telemetry
 
@@ -215,16 +217,16 @@ class Worker:
         except SchemaError as exc:
             return self._reject(tp, msg, exc)
         created = request.created_at or msg.timestamp / 1000
-        route = self._route(request.reply_to, msg)
+        dest = self._destination(request.reply_to, msg)
         try:
             input_ids = self._validate(request)
         except _Refused as refusal:
-            return Answer(tp, msg.offset, route=route, created=created,
+            return Answer(tp, msg.offset, dest=dest, created=created,
                           result=Result.failure(request.id, request.model, refusal.code,
                                                 refusal.message))
         key = request.batch_key or (msg.key.decode(errors="replace") if msg.key else None)
         key = key or batch_key(request, self.config.deployment)
-        self._batcher.add(key, Job(tp, msg.offset, request, input_ids, created, route),
+        self._batcher.add(key, Job(tp, msg.offset, request, input_ids, created, dest),
                           time.monotonic())
         self.metrics.queue_depth.labels(self.config.deployment).set(len(self._batcher))
         return None
@@ -241,21 +243,21 @@ class Worker:
         answer = Answer(tp, msg.offset, dead_letter=letter, created=msg.timestamp / 1000)
         if (address := salvage_reply_address(msg.value)) is not None:
             rid, model, reply_to = address
-            answer.route = self._route(reply_to, msg)
+            answer.dest = self._destination(reply_to, msg)
             answer.result = Result.failure(rid, model, ErrorCode.INVALID_REQUEST, str(exc))
         return answer
 
-    def _route(self, reply_to: str, msg: ConsumerRecord) -> Route:
+    def _destination(self, reply_to: str, msg: ConsumerRecord) -> Destination:
         """A shadow worker answers only on its shadow-results topic, never to the client; a
         primary copies results of mirrored requests for the comparator."""
         headers = dict(msg.headers or ())
         if self.config.shadow:
-            return Route(shadow_results_topic(self.config.deployment),
+            return Destination(shadow_results_topic(self.config.deployment),
                          headers=((PRIMARY_HEADER, headers.get(PRIMARY_HEADER, b"")),))
         if MIRRORED_HEADER in headers:
-            return Route(reply_to, (PRIMARY_RESULTS_TOPIC,),
+            return Destination(reply_to, (PRIMARY_RESULTS_TOPIC,),
                          (("ferry-deployment", self.config.deployment.encode()),))
-        return Route(reply_to)
+        return Destination(reply_to)
 
     def _validate(self, request: Request) -> list[int]:
         if request.model != self.config.deployment:
@@ -384,7 +386,7 @@ class Worker:
                             finish_reason="stop", score=score,
                             usage=Usage(len(job.input_ids) + len(target), 0),
                             timings=Timings(max(0.0, start - job.created) * 1000, elapsed * 1000))
-            answers.append(Answer(job.tp, job.offset, result=result, route=job.route,
+            answers.append(Answer(job.tp, job.offset, result=result, dest=job.dest,
                                   created=job.created))
         return answers
 
@@ -398,11 +400,11 @@ class Worker:
             usage=Usage(out.prompt_tokens, len(out.output_ids)),
             timings=Timings(queued_ms=max(0.0, start - job.created) * 1000,
                             inference_ms=elapsed * 1000))
-        return Answer(job.tp, job.offset, result=result, route=job.route, created=job.created)
+        return Answer(job.tp, job.offset, result=result, dest=job.dest, created=job.created)
 
     def _failed(self, job: Job, code: ErrorCode, message: str) -> Answer:
         result = Result.failure(job.request.id, job.request.model, code, message)
-        return Answer(job.tp, job.offset, result=result, route=job.route, created=job.created)
+        return Answer(job.tp, job.offset, result=result, dest=job.dest, created=job.created)
 
     # ---- publish and commit ----------------------------------------------------------
 
@@ -427,8 +429,8 @@ class Worker:
         acks = []
         if answer.dead_letter is not None:
             acks.append(await self._producer.send(DLQ_TOPIC, encode(answer.dead_letter)))
-        if answer.result is not None and answer.route.reply_to is not None:
-            for topic in (answer.route.reply_to, *answer.route.also):
+        if answer.result is not None and answer.dest.reply_to is not None:
+            for topic in (answer.dest.reply_to, *answer.dest.also):
                 acks.append(asyncio.ensure_future(self._send_result(answer, topic)))
         return acks
 
@@ -447,13 +449,13 @@ class Worker:
         if result.error is None and len(value) + len(key) > self.config.max_message_bytes:
             result = answer.result = self._too_large(result, len(value))
             value = encode(result)
-        headers = list(answer.route.headers) or None
+        headers = list(answer.dest.headers) or None
         try:
             await (await self._producer.send(reply_to, value, key=key, headers=headers))
         except MessageSizeTooLargeError:  # the topic's own limit is below ours
             result = answer.result = self._too_large(result, len(value))
             await (await self._producer.send(reply_to, encode(result), key=key, headers=headers))
-        if reply_to == answer.route.reply_to:  # copies are not counted twice
+        if reply_to == answer.dest.reply_to:  # copies are not counted twice
             self._count(result)
 
     def _too_large(self, result: Result, size: int) -> Result:
