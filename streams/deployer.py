@@ -103,14 +103,17 @@ class Deployer:
     async def _adopt(self) -> None:
         """After a restart, bring this model's live deployments back up."""
         for record in self.registry.records():
-            if record.name != self.model:
-                continue
-            self._mine[record.id] = record
-            if record.status in LIVE:
+            if record.name != self.model or record.status == "pending":
+                continue  # a pending one was cut off mid-upload: it is deployed afresh (the
+                # push resumes) when the directory or its event is seen again
+            if record.status in ("loading", "ready"):  # ready again once it answers again
                 log.info("adopting %s (%s)", record.id, record.status)
-                await self.launcher.start(record)
-                if record.status != "draining":
-                    self._queue.put_nowait(("probe", record))
+                await self._set(record.moved("loading"))
+                self._queue.put_nowait(("probe", self._mine[record.id]))
+            else:
+                self._mine[record.id] = record
+            if record.status in LIVE:
+                await self.launcher.start(self._mine[record.id])
 
     # ---- inputs: the watched directory and the checkpoints topic -------------------------
 

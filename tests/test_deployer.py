@@ -51,22 +51,34 @@ def gateway_sees(gw, deployer: Deployer, version: str, wanted: str) -> Callable[
     return seen
 
 
-@pytest.fixture
-async def start_deployer(kafka_bootstrap: str, tmp_path: Path
-                         ) -> AsyncIterator[Callable[..., Deployer]]:
-    tasks: list[asyncio.Task] = []
+class Deployers:
+    """start_deployer(model, policy, watch=...) runs a Deployer in this loop; `stop` ends one
+    (its launcher stops its workers); the rest end at teardown."""
 
-    def start(model: str, policy: Policy, watch: Path | None = None) -> Deployer:
-        launcher = LocalLauncher(kafka_bootstrap, tmp_path / "logs", backoff_s=(0.2, 1.0))
-        deployer = Deployer(kafka_bootstrap, model, tmp_path / "store", launcher, policy,
+    def __init__(self, bootstrap: str, tmp_path: Path) -> None:
+        self.bootstrap, self.tmp_path = bootstrap, tmp_path
+        self.tasks: dict[int, asyncio.Task] = {}
+
+    def __call__(self, model: str, policy: Policy, watch: Path | None = None) -> Deployer:
+        launcher = LocalLauncher(self.bootstrap, self.tmp_path / "logs", backoff_s=(0.2, 1.0))
+        deployer = Deployer(self.bootstrap, model, self.tmp_path / "store", launcher, policy,
                             watch=watch, poll_s=0.2)
-        tasks.append(asyncio.create_task(deployer.run()))
+        self.tasks[id(deployer)] = asyncio.create_task(deployer.run())
         return deployer
 
-    yield start
-    for task in tasks:
+    async def stop(self, deployer: Deployer) -> None:
+        task = self.tasks.pop(id(deployer))
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def start_deployer(kafka_bootstrap: str, tmp_path: Path) -> AsyncIterator[Deployers]:
+    deployers = Deployers(kafka_bootstrap, tmp_path)
+    yield deployers
+    for task in deployers.tasks.values():
+        task.cancel()
+    await asyncio.gather(*deployers.tasks.values(), return_exceptions=True)
 
 
 def test_finished_means_complete_or_settled_and_whole(tmp_path: Path) -> None:
@@ -223,3 +235,24 @@ async def test_announced_and_stored_checkpoints_deploy(start_deployer, unique, t
         capture_output=True, text=True, timeout=60)
     row = next(line for line in listing.stdout.splitlines() if f"{model}@step-20" in line)
     assert "ready" in row and f"/v1/models/{model}/versions/step-20/completions" in row
+
+
+async def test_restarted_deployer_adopts_its_deployments(start_deployer, start_gateway, http,
+                                                         unique, tmp_path) -> None:
+    model, watch = unique("llm"), tmp_path / "run"
+    watch.mkdir()
+    first = start_deployer(model, Policy(keep=2, settle_s=1.0), watch=watch)
+    make_checkpoint(watch / "checkpoint-5", seed=5)
+    await wait_for(lambda: status(first, "checkpoint-5") == "ready", 120, "the deployment")
+    await start_deployer.stop(first)  # its launcher stops the worker with it
+
+    second = start_deployer(model, Policy(keep=2, settle_s=1.0), watch=watch)
+    await wait_for(lambda: status(second, "checkpoint-5") == "ready", 120, "adoption")
+    assert second.record("checkpoint-5").times["loading"] > first.record("checkpoint-5").times[
+        "ready"]  # it went through loading again: ready means answering
+    gw = await start_gateway(request_timeout_s=60)
+    launcher = second.launcher
+    assert isinstance(launcher, LocalLauncher) and launcher.pids(f"{model}-checkpoint-5")
+    code, obj = await post(http, f"{gw.url}/v1/models/{model}/versions/checkpoint-5/completions",
+                           {"prompt": "again", "max_tokens": 2})
+    assert code == 200 and obj["model"] == f"{model}-checkpoint-5"
