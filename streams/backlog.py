@@ -14,10 +14,11 @@ import math
 import time
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.topics import requests_topic, worker_group
+from workers.topic_admin import topic_partitions
 
 
 @dataclass
@@ -55,12 +56,7 @@ class BacklogProbe:
             return sample
 
     async def _measure(self, deployment: str, last: Sample | None) -> Sample:
-        topic = requests_topic(deployment)
-        partitions = self._offsets.partitions_for_topic(topic)
-        if not partitions:
-            await self._offsets._client.force_metadata_update()  # a topic new to this probe
-            partitions = self._offsets.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(self._offsets, requests_topic(deployment))
         if not tps:
             return Sample(0, 0, time.monotonic())
         ends = await self._offsets.end_offsets(tps)

@@ -32,7 +32,7 @@ from schemas import ErrorCode, SchemaError, decode
 from schemas.topics import TELEMETRY_TOPIC
 from streams.routes import NAME, read_routes, set_route
 from workers.telemetry import TELEMETRY_PARTITIONS
-from workers.topic_admin import ensure_topics
+from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions
 
 log = logging.getLogger("ferry.canary")
 
@@ -170,11 +170,7 @@ class TelemetryWatch:
     async def start(self) -> None:
         await ensure_topics(self.bootstrap, {TELEMETRY_TOPIC: TELEMETRY_PARTITIONS})
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(TELEMETRY_TOPIC)
-        if not partitions:
-            await self._consumer._client.force_metadata_update()  # a topic created just now
-            partitions = self._consumer.partitions_for_topic(TELEMETRY_TOPIC) or {0}
-        self._tps = [TopicPartition(TELEMETRY_TOPIC, p) for p in sorted(partitions)]
+        self._tps = await topic_partitions(self._consumer, TELEMETRY_TOPIC)
         self._consumer.assign(self._tps)
 
     async def close(self) -> None:
@@ -182,9 +178,7 @@ class TelemetryWatch:
 
     async def mark(self) -> None:
         """Skip everything sent so far; the position is fixed before this returns."""
-        await self._consumer.seek_to_end(*self._tps)
-        for tp in self._tps:
-            await self._consumer.position(tp)
+        await pin_to_end(self._consumer, self._tps)
 
     async def collect(self, seconds: float, old: set[str],
                       new: str) -> tuple[WindowStats, WindowStats]:

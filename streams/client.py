@@ -11,13 +11,13 @@ import dataclasses
 import logging
 import time
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas import (
     RESULTS_TOPIC, ErrorCode, Request, Result, SchemaError, batch_key, decode_result, encode,
     requests_topic,
 )
-from workers.topic_admin import ensure_topics
+from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions
 
 log = logging.getLogger("ferry.client")
 
@@ -49,15 +49,9 @@ class FerryClient:
         await ensure_topics(self.bootstrap, {self.reply_to: self._partitions})
         await self._producer.start()
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self.reply_to) or set()
-        if not partitions:
-            await self._consumer._client.force_metadata_update()  # fresh topic: learn its partitions
-            partitions = self._consumer.partitions_for_topic(self.reply_to) or {0}
-        tps = [TopicPartition(self.reply_to, p) for p in sorted(partitions)]
+        tps = await topic_partitions(self._consumer, self.reply_to)
         self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:  # pin the positions now, so no result sent after start() is missed
-            await self._consumer.position(tp)
+        await pin_to_end(self._consumer, tps)  # no result sent after start() is missed
         self._reader = asyncio.create_task(self._read_results(), name="ferry-client-results")
         self._reader.add_done_callback(self._reader_done)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import SchemaError, decode, encode
-from workers.topic_admin import ensure_topics
+from workers.topic_admin import ensure_topics, topic_partitions
 
 log = logging.getLogger("ferry.control")
 
@@ -63,11 +64,7 @@ class CompactedView:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
                                           enable_auto_commit=False, fetch_max_wait_ms=100)
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self.topic)
-        if not partitions:
-            await self._consumer._client.force_metadata_update()  # a topic created just now
-            partitions = self._consumer.partitions_for_topic(self.topic) or {0}
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(self._consumer, self.topic)
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         self._targets = {tp: off for tp, off in (await self._consumer.end_offsets(tps)).items()
@@ -117,3 +114,29 @@ class CompactedView:
             self.values[key] = value
         for callback in self.on_change:
             callback(key, value)
+
+
+class ControlTable:
+    """A typed reading of one compacted control topic; subclasses interpret `view.values`."""
+
+    topic: ClassVar[str]
+
+    def __init__(self, bootstrap: str) -> None:
+        self.view = CompactedView(bootstrap, self.topic)
+
+    async def start(self) -> None:
+        await self.view.start()
+
+    async def close(self) -> None:
+        await self.view.close()
+
+    @classmethod
+    @asynccontextmanager
+    async def snapshot(cls, bootstrap: str) -> AsyncIterator[Self]:
+        """The table read up to now, for a one-off look (the CLI, a canary's start)."""
+        table = cls(bootstrap)
+        await table.start()
+        try:
+            yield table
+        finally:
+            await table.close()

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from schemas.topics import KEYS_TOPIC
-from streams.control import CompactedView, put
+from streams.control import ControlTable, put
 
 KEY_FORMAT = re.compile(r"^fk_([0-9a-f]{12})_([A-Za-z0-9_-]{32})$")
 TENANT = re.compile(r"^[a-zA-Z0-9._-]{1,100}$")
@@ -39,17 +39,10 @@ def key_id(api_key: str) -> str | None:
     return match.group(1) if match else None
 
 
-class KeyRing:
+class KeyRing(ControlTable):
     """Authenticates API keys against the live `ferry.keys` table."""
 
-    def __init__(self, bootstrap: str) -> None:
-        self.view = CompactedView(bootstrap, KEYS_TOPIC)
-
-    async def start(self) -> None:
-        await self.view.start()
-
-    async def close(self) -> None:
-        await self.view.close()
+    topic = KEYS_TOPIC
 
     def authenticate(self, api_key: str | None) -> Tenant | None:
         kid = key_id(api_key or "")
@@ -113,9 +106,5 @@ async def revoke_key(bootstrap: str, key_or_id: str) -> str:
 
 
 async def list_keys(bootstrap: str) -> list[dict[str, object]]:
-    ring = KeyRing(bootstrap)
-    await ring.start()
-    try:
+    async with KeyRing.snapshot(bootstrap) as ring:
         return ring.listing()
-    finally:
-        await ring.close()

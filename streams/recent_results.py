@@ -14,9 +14,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from schemas import RESULTS_TOPIC, Result, SchemaError, decode_result
+from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions
 
 log = logging.getLogger("ferry.results")
 
@@ -41,19 +42,14 @@ class RecentResults:
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task | None = None
 
-    async def start(self) -> None:
+    async def start(self, partitions: int = 4) -> None:
+        await ensure_topics(self.bootstrap, {self.topic: partitions})  # workers' default count
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
                                           enable_auto_commit=False)
         await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self.topic)
-        if not partitions:
-            await self._consumer._client.force_metadata_update()  # a topic new to us
-            partitions = self._consumer.partitions_for_topic(self.topic) or {0}
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(self._consumer, self.topic)
         self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:  # pin the positions: a result sent after start() is not missed
-            await self._consumer.position(tp)
+        await pin_to_end(self._consumer, tps)  # a result sent after start() is not missed
         self._reader = asyncio.create_task(self._read(), name="recent-results")
 
     async def close(self) -> None:

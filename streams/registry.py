@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from schemas.topics import REGISTRY_TOPIC
-from streams.control import CompactedView, put
+from streams.control import ControlTable, put
 
 STATUSES = ("pending", "loading", "ready", "draining", "retired", "failed")
 LIVE = ("pending", "loading", "ready", "draining")  # a worker runs (or is starting)
@@ -66,24 +66,30 @@ async def publish(bootstrap: str, record: DeploymentRecord) -> None:
     await put(bootstrap, REGISTRY_TOPIC, record.id, record.to_dict())
 
 
-class Registry:
+class Registry(ControlTable):
     """The live registry, keyed by NAME@VERSION and looked up by topic-safe name."""
 
+    topic = REGISTRY_TOPIC
+
     def __init__(self, bootstrap: str) -> None:
-        self.view = CompactedView(bootstrap, REGISTRY_TOPIC)
+        super().__init__(bootstrap)
+        # Decoded once per change, not per lookup: the gateway and the router ask per request.
+        self._records: dict[str, DeploymentRecord] = {}  # by topic-safe deployment name
+        self.view.on_change.append(self._changed)
 
-    async def start(self) -> None:
-        await self.view.start()
-
-    async def close(self) -> None:
-        await self.view.close()
+    def _changed(self, key: str, value: dict[str, Any] | None) -> None:
+        name, _, version = key.partition("@")
+        record = DeploymentRecord.from_dict(value) if value is not None else None
+        if record is None:
+            self._records.pop(deployment_name(name, version), None)
+        else:
+            self._records[record.deployment] = record
 
     def records(self) -> list[DeploymentRecord]:
-        return [r for v in list(self.view.values.values())
-                if (r := DeploymentRecord.from_dict(v)) is not None]
+        return list(self._records.values())
 
     def by_deployment(self, deployment: str) -> DeploymentRecord | None:
-        return next((r for r in self.records() if r.deployment == deployment), None)
+        return self._records.get(deployment)
 
     def accepts_new(self, deployment: str) -> bool:
         """Deployments the deployer manages take new requests only when ready; others (started
@@ -93,9 +99,5 @@ class Registry:
 
 
 async def read_registry(bootstrap: str) -> list[DeploymentRecord]:
-    registry = Registry(bootstrap)
-    await registry.start()
-    try:
+    async with Registry.snapshot(bootstrap) as registry:
         return registry.records()
-    finally:
-        await registry.close()

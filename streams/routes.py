@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from schemas.messages import TOPIC_PATTERN
 from schemas.topics import ROUTES_TOPIC
-from streams.control import CompactedView, put
+from streams.control import ControlTable, put
 from streams.registry import deployment_name
 
 NAME = re.compile(r"^[a-zA-Z0-9._@-]{1,200}$")
@@ -73,17 +73,10 @@ def pick(weights: Mapping[str, int], request_id: str,
     return live[-1][0]
 
 
-class RouteTable:
+class RouteTable(ControlTable):
     """Routes from the compacted `ferry.routes` topic, current within a fetch."""
 
-    def __init__(self, bootstrap: str) -> None:
-        self.view = CompactedView(bootstrap, ROUTES_TOPIC)
-
-    async def start(self) -> None:
-        await self.view.start()
-
-    async def close(self) -> None:
-        await self.view.close()
+    topic = ROUTES_TOPIC
 
     def get(self, alias: str) -> Route | None:
         value = self.view.values.get(alias)
@@ -121,9 +114,5 @@ async def delete_route(bootstrap: str, alias: str) -> None:
 
 async def read_routes(bootstrap: str) -> dict[str, Route]:
     """A snapshot of every route (for the CLI and the canary controller)."""
-    table = RouteTable(bootstrap)
-    await table.start()
-    try:
+    async with RouteTable.snapshot(bootstrap) as table:
         return table.aliases()
-    finally:
-        await table.close()

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from schemas.topics import SHADOW_TOPIC
-from streams.control import CompactedView, put
+from streams.control import ControlTable, put
 from streams.routes import NAME, parse_weights, point
 
 
@@ -25,15 +25,8 @@ class Shadow:
         return point(request_id + "#shadow") * 100 < self.percent
 
 
-class ShadowTable:
-    def __init__(self, bootstrap: str) -> None:
-        self.view = CompactedView(bootstrap, SHADOW_TOPIC)
-
-    async def start(self) -> None:
-        await self.view.start()
-
-    async def close(self) -> None:
-        await self.view.close()
+class ShadowTable(ControlTable):
+    topic = SHADOW_TOPIC
 
     def get(self, alias: str) -> Shadow | None:
         value = self.view.values.get(alias)
@@ -69,9 +62,5 @@ async def shadow_off(bootstrap: str, alias: str) -> None:
 
 
 async def read_shadows(bootstrap: str) -> dict[str, Shadow]:
-    table = ShadowTable(bootstrap)
-    await table.start()
-    try:
+    async with ShadowTable.snapshot(bootstrap) as table:
         return table.all()
-    finally:
-        await table.close()

@@ -24,11 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
 from schemas import SchemaError, decode
 from schemas.topics import COMPARISONS_TOPIC
+from workers.topic_admin import topic_partitions
 
 _RELATIVE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(s|m|h|d)\s*")
 
@@ -55,11 +56,7 @@ async def read_range(bootstrap: str, topic: str, since: float | None = None,
                                 fetch_max_wait_ms=100)
     await consumer.start()
     try:
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            await consumer._client.force_metadata_update()  # a topic created just now
-            partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        tps = await topic_partitions(consumer, topic)
         if not tps:
             return []
         consumer.assign(tps)

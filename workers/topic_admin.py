@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -43,3 +44,21 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str],
             return
         await asyncio.sleep(0.05)
     raise TimeoutError(f"topics {topics} have no leaders after {timeout}s")
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Every partition of `topic` as a started consumer knows it, refreshing the metadata once
+    for a topic created just now; [] when the topic does not exist."""
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        await consumer._client.force_metadata_update()  # no public call does this
+        partitions = consumer.partitions_for_topic(topic) or set()
+    return [TopicPartition(topic, p) for p in sorted(partitions)]
+
+
+async def pin_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> None:
+    """Move assigned partitions to their end and fix the positions before returning, so no
+    record appended after this call is missed (seek_to_end alone resolves lazily)."""
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
