@@ -151,7 +151,10 @@ class PairWindow:
 
     def __init__(self, window_s: float = 300.0, score_timeout_s: float = 30.0) -> None:
         self.window_s, self.score_timeout_s = window_s, score_timeout_s
+        # Both in time order (insertion = first seen; one fixed score timeout), so `expire`
+        # looks only at what is due instead of the whole window on every tick.
         self.entries: dict[str, _Entry] = {}
+        self._deadlines: dict[tuple[str, str], float] = {}  # (request id, candidate) -> due
 
     def _entry(self, rid: str, now: float) -> _Entry:
         if (entry := self.entries.get(rid)) is None:
@@ -183,6 +186,7 @@ class PairWindow:
         entry = self.entries.get(result.id.removesuffix(SCORE_SUFFIX))
         if entry is None or entry.scoring.pop(candidate, None) is None:
             return []  # late (timed out already) or not ours
+        self._deadlines.pop((result.id.removesuffix(SCORE_SUFFIX), candidate), None)
         return [self._finish(entry, candidate, None if result.error else result.score, now)]
 
     def _paired(self, entry: _Entry, candidate: str, now: float) -> list[Step]:
@@ -192,6 +196,7 @@ class PairWindow:
         if primary.error is not None or not primary.output_ids:
             return [self._finish(entry, candidate, None, now)]  # nothing to score
         entry.scoring[candidate] = now + self.score_timeout_s
+        self._deadlines[(primary.id, candidate)] = entry.scoring[candidate]
         return self._ask(entry, candidate, now)
 
     def _ask(self, entry: _Entry, candidate: str, now: float) -> list[Step]:
@@ -215,13 +220,18 @@ class PairWindow:
         `now`; entries past the window with no score pending are dropped."""
         timed_out: list[dict[str, Any]] = []
         unpaired: Tally[tuple[str, str]] = Tally()
+        for (rid, candidate), deadline in list(self._deadlines.items()):
+            if deadline > now:
+                break
+            del self._deadlines[(rid, candidate)]
+            entry = self.entries[rid]
+            del entry.scoring[candidate]
+            timed_out.append(self._finish(entry, candidate, None, now))
         for rid, entry in list(self.entries.items()):
-            for candidate, deadline in list(entry.scoring.items()):
-                if deadline <= now:
-                    del entry.scoring[candidate]
-                    timed_out.append(self._finish(entry, candidate, None, now))
-            if entry.scoring or now - entry.first_seen < self.window_s:
-                continue
+            if now - entry.first_seen < self.window_s:
+                break
+            if entry.scoring:
+                continue  # its score is still due: it leaves after that
             del self.entries[rid]
             if entry.primary is None:
                 unpaired.update(("candidate", c) for c in entry.candidates)
