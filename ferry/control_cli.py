@@ -26,6 +26,9 @@ def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
     add.add_argument("tenant")
     add.add_argument("--rpm", type=int, default=None, help="requests per minute")
     add.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    add.add_argument("--reply-prefix", default=None,
+                     help="confine the tenant's reply topics (besides ferry.results) to this "
+                          "prefix")
     revoke = ksub.add_parser("revoke", help="revoke a key (by key or key id)")
     revoke.add_argument("key")
     for parser in (add, revoke, ksub.add_parser("list")):
@@ -88,7 +91,7 @@ async def _keys(args: argparse.Namespace) -> None:
 
     bootstrap = args.bootstrap or default_bootstrap()
     if args.action == "add":
-        print(await add_key(bootstrap, args.tenant, args.rpm, args.tpm))
+        print(await add_key(bootstrap, args.tenant, args.rpm, args.tpm, args.reply_prefix))
         print(f"(key for tenant {args.tenant}; it is not stored and will not be shown again)",
               file=sys.stderr)
     elif args.action == "revoke":

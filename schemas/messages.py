@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from schemas.codec import decode
 from schemas.errors import ErrorCode, SchemaError
 from schemas.fields import from_dict, spec
+from schemas.topics import reply_topic_problem
 
 SCHEMA_VERSION = 1
 DEFAULT_REPLY_TO = "ferry.results"
@@ -47,7 +47,10 @@ class Request:
         "Unix time (seconds) after which the request is answered with deadline_exceeded.",
         minimum=0.0))
     reply_to: str = field(default=DEFAULT_REPLY_TO, metadata=spec(
-        "Topic the result is published to, keyed by request id.", pattern=TOPIC_PATTERN))
+        "Topic the result is published to, keyed by request id: ferry.results, a "
+        "ferry.replies.* topic, or a topic of the producer's own outside ferry.* (a request "
+        "naming another internal topic is dead-lettered, never answered there).",
+        pattern=TOPIC_PATTERN))
     batch_key: str | None = field(default=None, metadata=spec(
         "Requests with equal keys may share a batch; computed when absent.", maxLength=256))
     created_at: float | None = field(default=None, metadata=spec(
@@ -160,6 +163,6 @@ def salvage_reply_address(raw: bytes | None) -> tuple[str, str, str] | None:
     model = data.get("model") if isinstance(data.get("model"), str) else ""
     if not isinstance(rid, str) or not rid or not isinstance(reply_to, str):
         return None
-    if re.fullmatch(TOPIC_PATTERN, reply_to) is None:
+    if reply_topic_problem(reply_to) is not None:
         return None
     return rid, model, reply_to

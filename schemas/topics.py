@@ -1,6 +1,10 @@
 """Topic, consumer-group and header names: the one place that spells them."""
 
+import re
+
 RESULTS_TOPIC = "ferry.results"
+# Reply topics of Ferry's own clients (a gateway instance, the deployer's probes).
+REPLIES_PREFIX = "ferry.replies."
 DLQ_TOPIC = "ferry.dlq"
 REQUESTS_PREFIX = "ferry.requests."
 WORKER_GROUP_PREFIX = "ferry.workers."
@@ -57,3 +61,31 @@ def shadow_results_topic(candidate: str) -> str:
 
 def shadow_group(candidate: str) -> str:
     return "ferry.shadow." + candidate
+
+
+# ---- where results may go --------------------------------------------------------------
+# A request's `reply_to` is chosen by whoever posts it, so it is hostile input: a result
+# published to a control table (`ferry.keys`, `ferry.routes`, ...) would rewrite it under the
+# request's id. Results go only to the shared results topic, a Ferry client's reply topic, or
+# a topic outside Ferry's namespace that Kafka accepts.
+_LEGAL_TOPIC = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+
+def reply_topic_problem(topic: str, prefix: str | None = None) -> str | None:
+    """Why results may not be published to `topic`, or None when they may.
+
+    `prefix`: a tenant limited to its own reply topics (router) may use only those besides
+    the shared results topic and Ferry's client reply topics."""
+    if not _LEGAL_TOPIC.fullmatch(topic) or topic in (".", ".."):
+        return (f"reply_to: {topic[:80]!r} is not a topic name Kafka accepts "
+                "(1-249 of a-z A-Z 0-9 . _ -)")
+    if topic == RESULTS_TOPIC or topic.startswith(REPLIES_PREFIX):
+        return None
+    # Kafka treats '.' and '_' as the same character when it checks names for collisions.
+    if topic.replace("_", ".").startswith("ferry.") or topic.startswith("__"):
+        return (f"reply_to: {topic!r} is an internal topic; results go to {RESULTS_TOPIC}, "
+                f"{REPLIES_PREFIX}* or a topic of your own")
+    if prefix is not None and not topic.startswith(prefix):
+        return (f"reply_to: {topic!r} is outside this tenant's reply topics ({prefix}*); "
+                f"use {RESULTS_TOPIC} or a topic starting with {prefix}")
+    return None

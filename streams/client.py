@@ -17,7 +17,7 @@ from schemas import (
     RESULTS_TOPIC, ErrorCode, Request, Result, SchemaError, batch_key, decode_result, encode,
     requests_topic,
 )
-from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions
+from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions, watch_reader
 
 log = logging.getLogger("ferry.client")
 
@@ -36,6 +36,7 @@ class FerryClient:
                                           max_request_size=max_message_bytes * 2)
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
         self._reader: asyncio.Task | None = None
+        self.failure: BaseException | None = None  # why the result reader died
         self._topics_ready: set[str] = {reply_to}
 
     async def __aenter__(self) -> FerryClient:
@@ -52,8 +53,8 @@ class FerryClient:
         tps = await topic_partitions(self._consumer, self.reply_to)
         self._consumer.assign(tps)
         await pin_to_end(self._consumer, tps)  # no result sent after start() is missed
-        self._reader = asyncio.create_task(self._read_results(), name="ferry-client-results")
-        self._reader.add_done_callback(self._reader_done)
+        self._reader = watch_reader(self._read_results(), f"client results on {self.reply_to}",
+                                    self._failed)
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -74,6 +75,8 @@ class FerryClient:
             request = dataclasses.replace(request, reply_to=self.reply_to)
         if request.created_at is None:
             request = dataclasses.replace(request, created_at=time.time())
+        if self.failure is not None:
+            raise RuntimeError(f"result reader of {self.reply_to} died: {self.failure!r}")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting[request.id] = future
         value = encode(request.to_dict())
@@ -119,7 +122,10 @@ class FerryClient:
             future.cancel()
 
     async def request(self, request: Request, timeout: float = 60.0) -> Result:
-        return await asyncio.wait_for(await self.submit(request), timeout)
+        try:
+            return await asyncio.wait_for(await self.submit(request), timeout)
+        finally:
+            self._waiting.pop(request.id, None)  # a timed-out call leaves nothing waiting
 
     async def _read_results(self) -> None:
         async for msg in self._consumer:
@@ -132,11 +138,14 @@ class FerryClient:
             if future is not None and not future.done():
                 future.set_result(result)
 
-    def _reader_done(self, task: asyncio.Task) -> None:
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None
+
+    def _failed(self, exc: BaseException) -> None:
         # Fail every waiting request loudly rather than let it hang.
-        if task.cancelled() or task.exception() is None:
-            return
+        self.failure = exc
         for future in self._waiting.values():
             if not future.done():
-                future.set_exception(task.exception())  # type: ignore[arg-type]
+                future.set_exception(exc)
         self._waiting.clear()

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import SchemaError, decode, encode
-from workers.topic_admin import ensure_topics, topic_partitions
+from workers.topic_admin import ensure_topics, topic_partitions, watch_reader
 
 log = logging.getLogger("ferry.control")
 
@@ -47,13 +47,18 @@ class CompactedView:
 
     `start()` returns once everything written before it has been read, so a component never
     serves with an empty route or key table after a restart. `on_change` callbacks run after
-    each record applied.
+    each record applied. A record that cannot be applied is logged and skipped; a reader
+    that dies anyway (the broker, a bug) is logged, `failure` says why, and `on_failure`
+    callbacks tell the owner, which stops or reports unhealthy: a table that silently
+    stopped following would serve stale routes and revoked keys.
     """
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.bootstrap, self.topic = bootstrap, topic
         self.values: dict[str, dict[str, Any]] = {}
         self.on_change: list[Callable[[str, dict[str, Any] | None], None]] = []
+        self.on_failure: list[Callable[[BaseException], None]] = []
+        self.failure: BaseException | None = None
         self._consumer: AIOKafkaConsumer | None = None  # made in start(), on the serving loop
         self._reader: asyncio.Task | None = None
         self._caught_up = asyncio.Event()
@@ -71,8 +76,24 @@ class CompactedView:
                          if off > 0}
         if not self._targets:
             self._caught_up.set()
-        self._reader = asyncio.create_task(self._read(), name=f"control-{self.topic}")
-        await asyncio.wait_for(self._caught_up.wait(), timeout_s)
+        self._reader = watch_reader(self._read(), f"control table {self.topic}", self._failed)
+        caught_up = asyncio.ensure_future(self._caught_up.wait())
+        await asyncio.wait([caught_up, self._reader], timeout=timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if not caught_up.done():
+            caught_up.cancel()
+            if self.failure is not None:
+                raise self.failure
+            raise TimeoutError(f"{self.topic}: not read up to its end within {timeout_s:g}s")
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failure = exc
+        for callback in self.on_failure:
+            callback(exc)
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -87,7 +108,11 @@ class CompactedView:
             batches = await self._consumer.getmany(timeout_ms=500)
             for tp, records in batches.items():
                 for record in records:
-                    self._apply(record.key, record.value)
+                    try:
+                        self._apply(record.key, record.value)
+                    except Exception:  # one bad record (or callback) must not stop the table
+                        log.exception("%s: record at offset %d not applied", self.topic,
+                                      record.offset)
                     if record.offset + 1 >= self._targets.get(tp, 0):
                         self._targets.pop(tp, None)
             if not self._targets and not self._caught_up.is_set():
@@ -123,6 +148,14 @@ class ControlTable:
 
     def __init__(self, bootstrap: str) -> None:
         self.view = CompactedView(bootstrap, self.topic)
+
+    @property
+    def healthy(self) -> bool:
+        return self.view.healthy
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.view.failure
 
     async def start(self) -> None:
         await self.view.start()

@@ -196,7 +196,8 @@ class Gateway:
         auth = http.headers.get("Authorization", "")
         api_key = auth[7:].strip() if auth[:7].lower() == "bearer " else http.headers.get(
             API_KEY_HEADER, "")
-        tenant = self.keys.authenticate(api_key)
+        # Keys are ASCII; anything else (undecodable bytes included) is simply not a key.
+        tenant = self.keys.authenticate(api_key) if api_key.isascii() else None
         if tenant is None:
             self.metrics.rejections.labels(ErrorCode.UNAUTHENTICATED.value).inc()
             raise ApiError(401, "authorization: missing, unknown or revoked API key",
@@ -371,6 +372,13 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     async def healthz(self, _http: web.Request) -> web.Response:
+        """ok, or 503 naming every background reader that died (the gateway would answer
+        from stale routes or keys, or never see results)."""
+        parts = {"results": self.client, "recent_results": self.recent, "routes": self.routes,
+                 "registry": self.deployments, **({"keys": self.keys} if self.keys else {})}
+        dead = {name: repr(part.failure) for name, part in parts.items() if not part.healthy}
+        if dead:
+            return web.json_response({"status": "failing", "dead_readers": dead}, status=503)
         return web.json_response({"status": "ok"})
 
     async def metrics_page(self, _http: web.Request) -> web.Response:

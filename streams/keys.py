@@ -3,7 +3,8 @@
 A key is `fk_<id>_<secret>`: the id (public) finds the record, the SHA-256 of the whole key
 is what is stored and compared, in constant time. Keys are 190 bits of randomness, so a
 plain hash is enough; a slow password hash would only slow every request down.
-Records: `key:<id>` -> {tenant, sha256, created_at}; `tenant:<name>` -> {rpm, tpm}.
+Records: `key:<id>` -> {tenant, sha256, created_at}; `tenant:<name>` -> {rpm, tpm,
+reply_prefix}.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class Tenant:
     name: str
     rpm: int | None  # requests per minute; None = unlimited
     tpm: int | None  # tokens (prompt + max_new_tokens) per minute; None = unlimited
+    # Reply topics this tenant may name besides ferry.results and ferry.replies.* (None:
+    # any topic outside Ferry's own).
+    reply_prefix: str | None = None
 
 
 def _digest(api_key: str) -> str:
@@ -57,7 +61,9 @@ class KeyRing(ControlTable):
 
     def tenant(self, name: str) -> Tenant:
         limits = self.view.values.get(f"tenant:{name}") or {}
-        return Tenant(name, _limit(limits.get("rpm")), _limit(limits.get("tpm")))
+        prefix = limits.get("reply_prefix")
+        return Tenant(name, _limit(limits.get("rpm")), _limit(limits.get("tpm")),
+                      prefix if isinstance(prefix, str) and prefix else None)
 
     def listing(self) -> list[dict[str, object]]:
         """Every key (id, tenant, created) with its tenant's limits; never a secret."""
@@ -75,7 +81,7 @@ def _limit(value: object) -> int | None:
 
 
 async def add_key(bootstrap: str, tenant: str, rpm: int | None = None,
-                  tpm: int | None = None) -> str:
+                  tpm: int | None = None, reply_prefix: str | None = None) -> str:
     """Create a key for `tenant` (setting its limits when given); returns the key, once."""
     if not TENANT.fullmatch(tenant):
         raise ValueError(f"tenant: {tenant!r} must match {TENANT.pattern}")
@@ -84,16 +90,20 @@ async def add_key(bootstrap: str, tenant: str, rpm: int | None = None,
             raise ValueError(f"{name}: must be > 0, got {value}")
     kid = secrets.token_hex(6)
     api_key = f"fk_{kid}_{secrets.token_urlsafe(24)}"
-    if rpm is not None or tpm is not None:
-        await set_limits(bootstrap, tenant, rpm, tpm)
+    if reply_prefix is not None and not TENANT.fullmatch(reply_prefix):
+        raise ValueError(f"reply_prefix: {reply_prefix!r} must match {TENANT.pattern}")
+    if rpm is not None or tpm is not None or reply_prefix is not None:
+        await set_limits(bootstrap, tenant, rpm, tpm, reply_prefix)
     await put(bootstrap, KEYS_TOPIC, f"key:{kid}",
               {"tenant": tenant, "sha256": _digest(api_key), "created_at": time.time()})
     return api_key
 
 
-async def set_limits(bootstrap: str, tenant: str, rpm: int | None, tpm: int | None) -> None:
+async def set_limits(bootstrap: str, tenant: str, rpm: int | None, tpm: int | None,
+                     reply_prefix: str | None = None) -> None:
     await put(bootstrap, KEYS_TOPIC, f"tenant:{tenant}",
-              {"rpm": rpm, "tpm": tpm, "updated_at": time.time()})
+              {"rpm": rpm, "tpm": tpm, "reply_prefix": reply_prefix,
+               "updated_at": time.time()})
 
 
 async def revoke_key(bootstrap: str, key_or_id: str) -> str:

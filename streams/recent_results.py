@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer
 
 from schemas import RESULTS_TOPIC, Result, SchemaError, decode_result
-from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions
+from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions, watch_reader
 
 log = logging.getLogger("ferry.results")
 
@@ -41,6 +41,7 @@ class RecentResults:
         self._waiters: dict[str, list[asyncio.Future[Seen]]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task | None = None
+        self.failure: BaseException | None = None
 
     async def start(self, partitions: int = 4) -> None:
         await ensure_topics(self.bootstrap, {self.topic: partitions})  # workers' default count
@@ -50,7 +51,19 @@ class RecentResults:
         tps = await topic_partitions(self._consumer, self.topic)
         self._consumer.assign(tps)
         await pin_to_end(self._consumer, tps)  # a result sent after start() is not missed
-        self._reader = asyncio.create_task(self._read(), name="recent-results")
+        self._reader = watch_reader(self._read(), f"recent results on {self.topic}",
+                                    self._failed)
+
+    @property
+    def healthy(self) -> bool:
+        return self.failure is None
+
+    def _failed(self, exc: BaseException) -> None:
+        self.failure = exc
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -86,8 +99,13 @@ class RecentResults:
                 continue
             headers = dict(message.headers or ())
             tenant = headers.get(TENANT_HEADER)
-            seen = Seen(result, tenant.decode() if tenant else None,
-                        headers.get(CHAT_HEADER) == b"1", time.monotonic())
+            try:
+                name = tenant.decode() if tenant else None
+            except UnicodeDecodeError:  # anyone can write here: never let a record stop us
+                log.warning("result at %s@%d: %s header is not UTF-8; ignored", message.topic,
+                            message.offset, TENANT_HEADER)
+                continue
+            seen = Seen(result, name, headers.get(CHAT_HEADER) == b"1", time.monotonic())
             self._seen[result.id] = seen
             for future in self._waiters.pop(result.id, []):
                 if not future.done():

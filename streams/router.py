@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
 from schemas import (
@@ -38,11 +39,11 @@ from schemas import (
 )
 from schemas.topics import (
     API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_PARTITIONS, INGRESS_TOPIC,
-    MIRRORED_HEADER, PRIMARY_HEADER, mirror_topic,
+    MIRRORED_HEADER, PRIMARY_HEADER, mirror_topic, reply_topic_problem,
 )
 from streams.catalog import DeploymentCatalog
 from streams.control import CompactedView
-from streams.keys import KeyRing
+from streams.keys import KeyRing, Tenant
 from streams.quota import admit, estimate_tokens
 from streams.registry import Registry
 from streams.routes import RouteTable
@@ -50,6 +51,8 @@ from streams.shadow import Shadow, ShadowTable
 from workers.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.router")
+
+_REPLY_TIMEOUT_S = 10.0
 
 
 class RouterMetrics:
@@ -97,6 +100,7 @@ class Router:
         self.app.on_partitions_revoked.connect(self._forget_buckets)
         self._buckets: dict[str, dict[str, float]] = {}  # tenants this router charged
         self._mirror_topics: set[str] = set()  # created already
+        self._reply_topics: set[str] = set()  # created already
         self.app.agent(self.topic, name="route")(self._route_stream)
 
     keys: KeyRing  # built when the app starts: Kafka clients belong to faust's loop
@@ -113,11 +117,20 @@ class Router:
         self.quotas = CompactedView(self.bootstrap, self.quota_topic)
         self.shadows = ShadowTable(self.bootstrap)
         self.registry = Registry(self.bootstrap)
+        for view in (self.keys.view, self.routes.view, self.quotas, self.shadows.view,
+                     self.registry.view):
+            view.on_failure.append(self._view_died)
         await asyncio.gather(self.keys.start(), self.routes.start(), self.catalog.start(),
                              self.quotas.start(), self.shadows.start(), self.registry.start())
         self._ready.set()
         log.info("router ready: ingress=%s, %d routes, %d keys", self.ingress,
                  len(self.routes.aliases()), len(self.keys.listing()))
+
+    def _view_died(self, exc: BaseException) -> None:
+        # Routing on a table that stopped following (revoked keys still valid, old routes)
+        # is worse than not routing: stop, so the supervisor restarts a router that reads.
+        log.error("router stopping: a control table reader died: %r", exc)
+        asyncio.ensure_future(self.app.crash(exc))
 
     async def _forget_buckets(self, *_: Any, **__: Any) -> None:
         # Tenants may move to another router: from now on its writes (via the topic) count.
@@ -150,24 +163,33 @@ class Router:
             if (address := salvage_reply_address(value)) is not None:
                 rid, model, reply_to = address
                 await self._reply(reply_to, Result.failure(
-                    rid, model, ErrorCode.INVALID_REQUEST, str(exc)))
+                    rid, model, ErrorCode.INVALID_REQUEST, str(exc)), None)
             return
+        tenant: Tenant | None = None
         try:
-            await self._forward(request, key, value, headers, message)
+            tenant = self._authenticate(headers)
+            await self._forward(request, tenant, key, value, headers, message)
         except _Refusal as refusal:
             self.metrics.rejected.labels(refusal.code.value).inc()
             await self._dead_letter(message, key, value, refusal.message, refusal.bad_field,
                                     refusal.code.value)
+            # Never on an internal topic; a known tenant only on its own reply topics.
             await self._reply(request.reply_to, Result.failure(
-                request.id, request.model, refusal.code, refusal.message, refusal.retry_after_s))
+                request.id, request.model, refusal.code, refusal.message, refusal.retry_after_s),
+                None if tenant is None else tenant.reply_prefix)
 
-    async def _forward(self, request: Request, key: bytes | None, value: bytes | None,
-                       headers: dict[str, bytes], message: Any) -> None:
+    def _authenticate(self, headers: dict[str, bytes]) -> Tenant:
         tenant = self.keys.authenticate(headers.get(API_KEY_HEADER, b"").decode(errors="replace"))
         if tenant is None:
             raise _Refusal(ErrorCode.UNAUTHENTICATED,
                            f"{API_KEY_HEADER}: missing, unknown or revoked API key",
                            API_KEY_HEADER)
+        return tenant
+
+    async def _forward(self, request: Request, tenant: Tenant, key: bytes | None,
+                       value: bytes | None, headers: dict[str, bytes], message: Any) -> None:
+        if (problem := reply_topic_problem(request.reply_to, tenant.reply_prefix)) is not None:
+            raise _Refusal(ErrorCode.INVALID_REQUEST, problem, "reply_to")
         if key != tenant.name.encode():
             # Quota state lives with the tenant's partition: move the request there first.
             self.metrics.rekeyed.inc()
@@ -236,9 +258,22 @@ class Router:
                                          [(PRIMARY_HEADER, primary.encode())])
             self.metrics.mirrored.labels(shadow.alias, candidate).inc()
 
-    async def _reply(self, reply_to: str, result: Result) -> None:
-        await self.app.producer.send(reply_to, result.id.encode(), encode(result), None, None,
-                                     None)
+    async def _reply(self, reply_to: str, result: Result, prefix: str | None) -> None:
+        """An error result on the caller's reply topic, if results may go there at all (the
+        refusal's dead letter is the answer otherwise)."""
+        if reply_topic_problem(reply_to, prefix) is not None:
+            return
+        try:
+            async with asyncio.timeout(_REPLY_TIMEOUT_S):
+                if reply_to not in self._reply_topics:
+                    # Created first: a name the broker refuses (one colliding with another
+                    # topic) fails here at once instead of stalling the send.
+                    await ensure_topics(self.bootstrap, {reply_to: INGRESS_PARTITIONS})
+                    self._reply_topics.add(reply_to)
+                await self.app.producer.send(reply_to, result.id.encode(), encode(result), None,
+                                             None, None)
+        except (KafkaError, TimeoutError) as exc:  # the dead letter is already written
+            log.warning("error result %s not delivered to %r: %r", result.id, reply_to, exc)
 
     async def _dead_letter(self, message: Any, key: bytes | None, value: bytes | None,
                            reason: str, bad_field: str, kind: str) -> None:

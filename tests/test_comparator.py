@@ -262,7 +262,7 @@ async def test_real_shadow_worker_is_compared_and_scored(
     try:
         for i, rid in enumerate(rids):  # what the router does for a mirrored request
             request = Request(id=rid, model=primary, input_ids=[3 + i, 5, 7], max_new_tokens=4,
-                              reply_to=f"ferry.results.{tag}")
+                              reply_to=f"ferry.replies.{tag}")
             await producer.send_and_wait(requests_topic(primary), encode(request.to_dict()),
                                          headers=[(MIRRORED_HEADER, candidate.encode())])
             await producer.send_and_wait(

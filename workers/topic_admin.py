@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 log = logging.getLogger("ferry.topics")
+
+
+class TopicCreationError(KafkaError):
+    """The broker refused to create a topic (an illegal or colliding name, a bad config)."""
 
 
 async def ensure_topics(bootstrap: str, partitions: dict[str, int],
@@ -24,9 +30,14 @@ async def ensure_topics(bootstrap: str, partitions: dict[str, int],
                    for name, n in partitions.items() if name not in existing]
         if missing:
             try:
-                await admin.create_topics(missing)
+                response = await admin.create_topics(missing)
             except TopicAlreadyExistsError:
-                pass  # another member created it between the listing and the request
+                response = None  # another member created it between listing and request
+            for name, code, *message in getattr(response, "topic_errors", ()):
+                # Per-topic refusals come back in the response, not as an exception.
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    detail = message[0] if message and message[0] else for_code(code).__name__
+                    raise TopicCreationError(f"topic {name!r} not created: {detail}")
             log.info("created topics %s", ", ".join(t.name for t in missing))
             await _wait_for_leaders(admin, [t.name for t in missing])
     finally:
@@ -62,3 +73,20 @@ async def pin_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition]) -> N
     await consumer.seek_to_end(*tps)
     for tp in tps:
         await consumer.position(tp)
+
+
+def watch_reader(coro: Coroutine[Any, Any, None], what: str,
+                 on_failure: Callable[[BaseException], None]) -> asyncio.Task[None]:
+    """Run a background reader that fails loudly: if it ends other than by cancellation, the
+    death is logged and `on_failure` tells its owner (which stops or reports unhealthy)."""
+    task = asyncio.create_task(coro, name=what)
+
+    def ended(done: asyncio.Task[None]) -> None:
+        if done.cancelled():
+            return
+        exc = done.exception() or RuntimeError(f"{what}: reader ended")
+        log.error("%s: reader died: %r", what, exc)
+        on_failure(exc)
+
+    task.add_done_callback(ended)
+    return task

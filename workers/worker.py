@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    CommitFailedError, IllegalStateError, KafkaError, MessageSizeTooLargeError,
+)
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -29,7 +31,7 @@ from schemas import (
 )
 from schemas.topics import (
     MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, TELEMETRY_TOPIC,
-    shadow_results_topic,
+    reply_topic_problem, shadow_results_topic,
 )
 from workers.batcher import Batcher
 from workers.config import WorkerConfig
@@ -46,6 +48,9 @@ log = logging.getLogger("ferry.worker")
 _RECORD_OVERHEAD = 512
 # How often an idle worker checks that its engine (all its ranks) can still serve.
 _HEALTH_EVERY_S = 1.0
+# Longest one result may take to reach its reply topic (creating it included) before it is
+# dead-lettered instead.
+_REPLY_TIMEOUT_S = 10.0
 # Longest a stopping worker waits on the broker for each shutdown step.
 _SHUTDOWN_STEP_S = 15.0
 
@@ -122,15 +127,6 @@ class Worker:
         log.info("worker starting: %s", self.config.describe())
         if self.config.metrics_port is not None:
             start_http_server(self.config.metrics_port, registry=self.registry)
-        answers_to = ({shadow_results_topic(self.config.deployment): self.config.partitions}
-                      if self.config.shadow else {})
-        await ensure_topics(self.config.bootstrap, {**answers_to,
-                                                    self.config.topic: self.config.partitions,
-                                                    DLQ_TOPIC: self.config.partitions,
-                                                    RESULTS_TOPIC: self.config.partitions,
-                                                    PRIMARY_RESULTS_TOPIC: self.config.partitions,
-                                                    TELEMETRY_TOPIC: TELEMETRY_PARTITIONS})
-        self._topics_ready.update({DLQ_TOPIC, RESULTS_TOPIC, PRIMARY_RESULTS_TOPIC, *answers_to})
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.config.bootstrap, acks="all", enable_idempotence=True,
             max_request_size=self.config.max_message_bytes + _RECORD_OVERHEAD, linger_ms=2)
@@ -138,11 +134,10 @@ class Worker:
             bootstrap_servers=self.config.bootstrap, group_id=self.config.group,
             enable_auto_commit=False, auto_offset_reset="earliest",  # serve what came first
             max_poll_interval_ms=600_000)
-        self._consumer.subscribe([self.config.topic], listener=_Rebalance(self))
-        await self._producer.start()
-        await self._consumer.start()
-        self._telemetry = TelemetrySender(self._producer, self.config.deployment)
+        # Everything from here on is inside the try: a worker stopped while it is still
+        # starting leaves the group at once instead of lingering until its session expires.
         try:
+            await self._start_clients()
             loops = [asyncio.create_task(self._consume_loop(), name="consume"),
                      asyncio.create_task(self._serve_loop(), name="serve")]
             try:
@@ -156,9 +151,26 @@ class Worker:
         finally:
             await self._shutdown()
 
+    async def _start_clients(self) -> None:
+        assert self._producer is not None and self._consumer is not None
+        answers_to = ({shadow_results_topic(self.config.deployment): self.config.partitions}
+                      if self.config.shadow else {})
+        await ensure_topics(self.config.bootstrap, {**answers_to,
+                                                    self.config.topic: self.config.partitions,
+                                                    DLQ_TOPIC: self.config.partitions,
+                                                    RESULTS_TOPIC: self.config.partitions,
+                                                    PRIMARY_RESULTS_TOPIC: self.config.partitions,
+                                                    TELEMETRY_TOPIC: TELEMETRY_PARTITIONS})
+        self._topics_ready.update({DLQ_TOPIC, RESULTS_TOPIC, PRIMARY_RESULTS_TOPIC, *answers_to})
+        self._consumer.subscribe([self.config.topic], listener=_Rebalance(self))
+        await self._producer.start()
+        await self._consumer.start()
+        self._telemetry = TelemetrySender(self._producer, self.config.deployment)
+
     async def _shutdown(self) -> None:
         # Queued requests are not answered here: their offsets stay uncommitted, so the
         # group's next owner of the partition serves them.
+        assert self._producer is not None and self._consumer is not None
         try:
             # Bounded: with the group coordinator unreachable a commit retries for ever, and
             # what stays uncommitted is only served again, never lost.
@@ -169,10 +181,13 @@ class Worker:
         except TimeoutError:
             log.warning("shutdown: last answers not committed within %gs; the group's next "
                         "owner serves them again", _SHUTDOWN_STEP_S)
+        except Exception as exc:  # the last delivery failed: the next owner serves it again
+            log.warning("shutdown: last answers not delivered (%r); the group's next owner "
+                        "serves them again", exc)
         finally:
             try:
                 async with asyncio.timeout(_SHUTDOWN_STEP_S):
-                    await self._consumer.stop()
+                    await self._consumer.stop()  # leaves the group (also mid-start)
             except TimeoutError:
                 log.warning("shutdown: leaving the group took over %gs; the broker expires "
                             "this member instead", _SHUTDOWN_STEP_S)
@@ -217,6 +232,9 @@ class Worker:
         except SchemaError as exc:
             return self._reject(tp, msg, exc)
         created = request.created_at or msg.timestamp / 1000
+        if not self.config.shadow and (problem := reply_topic_problem(request.reply_to)):
+            # Nowhere safe to answer: the dead letter is this request's one answer.
+            return self._reject(tp, msg, SchemaError("reply_to", problem.partition(": ")[2]))
         dest = self._destination(request.reply_to, msg)
         try:
             input_ids = self._validate(request)
@@ -435,6 +453,29 @@ class Worker:
         return acks
 
     async def _send_result(self, answer: Answer, reply_to: str) -> None:
+        """Publish the answer's result, or a dead letter saying why it could not be: a reply
+        topic that the broker refuses must not stop the worker nor hold its partition."""
+        try:
+            async with asyncio.timeout(_REPLY_TIMEOUT_S):
+                await self._publish_result(answer, reply_to)
+        except (KafkaError, TimeoutError) as exc:
+            await self._undeliverable(answer, reply_to, exc)
+
+    async def _undeliverable(self, answer: Answer, reply_to: str, exc: BaseException) -> None:
+        assert self._producer is not None and answer.result is not None
+        reason = f"reply_to: result not delivered to {reply_to!r}: {exc!r}"
+        log.warning("dead letter from %s[%d]@%d: %s", answer.tp.topic, answer.tp.partition,
+                    answer.offset, reason)
+        self.metrics.dead_letters.labels(self.config.deployment, "reply_to").inc()
+        letter = DeadLetter(
+            reason=reason, bad_field="reply_to", source_topic=answer.tp.topic,
+            partition=answer.tp.partition, offset=answer.offset,
+            component=f"worker:{self.config.deployment}", key=answer.result.id,
+            value=encode(answer.result).decode(), timestamp=time.time())
+        # A DLQ that cannot be written is the broker's failure, not the input's: raise.
+        await (await self._producer.send(DLQ_TOPIC, encode(letter)))
+
+    async def _publish_result(self, answer: Answer, reply_to: str) -> None:
         """Publish the answer's result; one replaced as too large is kept on the answer, so
         telemetry reports what was sent."""
         assert self._producer is not None and answer.result is not None

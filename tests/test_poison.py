@@ -1,0 +1,236 @@
+"""Hostile input on the real broker: no record can stop a component or write where it must not.
+
+Each test is one finding of the fault report (issue 14): reply topics a request names are
+confined (never a control table, never a name Kafka refuses), a reply that cannot be
+delivered becomes a dead letter while the partition moves on, and background readers fail
+loudly instead of silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from schemas import DLQ_TOPIC, RESULTS_TOPIC, Request, Result, decode, encode, requests_topic
+from schemas.topics import API_KEY_HEADER, reply_topic_problem
+from streams.client import FerryClient
+from streams.control import CompactedView, put
+from streams.keys import add_key
+from streams.recent_results import TENANT_HEADER, RecentResults
+from tests.conftest import wait_for
+from workers.topic_admin import TopicCreationError, ensure_topics
+
+
+async def end_offset(bootstrap: str, topic: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        parts = consumer.partitions_for_topic(topic) or {0}
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
+        return sum(ends.values())
+    finally:
+        await consumer.stop()
+
+
+async def post_raw(bootstrap: str, topic: str, value: dict, key: bytes | None = None,
+                   headers: list[tuple[str, bytes]] | None = None) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, encode(value), key=key, headers=headers)
+    finally:
+        await producer.stop()
+
+
+def dead_letters_for(request_id: str):
+    return lambda m: request_id in (decode(m.value).get("value") or "") + (
+        decode(m.value).get("key") or "")
+
+
+def test_reply_topic_policy() -> None:
+    assert reply_topic_problem(RESULTS_TOPIC) is None
+    assert reply_topic_problem("ferry.replies.gateway-1") is None
+    assert reply_topic_problem("acme.replies") is None
+    for internal in ("ferry.keys", "ferry.routes", "ferry_keys", "ferry.requests.x",
+                     "__consumer_offsets", "ferry.dlq"):
+        assert "internal topic" in reply_topic_problem(internal), internal
+    for illegal in ("a b", "..", "x" * 250, ""):
+        assert "Kafka accepts" in reply_topic_problem(illegal), illegal
+    assert "outside this tenant's" in reply_topic_problem("other.x", prefix="acme.")
+    assert reply_topic_problem("acme.x", prefix="acme.") is None
+    assert reply_topic_problem(RESULTS_TOPIC, prefix="acme.") is None
+
+
+async def test_topic_creation_refusal_raises(kafka_bootstrap: str, unique) -> None:
+    base = unique("coll")
+    await ensure_topics(kafka_bootstrap, {f"{base}.x": 1})
+    try:
+        await ensure_topics(kafka_bootstrap, {f"{base}_x": 1})  # collides once . == _
+    except TopicCreationError as exc:
+        assert "collides" in str(exc) or "not created" in str(exc)
+    else:
+        raise AssertionError("a colliding topic name was accepted silently")
+
+
+async def test_worker_never_answers_on_internal_topics(kafka_bootstrap, start_worker, unique,
+                                                       client: FerryClient, read_topic) -> None:
+    """A request naming a control table as reply_to is dead-lettered; the table is untouched
+    and the worker serves on."""
+    dep = unique("dep")
+    await start_worker(dep)
+    control = f"ferry.{unique('table')}"  # stands for ferry.keys / ferry.routes
+    await ensure_topics(kafka_bootstrap, {control: 1})
+    rid = f"key:{uuid.uuid4().hex}"
+    await post_raw(kafka_bootstrap, requests_topic(dep),
+                   {"id": rid, "model": dep, "prompt": "hi", "reply_to": control})
+    good = await client.request(Request(id=uuid.uuid4().hex, model=dep, prompt="Hello",
+                                        max_new_tokens=3), timeout=60)
+    assert good.error is None and len(good.output_ids) == 3
+    [letter] = await read_topic(DLQ_TOPIC, 1, where=dead_letters_for(rid))
+    assert decode(letter.value)["bad_field"] == "reply_to"
+    assert "internal topic" in decode(letter.value)["reason"]
+    assert await end_offset(kafka_bootstrap, control) == 0
+
+
+async def test_undeliverable_reply_is_a_dead_letter_and_the_partition_moves_on(
+        kafka_bootstrap, start_worker, unique, client: FerryClient, read_topic) -> None:
+    """reply_to collides with an existing topic (Kafka refuses to create it): before, every
+    worker reading it died and 45 of 100 later requests were never answered."""
+    dep = unique("dep")
+    worker = await start_worker(dep, partitions=1)  # everything behind the poison record
+    base = unique("taken")
+    await ensure_topics(kafka_bootstrap, {f"{base}.replies": 1})
+    rid = uuid.uuid4().hex
+    await post_raw(kafka_bootstrap, requests_topic(dep),
+                   {"id": rid, "model": dep, "prompt": "hi", "reply_to": f"{base}_replies"})
+    futures = [await client.submit(Request(id=uuid.uuid4().hex, model=dep, prompt=f"n{i}",
+                                           max_new_tokens=2)) for i in range(20)]
+    results = await asyncio.wait_for(asyncio.gather(*futures), 90)
+    assert all(r.error is None for r in results) and len(results) == 20
+    [letter] = await read_topic(DLQ_TOPIC, 1, where=dead_letters_for(rid))
+    body = decode(letter.value)
+    assert body["bad_field"] == "reply_to" and "not delivered" in body["reason"]
+    assert worker.metrics.dead_letters.labels(dep, "reply_to")._value.get() == 1
+
+
+async def test_router_writes_no_control_table_without_a_key(kafka_bootstrap, router, unique,
+                                                            read_topic) -> None:
+    """A keyless ingress record whose id is a control key and whose reply_to is a control
+    topic: the router's `unauthenticated` answer must not land in that table."""
+    control = f"ferry.{unique('table')}"
+    await ensure_topics(kafka_bootstrap, {control: 1})
+    rid = f"tenant:{unique('victim')}"
+    await post_raw(kafka_bootstrap, router.ingress,
+                   {"id": rid, "model": "anything", "prompt": "x", "reply_to": control})
+    # And with a valid key but an internal reply_to: refused with a dead letter.
+    api_key = await add_key(kafka_bootstrap, unique("tenant"))
+    rid2 = f"route:{uuid.uuid4().hex}"
+    await post_raw(kafka_bootstrap, router.ingress,
+                   {"id": rid2, "model": "anything", "prompt": "x", "reply_to": control},
+                   headers=[(API_KEY_HEADER, api_key.encode())])
+    letters = await read_topic(DLQ_TOPIC, 2, where=lambda m: decode(m.value).get("component")
+                               == "router" and (rid in (decode(m.value).get("value") or "")
+                                                or rid2 in (decode(m.value).get("value") or "")))
+    assert len(letters) == 2
+    assert any("internal topic" in decode(m.value)["reason"] for m in letters)
+    assert await end_offset(kafka_bootstrap, control) == 0
+
+
+async def test_router_confines_a_tenant_to_its_reply_prefix(kafka_bootstrap, router, unique,
+                                                            read_topic) -> None:
+    tenant = unique("tenant")
+    api_key = await add_key(kafka_bootstrap, tenant, reply_prefix=f"{tenant}.")
+    async with FerryClient(kafka_bootstrap, reply_to=f"{tenant}.replies") as own:
+        ok = await own.submit(Request(id=uuid.uuid4().hex, model=unique("nobody"), prompt="x"),
+                              router.ingress, key=tenant.encode(),
+                              headers=[(API_KEY_HEADER, api_key.encode())])
+        refused_for_model = await asyncio.wait_for(ok, 30)  # answered on its own topic
+        assert refused_for_model.error is not None
+        assert refused_for_model.error.code.value == "unknown_model"
+    other = unique("elsewhere")
+    rid = uuid.uuid4().hex
+    await post_raw(kafka_bootstrap, router.ingress,
+                   {"id": rid, "model": "m", "prompt": "x", "reply_to": other},
+                   key=tenant.encode(), headers=[(API_KEY_HEADER, api_key.encode())])
+    [letter] = await read_topic(DLQ_TOPIC, 1, where=dead_letters_for(rid))
+    assert "outside this tenant's reply topics" in decode(letter.value)["reason"]
+
+
+async def test_recent_results_survive_a_non_utf8_header(kafka_bootstrap, unique) -> None:
+    topic = unique("results")
+    recent = RecentResults(kafka_bootstrap, topic=topic)
+    await recent.start(partitions=1)
+    try:
+        bad, good = Result(id="bad", model="m"), Result(id="good", model="m")
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        await producer.send_and_wait(topic, encode(bad), key=b"bad",
+                                     headers=[(TENANT_HEADER, b"\xff\xfe")])
+        await producer.send_and_wait(topic, encode(good), key=b"good")
+        await producer.stop()
+        seen = await recent.wait("good", 20)
+        assert seen is not None and seen.result.id == "good"
+        assert recent.healthy
+    finally:
+        await recent.close()
+
+
+async def test_control_view_skips_a_failing_callback_and_reports_a_dead_reader(
+        kafka_bootstrap, unique) -> None:
+    topic = f"test.{unique('table')}"
+    view = CompactedView(kafka_bootstrap, topic)
+    failures: list[BaseException] = []
+    view.on_failure.append(failures.append)
+
+    def flaky(key: str, _value: object) -> None:
+        if key == "boom":
+            raise ValueError("callback bug")
+
+    view.on_change.append(flaky)
+    await view.start()
+    try:
+        await put(kafka_bootstrap, topic, "boom", {"x": 1})
+        await put(kafka_bootstrap, topic, "after", {"x": 2})
+        await wait_for(lambda: "after" in view.values, 20, "the record after a failing one")
+        assert view.healthy and not failures
+
+        async def broken(*_: object, **__: object) -> dict:
+            raise RuntimeError("broker gone")
+
+        view._consumer.getmany = broken  # type: ignore[union-attr,method-assign]
+        await wait_for(lambda: bool(failures), 20, "the reader's death to be reported")
+        assert not view.healthy and "broker gone" in repr(view.failure)
+    finally:
+        await view.close()
+
+
+async def test_gateway_health_names_a_dead_reader(start_gateway, http) -> None:
+    from streams.gateway import GATEWAY
+
+    gateway = await start_gateway()
+    async with http.get(f"{gateway.url}/healthz") as resp:
+        assert resp.status == 200
+    gateway.app[GATEWAY].routes.view._failed(RuntimeError("reader died"))
+    async with http.get(f"{gateway.url}/healthz") as resp:
+        assert resp.status == 503
+        body = await resp.json()
+    assert "routes" in body["dead_readers"]
+
+
+async def test_gateway_answers_401_to_a_non_ascii_key(start_gateway, http) -> None:
+    gateway = await start_gateway(auth=True)
+    async with http.post(f"{gateway.url}/v1/completions", data=b'{"model":"m","prompt":"x"}',
+                         headers={"Authorization": "Bearer fk_\u00e9\u00e9"}) as resp:
+        assert resp.status == 401
+
+
+async def test_client_request_timeout_leaves_nothing_waiting(client: FerryClient,
+                                                             unique) -> None:
+    dep = unique("nobody-serves")
+    try:
+        await client.request(Request(id="t1", model=dep, prompt="x"), timeout=0.5)
+    except TimeoutError:
+        pass
+    assert "t1" not in client._waiting
