@@ -234,3 +234,40 @@ async def test_client_request_timeout_leaves_nothing_waiting(client: FerryClient
     except TimeoutError:
         pass
     assert "t1" not in client._waiting
+
+
+async def test_worker_stopped_while_starting_leaves_its_group(kafka_bootstrap, tiny_model,
+                                                              engine, unique) -> None:
+    """Before, a worker cancelled during start-up exited without leaving: its partitions
+    stalled until the broker expired the ghost member."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from prometheus_client import CollectorRegistry
+
+    from workers.config import WorkerConfig
+    from workers.worker import Worker
+
+    config = WorkerConfig(model_dir=tiny_model, deployment=unique("dep"),
+                          bootstrap=kafka_bootstrap)
+    worker = Worker(config, engine, registry=CollectorRegistry())
+    joined = asyncio.Event()
+    start_clients = worker._start_clients
+
+    async def slow_start() -> None:  # joins the group, then is still "starting"
+        await start_clients()
+        await wait_for(lambda: bool(worker._consumer.assignment()), 30, "a partition")
+        joined.set()
+        await asyncio.Event().wait()
+
+    worker._start_clients = slow_start  # type: ignore[method-assign]
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(joined.wait(), 60)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        [group] = await admin.describe_consumer_groups([config.group])
+        members = group.groups[0][5]  # (error, id, state, protocol type, protocol, members)
+        assert members == [], "the stopped worker is still a member of its group"
+    finally:
+        await admin.close()
