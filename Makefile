@@ -30,6 +30,7 @@ test-slow: install
 	$(BIN)/python -m pytest -m slow
 
 bench: install
+	$(BIN)/python -m tests.bench.bench_engine
 	$(BIN)/python -m tests.bench.bench_pipeline
 	$(BIN)/python -m tests.bench.bench_push
 	$(BIN)/python -m tests.bench.bench_tp

@@ -45,8 +45,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="check every file's sha256 before loading (sizes are always checked)")
     w.add_argument("--deployment", required=True)
     _bootstrap_arg(w)
-    w.add_argument("--max-batch", type=int, default=8)
-    w.add_argument("--max-wait-ms", type=float, default=20.0)
+    w.add_argument("--max-num-seqs", type=int, default=64,
+                   help="rows the engine decodes at once")
+    w.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="tokens per engine step (decodes + prefill chunks)")
+    w.add_argument("--kv-cache-gb", type=float, default=2.0,
+                   help="KV cache per rank, in GiB (blocks are allocated on demand)")
+    w.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not share KV blocks between prompts with equal prefixes")
     w.add_argument("--max-queued", type=int, default=256)
     w.add_argument("--partitions", type=int, default=4)
     w.add_argument("--max-message-bytes", type=int, default=1_048_576)
@@ -112,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="busy threshold: a deployment with this many requests queued gets "
                          "no new ones (429 + Retry-After when all of an alias's are busy)")
     gw.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    gw.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds a new connection has to send its first request's headers")
+    gw.add_argument("--max-connections", type=int, default=1024,
+                    help="open connections beyond this are closed at once")
     gw.add_argument("--host-route", action="append", default=[], metavar="HOST=MODEL",
                     help="send calls whose Host is HOST (and model absent/'default') to MODEL "
                          "(an alias or a deployment)")
@@ -193,13 +203,16 @@ def _worker(args: argparse.Namespace) -> int:
             return 1
     config = WorkerConfig(
         model_dir=model_dir, deployment=args.deployment,
-        bootstrap=args.bootstrap or default_bootstrap(), max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms, max_queued=args.max_queued, partitions=args.partitions,
+        bootstrap=args.bootstrap or default_bootstrap(), max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gb=args.kv_cache_gb,
+        prefix_caching=not args.no_prefix_caching, max_queued=args.max_queued,
+        partitions=args.partitions,
         max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
         device=args.device, dtype=args.dtype, shadow=args.shadow)
     if args.tp * args.nnodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _launch_ranks(args, config)
-    engine = Engine.from_dir(config.model_dir, device=config.device, dtype=config.dtype)
+    engine = Engine.from_dir(config.model_dir, device=config.device, dtype=config.dtype,
+                             engine_config=config.engine_config())
     asyncio.run(_run_until_signalled(Worker(config, engine).run()))
     return 0
 
@@ -215,7 +228,7 @@ def _serve_ranks(config: "WorkerConfig", timeout_s: float) -> None:
         asyncio.run(_run_until_signalled(Worker(config, engine).run()))
 
     serve_rank(config.model_dir, serve, timeout_s=timeout_s, device=config.device,
-               dtype=config.dtype)
+               dtype=config.dtype, engine_config=config.engine_config())
 
 
 def _launch_ranks(args: argparse.Namespace, config: "WorkerConfig") -> int:
@@ -263,7 +276,8 @@ def _gateway(args: argparse.Namespace) -> int:
         max_lag=args.max_lag, host_routes=dict(r.split("=", 1) for r in args.host_route))
     asyncio.run(_run_until_signalled(serve(
         args.bootstrap or default_bootstrap(), args.port, args.host, settings,
-        max_body_bytes=args.max_body_bytes)))
+        max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
+        max_connections=args.max_connections)))
     return 0
 
 

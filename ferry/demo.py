@@ -53,7 +53,7 @@ def run_demo(n_requests: int = 8) -> int:
     print(f"[demo] bootstrap={bootstrap}", flush=True)
     metrics_port = free_port()
     worker = [sys.executable, "-m", "ferry.cli", "worker", "--model", str(model_dir),
-              "--bootstrap", bootstrap, "--max-batch", "4"]
+              "--bootstrap", bootstrap]
     processes = [subprocess.Popen(worker + ["--deployment", DEPLOYMENT,
                                             "--metrics-port", str(metrics_port)])]
     try:

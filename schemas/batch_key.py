@@ -1,28 +1,36 @@
-"""The batch key: requests with equal keys can share a batch, so they share a partition."""
+"""The batch key: the Kafka key of a request on its deployment's topic.
+
+With continuous batching, every request of a deployment may share a running batch whatever
+its length or sampling settings; what must not share one is a different forward pass
+(another deployment; adapters, when they exist, would join the key). So the key now places
+requests: it carries a hash of the prompt's first tokens, so requests built from one
+template (a long shared instruction and examples in front of a short question) land on
+the same partition, hence the same replica, whose prefix cache already holds that
+template's KV blocks.
+"""
 
 from __future__ import annotations
 
+import hashlib
+
 from schemas.messages import Request
 
-# Bytes of prompt text per token, to bucket text prompts before they are tokenised.
+# How much of the prompt names its template: about 256 tokens (text: ~4 bytes a token).
+PREFIX_TOKENS = 256
 _BYTES_PER_TOKEN = 4
 
 
-def _bucket(n: int, smallest: int = 32) -> int:
-    """Next power of two >= n: lengths in one bucket waste at most half their padding."""
-    size = smallest
-    while size < n:
-        size *= 2
-    return size
+def prefix_hash(request: Request) -> str:
+    """16 hex digits naming the prompt's first PREFIX_TOKENS tokens (or ~bytes of text)."""
+    if request.input_ids is not None:
+        head = ",".join(map(str, request.input_ids[:PREFIX_TOKENS])).encode()
+    else:
+        head = (request.prompt or "").encode()[:PREFIX_TOKENS * _BYTES_PER_TOKEN]
+    return hashlib.blake2b(head, digest_size=8).hexdigest()
 
 
 def batch_key(request: Request, deployment: str) -> str:
-    """`deployment|greedy-or-sample|p<prompt bucket>|n<generation bucket>`."""
+    """`deployment|<prefix hash>`, or the request's own `batch_key` when it sets one."""
     if request.batch_key:
         return request.batch_key
-    if request.input_ids is not None:
-        prompt_len = len(request.input_ids)
-    else:
-        prompt_len = len((request.prompt or "").encode()) // _BYTES_PER_TOKEN + 1
-    mode = "greedy" if request.temperature == 0 else "sample"
-    return f"{deployment}|{mode}|p{_bucket(prompt_len)}|n{_bucket(request.max_new_tokens, 16)}"
+    return f"{deployment}|{prefix_hash(request)}"

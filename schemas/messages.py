@@ -52,7 +52,10 @@ class Request:
         "naming another internal topic is dead-lettered, never answered there).",
         pattern=TOPIC_PATTERN))
     batch_key: str | None = field(default=None, metadata=spec(
-        "Requests with equal keys may share a batch; computed when absent.", maxLength=256))
+        "Kafka key on the deployment's topic: equal keys land on one partition, hence one "
+        "replica and its prefix cache. Computed when absent: the deployment and a hash of "
+        "the prompt's first 256 tokens (any requests of a deployment may share a running "
+        "batch, whatever their lengths and sampling).", maxLength=256))
     created_at: float | None = field(default=None, metadata=spec(
         "Unix time (seconds) the producer created the request; used for queue timing.",
         minimum=0.0))

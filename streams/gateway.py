@@ -58,6 +58,7 @@ from streams.backlog import BacklogProbe, retry_after_s
 from streams.catalog import DeploymentCatalog
 from streams.client import FerryClient
 from streams.gateway_metrics import GatewayMetrics
+from streams.http_guard import ConnectionGuard
 from streams.keys import KeyRing, Tenant
 from streams.openai_format import (
     REASON, ApiError, completion_object, error_response, error_type, json_text, parse_call,
@@ -507,13 +508,18 @@ def create_app(bootstrap: str, settings: GatewaySettings | None = None, *,
 
 
 async def serve(bootstrap: str, port: int, host: str = "127.0.0.1",
-                settings: GatewaySettings | None = None, max_body_bytes: int = 1 << 20) -> None:
-    """Run the gateway until cancelled."""
-    runner = web.AppRunner(create_app(bootstrap, settings, max_body_bytes=max_body_bytes))
+                settings: GatewaySettings | None = None, max_body_bytes: int = 1 << 20,
+                header_timeout_s: float = 10.0, max_connections: int = 1024) -> None:
+    """Run the gateway until cancelled, behind a header-read timeout and a connection cap."""
+    app = create_app(bootstrap, settings, max_body_bytes=max_body_bytes)
+    runner = web.AppRunner(app, keepalive_timeout=75.0)
     await runner.setup()
+    guard = ConnectionGuard(runner.server, app[GATEWAY].registry,
+                            header_timeout_s=header_timeout_s, max_connections=max_connections)
+    server = await asyncio.get_running_loop().create_server(guard, host, port)
     try:
-        await web.TCPSite(runner, host, port).start()
         log.info("gateway on http://%s:%d (bootstrap=%s)", host, port, bootstrap)
         await asyncio.Event().wait()
     finally:
+        server.close()
         await runner.cleanup()

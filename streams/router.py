@@ -90,7 +90,10 @@ class Router:
             app_id, broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False,
             topic_partitions=INGRESS_PARTITIONS, consumer_auto_offset_reset="earliest",
             producer_acks=-1, stream_wait_empty=False, broker_commit_every=100,
-            broker_commit_interval=1.0)
+            broker_commit_interval=1.0,
+            # A killed router's partitions move to the others (or its restart) after the
+            # broker's minimum session timeout, not faust's default of a minute.
+            broker_session_timeout=6.0, broker_heartbeat_interval=1.0)
         self.topic = self.app.topic(ingress, key_type=bytes, value_type=bytes,
                                     key_serializer="raw", value_serializer="raw",
                                     partitions=INGRESS_PARTITIONS)

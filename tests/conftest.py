@@ -59,19 +59,27 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 30.0,
         await asyncio.sleep(0.05)
 
 
+def own_engine(engine: Engine, config: WorkerConfig) -> Engine:
+    """An engine over `engine`'s weights with state of its own: an engine is stepped by one
+    worker only."""
+    return Engine(engine.model, engine.config, engine.tokenizer, engine.device,
+                  config.engine_config())
+
+
 WorkerFactory = Callable[..., Awaitable[Worker]]
 
 
 @pytest.fixture
 async def start_worker(kafka_bootstrap: str, tiny_model: Path,
                        engine: Engine) -> AsyncIterator[WorkerFactory]:
-    """Start in-process workers (sharing the session's engine); all stopped at teardown."""
+    """Start in-process workers (sharing the session's weights, each with its own engine
+    state: scheduler and KV cache); all stopped at teardown."""
     tasks: list[asyncio.Task] = []
 
     async def start(deployment: str, **settings: object) -> Worker:
         config = WorkerConfig(model_dir=tiny_model, deployment=deployment,
                               bootstrap=kafka_bootstrap, **settings)  # type: ignore[arg-type]
-        worker = Worker(config, engine, registry=CollectorRegistry())
+        worker = Worker(config, own_engine(engine, config), registry=CollectorRegistry())
         tasks.append(asyncio.create_task(worker.run()))
         ready = asyncio.create_task(worker.ready.wait())
         done, _ = await asyncio.wait([ready, tasks[-1]], timeout=60,

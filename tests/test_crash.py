@@ -16,8 +16,7 @@ from schemas import Request
 def spawn_worker(model: Path, deployment: str, bootstrap: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ferry.cli", "worker", "--model", str(model),
-         "--deployment", deployment, "--bootstrap", bootstrap, "--max-batch", "2",
-         "--max-wait-ms", "5"],
+         "--deployment", deployment, "--bootstrap", bootstrap, "--max-num-seqs", "2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
 

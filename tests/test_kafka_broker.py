@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -30,8 +32,12 @@ async def test_transaction_commits_output_and_offsets(kafka_bootstrap, unique) -
     await consumer.start()
     await producer.start()
     try:
-        records = await consumer.getmany(timeout_ms=10_000)
-        [msg] = records[TopicPartition(source, 0)]
+        fetched: list = []
+        deadline = asyncio.get_running_loop().time() + 60  # the group join comes first
+        while not fetched and asyncio.get_running_loop().time() < deadline:
+            records = await consumer.getmany(timeout_ms=1_000)
+            fetched = records.get(TopicPartition(source, 0), [])
+        [msg] = fetched
         async with producer.transaction():
             await producer.send(sink, b"answer")
             await producer.send_offsets_to_transaction(

@@ -19,7 +19,7 @@ from streams.client import FerryClient
 from streams.control import CompactedView, put
 from streams.keys import add_key
 from streams.recent_results import TENANT_HEADER, RecentResults
-from tests.conftest import wait_for
+from tests.conftest import own_engine, wait_for
 from workers.topic_admin import TopicCreationError, ensure_topics
 
 
@@ -248,7 +248,7 @@ async def test_worker_stopped_while_starting_leaves_its_group(kafka_bootstrap, t
 
     config = WorkerConfig(model_dir=tiny_model, deployment=unique("dep"),
                           bootstrap=kafka_bootstrap)
-    worker = Worker(config, engine, registry=CollectorRegistry())
+    worker = Worker(config, own_engine(engine, config), registry=CollectorRegistry())
     joined = asyncio.Event()
     start_clients = worker._start_clients
 
@@ -271,3 +271,102 @@ async def test_worker_stopped_while_starting_leaves_its_group(kafka_bootstrap, t
         assert members == [], "the stopped worker is still a member of its group"
     finally:
         await admin.close()
+
+
+async def test_extreme_sampling_values_fail_no_batch_mate(start_worker, client, engine,
+                                                          unique) -> None:
+    """Before, one schema-valid extreme temperature or top_p made the sampler raise and the
+    whole batch was answered inference_failed."""
+    from workers.engine import GenerationInput, SamplingParams
+
+    dep = unique("dep")
+    await start_worker(dep)
+    extreme = [dict(temperature=1e-300), dict(temperature=100.0), dict(top_p=1e-300,
+               temperature=1.0), dict(temperature=1e-30, top_p=1e-30, seed=3)]
+    greedy = Request(id=uuid.uuid4().hex, model=dep, prompt="Hello there", max_new_tokens=5)
+    requests = [Request(id=uuid.uuid4().hex, model=dep, prompt="Hello there",
+                        max_new_tokens=5, **params) for params in extreme] + [greedy]
+    futures = [await client.submit(r) for r in requests]
+    results = await asyncio.wait_for(asyncio.gather(*futures), 60)
+    assert [r.error for r in results] == [None] * len(results)
+    assert all(len(r.output_ids) == 5 for r in results)
+    [alone] = engine.generate([GenerationInput(engine.encode("Hello there"),
+                                               SamplingParams(max_new_tokens=5))])
+    assert results[-1].output_ids == alone.output_ids
+
+
+async def test_deadline_is_checked_between_decode_steps(kafka_bootstrap, tiny_model, engine,
+                                                        client, unique) -> None:
+    """Before, a deadline was checked only when a batch started: a request whose deadline
+    passed mid-generation was answered ok. The engine here is slowed (each step takes 50 ms
+    more) so that 60 tokens cannot finish within the deadline."""
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from workers.config import WorkerConfig
+    from workers.worker import Worker
+
+    config = WorkerConfig(model_dir=tiny_model, deployment=unique("dep"),
+                          bootstrap=kafka_bootstrap)
+    slow = own_engine(engine, config)
+    steps = {"n": 0}
+    step = slow.step
+
+    def slow_step():  # simulated compute time, not synchronisation
+        steps["n"] += 1
+        time.sleep(0.05)
+        return step()
+
+    slow.step = slow_step  # type: ignore[method-assign]
+    worker = Worker(config, slow, registry=CollectorRegistry())
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.ready.wait(), 60)
+        result = await client.request(Request(
+            id=uuid.uuid4().hex, model=config.deployment, prompt="Hello", max_new_tokens=60,
+            deadline=time.time() + 1.0), timeout=60)
+        assert result.error is not None and result.error.code.value == "deadline_exceeded"
+        assert "before it finished" in result.error.message
+        assert steps["n"] < 60 and not slow.has_work()  # dropped, not decoded to the end
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_gateway_closes_stalled_and_excess_connections(kafka_bootstrap) -> None:
+    """Before, a client sending half a request line held its connection for ever."""
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
+
+    from ferry.broker import free_port
+    from streams.http_guard import ConnectionGuard
+
+    async def ok(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    guard = ConnectionGuard(runner.server, CollectorRegistry(), header_timeout_s=0.3,
+                            max_connections=2)
+    port = free_port()
+    server = await asyncio.get_running_loop().create_server(guard, "127.0.0.1", port)
+    try:
+        stalled_r, stalled_w = await asyncio.open_connection("127.0.0.1", port)
+        stalled_w.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        assert await asyncio.wait_for(stalled_r.read(), 10) == b""  # closed by the server
+        stalled_w.close()
+        assert guard.closed.labels("header_timeout")._value.get() == 1
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        assert await asyncio.wait_for(conns[2][0].read(), 10) == b""  # the third: over the cap
+        reader, writer = conns[0]
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200")
+        for _, w in conns:
+            w.close()
+            await w.wait_closed()
+    finally:
+        server.close()
+        await runner.cleanup()

@@ -50,7 +50,7 @@ def test_retarget_rewrites_model_and_drops_the_deadline() -> None:
     request, key = retarget({"id": "r", "model": "dep-a", "input_ids": [1, 2], "deadline": 5.0},
                             "dep-c", now=100.0)
     assert request == {"id": "r", "model": "dep-c", "input_ids": [1, 2], "created_at": 100.0}
-    assert key.startswith("dep-c|greedy|")
+    assert key.startswith("dep-c|")
 
 
 async def test_export_and_replay(kafka_bootstrap: str, unique: Callable[[str], str],

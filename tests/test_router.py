@@ -22,7 +22,7 @@ from streams.gateway import GATEWAY
 from streams.keys import KeyRing, Tenant, add_key, revoke_key
 from streams.quota import admit, estimate_tokens
 from streams.routes import parse_weights, pick, set_route
-from tests.conftest import wait_for
+from tests.conftest import own_engine, wait_for
 from tests.harness import RouterProcess, post
 from workers.config import WorkerConfig
 from workers.engine import GenerationInput, SamplingParams
@@ -288,8 +288,8 @@ async def test_killed_backend_is_retried_on_another(router, start_worker, start_
                                                     unique, engine, kafka_bootstrap,
                                                     tiny_model) -> None:
     a, b, alias = unique("a"), unique("b"), unique("alias")
-    doomed = Worker(WorkerConfig(model_dir=tiny_model, deployment=a, bootstrap=kafka_bootstrap),
-                    engine)
+    config = WorkerConfig(model_dir=tiny_model, deployment=a, bootstrap=kafka_bootstrap)
+    doomed = Worker(config, own_engine(engine, config))
     task = asyncio.create_task(doomed.run())
     await asyncio.wait_for(doomed.ready.wait(), 60)
     await start_worker(b)

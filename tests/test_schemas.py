@@ -61,15 +61,20 @@ def test_salvage_reply_address() -> None:
     assert salvage_reply_address(b'{"id": "a", "reply_to": "bad topic"}') is None
 
 
-def test_batch_key_groups_compatible_requests() -> None:
-    a = Request(id="1", model="m", input_ids=[1] * 10, max_new_tokens=8)
-    b = Request(id="2", model="m", input_ids=[1] * 30, max_new_tokens=16)
-    sampled = Request(id="3", model="m", input_ids=[1] * 10, temperature=0.7)
-    longer = Request(id="4", model="m", input_ids=[1] * 100)
-    assert batch_key(a, "d") == batch_key(b, "d") == "d|greedy|p32|n16"
-    assert batch_key(sampled, "d") != batch_key(a, "d")
-    assert batch_key(longer, "d") == "d|greedy|p128|n16"
-    assert batch_key(Request(id="5", model="m", prompt="x", batch_key="mine"), "d") == "mine"
+def test_batch_key_groups_requests_of_one_template() -> None:
+    template = "You are a careful assistant. Examples: " * 40  # > PREFIX_TOKENS tokens of text
+    a = Request(id="1", model="m", prompt=template + "Q: one?", max_new_tokens=8)
+    b = Request(id="2", model="m", prompt=template + "Q: two, longer?", temperature=0.7)
+    other = Request(id="3", model="m", prompt="Another template entirely. " * 40)
+    assert batch_key(a, "d") == batch_key(b, "d")  # lengths and sampling no longer split
+    assert batch_key(a, "d").startswith("d|") and batch_key(other, "d") != batch_key(a, "d")
+    assert batch_key(a, "e") != batch_key(a, "d")
+    ids = list(range(300))
+    assert batch_key(Request(id="4", model="m", input_ids=ids), "d") == batch_key(
+        Request(id="5", model="m", input_ids=ids + [7, 8]), "d")
+    assert batch_key(Request(id="6", model="m", input_ids=[1, 2]), "d") != batch_key(
+        Request(id="7", model="m", input_ids=[1, 3]), "d")
+    assert batch_key(Request(id="8", model="m", prompt="x", batch_key="mine"), "d") == "mine"
 
 
 def test_exported_json_schemas_match_the_code() -> None:

@@ -1,1 +1,2 @@
-"""Ferry workers: the Kafka loop, the batcher and the Kafka-agnostic inference engine."""
+"""Ferry workers: the Kafka loop, admission, and the Kafka-agnostic continuous-batching engine
+(scheduler decides, engine executes, model defines)."""

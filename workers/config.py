@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from schemas.topics import mirror_topic, requests_topic, shadow_group, worker_group
+from workers.engine import EngineConfig
 
 
 @dataclass(frozen=True)
@@ -13,15 +14,27 @@ class WorkerConfig:
     model_dir: Path
     deployment: str
     bootstrap: str
-    max_batch: int = 8             # requests per model batch
-    max_wait_ms: float = 20.0      # longest a request waits for its batch to fill
+    max_num_seqs: int = 64         # rows the engine decodes at once
+    max_num_batched_tokens: int = 512  # tokens per engine step (decodes + prefill chunks)
+    kv_cache_gb: float = 2.0       # KV cache of this rank (blocks are allocated on demand)
+    prefix_caching: bool = True    # share KV blocks of equal prompt prefixes
     max_queued: int = 256          # admitted requests held before consuming pauses
+    # A killed member's partitions move to the others after the session timeout (6 s is
+    # the broker's minimum by default); heartbeats tell live members of a rebalance.
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
     partitions: int = 4            # partitions of the request topic if the worker creates it
     max_message_bytes: int = 1_048_576  # results above this become result_too_large errors
     metrics_port: int | None = None     # None: no HTTP endpoint (the registry still counts)
     device: str = "cpu"
     dtype: str | None = None       # e.g. "bfloat16"; default: the checkpoint's
     shadow: bool = False           # a candidate: serve its mirror topic, answer on shadow results
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens,
+                            kv_cache_bytes=int(self.kv_cache_gb * (1 << 30)),
+                            enable_prefix_caching=self.prefix_caching)
 
     @property
     def topic(self) -> str:

@@ -1,22 +1,31 @@
-"""The execution unit: one batch of token prompts in, one completion per prompt out.
+"""The execution unit: requests in, one token per running row per step, completions out.
 
-Kafka-agnostic. A batch runs together: prompts are left-padded so their last tokens line
-up, one prefill fills the KV cache, then one token per step for every row until each row
-has finished (eos, a stop string, or its own `max_new_tokens`). A row's result does not
-depend on its batch mates: greedy rows take the argmax, sampled rows draw from their own
-seeded generator, and padding is masked out of attention and of the RoPE positions.
+Kafka-agnostic, and continuous: `add` queues a request, `step` runs one scheduler
+iteration (`workers/scheduler.py` decides which tokens run), one packed forward over a paged
+KV cache (`workers/kv_cache.py`, `Transformer.forward_paged`) and one batched sampling
+(`workers/sampler.py`), and returns what finished. A row leaves the moment it finishes (eos,
+a stop string, its own `max_new_tokens`, an abort) and a waiting request takes its seat in
+the next step. A row's result does not depend on its batch mates: greedy rows take the
+argmax, seeded rows draw from their own generator, and each row attends only to its own
+blocks. Nothing here reads a clock: deadlines are the caller's, turned into `abort`s, so
+tensor-parallel ranks that make the same calls stay in lockstep.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from workers.kv_cache import BlockManager, KVPools
 from workers.loader import load_model
-from workers.model import ModelConfig, Transformer
+from workers.model import AttnGroup, ModelConfig, PagedStep, Transformer
+from workers.sampler import RowSampling, Sampler
+from workers.scheduler import ScheduledRow, Scheduler, Sequence, StepPlan
 from workers.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -32,13 +41,14 @@ class SamplingParams:
     max_new_tokens: int = 16
     temperature: float = 0.0       # 0 = greedy
     top_p: float = 1.0
-    seed: int | None = None        # None: a fresh random seed per request
+    top_k: int = 0                 # 0 = off
+    seed: int | None = None        # None: drawn from the engine's generator
     stop: tuple[str, ...] = ()     # needs a tokenizer; ignored without one
 
 
 @dataclass
 class GenerationInput:
-    """One request of a batch: prompt token ids and how to decode them."""
+    """One request of an offline batch: prompt token ids and how to decode them."""
 
     input_ids: list[int]            # [prompt_tokens], used exactly as given (no bos added)
     params: SamplingParams
@@ -50,43 +60,114 @@ class GenerationOutput:
 
     output_ids: list[int]           # [completion_tokens], stop text / eos excluded
     text: str                       # decoded completion ("" without tokenizer), cut before the stop
-    finish_reason: str              # "stop" (eos or stop string) | "length"
+    finish_reason: str              # "stop" (eos or stop string) | "length" | "error"
     prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request for `Engine.add`."""
+
+    id: str
+    input_ids: list[int]              # [prompt_tokens]
+    params: SamplingParams
+    score_ids: list[int] | None = None  # [score_tokens]: teacher-forced scoring, no decode
 
 
 @dataclass
-class _Row:
-    """One request's progress through a batch."""
+class Completion:
+    """One finished request."""
 
-    params: SamplingParams
+    id: str
+    output_ids: list[int]           # [completion_tokens], stop text / eos excluded
+    text: str
+    finish_reason: str              # "stop" | "length" | "abort" | "error"
     prompt_tokens: int
-    generator: torch.Generator | None
-    ids: list[int] = field(default_factory=list)
-    text: str | None = None          # set once the stop check has cut it
-    finish_reason: str | None = None
+    score: float | None = None      # scoring requests: mean log-prob per score token
+    error: str | None = None        # set when finish_reason == "error" (that row alone failed)
+    cached_tokens: int = 0          # prompt tokens served from the prefix cache
+
+
+@dataclass
+class StepOutput:
+    """What one step produced. A stop string that spans several tokens can cut tokens an
+    earlier step already emitted: `Completion.output_ids` is the final word."""
+
+    finished: list[Completion]
+    new_tokens: dict[str, list[int]]  # request id -> token ids emitted this step
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_cache_usage: float           # fraction of KV blocks referenced by requests
+    num_blocks: int
+    prefix_queries: int             # prompt tokens looked up in the prefix cache
+    prefix_hits: int                # of which served from it
+    preemptions: int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduling budgets and the KV cache's size."""
+
+    max_num_seqs: int = 64               # rows running at once
+    max_num_batched_tokens: int = 512    # tokens per step (decodes + prefill chunks)
+    block_size: int = 16                 # token slots per KV block
+    num_blocks: int | None = None        # None: as many as `kv_cache_bytes` holds
+    kv_cache_bytes: int = 2 << 30        # K and V of every layer, this rank's heads
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class _Request:
+    """One request's progress, beside its scheduler `Sequence`."""
+
+    request: EngineRequest
+    sampling: RowSampling
+    ids: list[int] = field(default_factory=list)   # the completion so far
+    text: str | None = None                        # set once the stop check has cut it
+    logprob_sum: float = 0.0                       # scoring requests
 
 
 class Engine:
-    """Batched generation with a `Transformer`; see the module docstring."""
+    """Continuous batching with a `Transformer`; see the module docstring."""
 
     def __init__(self, model: Transformer, config: ModelConfig, tokenizer: Tokenizer | None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu",
+                 engine_config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.engine_config = ec = engine_config or EngineConfig()
         self.max_context: int = config.max_position_embeddings
         eos = config.eos_token_ids  # config.json, overridden by generation_config.json
         if not eos and tokenizer is not None and tokenizer.eos_id is not None:
             eos = (tokenizer.eos_id,)
         self.eos_ids = frozenset(eos)
+        attn = [layer.self_attn for layer in model.model.layers]  # local (TP) head counts
+        dtype = model.model.embed_tokens.weight.dtype
+        num_blocks = ec.num_blocks or max(1, ec.kv_cache_bytes // sum(
+            KVPools.block_bytes(1, ec.block_size, a.n_kv_heads, a.head_dim, dtype) for a in attn))
+        self.blocks = BlockManager(num_blocks, ec.block_size, ec.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.pools = KVPools(len(attn), num_blocks, ec.block_size, [a.n_kv_heads for a in attn],
+                             config.head_dim, dtype, self.device)
+        self.sampler = Sampler(self.device)
+        self._group_size = attn[0].n_heads // attn[0].n_kv_heads  # q heads per kv head
+        self._requests: dict[str, _Request] = {}
+        self._done: list[Completion] = []     # finished outside a step, returned by the next
+        self._serial = itertools.count()
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | str | None = None) -> Engine:
+                 dtype: torch.dtype | str | None = None,
+                 engine_config: EngineConfig | None = None) -> Engine:
         """Model and tokenizer from a Hugging Face layout directory (see `load_model`)."""
         model, config = load_model(path, device=device, dtype=dtype)
-        return cls(model, config, load_tokenizer(path), device)
+        return cls(model, config, load_tokenizer(path), device, engine_config)
 
     @property
     def healthy(self) -> bool:
@@ -99,116 +180,214 @@ class Engine:
             raise ValueError("this model has no tokenizer.json: send input_ids instead of text")
         return self.tokenizer.encode(prompt)
 
-    @torch.inference_mode()
+    # ---- the protocol ----------------------------------------------------------------
+
+    def check(self, request: EngineRequest) -> None:
+        """ValueError naming the field if `request` cannot run; nothing is computed."""
+        ids, p, who = request.input_ids, request.params, f"request {request.id!r}"
+        if request.id in self._requests or any(c.id == request.id for c in self._done):
+            raise ValueError(f"{who}: id is already in use")
+        if not ids:
+            raise ValueError(f"{who}: input_ids is empty")
+        self._check_vocab(who, "input_ids", ids)
+        if p.max_new_tokens < 0:
+            raise ValueError(f"{who}: max_new_tokens must be >= 0")
+        if not (math.isfinite(p.temperature) and p.temperature >= 0):
+            raise ValueError(f"{who}: temperature must be a finite number >= 0")
+        if not 0 < p.top_p <= 1:
+            raise ValueError(f"{who}: top_p must be in (0, 1]")
+        if p.top_k < 0:
+            raise ValueError(f"{who}: top_k must be >= 0")
+        if request.score_ids is not None:
+            if not request.score_ids:
+                raise ValueError(f"{who}: score_ids is empty")
+            self._check_vocab(who, "score_ids", request.score_ids)
+            total, what = len(ids) + len(request.score_ids), "score_ids"
+        else:
+            total, what = len(ids) + p.max_new_tokens, "max_new_tokens"
+        if total > self.max_context:
+            raise ValueError(f"{who}: {len(ids)} prompt tokens + {what} exceed the context "
+                             f"of {self.max_context}")
+        if self.scheduler.blocks_needed(total) > self.blocks.num_blocks:
+            raise ValueError(f"{who}: {total} tokens ({what}) need more than the "
+                             f"{self.blocks.num_blocks} KV blocks of this engine")
+
+    def add(self, request: EngineRequest) -> None:
+        """Check, then queue; it runs from the next `step`."""
+        self.check(request)
+        p = request.params
+        sampling = RowSampling(p.temperature, p.top_p, p.top_k)
+        if p.seed is not None and not sampling.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(p.seed)
+            sampling = RowSampling(p.temperature, p.top_p, p.top_k, gen)
+        req = _Request(request, sampling)
+        self._requests[request.id] = req
+        tokens = list(request.input_ids)
+        score_from = None
+        if request.score_ids is not None:
+            score_from, tokens = len(tokens) - 1, tokens + list(request.score_ids)
+        elif p.max_new_tokens == 0:
+            self._done.append(self._complete(req, None, "length"))
+            return
+        self.scheduler.add(Sequence(request.id, tokens, len(request.input_ids), score_from))
+
+    def abort(self, request_id: str) -> Completion | None:
+        """Drop a waiting or running request and free its blocks; None if unknown."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        return self._finish(req, "abort")
+
+    def step(self) -> StepOutput:
+        """One iteration: schedule, one forward, sample; returns what finished."""
+        out = StepOutput(self._done, {})
+        self._done = []
+        plan = self.scheduler.schedule()
+        if plan.rows:
+            with torch.inference_mode():
+                logits = self._forward(plan)
+            self.scheduler.update(plan)
+            self._consume(plan, logits, out)
+        return out
+
+    def has_work(self) -> bool:
+        return bool(self._done) or self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), self.blocks.usage(),
+                           self.blocks.num_blocks, s.prefix_queries, s.prefix_hits,
+                           s.preemptions)
+
+    # ---- offline conveniences --------------------------------------------------------
+
     def generate(self, batch: list[GenerationInput]) -> list[GenerationOutput]:
-        """Complete every prompt of `batch` together; outputs are in the same order.
+        """Run every prompt of `batch` to completion; outputs are in the same order.
 
-        Raises ValueError (before any compute) for an empty prompt, a token outside the
-        vocabulary, prompt + max_new_tokens over `max_context`, or bad sampling params.
+        Raises ValueError (before any compute) if any row is invalid (see `check`).
+        Requests already added keep running alongside; their completions come out of
+        the next `step`.
         """
-        for i, item in enumerate(batch):
-            self._check(i, item)
-        rows = [_Row(x.params, len(x.input_ids), self._generator(x.params)) for x in batch]
-        steps = max((x.params.max_new_tokens for x in batch), default=0)
-        for row in rows:
-            if row.params.max_new_tokens == 0:
-                row.finish_reason = "length"
-        if steps > 0:
-            self._run(batch, rows, steps)
-        return [self._output(row) for row in rows]
+        n = next(self._serial)
+        requests = [EngineRequest(f"generate-{n}-{i}", x.input_ids, x.params)
+                    for i, x in enumerate(batch)]
+        done = self._run(requests)
+        return [GenerationOutput(c.output_ids, c.text, c.finish_reason, c.prompt_tokens)
+                for c in (done[r.id] for r in requests)]
 
-    @torch.inference_mode()
     def score(self, prompt_ids: list[int], target_ids: list[int]) -> float:
         """Mean log-probability per token of `target_ids` following `prompt_ids`, teacher-
-        forced in one forward pass (how likely this model finds another model's answer)."""
+        forced (how likely this model finds another model's answer)."""
         if not prompt_ids or not target_ids:
             raise ValueError("score: prompt and target must both be non-empty")
-        if len(prompt_ids) + len(target_ids) > self.max_context:
-            raise ValueError(f"score: {len(prompt_ids) + len(target_ids)} tokens exceed the "
-                             f"context of {self.max_context}")
-        ids = torch.tensor([prompt_ids + target_ids], device=self.device)
-        positions = torch.arange(ids.shape[1], device=self.device)[None]
-        # Logits at position t predict token t + 1: the last len(target) predictions score it.
-        logits = self.model(ids, positions, logits_to_keep=len(target_ids) + 1)[0, :-1]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        target = torch.tensor(target_ids, device=self.device)
-        return float(logprobs.gather(-1, target[:, None]).mean())
+        request = EngineRequest(f"score-{next(self._serial)}", prompt_ids, SamplingParams(),
+                                score_ids=target_ids)
+        score = self._run([request])[request.id].score
+        assert score is not None
+        return score
 
-    def _check(self, i: int, item: GenerationInput) -> None:
-        ids, p = item.input_ids, item.params
-        if not ids:
-            raise ValueError(f"batch[{i}]: input_ids is empty")
+    def _run(self, requests: list[EngineRequest]) -> dict[str, Completion]:
+        for r in requests:
+            self.check(r)
+        for r in requests:
+            self.add(r)
+        want = {r.id for r in requests}
+        done: dict[str, Completion] = {}
+        others: list[Completion] = []
+        while len(done) < len(want):
+            for c in self.step().finished:
+                if c.id in want:
+                    done[c.id] = c
+                else:
+                    others.append(c)
+        self._done = others + self._done
+        return done
+
+    def _check_vocab(self, who: str, what: str, ids: list[int]) -> None:
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
-            raise ValueError(f"batch[{i}]: input_ids outside the vocabulary "
+            raise ValueError(f"{who}: {what} outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
-        if p.max_new_tokens < 0:
-            raise ValueError(f"batch[{i}]: max_new_tokens must be >= 0")
-        if len(ids) + p.max_new_tokens > self.max_context:
-            raise ValueError(f"batch[{i}]: {len(ids)} prompt tokens + max_new_tokens "
-                             f"{p.max_new_tokens} exceed the context of {self.max_context}")
-        if p.temperature < 0 or not 0 < p.top_p <= 1:
-            raise ValueError(f"batch[{i}]: need temperature >= 0 and 0 < top_p <= 1")
 
-    def _generator(self, params: SamplingParams) -> torch.Generator | None:
-        if params.temperature == 0:
-            return None
-        gen = torch.Generator(device=self.device)
-        if params.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(params.seed)
-        return gen
+    # ---- one step --------------------------------------------------------------------
 
-    def _run(self, batch: list[GenerationInput], rows: list[_Row], steps: int) -> None:
-        B, L = len(batch), max(len(x.input_ids) for x in batch)
-        # Slots: L prompt columns, then one per decode step (the last token is not fed back).
-        total = L + steps - 1
-        ids = torch.zeros(B, L, dtype=torch.long)
-        valid = torch.ones(B, total, dtype=torch.bool)
-        for i, x in enumerate(batch):
-            ids[i, L - len(x.input_ids):] = torch.tensor(x.input_ids)
-            valid[i, :L - len(x.input_ids)] = False
-        ids, valid = ids.to(self.device), valid.to(self.device)
-        pos = (valid.cumsum(-1) - 1).clamp(min=0)  # each row's positions start at 0
-        slots = torch.arange(total, device=self.device)
-        cache = self.model.new_cache(B, total)
+    def _forward(self, plan: StepPlan) -> Tensor:
+        """Logits (K, vocab) for every position a row wants, in row order."""
+        rows, dev = plan.rows, self.device
+        ids = [t for r in rows for t in r.token_ids]
+        positions = [p for r in rows for p in range(r.start, r.start + len(r.token_ids))]
+        slots = [s for r in rows for s in r.slots]
+        offsets = list(itertools.accumulate((len(r.token_ids) for r in rows), initial=0))
+        logits_idx = [o + p - r.start for r, o in zip(rows, offsets) for p in r.logits]
+        decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
+        chunks = [i for i, r in enumerate(rows) if len(r.token_ids) > 1]
+        groups = [_group([rows[i] for i in g], [offsets[i] for i in g],
+                         self.blocks.block_size, self._group_size, dev)
+                  for g in (*_split_by_context(decode, rows), chunks) if g]
+        step = PagedStep(torch.tensor(slots, device=dev), groups)
+        return self.model.forward_paged(torch.tensor(ids, device=dev),
+                                        torch.tensor(positions, device=dev),
+                                        self.pools.layers, step,
+                                        torch.tensor(logits_idx, dtype=torch.long, device=dev))
 
-        # Prefill: causal and not padding; padded queries see themselves (no all-masked rows).
-        causal = torch.ones(L, L, dtype=torch.bool, device=self.device).tril()
-        eye = torch.eye(L, dtype=torch.bool, device=self.device)
-        mask = (causal & valid[:, None, None, :L]) | eye
-        logits = self.model(ids, pos[:, :L], cache, mask, slots[:L], logits_to_keep=1)
-        for step in range(steps):
-            tokens = self._sample(logits[:, -1], rows)
-            for row, token in zip(rows, tokens.tolist()):
-                if row.finish_reason is None:
-                    self._advance(row, token)
-            if step == steps - 1 or all(row.finish_reason for row in rows):
-                break
-            s = L + step
-            logits = self.model(tokens[:, None], pos[:, s:s + 1], cache,
-                                valid[:, None, None, :s + 1], slots[s:s + 1], logits_to_keep=1)
+    def _consume(self, plan: StepPlan, logits: Tensor, out: StepOutput) -> None:
+        """Sample the rows that reached their end, accumulate scores, finish rows."""
+        at, sampled, scored = 0, [], []
+        for row in plan.rows:
+            span = (at, at + len(row.logits))
+            at = span[1]
+            if row.sample:
+                sampled.append((self._requests[row.id], span[0]))
+            elif self._requests[row.id].request.score_ids is not None:
+                scored.append((self._requests[row.id], row, span))
+        if scored:
+            self._score(logits, scored)
+        if sampled:
+            result = self.sampler(logits[[i for _, i in sampled]],
+                                  [req.sampling for req, _ in sampled])
+            for k, (req, _) in enumerate(sampled):
+                if k in result.errors:
+                    out.finished.append(self._finish(req, "error", result.errors[k]))
+                else:
+                    self._advance(req, result.tokens[k], out)
+        for req, _, _ in scored:
+            seq = self.scheduler.get(req.request.id)
+            if seq is not None and seq.num_computed == seq.num_tokens:
+                out.finished.append(self._finish(req, "stop"))
 
-    def _sample(self, logits: Tensor, rows: list[_Row]) -> Tensor:
-        """Next token per row (B,): argmax, or a draw from the row's own generator."""
-        logits = logits.float()
-        tokens = logits.argmax(-1)
-        for i, row in enumerate(rows):
-            if row.generator is not None and row.finish_reason is None:
-                tokens[i] = _sample_top_p(logits[i], row.params, row.generator)
-        return tokens
-
-    def _advance(self, row: _Row, token: int) -> None:
-        if token in self.eos_ids:
-            row.finish_reason = "stop"
+    def _score(self, logits: Tensor, scored: list[tuple[_Request, ScheduledRow, tuple]]) -> None:
+        scored = [s for s in scored if s[1].logits]
+        if not scored:
             return
-        row.ids.append(token)
-        if row.params.stop and self.tokenizer is not None and self._cut_at_stop(row):
-            row.finish_reason = "stop"
-        elif len(row.ids) >= row.params.max_new_tokens:
-            row.finish_reason = "length"
+        rows = torch.cat([logits[a:b] for _, _, (a, b) in scored]).float().log_softmax(-1)
+        targets = []
+        for req, row, _ in scored:
+            seq = self.scheduler.get(req.request.id)
+            assert seq is not None
+            targets += seq.tokens[row.logits.start + 1:row.logits.stop + 1]
+        picked = rows.gather(-1, torch.tensor(targets, device=rows.device)[:, None])[:, 0]
+        at = 0
+        for req, row, _ in scored:
+            req.logprob_sum += float(picked[at:at + len(row.logits)].sum())
+            at += len(row.logits)
 
-    def _cut_at_stop(self, row: _Row) -> bool:
+    def _advance(self, req: _Request, token: int, out: StepOutput) -> None:
+        rid = req.request.id
+        if token in self.eos_ids:
+            out.finished.append(self._finish(req, "stop"))
+            return
+        req.ids.append(token)
+        n, p = len(req.ids), req.request.params
+        if p.stop and self.tokenizer is not None and self._cut_at_stop(req):
+            out.finished.append(self._finish(req, "stop"))
+        elif len(req.ids) >= p.max_new_tokens:
+            out.finished.append(self._finish(req, "length"))
+        else:
+            self.scheduler.append(rid, token)
+        if len(req.ids) == n:  # not cut by a stop string
+            out.new_tokens[rid] = [token]
+
+    def _cut_at_stop(self, req: _Request) -> bool:
         """If the completion now contains a stop string, cut text and ids before it.
 
         Decodes the whole completion each step, but only for rows that have stop strings.
@@ -216,30 +395,66 @@ class Engine:
         that straddles the stop is dropped whole (approximate at multi-byte boundaries).
         """
         assert self.tokenizer is not None
-        text = self.tokenizer.decode(row.ids)
-        hits = [i for i in (text.find(s) for s in row.params.stop if s) if i >= 0]
+        text = self.tokenizer.decode(req.ids)
+        hits = [i for i in (text.find(s) for s in req.request.params.stop if s) if i >= 0]
         if not hits:
             return False
-        row.text = text[:min(hits)]
-        keep = len(row.ids)
-        while keep > 0 and len(self.tokenizer.decode(row.ids[:keep])) > len(row.text):
+        req.text = text[:min(hits)]
+        keep = len(req.ids)
+        while keep > 0 and len(self.tokenizer.decode(req.ids[:keep])) > len(req.text):
             keep -= 1
-        del row.ids[keep:]
+        del req.ids[keep:]
         return True
 
-    def _output(self, row: _Row) -> GenerationOutput:
-        text = row.text
+    def _finish(self, req: _Request, reason: str, error: str | None = None) -> Completion:
+        seq = self.scheduler.finish(req.request.id)
+        return self._complete(req, seq, reason, error)
+
+    def _complete(self, req: _Request, seq: Sequence | None, reason: str,
+                  error: str | None = None) -> Completion:
+        del self._requests[req.request.id]
+        r = req.request
+        text = req.text
         if text is None:
-            text = self.tokenizer.decode(row.ids) if self.tokenizer is not None else ""
-        return GenerationOutput(row.ids, text, row.finish_reason or "length", row.prompt_tokens)
+            text = self.tokenizer.decode(req.ids) if self.tokenizer is not None else ""
+        score = None
+        if r.score_ids is not None and reason == "stop":
+            score = req.logprob_sum / len(r.score_ids)
+        return Completion(r.id, req.ids, text, reason, len(r.input_ids), score, error,
+                          (seq.num_cached or 0) if seq is not None else 0)
 
 
-def _sample_top_p(logits: Tensor, params: SamplingParams, gen: torch.Generator) -> Tensor:
-    """One token from softmax(logits / T), restricted to the top_p nucleus."""
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_p >= 1:
-        return torch.multinomial(probs, 1, generator=gen)[0]
-    probs, order = probs.sort(descending=True)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    probs[(probs.cumsum(-1) - probs) >= params.top_p] = 0
-    return order[torch.multinomial(probs, 1, generator=gen)[0]]
+def _split_by_context(decode: list[int], rows: list[ScheduledRow]) -> list[list[int]]:
+    """Decode rows in one group, or two (short and long contexts) when that pads the
+    gathered keys/values by a quarter less: each group pads to its own longest row."""
+    by_len = sorted(decode, key=lambda i: len(rows[i].block_table))
+    blocks = [len(rows[i].block_table) for i in by_len]
+    if len(blocks) < 2:
+        return [by_len]
+    whole = len(blocks) * blocks[-1]
+    cost, s = min((s * blocks[s - 1] + (len(blocks) - s) * blocks[-1], s)
+                  for s in range(1, len(blocks)))
+    return [by_len[:s], by_len[s:]] if cost <= 0.75 * whole else [by_len]
+
+
+def _group(rows: list[ScheduledRow], offsets: list[int], block_size: int, group_size: int,
+           device: torch.device) -> AttnGroup:
+    """Index tensors for rows that attend in one SDPA call (built once, used by all layers).
+
+    Queries are padded to the longest row (padding repeats the row's last query, and is
+    dropped after), contexts to the most blocks (padding reads the null block, masked).
+    """
+    n = torch.tensor([len(r.token_ids) for r in rows])
+    start = torch.tensor([r.start for r in rows])
+    Q, B = int(n.max()), max(len(r.block_table) for r in rows)
+    j = torch.arange(Q)
+    q_idx = torch.tensor(offsets)[:, None] + torch.minimum(j, n[:, None] - 1)
+    blocks = torch.tensor([r.block_table + [0] * (B - len(r.block_table)) for r in rows])
+    q_pos = start[:, None] + torch.minimum(j, n[:, None] - 1)          # (R, Q)
+    mask = torch.arange(B * block_size)[None, None] <= q_pos[:, :, None]   # causal, in-row
+    if Q > 1:  # one mask row per folded (query, q head of the group) pair
+        mask = mask.repeat_interleave(group_size, dim=1)
+    keep = (j < n[:, None]).view(-1)
+    out_idx = q_idx.view(-1)[keep]
+    return AttnGroup(q_idx.to(device), blocks.to(device), mask[:, None].to(device),
+                     out_idx.to(device), None if bool(keep.all()) else keep.to(device))

@@ -21,17 +21,20 @@ class WorkerMetrics:
     errors: Counter
     dead_letters: Counter
     queue_depth: Gauge
+    running: Gauge
+    kv_cache_usage: Gauge
+    ttft: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
         dep = ["deployment"]
         return cls(
-            batch_size=Histogram("ferry_batch_size", "Requests per model batch", dep,
-                                 buckets=_BATCH, registry=registry),
+            batch_size=Histogram("ferry_batch_size", "Rows that got a token per engine step",
+                                 dep, buckets=_BATCH, registry=registry),
             queue_wait=Histogram("ferry_queue_wait_seconds",
-                                 "From request creation to the start of its batch", dep,
+                                 "From request creation to its entry into the engine", dep,
                                  buckets=_SECONDS, registry=registry),
-            inference=Histogram("ferry_inference_seconds", "Model time per batch", dep,
+            inference=Histogram("ferry_inference_seconds", "Time per engine step", dep,
                                 buckets=_SECONDS, registry=registry),
             tokens_generated=Counter("ferry_tokens_generated_total", "Completion tokens", dep,
                                      registry=registry),
@@ -43,6 +46,13 @@ class WorkerMetrics:
                            [*dep, "code"], registry=registry),
             dead_letters=Counter("ferry_dead_letters_total", "Messages sent to the DLQ",
                                  [*dep, "field"], registry=registry),
-            queue_depth=Gauge("ferry_queue_depth", "Requests waiting for a batch", dep,
-                              registry=registry),
+            queue_depth=Gauge("ferry_queue_depth", "Requests admitted, waiting for the engine",
+                              dep, registry=registry),
+            running=Gauge("ferry_requests_running", "Requests the engine is decoding", dep,
+                          registry=registry),
+            kv_cache_usage=Gauge("ferry_kv_cache_usage", "Fraction of KV cache blocks in use",
+                                 dep, registry=registry),
+            ttft=Histogram("ferry_time_to_first_token_seconds",
+                           "From request creation to its first generated token", dep,
+                           buckets=_SECONDS, registry=registry),
         )

@@ -5,11 +5,18 @@ state dict loads with `load_state_dict(strict=True)`. Attention modules keep the
 head counts (`n_heads`, `n_kv_heads`) and reshapes never hard-code hidden sizes, so a
 tensor-parallel wrapper can shard q/k/v/gate/up by output columns and o/down by input
 columns from outside, then all-reduce after `o_proj` and `down_proj`.
+
+Two ways to run it: `forward` on (batch, time) tensors with a dense per-row `KVCache`
+(scoring, tests, the tensor-parallel checks), and `forward_paged` on one packed step of a
+continuous batch: every scheduled token of every row in one flat sequence (no padding in
+the matmuls), keys and values written to slots of block pools and read back per row
+through its block table (see `workers/kv_cache.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +99,29 @@ class KVCache:
         return self.k, self.v
 
 
+@dataclass
+class AttnGroup:
+    """Rows of a packed step that attend together in one SDPA call (built once per step,
+    shared by every layer). Queries come from the packed tokens, keys/values from the pool.
+    """
+
+    q_idx: Tensor          # [R, Q] packed index of each row's queries (padding repeats one)
+    blocks: Tensor         # [R, B] each row's block ids; the context is B * block_size slots
+    mask: Tensor | None    # [R, 1, Q * group, B * block_size] bool, True = attend; None = all
+                           # (group = q heads per kv head; Q = 1 may broadcast: [R, 1, 1, L])
+    out_idx: Tensor        # [M] packed index of each real query, in `keep` order
+    keep: Tensor | None    # [R * Q] which flattened queries are real; None = all
+    gathered: tuple[Tensor, Tensor] | None = None  # K/V gather buffers, reused by each layer
+
+
+@dataclass
+class PagedStep:
+    """Where one packed step's tokens write their keys/values and how rows attend."""
+
+    slots: Tensor              # [N] pool slot (block * block_size + offset) of each token
+    groups: list[AttnGroup]
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned scale (no bias, no mean subtraction)."""
 
@@ -123,7 +153,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, H, T, D); cos/sin: (B, T, D)."""
+    """x: (B, H, T, D) with cos/sin (B, T, D), or packed x: (N, H, D) with cos/sin (N, D)."""
     cos, sin = cos[:, None], sin[:, None]
     return x * cos + rotate_half(x) * sin
 
@@ -158,6 +188,48 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
+    def forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor, pool: tuple[Tensor, Tensor],
+                      step: PagedStep) -> Tensor:
+        """x: (N, hidden) packed tokens; pool: K and V (blocks, block_size, kv_heads, D)."""
+        N = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(N, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(N, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(N, self.n_kv_heads, self.head_dim)
+        k_pool, v_pool = pool
+        k_pool.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, step.slots, k)
+        v_pool.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, step.slots, v)
+        y = q.new_empty(N, self.n_heads * self.head_dim)
+        for g in step.groups:  # one or two groups (decodes, prefill chunks), not rows
+            y_g = _attend(q, k_pool, v_pool, g).flatten(0, 1)
+            y.index_copy_(0, g.out_idx, y_g if g.keep is None else y_g[g.keep])
+        return self.o_proj(y)
+
+
+def _attend(q: Tensor, k_pool: Tensor, v_pool: Tensor, g: AttnGroup) -> Tensor:
+    """(R, Q, heads * D): each row's queries over the keys/values of its blocks.
+
+    Grouped-query attention without repeating K/V: the q heads that share a kv head are
+    folded into the query axis, (R, kv_heads, Q * group, D) against (R, kv_heads, L, D).
+    """
+    R, Q = g.q_idx.shape
+    n_blocks, block_size, n_kv, D = k_pool.shape
+    L = g.blocks.shape[1] * block_size
+    # One index_select per pool on whole blocks (contiguous runs), into buffers that every
+    # layer of the step reuses, viewed as (R, L, kv, D).
+    if g.gathered is None:
+        g.gathered = (k_pool.new_empty(R * L // block_size, block_size * n_kv * D),
+                      v_pool.new_empty(R * L // block_size, block_size * n_kv * D))
+    k_buf, v_buf = g.gathered
+    torch.index_select(k_pool.view(n_blocks, -1), 0, g.blocks.view(-1), out=k_buf)
+    torch.index_select(v_pool.view(n_blocks, -1), 0, g.blocks.view(-1), out=v_buf)
+    k, v = k_buf.view(R, L, n_kv, D), v_buf.view(R, L, n_kv, D)
+    q = q.index_select(0, g.q_idx.view(-1)).view(R, Q, n_kv, -1, D)
+    group = q.shape[3]
+    q = q.permute(0, 2, 1, 3, 4).reshape(R, n_kv, Q * group, D)
+    y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=g.mask)
+    return y.view(R, n_kv, Q, group, D).permute(0, 2, 1, 3, 4).reshape(R, Q, -1)
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
@@ -186,6 +258,11 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None, cache_pos: Tensor | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor, pool: tuple[Tensor, Tensor],
+                      step: PagedStep) -> Tensor:
+        x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, pool, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -245,3 +322,20 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, attn_mask, None if cache is None else cache[i], cache_pos)
         x = self.model.norm(x[:, -logits_to_keep:])
         return self.lm_head(x)
+
+    def forward_paged(self, input_ids: Tensor, positions: Tensor,
+                      pools: Sequence[tuple[Tensor, Tensor]], step: PagedStep,
+                      logits_idx: Tensor) -> Tensor:
+        """Logits (K, vocab) for packed tokens input_ids (N,) at RoPE positions (N,).
+
+        pools: one (K, V) block pool pair per layer, written at `step.slots`; logits_idx
+        (K,): the packed tokens that need next-token logits (the lm_head runs on those only).
+        """
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
+                                x.dtype)
+        for layer, pool in zip(self.model.layers, pools):
+            x = layer.forward_paged(x, cos, sin, pool, step)
+        if not len(logits_idx):  # a step of prefill chunks only (the same on every rank)
+            return x.new_empty(0, self.config.vocab_size)
+        return self.lm_head(self.model.norm(x.index_select(0, logits_idx)))

@@ -1,8 +1,11 @@
-"""The worker: a thin Kafka loop around the batcher (decides) and the engine (executes).
+"""The worker: a thin Kafka loop that feeds a continuously batching engine.
 
-read → admit (validate, tokenise) → batcher → engine → publish → commit. Offsets are
+read → admit (validate, tokenise) → engine (add; step after step it schedules, runs and
+samples) → publish each result the moment its request finishes → commit. The engine
+decides which requests share a step; the loop only adds what arrives, aborts what was
+revoked or passed its deadline, and steps while anything is running. Offsets are
 committed only after every answer of the offsets before them is acknowledged by the broker
-(`OffsetTracker`), so killing a worker loses no request. Every message ends as exactly one
+(`OffsetTracker`; requests finish out of order), so killing a worker loses no request. Every message ends as exactly one
 thing: a result on its `reply_to`, or a dead letter on `ferry.dlq` (plus an error result
 when the bad message still says where to answer). A shadow candidate (`shadow=True`) answers
 on its `ferry.shadow-results.<deployment>` instead, never to the client; a primary copies its
@@ -13,6 +16,7 @@ batch also sends one telemetry record (latency and error per result) for canarie
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from dataclasses import dataclass
@@ -26,16 +30,15 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from schemas import (
     DLQ_TOPIC, RESULTS_TOPIC, DeadLetter, ErrorCode, Request, Result, SchemaError, Timings,
-    Usage, batch_key,
-    decode_request, encode, salvage_reply_address,
+    Usage, decode_request, encode, salvage_reply_address,
 )
 from schemas.topics import (
     MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, TELEMETRY_TOPIC,
     reply_topic_problem, shadow_results_topic,
 )
-from workers.batcher import Batcher
+from workers.admission import Refused, admit
 from workers.config import WorkerConfig
-from workers.engine import Engine, EngineDown, GenerationInput, GenerationOutput, SamplingParams
+from workers.engine import Completion, Engine, EngineDown, EngineRequest, StepOutput
 from workers.metrics import WorkerMetrics
 from workers.offsets import OffsetTracker
 from workers.telemetry import TELEMETRY_PARTITIONS, TelemetrySender
@@ -57,14 +60,15 @@ _SHUTDOWN_STEP_S = 15.0
 
 @dataclass
 class Job:
-    """An admitted request waiting in the batcher."""
+    """An admitted request, in the engine until it finishes."""
 
     tp: TopicPartition
     offset: int
     request: Request
-    input_ids: list[int]     # [prompt_tokens]
     created: float           # unix seconds: producer's created_at, else the record timestamp
     dest: Destination
+    added: float = 0.0       # unix seconds it entered the engine
+    first_token: float | None = None  # unix seconds its first token was sampled
 
 
 @dataclass(frozen=True)
@@ -107,17 +111,21 @@ class Worker:
         self.engine = engine
         self.registry = registry or CollectorRegistry()
         self.metrics = WorkerMetrics.create(self.registry)
-        self._batcher: Batcher[Job] = Batcher(config.max_batch, config.max_wait_ms / 1000)
         self._offsets = OffsetTracker()
-        self._arrived = asyncio.Event()   # the batcher got work
-        self._space = asyncio.Event()     # the batcher has room again
-        self._batch_lock = asyncio.Lock()  # held while a batch runs and is delivered
+        self._jobs: dict[str, Job] = {}    # engine id -> job, from admission to its answer
+        self._new: list[EngineRequest] = []  # admitted, not yet handed to the engine
+        self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, engine id)
+        self._arrived = asyncio.Event()   # work for the engine
+        self._space = asyncio.Event()     # room for more admitted requests
+        self._engine_lock = asyncio.Lock()  # one engine call at a time (steps run in a thread)
         self._commit_lock = asyncio.Lock()
+        self._dirty = asyncio.Event()     # answers acknowledged since the last commit
+        self._deliveries: set[asyncio.Task] = set()
+        self._delivery_error: BaseException | None = None  # a failed publish stops the worker
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self.ready = asyncio.Event()      # set once the consumer has joined the group
         self._topics_ready: set[str] = set()
-        self._delivery: asyncio.Task | None = None  # the last batch's publish-and-commit
         self._telemetry: TelemetrySender | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -133,13 +141,16 @@ class Worker:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.config.bootstrap, group_id=self.config.group,
             enable_auto_commit=False, auto_offset_reset="earliest",  # serve what came first
-            max_poll_interval_ms=600_000)
+            max_poll_interval_ms=600_000, session_timeout_ms=self.config.session_timeout_ms,
+            heartbeat_interval_ms=self.config.heartbeat_interval_ms,
+            rebalance_timeout_ms=30_000)
         # Everything from here on is inside the try: a worker stopped while it is still
         # starting leaves the group at once instead of lingering until its session expires.
         try:
             await self._start_clients()
             loops = [asyncio.create_task(self._consume_loop(), name="consume"),
-                     asyncio.create_task(self._serve_loop(), name="serve")]
+                     asyncio.create_task(self._serve_loop(), name="serve"),
+                     asyncio.create_task(self._commit_loop(), name="commit")]
             try:
                 done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
@@ -175,8 +186,7 @@ class Worker:
             # Bounded: with the group coordinator unreachable a commit retries for ever, and
             # what stays uncommitted is only served again, never lost.
             async with asyncio.timeout(_SHUTDOWN_STEP_S):
-                async with self._batch_lock:
-                    await self._delivered()
+                await self._delivered()
                 await self._commit()
         except TimeoutError:
             log.warning("shutdown: last answers not committed within %gs; the group's next "
@@ -195,21 +205,27 @@ class Worker:
             log.info("worker stopped: deployment=%s", self.config.deployment)
 
     async def _release(self, revoked: set[TopicPartition]) -> None:
-        dropped = self._batcher.drop(lambda job: job.tp in revoked)
-        async with self._batch_lock:  # let a running batch finish and commit first
-            await self._delivered()
-            await self._commit()
+        """Partitions lost in a rebalance: their unanswered requests leave the engine (the new
+        owner serves them from the last commit); what was answered is committed first."""
+        async with self._engine_lock:  # between two steps
+            gone = [eid for eid, job in self._jobs.items() if job.tp in revoked]
+            self._new = [r for r in self._new if r.id not in gone]
+            for eid in gone:
+                self.engine.abort(eid)
+                del self._jobs[eid]
+        await self._delivered()
+        await self._commit()
         self._offsets.forget(revoked)
-        self.metrics.queue_depth.labels(self.config.deployment).set(len(self._batcher))
-        log.info("revoked partitions %s, %d queued requests left for their next owner",
-                 sorted(tp.partition for tp in revoked), len(dropped))
+        self._gauges()
+        log.info("revoked partitions %s, %d unanswered requests left for their next owner",
+                 sorted(tp.partition for tp in revoked), len(gone))
 
     # ---- read and admit --------------------------------------------------------------
 
     async def _consume_loop(self) -> None:
         assert self._consumer is not None
         while True:
-            room = self.config.max_queued - len(self._batcher)
+            room = self.config.max_queued - len(self._jobs)
             if room <= 0:
                 self._space.clear()
                 await self._space.wait()
@@ -220,12 +236,12 @@ class Worker:
             rejected = [a for tp, msgs in records.items() for msg in msgs
                         if (a := self._admit(tp, msg)) is not None]
             if rejected:
-                await self._deliver(rejected)
-            if len(self._batcher):
+                self._deliver_soon(rejected)
+            if self._new:
                 self._arrived.set()
 
     def _admit(self, tp: TopicPartition, msg: ConsumerRecord) -> Answer | None:
-        """Queue a valid request; return the answer for one that can't be served."""
+        """Hand a valid request to the engine; return the answer for one that can't be served."""
         self._offsets.started(tp, msg.offset)
         try:
             request = decode_request(msg.value)
@@ -236,17 +252,18 @@ class Worker:
             # Nowhere safe to answer: the dead letter is this request's one answer.
             return self._reject(tp, msg, SchemaError("reply_to", problem.partition(": ")[2]))
         dest = self._destination(request.reply_to, msg)
+        # The engine knows a request by its Kafka position: ids are the client's to choose.
+        engine_id = f"{tp.topic}/{tp.partition}@{msg.offset}"
         try:
-            input_ids = self._validate(request)
-        except _Refused as refusal:
+            admitted = admit(request, engine_id, self.config.deployment, self.engine)
+        except Refused as refusal:
             return Answer(tp, msg.offset, dest=dest, created=created,
                           result=Result.failure(request.id, request.model, refusal.code,
                                                 refusal.message))
-        key = request.batch_key or (msg.key.decode(errors="replace") if msg.key else None)
-        key = key or batch_key(request, self.config.deployment)
-        self._batcher.add(key, Job(tp, msg.offset, request, input_ids, created, dest),
-                          time.monotonic())
-        self.metrics.queue_depth.labels(self.config.deployment).set(len(self._batcher))
+        self._jobs[engine_id] = Job(tp, msg.offset, request, created, dest)
+        self._new.append(admitted)
+        if request.deadline is not None:
+            heapq.heappush(self._deadlines, (request.deadline, engine_id))
         return None
 
     def _reject(self, tp: TopicPartition, msg: ConsumerRecord, exc: SchemaError) -> Answer:
@@ -277,163 +294,160 @@ class Worker:
                          (("ferry-deployment", self.config.deployment.encode()),))
         return Destination(reply_to)
 
-    def _validate(self, request: Request) -> list[int]:
-        if request.model != self.config.deployment:
-            raise _Refused(ErrorCode.UNKNOWN_MODEL,
-                           f"model: {request.model!r} is not served here "
-                           f"(this is {self.config.deployment!r})")
-        if request.deadline is not None and request.deadline < time.time():
-            raise _Refused(ErrorCode.DEADLINE_EXCEEDED, "deadline: passed before it was read")
-        if request.stop and self.engine.tokenizer is None:
-            raise _Refused(ErrorCode.INVALID_REQUEST,
-                           "stop: this deployment has no tokenizer to match stop text against")
-        if request.score_ids is not None:
-            self._check_scoring(request.score_ids)
-        if request.input_ids is not None:
-            vocab = self.engine.config.vocab_size
-            if (bad := next((t for t in request.input_ids if t >= vocab), None)) is not None:
-                raise _Refused(ErrorCode.INVALID_REQUEST,
-                               f"input_ids: token {bad} is outside the vocabulary ({vocab})")
-            input_ids = request.input_ids
-        else:
-            try:
-                input_ids = self.engine.encode(request.prompt or "")
-            except ValueError as exc:
-                raise _Refused(ErrorCode.INVALID_REQUEST, f"prompt: {exc}") from None
-            if not input_ids:
-                raise _Refused(ErrorCode.INVALID_REQUEST, "prompt: encodes to no tokens")
-        extra = len(request.score_ids) if request.score_ids else request.max_new_tokens
-        if len(input_ids) + extra > self.engine.max_context:
-            raise _Refused(ErrorCode.PROMPT_TOO_LONG,
-                           f"prompt: {len(input_ids)} tokens + max_new_tokens "
-                           f"{request.max_new_tokens} exceed the context of "
-                           f"{self.engine.max_context}")
-        return input_ids
-
-    def _check_scoring(self, score_ids: list[int]) -> None:
-        if not isinstance(self.engine, Engine):
-            raise _Refused(ErrorCode.INVALID_REQUEST,
-                           "score_ids: scoring is not supported by a sharded deployment yet")
-        vocab = self.engine.config.vocab_size
-        if (bad := next((t for t in score_ids if t >= vocab), None)) is not None:
-            raise _Refused(ErrorCode.INVALID_REQUEST,
-                           f"score_ids: token {bad} is outside the vocabulary ({vocab})")
-
-    # ---- batch and execute -----------------------------------------------------------
+    # ---- execute ---------------------------------------------------------------------
 
     async def _serve_loop(self) -> None:
+        """Step the engine while it has work; each step's finished requests are published at
+        once while the next step computes."""
         while True:
             self._arrived.clear()  # before looking, so an arrival after the look wakes us
-            if self._delivery is not None and self._delivery.done():
-                await self._delivered()  # surfaces a failed delivery even when idle
-            now = time.monotonic()
-            picked = self._batcher.next_batch(now)
-            if picked is None:
+            if self._delivery_error is not None:
+                raise self._delivery_error  # the broker failed us, not the input
+            if not self._new and not self.engine.has_work():
                 if not self.engine.healthy:
                     raise EngineDown("engine reports unhealthy (a tensor-parallel rank failed)")
-                ready_in = self._batcher.seconds_until_ready(now)
-                wait = _HEALTH_EVERY_S if ready_in is None else min(ready_in, _HEALTH_EVERY_S)
                 try:
-                    await asyncio.wait_for(self._arrived.wait(), wait)
+                    await asyncio.wait_for(self._arrived.wait(), _HEALTH_EVERY_S)
                 except TimeoutError:
                     pass
                 continue
-            self._space.set()
-            async with self._batch_lock:
-                answers = await self._run_batch(picked[1])
-                # Publish this batch while the next one computes; one delivery in flight.
-                await self._delivered()
-                self._delivery = asyncio.create_task(self._deliver(answers))
-                self._delivery.add_done_callback(lambda _: self._arrived.set())
+            async with self._engine_lock:
+                new, self._new = self._new, []
+                expired = self._expired()
+                start = time.time()
+                for request in new:
+                    self._jobs[request.id].added = start
+                try:
+                    out, refused = await asyncio.to_thread(self._step, new, expired)
+                except EngineDown:
+                    raise  # stop unanswered: the group's other replicas serve these requests
+                except Exception as exc:  # a failed step must not kill the worker
+                    log.exception("engine step failed; failing its %d requests", len(self._jobs))
+                    self._deliver_soon(self._fail_all(f"inference failed: {exc}"))
+                    continue
+            now = time.time()
+            self.metrics.inference.labels(self.config.deployment).observe(now - start)
+            answers = [self._failed(eid, ErrorCode.DEADLINE_EXCEEDED,
+                                    "deadline: passed before it finished") for eid in expired]
+            answers += [self._failed(eid, ErrorCode.INVALID_REQUEST, why) for eid, why in refused]
+            for eid, tokens in out.new_tokens.items():
+                job = self._jobs.get(eid)
+                if job is not None and job.first_token is None and tokens:
+                    job.first_token = now
+                    self.metrics.ttft.labels(self.config.deployment).observe(now - job.created)
+            answers += [self._finished(c, now) for c in out.finished]
+            self._deliver_soon([a for a in answers if a is not None])
+            self.metrics.batch_size.labels(self.config.deployment).observe(
+                len(out.new_tokens) or 1)
+            self._gauges()
+            if len(self._jobs) < self.config.max_queued:
+                self._space.set()
 
-    async def _delivered(self) -> None:
-        """Wait for the batch delivery in flight, re-raising its failure."""
-        if self._delivery is not None:
-            delivery, self._delivery = self._delivery, None
-            await delivery
-
-    async def _run_batch(self, jobs: list[Job]) -> list[Answer]:
-        dep = self.config.deployment
-        self.metrics.queue_depth.labels(dep).set(len(self._batcher))
-        start = time.time()
-        answers, live = [], []
-        for job in jobs:
-            if job.request.deadline is not None and job.request.deadline < start:
-                answers.append(self._failed(job, ErrorCode.DEADLINE_EXCEEDED,
-                                            "deadline: passed while queued"))
-            else:
-                live.append(job)
-        if not live:
-            return answers
-        scoring = [job for job in live if job.request.score_ids is not None]
-        live = [job for job in live if job.request.score_ids is None]
-        if scoring:
-            answers += await self._score(scoring)
-        if not live:
-            return answers
-        inputs = [GenerationInput(job.input_ids, _sampling(job.request)) for job in live]
-        try:
-            outputs = await asyncio.to_thread(self.engine.generate, inputs)
-        except EngineDown:
-            raise  # stop unanswered: the group's other replicas serve these requests
-        except Exception as exc:  # one bad batch must not kill the worker
-            log.exception("batch of %d failed", len(live))
-            return answers + [self._failed(j, ErrorCode.INFERENCE_FAILED, str(exc)) for j in live]
-        elapsed = time.time() - start
-        self.metrics.batch_size.labels(dep).observe(len(live))
-        self.metrics.inference.labels(dep).observe(elapsed)
-        for job, out in zip(live, outputs):
-            self.metrics.queue_wait.labels(dep).observe(max(0.0, start - job.created))
-            answers.append(self._succeeded(job, out, start, elapsed))
-        return answers
-
-    async def _score(self, jobs: list[Job]) -> list[Answer]:
-        """Teacher-forced scores, one forward pass each (the comparator's quality signal)."""
-        assert isinstance(self.engine, Engine)
-        answers = []
-        for job in jobs:
-            start = time.time()
-            target = job.request.score_ids or []
+    def _step(self, new: list[EngineRequest], expired: list[str]
+              ) -> tuple[StepOutput, list[tuple[str, str]]]:
+        """In the engine's thread: add what arrived, drop what expired, run one step. Returns
+        the step's output and the requests the engine refused (engine id, why)."""
+        refused = []
+        for request in new:
             try:
-                score = await asyncio.to_thread(self.engine.score, job.input_ids, target)
-            except Exception as exc:  # one bad request must not kill the worker
-                answers.append(self._failed(job, ErrorCode.INFERENCE_FAILED, str(exc)))
-                continue
-            elapsed = time.time() - start
-            result = Result(id=job.request.id, model=self.config.deployment,
-                            finish_reason="stop", score=score,
-                            usage=Usage(len(job.input_ids) + len(target), 0),
-                            timings=Timings(max(0.0, start - job.created) * 1000, elapsed * 1000))
-            answers.append(Answer(job.tp, job.offset, result=result, dest=job.dest,
-                                  created=job.created))
+                self.engine.add(request)
+            except ValueError as exc:  # admission checked already; the engine has the last word
+                refused.append((request.id, str(exc)))
+        for eid in expired:
+            self.engine.abort(eid)
+        return self.engine.step(), refused
+
+    def _expired(self) -> list[str]:
+        """Engine ids whose deadline passed (checked before every step, not once per batch)."""
+        now, expired = time.time(), []
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, eid = heapq.heappop(self._deadlines)
+            if eid in self._jobs:
+                expired.append(eid)
+        return expired
+
+    def _fail_all(self, message: str) -> list[Answer]:
+        """After a failed step the engine's rows are in doubt: answer and drop every one."""
+        answers = []
+        for eid in list(self._jobs):
+            try:
+                self.engine.abort(eid)
+            except Exception:  # the engine is already broken; the answer still goes out
+                log.exception("abort of %s failed", eid)
+            answers.append(self._failed(eid, ErrorCode.INFERENCE_FAILED, message))
         return answers
 
-    def _succeeded(self, job: Job, out: GenerationOutput, start: float, elapsed: float) -> Answer:
+    def _finished(self, done: Completion, now: float) -> Answer | None:
+        job = self._jobs.get(done.id)
+        if job is None:
+            return None  # revoked while its step ran: the new owner answers it
         dep = self.config.deployment
-        self.metrics.tokens_generated.labels(dep).inc(len(out.output_ids))
-        self.metrics.prompt_tokens.labels(dep).inc(out.prompt_tokens)
+        if done.finish_reason == "error":
+            return self._failed(done.id, ErrorCode.INFERENCE_FAILED,
+                                done.error or "inference failed")
+        if done.finish_reason == "abort":
+            return self._failed(done.id, ErrorCode.INFERENCE_FAILED, "aborted by the engine")
+        del self._jobs[done.id]
+        self.metrics.tokens_generated.labels(dep).inc(len(done.output_ids))
+        self.metrics.prompt_tokens.labels(dep).inc(done.prompt_tokens)
+        self.metrics.queue_wait.labels(dep).observe(max(0.0, job.added - job.created))
         result = Result(
-            id=job.request.id, model=dep, output_ids=out.output_ids, text=out.text,
-            finish_reason=out.finish_reason,  # type: ignore[arg-type]
-            usage=Usage(out.prompt_tokens, len(out.output_ids)),
-            timings=Timings(queued_ms=max(0.0, start - job.created) * 1000,
-                            inference_ms=elapsed * 1000))
+            id=job.request.id, model=dep, output_ids=done.output_ids, text=done.text,
+            finish_reason="stop" if done.score is not None else done.finish_reason,  # type: ignore[arg-type]
+            usage=Usage(done.prompt_tokens, len(done.output_ids)),
+            timings=Timings(queued_ms=max(0.0, job.added - job.created) * 1000,
+                            inference_ms=max(0.0, now - job.added) * 1000),
+            score=done.score)
         return Answer(job.tp, job.offset, result=result, dest=job.dest, created=job.created)
 
-    def _failed(self, job: Job, code: ErrorCode, message: str) -> Answer:
+    def _failed(self, eid: str, code: ErrorCode, message: str) -> Answer:
+        job = self._jobs.pop(eid)
         result = Result.failure(job.request.id, job.request.model, code, message)
         return Answer(job.tp, job.offset, result=result, dest=job.dest, created=job.created)
 
+    def _gauges(self) -> None:
+        stats = self.engine.stats()
+        dep = self.config.deployment
+        self.metrics.queue_depth.labels(dep).set(stats.waiting + len(self._new))
+        self.metrics.running.labels(dep).set(stats.running)
+        self.metrics.kv_cache_usage.labels(dep).set(stats.kv_cache_usage)
+
     # ---- publish and commit ----------------------------------------------------------
 
+    def _deliver_soon(self, answers: list[Answer]) -> None:
+        """Publish in the background: the engine keeps stepping while the broker acks."""
+        if not answers:
+            return
+        task = asyncio.create_task(self._deliver(answers))
+        self._deliveries.add(task)
+        task.add_done_callback(self._delivery_done)
+
+    def _delivery_done(self, task: asyncio.Task) -> None:
+        self._deliveries.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._delivery_error = task.exception()
+            self._arrived.set()  # the serve loop re-raises it
+
+    async def _delivered(self) -> None:
+        """Wait for the deliveries in flight, re-raising a failure."""
+        if self._deliveries:
+            await asyncio.gather(*list(self._deliveries))
+
     async def _deliver(self, answers: list[Answer]) -> None:
-        """Publish every answer, wait for the broker's acks, then commit what is complete."""
+        """Publish every answer, wait for the broker's acks, then mark them committable."""
         acks = [ack for a in answers for ack in await self._send(a)]
         await asyncio.gather(*acks)
         await self._send_telemetry(answers)
         for answer in answers:
             self._offsets.finished(answer.tp, answer.offset)
-        await self._commit()
+        self._dirty.set()
+
+    async def _commit_loop(self) -> None:
+        """One commit at a time, covering every answer acknowledged since the last one."""
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            await self._commit()
 
     async def _send_telemetry(self, answers: list[Answer]) -> None:
         assert self._telemetry is not None
@@ -527,14 +541,3 @@ class Worker:
                 log.warning("commit failed, partitions moved: %s", exc)
                 return
             self._offsets.committed(points)
-
-
-class _Refused(Exception):
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
-
-
-def _sampling(request: Request) -> SamplingParams:
-    return SamplingParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                          top_p=request.top_p, seed=request.seed, stop=tuple(request.stop))

@@ -162,7 +162,7 @@ async def run_paths(bootstrap: str, model_dir: Path, ingress: str) -> list[dict]
     engine = Engine.from_dir(model_dir)
     engine.generate([GenerationInput(engine.encode("warm up"), SamplingParams())])
     worker = Worker(WorkerConfig(model_dir=model_dir, deployment=dep, bootstrap=bootstrap,
-                                 max_batch=MAX_BATCH, max_wait_ms=10),
+                                 max_num_seqs=MAX_BATCH),
                     engine, registry=CollectorRegistry())
     worker_task = asyncio.create_task(worker.run())
     runners: list[web.AppRunner] = []

@@ -76,7 +76,7 @@ async def burst(client: FerryClient, model: str,
 async def pipeline(bootstrap: str, model_dir: Path, engine: Engine) -> dict:
     dep = f"bench-{uuid.uuid4().hex[:6]}"
     config = WorkerConfig(model_dir=model_dir, deployment=dep, bootstrap=bootstrap,
-                          max_batch=MAX_BATCH, max_wait_ms=10)
+                          max_num_seqs=MAX_BATCH)
     worker = Worker(config, engine, registry=CollectorRegistry())
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.ready.wait(), 60)

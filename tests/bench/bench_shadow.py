@@ -198,7 +198,7 @@ async def run_modes(bootstrap: str, model_dir: Path, router: RouterProcess) -> d
     engine = Engine.from_dir(model_dir)
     engine.generate([GenerationInput(engine.encode("warm up"), SamplingParams())])
     workers = [Worker(WorkerConfig(model_dir=model_dir, deployment=dep, bootstrap=bootstrap,
-                                   max_batch=MAX_BATCH, max_wait_ms=10, shadow=shadow),
+                                   max_num_seqs=MAX_BATCH, shadow=shadow),
                       engine, registry=CollectorRegistry())
                for dep, shadow in ((primary, False), (cand, True))]
     tasks = [asyncio.create_task(w.run()) for w in workers]
