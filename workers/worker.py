@@ -22,15 +22,13 @@ import time
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import (
-    CommitFailedError, IllegalStateError, KafkaError, MessageSizeTooLargeError,
-)
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry, start_http_server
 
 from schemas import (
     DLQ_TOPIC, RESULTS_TOPIC, DeadLetter, ErrorCode, Request, Result, SchemaError, Timings,
-    Usage, decode_request, encode, salvage_reply_address,
+    Usage, decode_request, salvage_reply_address,
 )
 from schemas.topics import (
     MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, TELEMETRY_TOPIC,
@@ -41,6 +39,7 @@ from workers.config import WorkerConfig
 from workers.engine import Completion, Engine, EngineDown, EngineRequest, StepOutput
 from workers.metrics import WorkerMetrics
 from workers.offsets import OffsetTracker
+from workers.publisher import Answer, Destination, Publisher
 from workers.telemetry import TELEMETRY_PARTITIONS, TelemetrySender
 from workers.topic_admin import ensure_topics
 
@@ -51,9 +50,6 @@ log = logging.getLogger("ferry.worker")
 _RECORD_OVERHEAD = 512
 # How often an idle worker checks that its engine (all its ranks) can still serve.
 _HEALTH_EVERY_S = 1.0
-# Longest one result may take to reach its reply topic (creating it included) before it is
-# dead-lettered instead.
-_REPLY_TIMEOUT_S = 10.0
 # Longest a stopping worker waits on the broker for each shutdown step.
 _SHUTDOWN_STEP_S = 15.0
 
@@ -69,27 +65,6 @@ class Job:
     dest: Destination
     added: float = 0.0       # unix seconds it entered the engine
     first_token: float | None = None  # unix seconds its first token was sampled
-
-
-@dataclass(frozen=True)
-class Destination:
-    """Where a request's result goes: its reply topic, copies, and the headers they carry."""
-
-    reply_to: str | None
-    also: tuple[str, ...] = ()
-    headers: tuple[tuple[str, bytes], ...] = ()
-
-
-@dataclass
-class Answer:
-    """What one consumed message becomes: a result, a dead letter, or both."""
-
-    tp: TopicPartition
-    offset: int
-    result: Result | None = None
-    dest: Destination = Destination(None)
-    dead_letter: DeadLetter | None = None
-    created: float | None = None  # unix seconds the request was made, for telemetry
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -127,6 +102,7 @@ class Worker:
         self.ready = asyncio.Event()      # set once the consumer has joined the group
         self._topics_ready: set[str] = set()
         self._telemetry: TelemetrySender | None = None
+        self._publisher: Publisher | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -177,6 +153,8 @@ class Worker:
         await self._producer.start()
         await self._consumer.start()
         self._telemetry = TelemetrySender(self._producer, self.config.deployment)
+        self._publisher = Publisher(self._producer, self.config, self.metrics,
+                                    self._topics_ready)
 
     async def _shutdown(self) -> None:
         # Queued requests are not answered here: their offsets stay uncommitted, so the
@@ -435,7 +413,8 @@ class Worker:
 
     async def _deliver(self, answers: list[Answer]) -> None:
         """Publish every answer, wait for the broker's acks, then mark them committable."""
-        acks = [ack for a in answers for ack in await self._send(a)]
+        assert self._publisher is not None
+        acks = [ack for a in answers for ack in await self._publisher.send(a)]
         await asyncio.gather(*acks)
         await self._send_telemetry(answers)
         for answer in answers:
@@ -455,76 +434,6 @@ class Worker:
             (a.created if a.created is not None else time.time(),
              a.result.error.code.value if a.result.error is not None else None)
             for a in answers if a.result is not None])
-
-    async def _send(self, answer: Answer) -> list[asyncio.Future]:
-        assert self._producer is not None
-        acks = []
-        if answer.dead_letter is not None:
-            acks.append(await self._producer.send(DLQ_TOPIC, encode(answer.dead_letter)))
-        if answer.result is not None and answer.dest.reply_to is not None:
-            for topic in (answer.dest.reply_to, *answer.dest.also):
-                acks.append(asyncio.ensure_future(self._send_result(answer, topic)))
-        return acks
-
-    async def _send_result(self, answer: Answer, reply_to: str) -> None:
-        """Publish the answer's result, or a dead letter saying why it could not be: a reply
-        topic that the broker refuses must not stop the worker nor hold its partition."""
-        try:
-            async with asyncio.timeout(_REPLY_TIMEOUT_S):
-                await self._publish_result(answer, reply_to)
-        except (KafkaError, TimeoutError) as exc:
-            await self._undeliverable(answer, reply_to, exc)
-
-    async def _undeliverable(self, answer: Answer, reply_to: str, exc: BaseException) -> None:
-        assert self._producer is not None and answer.result is not None
-        reason = f"reply_to: result not delivered to {reply_to!r}: {exc!r}"
-        log.warning("dead letter from %s[%d]@%d: %s", answer.tp.topic, answer.tp.partition,
-                    answer.offset, reason)
-        self.metrics.dead_letters.labels(self.config.deployment, "reply_to").inc()
-        letter = DeadLetter(
-            reason=reason, bad_field="reply_to", source_topic=answer.tp.topic,
-            partition=answer.tp.partition, offset=answer.offset,
-            component=f"worker:{self.config.deployment}", key=answer.result.id,
-            value=encode(answer.result).decode(), timestamp=time.time())
-        # A DLQ that cannot be written is the broker's failure, not the input's: raise.
-        await (await self._producer.send(DLQ_TOPIC, encode(letter)))
-
-    async def _publish_result(self, answer: Answer, reply_to: str) -> None:
-        """Publish the answer's result; one replaced as too large is kept on the answer, so
-        telemetry reports what was sent."""
-        assert self._producer is not None and answer.result is not None
-        result = answer.result
-        if reply_to not in self._topics_ready:
-            # Create a new reply topic and wait for its leaders: a record sent to a topic
-            # that the broker auto-creates can sit leaderless until it expires.
-            await ensure_topics(self.config.bootstrap, {reply_to: self.config.partitions})
-            self._topics_ready.add(reply_to)
-        value, key = encode(result), result.id.encode()
-        # Error results are small and bounded, so only a success can be over the limit.
-        if result.error is None and len(value) + len(key) > self.config.max_message_bytes:
-            result = answer.result = self._too_large(result, len(value))
-            value = encode(result)
-        headers = list(answer.dest.headers) or None
-        try:
-            await (await self._producer.send(reply_to, value, key=key, headers=headers))
-        except MessageSizeTooLargeError:  # the topic's own limit is below ours
-            result = answer.result = self._too_large(result, len(value))
-            await (await self._producer.send(reply_to, encode(result), key=key, headers=headers))
-        if reply_to == answer.dest.reply_to:  # copies are not counted twice
-            self._count(result)
-
-    def _too_large(self, result: Result, size: int) -> Result:
-        log.warning("result %s is %d bytes, over the message limit", result.id, size)
-        return Result.failure(
-            result.id, result.model, ErrorCode.RESULT_TOO_LARGE,
-            f"result: {size} bytes exceed the message limit of {self.config.max_message_bytes}; "
-            "lower max_new_tokens")
-
-    def _count(self, result: Result) -> None:
-        dep = self.config.deployment
-        self.metrics.results.labels(dep, result.finish_reason).inc()
-        if result.error is not None:
-            self.metrics.errors.labels(dep, result.error.code.value).inc()
 
     async def _commit(self) -> None:
         """The commit point: only offsets whose answers (and all before) are acknowledged."""

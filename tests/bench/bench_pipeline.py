@@ -1,7 +1,10 @@
-"""Pipeline benchmark: the worker through Kafka against the same model in-process on the same
-batches, and against a plain aiokafka produce-consume round trip with no model.
+"""Pipeline benchmark: the worker through Kafka against the same engine in-process on the same
+requests (all posted at once, the same engine budgets), and against a plain aiokafka
+produce-consume round trip with no model.
 
-Run: `make bench` (starts its own broker unless KAFKA_BOOTSTRAP is set). All modes run side
+Run: `make bench` (starts its own broker unless KAFKA_BOOTSTRAP is set). The model is the
+tests' tiny Llama unless BENCH_HIDDEN / BENCH_LAYERS ask for a larger one (with the tiny one
+Kafka's own cost dominates; with hidden 512 x 8 layers the model does). All modes run side
 by side in one process, one after another on the same machine, so their ratios are what to
 read (the absolute numbers move with the machine's noise). Results go to
 tests/bench/results/pipeline.json.
@@ -23,13 +26,15 @@ from schemas import Request
 from streams.client import FerryClient
 from tests.bench.common import kafka_and_tmp, pct, write_results
 from workers.config import WorkerConfig
-from workers.engine import Engine, GenerationInput, SamplingParams
+from workers.engine import Engine, EngineRequest, GenerationInput, SamplingParams
 from workers.model_factory import build_tiny_checkpoint
 from workers.topic_admin import ensure_topics
 from workers.worker import Worker
 
 N_REQUESTS = int(os.environ.get("BENCH_REQUESTS", "96"))
-MAX_BATCH = 8
+HIDDEN = int(os.environ.get("BENCH_HIDDEN", "64"))
+LAYERS = int(os.environ.get("BENCH_LAYERS", "2"))
+MAX_BATCH = 32
 MAX_NEW_TOKENS = 16
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 PROMPTS = [f"request number {i} asks the model about topic {i % 7}" for i in range(N_REQUESTS)]
@@ -41,14 +46,15 @@ def summary(name: str, latencies: list[float], wall: float) -> dict:
 
 
 def in_process(engine: Engine) -> dict:
-    """The same batches of MAX_BATCH, run back to back; latency = time until its batch ends."""
+    """The same requests added at once to an engine with the worker's budgets; latency = time
+    until each one's completion comes out of a step."""
     params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
-    inputs = [GenerationInput(engine.encode(p), params) for p in PROMPTS]
     start = time.perf_counter()
+    for i, prompt in enumerate(PROMPTS):
+        engine.add(EngineRequest(f"r{i}", engine.encode(prompt), params))
     latencies = []
-    for i in range(0, len(inputs), MAX_BATCH):
-        engine.generate(inputs[i:i + MAX_BATCH])
-        latencies += [time.perf_counter() - start] * len(inputs[i:i + MAX_BATCH])
+    while engine.has_work():
+        latencies += [time.perf_counter() - start] * len(engine.step().finished)
     return summary("in-process engine", latencies, time.perf_counter() - start)
 
 
@@ -77,7 +83,7 @@ async def pipeline(bootstrap: str, model_dir: Path, engine: Engine) -> dict:
     dep = f"bench-{uuid.uuid4().hex[:6]}"
     config = WorkerConfig(model_dir=model_dir, deployment=dep, bootstrap=bootstrap,
                           max_num_seqs=MAX_BATCH)
-    worker = Worker(config, engine, registry=CollectorRegistry())
+    worker = Worker(config, fresh(engine, config), registry=CollectorRegistry())
     task = asyncio.create_task(worker.run())
     await asyncio.wait_for(worker.ready.wait(), 60)
     try:
@@ -123,20 +129,30 @@ async def echo_round_trip(bootstrap: str) -> dict:
     return summary("aiokafka round trip, no model", latencies, wall)
 
 
+def fresh(engine: Engine, config: WorkerConfig) -> Engine:
+    """An engine over the same weights with the worker's budgets and state of its own."""
+    return Engine(engine.model, engine.config, engine.tokenizer, engine.device,
+                  config.engine_config())
+
+
 async def run_modes(bootstrap: str, model_dir: Path) -> list[dict]:
     engine = Engine.from_dir(model_dir)
     engine.generate([GenerationInput(engine.encode("warm up"), SamplingParams())])
-    return [await pipeline(bootstrap, model_dir, engine), in_process(engine),
+    config = WorkerConfig(model_dir=model_dir, deployment="bench", bootstrap=bootstrap,
+                          max_num_seqs=MAX_BATCH)
+    return [await pipeline(bootstrap, model_dir, engine), in_process(fresh(engine, config)),
             await echo_round_trip(bootstrap)]
 
 
 def main() -> None:
     with kafka_and_tmp() as (bootstrap, tmp):
-        model_dir = build_tiny_checkpoint(tmp / "model", seed=0)
+        model_dir = build_tiny_checkpoint(tmp / "model", seed=0, hidden_size=HIDDEN,
+                                          intermediate_size=HIDDEN * 2,
+                                          num_hidden_layers=LAYERS)
         rows = asyncio.run(run_modes(bootstrap, model_dir))
     base = rows[0]
-    print(f"\n{N_REQUESTS} requests, max_batch={MAX_BATCH}, max_new_tokens={MAX_NEW_TOKENS}, "
-          f"tiny Llama on CPU ({os.cpu_count()} cores)\n")
+    print(f"\n{N_REQUESTS} requests, max_num_seqs={MAX_BATCH}, max_new_tokens={MAX_NEW_TOKENS}, "
+          f"Llama hidden {HIDDEN} x {LAYERS} layers on CPU ({os.cpu_count()} cores)\n")
     print(f"{'mode':<32}{'req/s':>9}{'p50 ms':>10}{'p99 ms':>10}"
           f"{'req/s ratio':>13}{'p50 ratio':>11}{'p99 ratio':>11}   (ratios: mode / pipeline)")
     for row in rows:
@@ -146,7 +162,7 @@ def main() -> None:
         print(f"{row['mode']:<32}{row['req_per_s']:>9.1f}{row['p50_ms']:>10.1f}"
               f"{row['p99_ms']:>10.1f}{row['throughput_ratio_vs_pipeline']:>12.2f}x"
               f"{row['p50_ratio_vs_pipeline']:>10.2f}x{row['p99_ratio_vs_pipeline']:>10.2f}x")
-    write_results(RESULTS, rows=rows)
+    write_results(RESULTS, rows=rows, hidden=HIDDEN, layers=LAYERS)
 
 
 if __name__ == "__main__":
