@@ -109,3 +109,13 @@ def test_pools_have_local_heads_and_a_zero_null_block() -> None:
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError):
         BlockManager(0, 16)
+
+
+def test_blocks_handed_out_for_the_first_time_are_reported_once() -> None:
+    """Never-used pool memory may hold NaN bits: the engine zeroes exactly these blocks."""
+    blocks = BlockManager(4, 4, enable_prefix_caching=False)
+    first = blocks.allocate(2)
+    assert blocks.take_fresh() == first and blocks.take_fresh() == []
+    blocks.free(first)
+    again = blocks.allocate(3)  # two reused, one never used before
+    assert blocks.take_fresh() == [b for b in again if b not in first]

@@ -246,6 +246,8 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.rows:
             with torch.inference_mode():
+                if fresh := self.blocks.take_fresh():
+                    self.pools.zero(fresh)
                 logits = self._forward(plan)
             self.scheduler.update(plan)
             self._consume(plan, logits, out)
@@ -343,8 +345,9 @@ class Engine:
         if scored:
             self._score(logits, scored)
         if sampled:
-            result = self.sampler(logits[[i for _, i in sampled]],
-                                  [req.sampling for req, _ in sampled])
+            at_rows = [i for _, i in sampled]
+            picked = logits if at_rows == list(range(len(logits))) else logits[at_rows]
+            result = self.sampler(picked, [req.sampling for req, _ in sampled])
             for k, (req, _) in enumerate(sampled):
                 if k in result.errors:
                     out.finished.append(self._finish(req, "error", result.errors[k]))
@@ -456,5 +459,9 @@ def _group(rows: list[ScheduledRow], offsets: list[int], block_size: int, group_
         mask = mask.repeat_interleave(group_size, dim=1)
     keep = (j < n[:, None]).view(-1)
     out_idx = q_idx.view(-1)[keep]
+    all_kept = bool(keep.all())
+    identity = all_kept and offsets[0] == 0 and bool(
+        (out_idx == torch.arange(len(out_idx))).all())
     return AttnGroup(q_idx.to(device), blocks.to(device), mask[:, None].to(device),
-                     out_idx.to(device), None if bool(keep.all()) else keep.to(device))
+                     out_idx.to(device), None if all_kept else keep.to(device),
+                     identity=identity)

@@ -47,6 +47,8 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._free = list(range(num_blocks, 0, -1))     # a stack: low ids first
+        self._high_water = 0           # highest block ever handed out
+        self._fresh: list[int] = []    # never-used blocks handed out since `take_fresh`
         self._ref = [0] * (num_blocks + 1)
         self._hash_of: dict[int, int] = {}               # block id -> its registered hash
         self._cached: dict[int, int] = {}                # hash -> block id
@@ -97,12 +99,21 @@ class BlockManager:
         for _ in range(n):
             if self._free:
                 b = self._free.pop()
+                if b > self._high_water:  # the stack hands out never-used blocks in order
+                    self._high_water = b
+                    self._fresh.append(b)
             else:
                 b, _ = self._lru.popitem(last=False)
                 del self._cached[self._hash_of.pop(b)]
             self._ref[b] = 1
             out.append(b)
         return out
+
+    def take_fresh(self) -> list[int]:
+        """Blocks handed out for the first time since the last call: their memory was never
+        written, so the pools must zero them before use (see `KVPools.zero`)."""
+        fresh, self._fresh = self._fresh, []
+        return fresh
 
     def free(self, blocks: Sequence[int]) -> None:
         """Drop one reference on each block; unreferenced cached ones stay cached (LRU).
@@ -129,8 +140,10 @@ class BlockManager:
 class KVPools:
     """Per layer, K and V pools (num_blocks + 1, block_size, kv_heads, head_dim).
 
-    Allocated empty (pages are committed as blocks are first written); only the null
-    block 0 is zeroed, because padded gathers read it and 0 * garbage could be NaN.
+    Allocated empty (pages are committed as blocks are first used), so unwritten memory
+    may hold any bits, NaN among them. Attention reads whole blocks (the slots past a row's
+    length are masked, but a NaN key still poisons the masked softmax), so the null block 0
+    is zeroed here and every other block the first time it is handed out (`zero`).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int,
@@ -144,6 +157,12 @@ class KVPools:
             k[0].zero_()
             v[0].zero_()
             self.layers.append((k, v))
+
+    def zero(self, blocks: list[int]) -> None:
+        index = torch.tensor(blocks, device=self.layers[0][0].device)
+        for k, v in self.layers:
+            k.index_fill_(0, index, 0)
+            v.index_fill_(0, index, 0)
 
     @staticmethod
     def block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: int,

@@ -112,6 +112,7 @@ class AttnGroup:
     out_idx: Tensor        # [M] packed index of each real query, in `keep` order
     keep: Tensor | None    # [R * Q] which flattened queries are real; None = all
     gathered: tuple[Tensor, Tensor] | None = None  # K/V gather buffers, reused by each layer
+    identity: bool = False  # q_idx and out_idx are 0..N-1, keep is None: no select, no scatter
 
 
 @dataclass
@@ -198,6 +199,9 @@ class Attention(nn.Module):
         k_pool, v_pool = pool
         k_pool.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, step.slots, k)
         v_pool.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, step.slots, v)
+        if len(step.groups) == 1 and step.groups[0].identity:  # a step of decodes only
+            y = _attend(q, k_pool, v_pool, step.groups[0]).flatten(0, 1)
+            return self.o_proj(y.contiguous())  # the same layout as the scatter's output
         y = q.new_empty(N, self.n_heads * self.head_dim)
         for g in step.groups:  # one or two groups (decodes, prefill chunks), not rows
             y_g = _attend(q, k_pool, v_pool, g).flatten(0, 1)
@@ -223,7 +227,9 @@ def _attend(q: Tensor, k_pool: Tensor, v_pool: Tensor, g: AttnGroup) -> Tensor:
     torch.index_select(k_pool.view(n_blocks, -1), 0, g.blocks.view(-1), out=k_buf)
     torch.index_select(v_pool.view(n_blocks, -1), 0, g.blocks.view(-1), out=v_buf)
     k, v = k_buf.view(R, L, n_kv, D), v_buf.view(R, L, n_kv, D)
-    q = q.index_select(0, g.q_idx.view(-1)).view(R, Q, n_kv, -1, D)
+    if not (g.identity and q.shape[0] == R * Q):  # identity: q is already in row order
+        q = q.index_select(0, g.q_idx.view(-1))
+    q = q.view(R, Q, n_kv, -1, D)
     group = q.shape[3]
     q = q.permute(0, 2, 1, 3, 4).reshape(R, n_kv, Q * group, D)
     y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),

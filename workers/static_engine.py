@@ -18,43 +18,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from workers.engine import GenerationInput, GenerationOutput, SamplingParams
 from workers.loader import load_model
 from workers.model import ModelConfig, Transformer
 from workers.tokenizer import Tokenizer, load_tokenizer
-
-
-class EngineDown(RuntimeError):
-    """The engine can run no batch again (e.g. a tensor-parallel rank died): the worker
-    must stop without answering, so its uncommitted requests go to another replica."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request is decoded."""
-
-    max_new_tokens: int = 16
-    temperature: float = 0.0       # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None        # None: a fresh random seed per request
-    stop: tuple[str, ...] = ()     # needs a tokenizer; ignored without one
-
-
-@dataclass
-class GenerationInput:
-    """One request of a batch: prompt token ids and how to decode them."""
-
-    input_ids: list[int]            # [prompt_tokens], used exactly as given (no bos added)
-    params: SamplingParams
-
-
-@dataclass
-class GenerationOutput:
-    """One request's completion."""
-
-    output_ids: list[int]           # [completion_tokens], stop text / eos excluded
-    text: str                       # decoded completion ("" without tokenizer), cut before the stop
-    finish_reason: str              # "stop" (eos or stop string) | "length"
-    prompt_tokens: int
 
 
 @dataclass
