@@ -359,10 +359,29 @@ def _progress_bar():  # type: ignore[no-untyped-def]
     return show
 
 
+class _RetriedKafkaErrors(logging.Filter):
+    """aiokafka logs at ERROR some conditions it retries by itself: no leader yet for a topic
+    created a moment ago, no group coordinator yet on a fresh broker. They are shown at INFO,
+    so a healthy start prints no ERROR line while a lasting failure still shows (as what
+    stops working, in Ferry's own lines)."""
+
+    RETRIED = ("NotLeaderForPartitionError", "LeaderNotAvailableError",
+               "GroupCoordinatorNotAvailableError", "NotCoordinatorForGroupError",
+               "CoordinatorLoadInProgressError")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.name.startswith("aiokafka") and record.levelno > logging.INFO
+                and any(name in record.getMessage() for name in self.RETRIED)):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("FERRY_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # handler filters see child loggers too
+        handler.addFilter(_RetriedKafkaErrors())
 
 
 def main(argv: list[str] | None = None) -> int:
