@@ -279,6 +279,8 @@ class Worker:
         once while the next step computes."""
         while True:
             self._arrived.clear()  # before looking, so an arrival after the look wakes us
+            if len(self._jobs) < self.config.max_queued:
+                self._space.set()  # answers (or failures) made room: read on
             if self._delivery_error is not None:
                 raise self._delivery_error  # the broker failed us, not the input
             if not self._new and not self.engine.has_work():
@@ -318,8 +320,6 @@ class Worker:
             self.metrics.batch_size.labels(self.config.deployment).observe(
                 len(out.new_tokens) or 1)
             self._gauges()
-            if len(self._jobs) < self.config.max_queued:
-                self._space.set()
 
     def _step(self, new: list[EngineRequest], expired: list[str]
               ) -> tuple[StepOutput, list[tuple[str, str]]]:
