@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_model import hf_greedy
 import workers.sampler as sampler_module
 from workers.engine import (Completion, Engine, EngineConfig, EngineRequest, GenerationInput,
                             SamplingParams)
@@ -53,20 +54,6 @@ def alone(engine: Engine, prompt: str, **params: object) -> list[int]:
     [out] = engine.generate([GenerationInput(engine.encode(prompt),
                                              SamplingParams(**params))])  # type: ignore[arg-type]
     return out.output_ids
-
-
-def hf_greedy(model_dir: Path, engine: Engine, prompts: list[str], n: int) -> list[list[int]]:
-    from transformers import LlamaForCausalLM
-
-    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    eos = engine.config.eos_token_id
-    outs = []
-    for prompt in prompts:
-        x = torch.tensor([engine.encode(prompt)])
-        new = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                          max_new_tokens=n, pad_token_id=eos)[0, x.shape[1]:].tolist()
-        outs.append(new[:new.index(eos)] if eos in new else new)
-    return outs
 
 
 # ---- batch independence ---------------------------------------------------------------
