@@ -4,17 +4,31 @@ One small interface, so a Kubernetes operator can replace the local launcher lat
 - `LocalLauncher` (the default) runs `ferry worker` processes on this machine and supervises
   them: a replica that exits unasked is restarted with exponential backoff.
 - `ManifestLauncher` renders a compose service and a Kubernetes Deployment per deployment
-  into a directory (files to apply, not a running cluster).
+  into a directory: files to apply (the deployer pod of compose/k8s applies them itself),
+  not a running cluster.
+
+What every replica gets besides its model (image, device, GPUs, resources, where the model
+store is mounted from) is a `WorkerTemplate`, read from the deployer's environment: the
+compose file's `environment`, the `ferry-config` ConfigMap in Kubernetes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ipaddress
+import json
 import logging
+import os
+import re
+import shlex
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from streams.registry import DeploymentRecord
 
@@ -28,19 +42,69 @@ class Launcher(Protocol):
     async def close(self) -> None: ...
 
 
-def worker_args(record: DeploymentRecord, bootstrap: str) -> list[str]:
-    """`ferry worker` arguments for one replica of a stored version."""
-    store = str(Path(record.store_path).parent.parent)
-    return ["worker", "--store", store, "--model", f"{record.name}/{record.version}",
-            "--deployment", record.deployment, "--bootstrap", bootstrap]
+def _version() -> str:
+    try:
+        return metadata.version("ferry")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "0.1.0"
+
+
+@dataclass(frozen=True)
+class WorkerTemplate:
+    """What every replica gets besides its model. Each field is read from the environment
+    variable in its metadata; the defaults match compose/docker-compose.yml."""
+
+    image: str = field(default=f"ferry:{_version()}-cuda", metadata={"env": "FERRY_IMAGE"})
+    device: str = field(default="", metadata={"env": "FERRY_WORKER_DEVICE"})  # --device
+    args: tuple[str, ...] = field(default=(), metadata={"env": "FERRY_WORKER_ARGS"})  # more flags
+    gpus: int = field(default=0, metadata={"env": "FERRY_WORKER_GPUS"})  # nvidia.com/gpu each
+    cpu: str = field(default="1", metadata={"env": "FERRY_WORKER_CPU"})  # request
+    memory: str = field(default="4Gi", metadata={"env": "FERRY_WORKER_MEMORY"})  # request = limit
+    metrics_port: int = field(default=9100, metadata={"env": "FERRY_WORKER_METRICS_PORT"})
+    models_claim: str = field(default="ferry-models", metadata={"env": "FERRY_MODELS_CLAIM"})
+    models_volume: str = field(default="models", metadata={"env": "FERRY_MODELS_VOLUME"})
+    config_map: str = field(default="ferry-config", metadata={"env": "FERRY_CONFIG_MAP"})
+    # Kafka for rendered compose replicas (Kubernetes ones read the ConfigMap).
+    bootstrap: str = field(default="", metadata={"env": "FERRY_WORKER_BOOTSTRAP"})
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerTemplate:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"], "").strip()
+            if raw:
+                values[f.name] = (int(raw) if isinstance(f.default, int) else
+                                  tuple(shlex.split(raw)) if isinstance(f.default, tuple) else raw)
+        return cls(**values)
+
+    def worker_flags(self) -> list[str]:
+        """The `ferry worker` flags every replica gets."""
+        return [*(["--device", self.device] if self.device else []), *self.args]
+
+
+def store_dir(record: DeploymentRecord) -> str:
+    """The model store a stored version lives in (`STORE/NAME/VERSION`)."""
+    return str(Path(record.store_path).parent.parent)
+
+
+def worker_args(record: DeploymentRecord, bootstrap: str | None = None) -> list[str]:
+    """`ferry worker` arguments for one replica of a stored version; without `bootstrap` the
+    replica reads KAFKA_BOOTSTRAP from its environment."""
+    args = ["worker", "--store", store_dir(record), "--model", f"{record.name}/{record.version}",
+            "--deployment", record.deployment]
+    return args + (["--bootstrap", bootstrap] if bootstrap else [])
 
 
 class LocalLauncher:
     """Worker processes on this machine, restarted on crash (backoff 1 s doubling to 30 s)."""
 
-    def __init__(self, bootstrap: str, log_dir: Path, extra_args: tuple[str, ...] = (),
+    def __init__(self, bootstrap: str, log_dir: Path, extra_args: tuple[str, ...] | None = None,
                  backoff_s: tuple[float, float] = (1.0, 30.0)) -> None:
-        self.bootstrap, self.log_dir, self.extra_args = bootstrap, log_dir, extra_args
+        self.bootstrap, self.log_dir = bootstrap, log_dir
+        # No metrics port from the template: local replicas share one network namespace.
+        self.extra_args = (tuple(WorkerTemplate.from_env().worker_flags())
+                           if extra_args is None else extra_args)
         self.backoff_s = backoff_s
         self._replicas: dict[str, list[_Replica]] = {}
 
@@ -111,58 +175,134 @@ class _Replica:
             await asyncio.gather(self.task, return_exceptions=True)
 
 
-COMPOSE = """\
-services:
-  {deployment}:
-    image: ferry-worker:latest
-    command: {command}
-    deploy:
-      replicas: {replicas}
-    volumes:
-      - {store}:{store}:ro
-"""
+MANAGED_BY = "ferry-deployer"  # the label the deployer pod's applier prunes by
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
-KUBERNETES = """\
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: {deployment}
-  labels: {{app: ferry-worker, ferry/model: {name}, ferry/version: {version}}}
-spec:
-  replicas: {replicas}
-  selector:
-    matchLabels: {{ferry/deployment: {deployment}}}
-  template:
-    metadata:
-      labels: {{ferry/deployment: {deployment}}}
-    spec:
-      containers:
-        - name: worker
-          image: ferry-worker:latest
-          args: {command}
-          volumeMounts: [{{name: models, mountPath: {store}, readOnly: true}}]
-      volumes:
-        - name: models
-          persistentVolumeClaim: {{claimName: ferry-models, readOnly: true}}
-"""
+
+def k8s_name(name: str) -> str:
+    """`name` as a DNS-1123 label (Kubernetes names and label values, compose services):
+    lower case, other characters as '-', plus a hash of the original when that changed it
+    or it was too long, so two deployments never share a name."""
+    if _NAME.fullmatch(name):
+        return name
+    safe = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:54].strip("-")
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{safe}-{digest}" if safe else f"d-{digest}"
+
+
+def _http_probe(port: int, path: str) -> str:
+    """A healthcheck for an image without curl: Python fetches the page or exits non-zero."""
+    return (f"import urllib.request; "
+            f"urllib.request.urlopen('http://localhost:{port}{path}', timeout=3)")
+
+
+def kubernetes_deployment(record: DeploymentRecord, t: WorkerTemplate) -> dict[str, Any]:
+    """A Deployment for the namespace of compose/k8s: bootstrap from the ConfigMap, the model
+    store's claim mounted read-only, probes on the metrics port."""
+    name, port = k8s_name(record.deployment), t.metrics_port
+    labels = {"app.kubernetes.io/name": "ferry-worker", "app.kubernetes.io/part-of": "ferry",
+              "app.kubernetes.io/managed-by": MANAGED_BY, "ferry/deployment": name}
+    limits = {"memory": t.memory, **({"nvidia.com/gpu": str(t.gpus)} if t.gpus else {})}
+
+    def probe(**timing: int) -> dict[str, Any]:
+        return {"httpGet": {"path": "/metrics", "port": "metrics"}, "timeoutSeconds": 3,
+                **timing}
+
+    container = {
+        "name": "worker", "image": t.image, "command": ["ferry"],
+        "args": [*worker_args(record), "--metrics-port", str(port), *t.worker_flags()],
+        "env": [{"name": "KAFKA_BOOTSTRAP", "valueFrom": {
+            "configMapKeyRef": {"name": t.config_map, "key": "KAFKA_BOOTSTRAP"}}}],
+        "ports": [{"name": "metrics", "containerPort": port}],
+        "resources": {"requests": {"cpu": t.cpu, "memory": t.memory}, "limits": limits},
+        # The metrics port opens once the weights are loaded: startup allows a long load.
+        "startupProbe": probe(periodSeconds=10, failureThreshold=90),
+        "readinessProbe": probe(periodSeconds=10, failureThreshold=3),
+        "livenessProbe": probe(periodSeconds=20, failureThreshold=3),
+        "volumeMounts": [{"name": "models", "mountPath": store_dir(record), "readOnly": True}],
+    }
+    pod: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True},
+        "terminationGracePeriodSeconds": 60,  # SIGTERM: the worker leaves its group cleanly
+        "containers": [container],
+        "volumes": [{"name": "models", "persistentVolumeClaim": {
+            "claimName": t.models_claim, "readOnly": True}}]}
+    if t.gpus:  # GPU nodes are commonly tainted so that only GPU work lands there
+        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
+                               "effect": "NoSchedule"}]
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "labels": {**labels, "ferry/model": k8s_name(record.name),
+                                              "ferry/version": k8s_name(record.version)},
+                     "annotations": {"ferry/id": record.id}},
+        "spec": {"replicas": record.replicas,
+                 "selector": {"matchLabels": {"ferry/deployment": name}},
+                 "template": {"metadata": {"labels": labels, "annotations": {
+                     "prometheus.io/scrape": "true", "prometheus.io/port": str(port),
+                     "prometheus.io/path": "/metrics"}}, "spec": pod}}}
+
+
+def compose_service(record: DeploymentRecord, t: WorkerTemplate,
+                    bootstrap: str) -> dict[str, Any]:
+    """A service to add to compose/docker-compose.yml's project (same network, same store)."""
+    port = t.metrics_port
+    deploy: dict[str, Any] = {"replicas": record.replicas}
+    if t.gpus:
+        deploy["resources"] = {"reservations": {"devices": [
+            {"driver": "nvidia", "count": t.gpus, "capabilities": ["gpu"]}]}}
+    service = {
+        "image": t.image,  # its ENTRYPOINT is `ferry`
+        "command": [*worker_args(record), "--metrics-port", str(port), *t.worker_flags()],
+        "environment": {"KAFKA_BOOTSTRAP": bootstrap},
+        "volumes": [f"{t.models_volume}:{store_dir(record)}:ro"],
+        "labels": {"ferry.id": record.id},
+        "restart": "unless-stopped",
+        "healthcheck": {"test": ["CMD", "python", "-c", _http_probe(port, "/metrics")],
+                        "interval": "10s", "timeout": "5s", "retries": 3,
+                        "start_period": "15m"},  # the port opens once the weights are loaded
+        "deploy": deploy,
+    }
+    return {"services": {k8s_name(record.deployment): service},
+            "volumes": {t.models_volume: {}}}
+
+
+def is_loopback(bootstrap: str) -> bool:
+    """True when any server of a bootstrap list is this host only (useless to a container)."""
+    for server in bootstrap.split(","):
+        host = server.strip().rsplit(":", 1)[0].strip("[]")
+        try:
+            if ipaddress.ip_address(host).is_loopback or host == "0.0.0.0":
+                return True
+        except ValueError:
+            if host == "localhost":
+                return True
+    return False
 
 
 class ManifestLauncher:
     """Writes `DEPLOYMENT.compose.yml` and `DEPLOYMENT.k8s.yaml` into a directory."""
 
-    def __init__(self, bootstrap: str, out_dir: Path) -> None:
-        self.bootstrap, self.out_dir = bootstrap, out_dir
+    def __init__(self, bootstrap: str, out_dir: Path,
+                 template: WorkerTemplate | None = None) -> None:
+        self.out_dir = out_dir
+        self.template = template or WorkerTemplate.from_env()
+        # A replica never gets the deployer's own loopback address: it would be its own.
+        self.compose_bootstrap = self.template.bootstrap or (
+            "kafka:9092" if is_loopback(bootstrap) else bootstrap)
 
     async def start(self, record: DeploymentRecord) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        args = worker_args(record, self.bootstrap)
-        fields = {"deployment": record.deployment, "name": record.name,
-                  "version": record.version, "replicas": record.replicas,
-                  "store": str(Path(record.store_path).parent.parent),
-                  "command": "[" + ", ".join(f'"{a}"' for a in ["ferry", *args]) + "]"}
-        (self.out_dir / f"{record.deployment}.compose.yml").write_text(COMPOSE.format(**fields))
-        fields["command"] = "[" + ", ".join(f'"{a}"' for a in args) + "]"
-        (self.out_dir / f"{record.deployment}.k8s.yaml").write_text(KUBERNETES.format(**fields))
+        header = f"# Rendered by the Ferry deployer for {record.id}; deleted when it retires.\n"
+        self._write(record, "compose.yml", header + to_yaml(
+            compose_service(record, self.template, self.compose_bootstrap)))
+        self._write(record, "k8s.yaml", header + to_yaml(
+            kubernetes_deployment(record, self.template)))
+
+    def _write(self, record: DeploymentRecord, suffix: str, text: str) -> None:
+        # Whole files only: an applier reading the directory never sees half of one.
+        tmp = self.out_dir / f".{record.deployment}.{suffix}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, self.out_dir / f"{record.deployment}.{suffix}")
 
     async def stop(self, record: DeploymentRecord) -> None:
         for suffix in ("compose.yml", "k8s.yaml"):
@@ -173,3 +313,36 @@ class ManifestLauncher:
 
     async def close(self) -> None:
         return None
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_./-]*")
+
+
+def to_yaml(value: dict[str, Any]) -> str:
+    """Block YAML for mappings and lists of mappings, JSON (a subset of YAML) for scalars
+    and lists of scalars: enough for manifests, without a YAML library at run time."""
+    return "\n".join(_yaml_lines(value, "")) + "\n"
+
+
+def _is_block(value: Any) -> bool:
+    return bool(value) and (isinstance(value, dict) or (
+        isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value)))
+
+
+def _yaml_lines(value: Any, indent: str) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = key if _PLAIN_KEY.fullmatch(key) else json.dumps(key)
+            if _is_block(item):
+                yield f"{indent}{name}:"
+                yield from _yaml_lines(item, indent + "  ")
+            else:
+                yield f"{indent}{name}: {json.dumps(item)}"
+        return
+    for item in value:
+        if _is_block(item):
+            first, *rest = _yaml_lines(item, indent + "  ")
+            yield f"{indent}- {first.lstrip()}"
+            yield from rest
+        else:
+            yield f"{indent}- {json.dumps(item)}"
