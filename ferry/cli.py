@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--shadow", action="store_true",
                    help="serve as a shadow candidate: read ferry.mirror.DEPLOYMENT, answer on "
                         "ferry.shadow-results.DEPLOYMENT (never to clients)")
+    w.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
+                   help="Jinja chat template rendering chat messages, in place of the "
+                        "model's own (chat_template.jinja or tokenizer_config.json); gives a "
+                        "model without one a template")
     w.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks of this replica on this node")
     w.add_argument("--nnodes", type=int, default=1, help="nodes the replica spans")
@@ -187,6 +191,7 @@ async def _run_until_signalled(coro) -> None:  # type: ignore[no-untyped-def]
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from workers.chat_template import ChatTemplateError
     from workers.config import WorkerConfig
     from workers.engine import Engine
     from workers.worker import Worker
@@ -208,12 +213,18 @@ def _worker(args: argparse.Namespace) -> int:
         prefix_caching=not args.no_prefix_caching, max_queued=args.max_queued,
         partitions=args.partitions,
         max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
-        device=args.device, dtype=args.dtype, shadow=args.shadow)
+        device=args.device, dtype=args.dtype, shadow=args.shadow,
+        chat_template=args.chat_template)
     if args.tp * args.nnodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _launch_ranks(args, config)
     engine = Engine.from_dir(config.model_dir, device=config.device, dtype=config.dtype,
                              engine_config=config.engine_config())
-    asyncio.run(_run_until_signalled(Worker(config, engine).run()))
+    try:
+        worker = Worker(config, engine)
+    except ChatTemplateError as exc:  # a broken template stops the worker before it joins
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    asyncio.run(_run_until_signalled(worker.run()))
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 
+from schemas.chat import messages_text
 from schemas.messages import Request
 
 # How much of the prompt names its template: about 256 tokens (text: ~4 bytes a token).
@@ -21,9 +22,12 @@ _BYTES_PER_TOKEN = 4
 
 
 def prefix_hash(request: Request) -> str:
-    """16 hex digits naming the prompt's first PREFIX_TOKENS tokens (or ~bytes of text)."""
+    """16 hex digits naming the prompt's first PREFIX_TOKENS tokens (or ~bytes of text, or of
+    the messages' roles and texts)."""
     if request.input_ids is not None:
         head = ",".join(map(str, request.input_ids[:PREFIX_TOKENS])).encode()
+    elif request.messages is not None:  # rendered by the worker: its roles and texts
+        head = messages_text(request.messages).encode()[:PREFIX_TOKENS * _BYTES_PER_TOKEN]
     else:
         head = (request.prompt or "").encode()[:PREFIX_TOKENS * _BYTES_PER_TOKEN]
     return hashlib.blake2b(head, digest_size=8).hexdigest()

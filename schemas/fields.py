@@ -3,6 +3,8 @@
 A record is a dataclass whose fields carry `spec(...)` metadata. `from_dict` validates a
 parsed JSON object against the fields and names the first offending field; `json_schema`
 renders the same fields as JSON Schema (draft 2020-12) for producers in other languages.
+Rules across fields that a record's `__post_init__` checks are spelled for JSON Schema in its
+`json_schema_rules` class attribute.
 """
 
 from __future__ import annotations
@@ -34,6 +36,33 @@ def _optional_inner(tp: Any) -> Any | None:
     return None
 
 
+def _union_members(tp: Any) -> tuple[Any, ...] | None:
+    """The members of a union of several JSON kinds (`str | list[Part] | None`)."""
+    return get_args(tp) if get_origin(tp) in (Union, types.UnionType) else None
+
+
+def _json_kind(tp: Any) -> str:
+    """The JSON kind a type reads: a union picks its member by the kind of the value."""
+    if tp is type(None):
+        return "null"
+    if get_origin(tp) is list:
+        return "array"
+    if dataclasses.is_dataclass(tp):
+        return "object"
+    if tp in _JSON_TYPES:
+        return _JSON_TYPES[tp]
+    raise TypeError(f"unsupported union member {tp!r}")  # a bug in a record, not bad input
+
+
+def _kind_of(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return {str: "string", list: "array", dict: "object", int: "integer",
+            float: "number"}.get(type(value), type(value).__name__)
+
+
 def _check_constraints(path: str, value: Any, constraints: dict[str, Any]) -> None:
     if "minimum" in constraints and value < constraints["minimum"]:
         raise SchemaError(path, f"must be >= {constraints['minimum']}, got {value}")
@@ -45,6 +74,8 @@ def _check_constraints(path: str, value: Any, constraints: dict[str, Any]) -> No
         raise SchemaError(path, f"must have at least {constraints['minLength']} characters")
     if "maxLength" in constraints and len(value) > constraints["maxLength"]:
         raise SchemaError(path, f"must have at most {constraints['maxLength']} characters")
+    if "minItems" in constraints and len(value) < constraints["minItems"]:
+        raise SchemaError(path, f"must have at least {constraints['minItems']} items")
     if "maxItems" in constraints and len(value) > constraints["maxItems"]:
         raise SchemaError(path, f"must have at most {constraints['maxItems']} items")
     if "pattern" in constraints:
@@ -56,6 +87,14 @@ def _convert(path: str, tp: Any, value: Any) -> Any:
     inner = _optional_inner(tp)
     if inner is not None:
         return None if value is None else _convert(path, inner, value)
+    if (members := _union_members(tp)) is not None:
+        kinds = {_json_kind(m): m for m in members}
+        kind = _kind_of(value)
+        if kind == "integer" and "integer" not in kinds:
+            kind = "number"  # JSON has one kind of number; an int may fill a float
+        if kind not in kinds:
+            raise SchemaError(path, f"must be {' or '.join(kinds)}, got {_kind_of(value)}")
+        return None if value is None else _convert(path, kinds[kind], value)
     origin = get_origin(tp)
     if origin is Literal:
         if value not in get_args(tp):
@@ -90,6 +129,9 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         raise SchemaError(prefix.rstrip(".") or "$", f"must be an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name in fields:  # tags first: an object of another kind is named by its tag
+        if get_origin(hints[name]) is Literal and name in data:
+            _convert(prefix + name, hints[name], data[name])
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise SchemaError(prefix + unknown[0], "unknown field")
@@ -109,13 +151,21 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
             if isinstance(kwargs[name], list):
                 for i, v in enumerate(kwargs[name]):
                     _check_constraints(f"{path}[{i}]", v, items)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except SchemaError as exc:  # a nested record's own checks name their field within it
+        if not prefix:
+            raise
+        raise SchemaError(prefix + exc.field, exc.reason) from None
 
 
 def _type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
     inner = _optional_inner(tp)
     if inner is not None:
         return {"anyOf": [_type_schema(inner, defs), {"type": "null"}]}
+    if (members := _union_members(tp)) is not None:
+        return {"anyOf": [{"type": "null"} if m is type(None) else _type_schema(m, defs)
+                          for m in members]}
     origin = get_origin(tp)
     if origin is Literal:
         return {"enum": list(get_args(tp))}
@@ -147,8 +197,10 @@ def _object_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
         elif f.default is not dataclasses.MISSING and not dataclasses.is_dataclass(f.default):
             schema["default"] = f.default
         props[f.name] = schema
+    # Rules across fields that __post_init__ checks (a class attribute, not a field).
+    rules = getattr(cls, "json_schema_rules", {})
     return {"type": "object", "properties": props, "required": required,
-            "additionalProperties": False}
+            "additionalProperties": False, **rules}
 
 
 def json_schema(cls: type, title: str) -> dict[str, Any]:

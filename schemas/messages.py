@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from schemas.chat import ChatMessage
 from schemas.codec import decode
 from schemas.errors import ErrorCode, SchemaError
 from schemas.fields import from_dict, spec
@@ -27,9 +28,14 @@ class Request:
     model: str = field(metadata=spec("Deployment (or, through the router, alias) to run on.",
                                      minLength=1, maxLength=200))
     prompt: str | None = field(default=None, metadata=spec(
-        "Text prompt; exactly one of prompt and input_ids is set."))
+        "Text prompt; exactly one of prompt, input_ids and messages is set."))
     input_ids: list[int] | None = field(default=None, metadata=spec(
         "Token ids of the prompt [prompt_tokens].", items={"minimum": 0}))
+    messages: list[ChatMessage] | None = field(default=None, metadata=spec(
+        "Chat messages (OpenAI's shape); the worker renders them into the prompt with its "
+        "model's chat template and the generation prompt, as transformers' "
+        "apply_chat_template does. A deployment without a template answers "
+        "invalid_request.", minItems=1))
     max_new_tokens: int = field(default=16, metadata=spec(
         "Most tokens to generate.", minimum=1, maximum=MAX_CONTEXT_TOKENS))
     temperature: float = field(default=0.0, metadata=spec(
@@ -67,8 +73,11 @@ class Request:
         "Version of this schema.", minimum=1, maximum=SCHEMA_VERSION))
 
     def __post_init__(self) -> None:
-        if (self.prompt is None) == (self.input_ids is None):
-            raise SchemaError("prompt", "exactly one of prompt and input_ids must be set")
+        if [self.prompt, self.input_ids, self.messages].count(None) != 2:
+            raise SchemaError("prompt", "exactly one of prompt, input_ids and messages must "
+                                        "be set")
+        if self.messages is not None and not self.messages:
+            raise SchemaError("messages", "must not be empty")
         if self.input_ids is not None and not self.input_ids:
             raise SchemaError("input_ids", "must not be empty")
         if self.score_ids is not None and not self.score_ids:

@@ -110,10 +110,11 @@ def compare(primary: Result, candidate: Result, primary_name: str, candidate_nam
 
 def score_request(request: Request, candidate: str, score_ids: list[int],
                   now: float) -> Request:
-    """The teacher-forced request for `score_ids` after the original prompt (text or ids)."""
+    """The teacher-forced request for `score_ids` after the original prompt (text, ids or
+    chat messages, which the candidate renders with its own template)."""
     return Request(id=request.id + SCORE_SUFFIX, model=candidate, prompt=request.prompt,
-                   input_ids=request.input_ids, max_new_tokens=1, score_ids=list(score_ids),
-                   created_at=now)
+                   input_ids=request.input_ids, messages=request.messages, max_new_tokens=1,
+                   score_ids=list(score_ids), created_at=now)
 
 
 # ---- pure: the pairing window --------------------------------------------------------------

@@ -22,8 +22,8 @@ out (`attempt_timeout_s`) or answers with a retryable error goes to another back
 same alias with the same request id, at most `max_attempts` in all within
 `request_timeout_s`; the caller gets exactly one answer.
 
-Chat messages are rendered to one prompt as `"{role}: {content}\\n"` lines followed by
-`"assistant:"`. Sampling defaults are Ferry's (greedy, 16 tokens), not OpenAI's.
+Chat messages are passed on as they are; the worker renders them with its model's chat
+template. Sampling defaults are Ferry's (greedy, 16 tokens), not OpenAI's.
 `stream: true` sends server-sent events in OpenAI's chunk format; the worker answers with
 whole results for now, so the text arrives as one content chunk, then a chunk with the
 finish reason, then `data: [DONE]`.

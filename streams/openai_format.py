@@ -86,21 +86,6 @@ class Call:
     respond_async: bool
 
 
-def render_chat(messages: Any) -> str:
-    """`role: content` lines plus `assistant:`, the template every chat call uses."""
-    if not isinstance(messages, list) or not messages:
-        raise SchemaError("messages", "must be a non-empty array")
-    lines = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise SchemaError(f"messages[{i}]", "must be an object")
-        for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                raise SchemaError(f"messages[{i}].{key}", "must be a string")
-        lines.append(f"{m['role']}: {m['content']}\n")
-    return "".join(lines) + "assistant:"
-
-
 def _flag(body: dict[str, Any], name: str) -> bool:
     value = body.get(name, False)
     if not isinstance(value, bool):
@@ -119,11 +104,14 @@ def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
     """Validate an OpenAI body into a Ferry Request; SchemaError names the OpenAI field."""
     if not isinstance(body, dict):
         raise SchemaError("$", "body must be a JSON object")
-    prompt = render_chat(body.get("messages")) if chat else body.get("prompt")
-    if not chat and not isinstance(prompt, str):
+    # Chat messages travel as they are: the worker renders them with its model's template.
+    source = "messages" if chat else "prompt"
+    if body.get(source) is None:
+        raise SchemaError(source, "is required")
+    if not chat and not isinstance(body["prompt"], str):
         raise SchemaError("prompt", "must be a string")
     fields = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "model": model,
-              "prompt": prompt, "max_new_tokens": body.get("max_tokens"),
+              source: body[source], "max_new_tokens": body.get("max_tokens"),
               "temperature": body.get("temperature"), "top_p": body.get("top_p"),
               "seed": body.get("seed"), "stop": _stop(body.get("stop")), "deadline": deadline}
     fields = {k: v for k, v in fields.items() if v is not None}

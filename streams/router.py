@@ -37,6 +37,7 @@ from schemas import (
     DLQ_TOPIC, DeadLetter, ErrorCode, Request, Result, SchemaError, batch_key, decode_request,
     encode, requests_topic, salvage_reply_address,
 )
+from schemas.chat import messages_text
 from schemas.topics import (
     API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_PARTITIONS, INGRESS_TOPIC,
     MIRRORED_HEADER, PRIMARY_HEADER, mirror_topic, reply_topic_problem,
@@ -209,8 +210,10 @@ class Router:
         if _attempt(headers) <= 1:
             now = time.time()
             state = self._buckets.get(tenant.name) or self.quotas.values.get(tenant.name)
+            text = request.prompt if request.messages is None else messages_text(
+                request.messages)  # rendered by the worker, a few tokens longer
             verdict = admit(state, tenant, estimate_tokens(
-                request.prompt, request.input_ids, request.max_new_tokens), now)
+                text, request.input_ids, request.max_new_tokens), now)
             if not verdict.allowed:
                 retry = None if math.isinf(verdict.retry_after_s) else round(
                     verdict.retry_after_s, 3)

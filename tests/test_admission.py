@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
+import orjson
 import pytest
 
-from schemas import ErrorCode, Request
+from schemas import ErrorCode, Request, decode_request
 from workers.admission import Refused, admit
+from workers.chat_template import ChatTemplate
 from workers.engine import EngineRequest
 from workers.model import ModelConfig
+from workers.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -75,3 +80,51 @@ def test_stop_text_needs_a_tokenizer_and_the_engine_has_the_last_word() -> None:
     picky = FakeEngine(ENGINE.config, refuse="top_k: too large")
     assert refusal(Request(id="a", model="dep", input_ids=[1]), picky).message == \
         "top_k: too large"
+
+
+# ---- chat messages: rendered with the deployment's template, tokenised as they are ------
+
+def chat_request(*messages: dict, **fields: object) -> Request:
+    return Request(id="a", model="dep", messages=decode_request(orjson.dumps(
+        {"id": "a", "model": "dep", "messages": list(messages)})).messages, **fields)
+
+
+HI = {"role": "user", "content": "Hello Ferry!"}
+
+
+def test_chat_is_rendered_with_the_template_and_bos_comes_once(tiny_model: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model)
+    assert tokenizer is not None
+    engine = FakeEngine(dataclasses.replace(ENGINE.config, vocab_size=512), tokenizer=tokenizer,
+                        max_context=256)
+    got = admit(chat_request({"role": "system", "content": "Be brief."}, HI), "t/0@1", "dep",
+                engine, now=0.0, chat_template=tokenizer.chat_template)
+    # The tiny template writes "<s>" itself; encoding the same text plainly adds it once.
+    assert got.input_ids == tokenizer.encode("system: Be brief.\nuser: Hello Ferry!\nassistant:")
+    assert got.input_ids.count(tokenizer.bos_id) == 1
+
+
+def test_chat_refusals_name_messages(tiny_model: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model)
+    assert tokenizer is not None and tokenizer.chat_template is not None
+    engine = FakeEngine(ENGINE.config, tokenizer=tokenizer, max_context=20)
+    strict = ChatTemplate("{{ raise_exception('roles must alternate') }}", "t",
+                          tokenizer.special_tokens)
+    empty = ChatTemplate("{% if false %}x{% endif %}", "t", tokenizer.special_tokens)
+    cases = [
+        (engine, None, ErrorCode.INVALID_REQUEST,
+         "none was configured (ferry worker --chat-template FILE)"),
+        (FakeEngine(ENGINE.config, tokenizer=None), tokenizer.chat_template,
+         ErrorCode.INVALID_REQUEST, "messages: this deployment has no tokenizer"),
+        (engine, strict, ErrorCode.INVALID_REQUEST,
+         "messages: the chat template refused them: roles must alternate"),
+        (engine, empty, ErrorCode.INVALID_REQUEST, "messages: render to no tokens"),
+        (engine, tokenizer.chat_template, ErrorCode.PROMPT_TOO_LONG,
+         "tokens + max_new_tokens 16 exceed the context of 20"),
+    ]
+    for fake, template, code, words in cases:
+        with pytest.raises(Refused) as caught:
+            admit(chat_request(HI), "t/0@1", "dep", fake, now=0.0, chat_template=template)
+        message = caught.value.message
+        assert caught.value.code is code and message.startswith("messages: ") and \
+            words in message, message

@@ -11,19 +11,32 @@ import orjson
 import pytest
 
 from ferry.broker import free_port
-from schemas import RESULTS_TOPIC, Request, Result, SchemaError, Usage, requests_topic
+from schemas import (
+    RESULTS_TOPIC, Request, Result, SchemaError, Usage, decode_request, requests_topic,
+)
 from streams.client import FerryClient
 from streams.gateway import serve
-from streams.openai_format import host_name, parse_call, pick_model, render_chat, stream_chunks
+from streams.openai_format import host_name, parse_call, pick_model, stream_chunks
 from tests.harness import post
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
 from workers.topic_admin import ensure_topics
 
 
-def alone(engine: Engine, prompt: str, **params: object) -> GenerationOutput:
-    """What the engine gives for this prompt run by itself."""
-    [out] = engine.generate([GenerationInput(engine.encode(prompt), SamplingParams(**params))])
+def alone(engine: Engine, prompt: str | list[int], **params: object) -> GenerationOutput:
+    """What the engine gives for this prompt (text or ids) run by itself."""
+    ids = engine.encode(prompt) if isinstance(prompt, str) else prompt
+    [out] = engine.generate([GenerationInput(ids, SamplingParams(**params))])
     return out
+
+
+def chat_text(engine: Engine, messages: list[dict]) -> str:
+    """The messages rendered with the tiny model's chat template, as the worker does."""
+    request = decode_request(orjson.dumps({"id": "x", "model": "m", "messages": messages}))
+    return engine.tokenizer.chat_template.render(request.messages)
+
+
+def chat_ids(engine: Engine, messages: list[dict]) -> list[int]:
+    return engine.tokenizer.encode(chat_text(engine, messages), add_special_tokens=False)
 
 
 async def test_openai_client_completion_and_chat(start_worker, start_gateway, engine,
@@ -45,8 +58,8 @@ async def test_openai_client_completion_and_chat(start_worker, start_gateway, en
         messages = [{"role": "system", "content": "Be brief."},
                     {"role": "user", "content": "Name a ship."}]
         chat = await client.chat.completions.create(model=dep, messages=messages, max_tokens=6)
-        want = alone(engine, render_chat(messages), max_new_tokens=6)
-        assert render_chat(messages) == "system: Be brief.\nuser: Name a ship.\nassistant:"
+        want = alone(engine, chat_ids(engine, messages), max_new_tokens=6)
+        assert chat_text(engine, messages) == "<s>system: Be brief.\nuser: Name a ship.\nassistant:"
         assert chat.object == "chat.completion" and chat.model == dep
         assert chat.choices[0].message.role == "assistant"
         assert chat.choices[0].message.content == want.text
@@ -70,7 +83,7 @@ async def test_openai_client_streams(start_worker, start_gateway, engine, unique
         assert chunks[-1].choices[0].finish_reason == want.finish_reason
 
         messages = [{"role": "user", "content": "Hi"}]
-        want = alone(engine, render_chat(messages), max_new_tokens=5)
+        want = alone(engine, chat_ids(engine, messages), max_new_tokens=5)
         stream = await client.chat.completions.create(model=dep, messages=messages,
                                                       max_tokens=5, stream=True)
         chunks = [c async for c in stream]
@@ -132,7 +145,8 @@ async def test_async_poll_and_events(start_worker, start_gateway, http, engine,
         lines = [ln for ln in (await resp.text()).splitlines() if ln.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     chunks = [orjson.loads(ln[6:]) for ln in lines[:-1]]
-    want = alone(engine, render_chat([{"role": "user", "content": "Hi"}]), max_new_tokens=3)
+    want = alone(engine, chat_ids(engine, [{"role": "user", "content": "Hi"}]),
+                 max_new_tokens=3)
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want.text
 
     async with http.get(f"{gw.url}/v1/requests/nobody-knows?wait=0") as resp:

@@ -31,7 +31,7 @@ def test_result_round_trip_with_error() -> None:
     (b"{", "$", "not valid JSON"),
     (b"[1]", "$", "must be an object"),
     (b'{"model": "m", "prompt": "x"}', "id", "is required"),
-    (b'{"id": "a", "model": "m"}', "prompt", "exactly one of prompt and input_ids"),
+    (b'{"id": "a", "model": "m"}', "prompt", "exactly one of prompt, input_ids and messages"),
     (b'{"id": "a", "model": "m", "prompt": "x", "input_ids": [1]}', "prompt", "exactly one"),
     (b'{"id": "a", "model": "m", "input_ids": []}', "input_ids", "must not be empty"),
     (b'{"id": "a", "model": "m", "input_ids": [1, -1]}', "input_ids[1]", "must be >= 0"),
@@ -96,3 +96,94 @@ def test_json_schema_agrees_with_validation() -> None:
     result_schema = orjson.loads((JSON_DIR / "result.schema.json").read_bytes())
     failure = orjson.loads(encode(Result.failure("a", "m", ErrorCode.INTERNAL, "boom")))
     jsonschema.validate(failure, result_schema)
+
+
+# ---- chat messages ------------------------------------------------------------------------
+
+def chat(*messages: object) -> bytes:
+    return orjson.dumps({"id": "a", "model": "m", "messages": list(messages)})
+
+
+USER = {"role": "user", "content": "hi"}
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+AGENT_TURN = [  # what agent frameworks send back: a tool call, then its answer
+    {"role": "developer", "content": "Use tools."},
+    {"role": "user", "content": [{"type": "text", "text": "Weather"},
+                                 {"type": "text", "text": "in Oslo?"}]},
+    {"role": "assistant", "content": None, "tool_calls": [CALL]},
+    {"role": "tool", "content": "12 C", "tool_call_id": "call_1"},
+]
+
+BAD_MESSAGES = [
+    ([], "messages", "at least 1 items"),
+    ([USER, {"role": "banana", "content": "x"}], "messages[1].role", "must be one of"),
+    ([{"content": "x"}], "messages[0].role", "is required"),
+    ([{"role": "user"}], "messages[0].content", "is required"),
+    ([{"role": "user", "content": None}], "messages[0].content", "null only on an assistant"),
+    ([{"role": "assistant", "content": None}], "messages[0].content", "is required"),
+    ([{"role": "user", "content": 5}], "messages[0].content",
+     "must be string or array or null, got integer"),
+    ([{"role": "user", "content": []}], "messages[0].content", "must not be an empty array"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     "messages[0].content[0].type", "must be one of ['text']"),
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text",
+     "is required"),
+    ([{"role": "user", "content": "x", "tool_calls": [CALL]}], "messages[0].tool_calls",
+     "only assistant messages"),
+    ([{"role": "assistant", "content": None, "tool_calls": []}], "messages[0].tool_calls",
+     "at least 1 items"),
+    ([{"role": "assistant", "content": None, "tool_calls": [{**CALL, "type": "code"}]}],
+     "messages[0].tool_calls[0].type", "must be one of ['function']"),
+    ([{"role": "assistant", "content": None,
+       "tool_calls": [{**CALL, "function": {"name": "f", "arguments": {"x": 1}}}]}],
+     "messages[0].tool_calls[0].function.arguments", "must be string"),
+    ([{"role": "tool", "content": "12 C"}], "messages[0].tool_call_id", "is required"),
+    ([{"role": "user", "content": "x", "tool_call_id": "c"}], "messages[0].tool_call_id",
+     "only tool messages"),
+    ([{"role": "user", "content": "x", "refusal": "no"}], "messages[0].refusal",
+     "unknown field"),
+    (["hi"], "messages[0]", "must be an object"),
+]
+
+
+def test_chat_messages_round_trip() -> None:
+    req = decode_request(chat(*AGENT_TURN))
+    assert [m.role for m in req.messages] == ["developer", "user", "assistant", "tool"]
+    assert req.messages[1].text == "Weather\nin Oslo?"
+    assert req.messages[2].tool_calls[0].function.arguments == '{"city": "Oslo"}'
+    assert decode_request(encode(req)) == req == decode_request(encode(req.to_dict()))
+    assert Request(id="b", model="m", messages=req.messages).prompt is None
+
+
+@pytest.mark.parametrize("messages, field, reason", BAD_MESSAGES)
+def test_chat_message_validation_names_the_field(messages: list, field: str,
+                                                 reason: str) -> None:
+    with pytest.raises(SchemaError) as err:
+        decode_request(chat(*messages))
+    assert (err.value.field, reason in err.value.reason) == (field, True), err.value
+
+
+def test_exactly_one_prompt_source() -> None:
+    for extra in ({"prompt": "x"}, {"input_ids": [1]}):
+        raw = orjson.dumps({"id": "a", "model": "m", "messages": [USER], **extra})
+        with pytest.raises(SchemaError, match="exactly one of prompt, input_ids and messages"):
+            decode_request(raw)
+
+
+def test_json_schema_agrees_on_chat_messages() -> None:
+    schema = orjson.loads((JSON_DIR / "request.schema.json").read_bytes())
+    jsonschema.validate(orjson.loads(chat(*AGENT_TURN)), schema)
+    for messages, field, _ in BAD_MESSAGES:
+        body = orjson.loads(chat(*messages))
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(body, schema)
+
+
+def test_batch_key_of_chats_follows_the_conversation_start() -> None:
+    system = {"role": "system", "content": "You are a careful assistant. " * 60}
+    a = Request(id="1", model="m", messages=decode_request(chat(system, USER)).messages)
+    b = Request(id="2", model="m", messages=decode_request(
+        chat(system, {"role": "user", "content": "other"})).messages)
+    c = Request(id="3", model="m", messages=decode_request(chat(USER)).messages)
+    assert batch_key(a, "d") == batch_key(b, "d") != batch_key(c, "d")

@@ -3,7 +3,8 @@
 Pure (no Kafka, no asyncio), so every refusal is unit-tested without a broker. A refusal is
 an error result with a code and a message that names the field at fault; a request that
 passes becomes an `EngineRequest` whose id is its Kafka position, so no client-chosen id can
-collide inside the engine.
+collide inside the engine. Chat messages are rendered here, with the deployment's chat
+template, and tokenised without special tokens (the template writes bos).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from typing import Protocol
 
 from schemas import ErrorCode, Request
+from workers.chat_template import ChatTemplate, ChatTemplateError
 from workers.engine import EngineRequest, SamplingParams
 from workers.model import ModelConfig
 from workers.tokenizer import Tokenizer
@@ -36,8 +38,10 @@ class Refused(Exception):
 
 
 def admit(request: Request, engine_id: str, deployment: str, engine: EngineView,
-          now: float | None = None) -> EngineRequest:
-    """The engine request for `request`, or `Refused` saying why it cannot be served."""
+          now: float | None = None, chat_template: ChatTemplate | None = None
+          ) -> EngineRequest:
+    """The engine request for `request`, or `Refused` saying why it cannot be served.
+    `chat_template` is the deployment's (None: it has none, and chats are refused)."""
     if request.model != deployment:
         raise Refused(ErrorCode.UNKNOWN_MODEL, f"model: {request.model!r} is not served here "
                                                f"(this is {deployment!r})")
@@ -53,6 +57,8 @@ def admit(request: Request, engine_id: str, deployment: str, engine: EngineView,
                           f"{name}: token {bad} is outside the vocabulary ({vocab})")
     if request.input_ids is not None:
         input_ids = request.input_ids
+    elif request.messages is not None:
+        input_ids = chat_ids(request, engine.tokenizer, chat_template)
     else:
         try:
             input_ids = engine.encode(request.prompt or "")
@@ -64,8 +70,9 @@ def admit(request: Request, engine_id: str, deployment: str, engine: EngineView,
     if len(input_ids) + extra > engine.max_context:
         what = (f"score_ids {len(request.score_ids)}" if request.score_ids
                 else f"max_new_tokens {request.max_new_tokens}")
+        source = "messages" if request.messages is not None else "prompt"
         raise Refused(ErrorCode.PROMPT_TOO_LONG,
-                      f"prompt: {len(input_ids)} tokens + {what} exceed the context of "
+                      f"{source}: {len(input_ids)} tokens + {what} exceed the context of "
                       f"{engine.max_context}")
     admitted = EngineRequest(id=engine_id, input_ids=list(input_ids),
                              params=sampling(request), score_ids=request.score_ids)
@@ -75,6 +82,29 @@ def admit(request: Request, engine_id: str, deployment: str, engine: EngineView,
         raise Refused(ErrorCode.INVALID_REQUEST,
                       str(exc).removeprefix(f"request {engine_id!r}: ")) from None
     return admitted
+
+
+def chat_ids(request: Request, tokenizer: Tokenizer | None,
+             template: ChatTemplate | None) -> list[int]:
+    """The prompt of a chat request: its messages rendered, then tokenised as they are."""
+    assert request.messages is not None
+    if tokenizer is None:
+        raise Refused(ErrorCode.INVALID_REQUEST, "messages: this deployment has no tokenizer "
+                                                 "to render a chat with; send input_ids")
+    if template is None:
+        raise Refused(ErrorCode.INVALID_REQUEST,
+                      "messages: this deployment's model has no chat template "
+                      "(chat_template.jinja, or chat_template in tokenizer_config.json) and "
+                      "none was configured (ferry worker --chat-template FILE); send a prompt")
+    try:
+        text = template.render(request.messages)
+    except ChatTemplateError as exc:
+        raise Refused(ErrorCode.INVALID_REQUEST,
+                      f"messages: the chat template refused them: {exc}") from None
+    input_ids = tokenizer.encode(text, add_special_tokens=False)
+    if not input_ids:
+        raise Refused(ErrorCode.INVALID_REQUEST, "messages: render to no tokens")
+    return input_ids
 
 
 def sampling(request: Request) -> SamplingParams:

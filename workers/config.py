@@ -29,6 +29,7 @@ class WorkerConfig:
     device: str = "cpu"
     dtype: str | None = None       # e.g. "bfloat16"; default: the checkpoint's
     shadow: bool = False           # a candidate: serve its mirror topic, answer on shadow results
+    chat_template: Path | None = None  # Jinja file used instead of the model's chat template
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(max_num_seqs=self.max_num_seqs,

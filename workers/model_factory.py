@@ -18,6 +18,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from workers.model import ModelConfig, Transformer
 
 BOS, EOS = "<s>", "</s>"
+# The tiny model's chat template (its tokenizer has no chat tokens): bos, one `role: text`
+# line per message (tool calls as name(arguments)), then `assistant:` to generate from.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: "
+    "{{ message['content'] }}{% for call in message['tool_calls'] or [] %}"
+    "{{ call['function']['name'] }}({{ call['function']['arguments'] | tojson }})"
+    "{% endfor %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
 CORPUS = """\
 The ferry leaves the harbour at dawn, carrying cars, bicycles and sleepy passengers across
@@ -50,7 +57,8 @@ def build_tiny_checkpoint(out_dir: str | Path, *, vocab_size: int = 512, hidden_
                           max_position_embeddings: int = 256, seed: int = 0, shards: int = 1,
                           tie_word_embeddings: bool = False,
                           corpus: str | None = None) -> Path:
-    """Write tokenizer, config, generation config and seeded random weights to `out_dir`.
+    """Write tokenizer (with a chat template), config, generation config and seeded random
+    weights to `out_dir`.
 
     The tokenizer is trained to at most `vocab_size` tokens (ids 0 and 1 are `<s>` and
     `</s>`); the model's vocabulary is `vocab_size` whatever the corpus yields. Weights
@@ -78,7 +86,8 @@ def build_tiny_checkpoint(out_dir: str | Path, *, vocab_size: int = 512, hidden_
     _write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-        "model_max_length": max_position_embeddings, "clean_up_tokenization_spaces": False})
+        "model_max_length": max_position_embeddings, "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE})
     write_weights(out, random_weights(ModelConfig.from_dict(config), seed), shards)
     return out
 

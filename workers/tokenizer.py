@@ -1,7 +1,8 @@
 """Text <-> token ids through a Hugging Face `tokenizer.json` (the `tokenizers` library).
 
 A model directory without `tokenizer.json` is served without text: `load_tokenizer` returns
-None, requests must then carry `input_ids`, and results carry `text == ""`.
+None, requests must then carry `input_ids`, and results carry `text == ""`. The tokenizer
+also carries the model's chat template and special tokens (`workers/chat_template.py`).
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from workers.chat_template import ChatTemplate, load_chat_template, special_tokens
+
 
 class Tokenizer:
     """A fast tokenizer plus the bos/eos ids named by `tokenizer_config.json`."""
 
     def __init__(self, tokenizer: HFTokenizer, bos_id: int | None = None,
-                 eos_id: int | None = None) -> None:
+                 eos_id: int | None = None, special_tokens: dict[str, str] | None = None,
+                 chat_template: ChatTemplate | None = None) -> None:
         self.tokenizer = tokenizer
         self.bos_id = bos_id
         self.eos_id = eos_id
+        self.special_tokens = special_tokens or {}  # bos_token -> "<s>", ... for templates
+        self.chat_template = chat_template
 
     @property
     def vocab_size(self) -> int:
@@ -44,7 +50,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
     if (cfg := path / "tokenizer_config.json").is_file():
         special = json.loads(cfg.read_text())
     return Tokenizer(tok, _token_id(tok, special.get("bos_token")),
-                     _token_id(tok, special.get("eos_token")))
+                     _token_id(tok, special.get("eos_token")), special_tokens(path, special),
+                     load_chat_template(path, special))
 
 
 def _token_id(tok: HFTokenizer, token: str | dict[str, Any] | None) -> int | None:

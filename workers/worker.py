@@ -35,6 +35,7 @@ from schemas.topics import (
     reply_topic_problem, shadow_results_topic,
 )
 from workers.admission import Refused, admit
+from workers.chat_template import deployment_template
 from workers.config import WorkerConfig
 from workers.engine import Completion, Engine, EngineDown, EngineRequest, StepOutput
 from workers.metrics import WorkerMetrics
@@ -84,6 +85,7 @@ class Worker:
                  registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.engine = engine
+        self.chat_template = deployment_template(engine.tokenizer, config.chat_template)
         self.registry = registry or CollectorRegistry()
         self.metrics = WorkerMetrics.create(self.registry)
         self._offsets = OffsetTracker()
@@ -233,7 +235,8 @@ class Worker:
         # The engine knows a request by its Kafka position: ids are the client's to choose.
         engine_id = f"{tp.topic}/{tp.partition}@{msg.offset}"
         try:
-            admitted = admit(request, engine_id, self.config.deployment, self.engine)
+            admitted = admit(request, engine_id, self.config.deployment, self.engine,
+                             chat_template=self.chat_template)
         except Refused as refusal:
             return Answer(tp, msg.offset, dest=dest, created=created,
                           result=Result.failure(request.id, request.model, refusal.code,
