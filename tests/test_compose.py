@@ -6,7 +6,6 @@ and volumes that fit together, the CPU override, the image and what Prometheus s
 from __future__ import annotations
 
 import base64
-import fnmatch
 import json
 import re
 import shutil
@@ -210,8 +209,12 @@ def healthcheck_url(service: dict[str, Any]) -> tuple[int, str]:
                                    ("docker-compose.cpu.yml",),
                                    ("docker-compose.yml", "docker-compose.cpu.yml")])
 def test_files_match_the_compose_specification(files: tuple[str, ...]) -> None:
-    raw = plain(load(files[0])) if len(files) == 1 else None
-    for doc in ([raw, interpolate(raw, {}, [])] if raw is not None else [effective(*files)]):
+    if len(files) == 1:  # as written, and as Compose sees it after interpolation
+        raw = plain(load(files[0]))
+        docs = [raw, interpolate(raw, {}, [])]
+    else:
+        docs = [effective(*files)]
+    for doc in docs:
         assert schema_errors(doc) == []
 
 
@@ -367,7 +370,7 @@ def test_model_store_and_mounts(stack: str) -> None:
     project = STACKS[stack]
     services = project["services"]
     for name, service in services.items():
-        for target, (source, _) in _volumes(service).items():
+        for source, _ in _volumes(service).values():
             if source.startswith((".", "/")):
                 if name != "deployer":  # the checkpoints directory is the operator's
                     assert (COMPOSE / source).exists(), f"{name}: {source} missing"

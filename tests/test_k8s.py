@@ -123,7 +123,7 @@ def first_difference(a: Any, b: Any, path: str = "") -> str | None:
                 return found
         return None
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             if (found := first_difference(x, y, f"{path}[{i}]")) is not None:
                 return found
         return None
