@@ -101,7 +101,7 @@ def test_pools_have_local_heads_and_a_zero_null_block() -> None:
                     device=torch.device("cpu"))
     assert len(pools.layers) == 2
     k, v = pools.layers[0]
-    assert k.shape == v.shape == (6, 4, 2, 8) and k.dtype == torch.bfloat16
+    assert k.shape == v.shape == (6, 2, 4, 8) and k.dtype == torch.bfloat16
     assert not k[0].any() and not v[0].any()
     assert KVPools.block_bytes(2, 4, 2, 8, torch.bfloat16) == 2 * 2 * 4 * 2 * 8 * 2
 

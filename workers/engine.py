@@ -156,7 +156,9 @@ class Engine:
         self.pools = KVPools(len(attn), num_blocks, ec.block_size, [a.n_kv_heads for a in attn],
                              config.head_dim, dtype, self.device)
         self.sampler = Sampler(self.device)
+        self._kv_heads = attn[0].n_kv_heads  # local (TP) kv heads, the same in every layer
         self._group_size = attn[0].n_heads // attn[0].n_kv_heads  # q heads per kv head
+        self._dtype = dtype
         self._requests: dict[str, _Request] = {}
         self._done: list[Completion] = []     # finished outside a step, returned by the next
         self._serial = itertools.count()
@@ -323,10 +325,13 @@ class Engine:
         logits_idx = [o + p - r.start for r, o in zip(rows, offsets) for p in r.logits]
         decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
         chunks = [i for i, r in enumerate(rows) if len(r.token_ids) > 1]
-        groups = [_group([rows[i] for i in g], [offsets[i] for i in g],
-                         self.blocks.block_size, self._group_size, dev)
+        bs, kv = self.blocks.block_size, self._kv_heads
+        groups = [_group([rows[i] for i in g], [offsets[i] for i in g], bs, kv,
+                         self._group_size, self._dtype, dev)
                   for g in (*_split_by_context(decode, rows), chunks) if g]
-        step = PagedStep(torch.tensor(slots, device=dev), groups)
+        slot = torch.tensor(slots)
+        write_idx = ((slot // bs * kv)[:, None] + torch.arange(kv)) * bs + (slot % bs)[:, None]
+        step = PagedStep(write_idx.view(-1).to(dev), groups)
         return self.model.forward_paged(torch.tensor(ids, device=dev),
                                         torch.tensor(positions, device=dev),
                                         self.pools.layers, step,
@@ -440,9 +445,9 @@ def _split_by_context(decode: list[int], rows: list[ScheduledRow]) -> list[list[
     return [by_len[:s], by_len[s:]] if cost <= 0.75 * whole else [by_len]
 
 
-def _group(rows: list[ScheduledRow], offsets: list[int], block_size: int, group_size: int,
-           device: torch.device) -> AttnGroup:
-    """Index tensors for rows that attend in one SDPA call (built once, used by all layers).
+def _group(rows: list[ScheduledRow], offsets: list[int], block_size: int, kv_heads: int,
+           group_size: int, dtype: torch.dtype, device: torch.device) -> AttnGroup:
+    """Index tensors for rows that attend together (built once, used by all layers).
 
     Queries are padded to the longest row (padding repeats the row's last query, and is
     dropped after), contexts to the most blocks (padding reads the null block, masked).
@@ -453,15 +458,21 @@ def _group(rows: list[ScheduledRow], offsets: list[int], block_size: int, group_
     j = torch.arange(Q)
     q_idx = torch.tensor(offsets)[:, None] + torch.minimum(j, n[:, None] - 1)
     blocks = torch.tensor([r.block_table + [0] * (B - len(r.block_table)) for r in rows])
+    kv_idx = (blocks[:, None, :] * kv_heads + torch.arange(kv_heads)[None, :, None]).view(-1)
     q_pos = start[:, None] + torch.minimum(j, n[:, None] - 1)          # (R, Q)
-    mask = torch.arange(B * block_size)[None, None] <= q_pos[:, :, None]   # causal, in-row
-    if Q > 1:  # one mask row per folded (query, q head of the group) pair
-        mask = mask.repeat_interleave(group_size, dim=1)
+    attend = torch.arange(B * block_size)[None, None] <= q_pos[:, :, None]   # causal, in-row
+    mask = bias = None
+    if Q == 1:  # decode: an additive bias per (row, kv head), shared by the group's q heads
+        zero = torch.zeros((), dtype=dtype)
+        bias = torch.where(attend, zero, float("-inf")).to(dtype).expand(
+            len(rows), kv_heads * group_size, B * block_size).reshape(
+            len(rows) * kv_heads, group_size, B * block_size).to(device)
+    else:  # one mask row per folded (query, q head of the group) pair
+        mask = attend.repeat_interleave(group_size, dim=1)[:, None].to(device)
     keep = (j < n[:, None]).view(-1)
     out_idx = q_idx.view(-1)[keep]
     all_kept = bool(keep.all())
     identity = all_kept and offsets[0] == 0 and bool(
         (out_idx == torch.arange(len(out_idx))).all())
-    return AttnGroup(q_idx.to(device), blocks.to(device), mask[:, None].to(device),
-                     out_idx.to(device), None if all_kept else keep.to(device),
-                     identity=identity)
+    return AttnGroup(q_idx.to(device), kv_idx.to(device), mask, bias, out_idx.to(device),
+                     None if all_kept else keep.to(device), identity=identity)

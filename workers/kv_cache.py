@@ -1,7 +1,7 @@
 """The paged KV cache: block pools per layer, and the bookkeeping of which block holds what.
 
 Keys and values live in fixed-size blocks of `block_size` token slots. `KVPools` holds the
-tensors: per layer one K and one V pool of shape (num_blocks + 1, block_size, kv_heads,
+tensors: per layer one K and one V pool of shape (num_blocks + 1, kv_heads, block_size,
 head_dim), with the *local* kv head count so a tensor-parallel rank holds only its heads.
 Block 0 is the null block: never handed out, zeroed, it is what padded gathers read.
 
@@ -138,7 +138,11 @@ class BlockManager:
 
 
 class KVPools:
-    """Per layer, K and V pools (num_blocks + 1, block_size, kv_heads, head_dim).
+    """Per layer, K and V pools (num_blocks + 1, kv_heads, block_size, head_dim).
+
+    Head-major inside a block: one kv head's `block_size` keys are one contiguous run, so a
+    row's context gathers straight into the (kv_heads, length, head_dim) layout attention
+    multiplies with.
 
     Allocated empty (pages are committed as blocks are first used), so unwritten memory
     may hold any bits, NaN among them. Attention reads whole blocks (the slots past a row's
@@ -151,7 +155,7 @@ class KVPools:
                  device: torch.device) -> None:
         self.layers: list[tuple[Tensor, Tensor]] = []
         for i in range(num_layers):
-            shape = (num_blocks + 1, block_size, kv_heads[i], head_dim)
+            shape = (num_blocks + 1, kv_heads[i], block_size, head_dim)
             k = torch.empty(shape, dtype=dtype, device=device)
             v = torch.empty(shape, dtype=dtype, device=device)
             k[0].zero_()

@@ -101,14 +101,20 @@ class KVCache:
 
 @dataclass
 class AttnGroup:
-    """Rows of a packed step that attend together in one SDPA call (built once per step,
+    """Rows of a packed step that attend together (index tensors built once per step,
     shared by every layer). Queries come from the packed tokens, keys/values from the pool.
+
+    Two kinds: decode groups (one query per row, `bias` set) attend with batched matmuls,
+    the q heads that share a kv head folded into the query axis; prefill groups (`mask`
+    set) go through SDPA.
     """
 
     q_idx: Tensor          # [R, Q] packed index of each row's queries (padding repeats one)
-    blocks: Tensor         # [R, B] each row's block ids; the context is B * block_size slots
-    mask: Tensor | None    # [R, 1, Q * group, B * block_size] bool, True = attend; None = all
-                           # (group = q heads per kv head; Q = 1 may broadcast: [R, 1, 1, L])
+    kv_idx: Tensor         # [R * kv_heads * B] rows of the pool viewed as (blocks * kv_heads,
+                           # block_size * D): each row's blocks, head by head; the context is
+                           # L = B * block_size slots
+    mask: Tensor | None    # [R, 1, Q * group, L] bool, True = attend (prefill groups)
+    bias: Tensor | None    # [R * kv_heads, group, L] additive 0 / -inf (decode groups, Q = 1)
     out_idx: Tensor        # [M] packed index of each real query, in `keep` order
     keep: Tensor | None    # [R * Q] which flattened queries are real; None = all
     gathered: tuple[Tensor, Tensor] | None = None  # K/V gather buffers, reused by each layer
@@ -119,7 +125,8 @@ class AttnGroup:
 class PagedStep:
     """Where one packed step's tokens write their keys/values and how rows attend."""
 
-    slots: Tensor              # [N] pool slot (block * block_size + offset) of each token
+    write_idx: Tensor          # [N * kv_heads] row of the pool viewed as (-1, D) that each
+                               # token's key/value of each kv head goes to
     groups: list[AttnGroup]
 
 
@@ -191,18 +198,17 @@ class Attention(nn.Module):
 
     def forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor, pool: tuple[Tensor, Tensor],
                       step: PagedStep) -> Tensor:
-        """x: (N, hidden) packed tokens; pool: K and V (blocks, block_size, kv_heads, D)."""
-        N = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(N, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(N, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(N, self.n_kv_heads, self.head_dim)
+        """x: (N, hidden) packed tokens; pool: K and V (blocks, kv_heads, block_size, D)."""
+        N, D = x.shape[0], self.head_dim
+        q = apply_rope(self.q_proj(x).view(N, self.n_heads, D), cos, sin)
+        k = apply_rope(self.k_proj(x).view(N, self.n_kv_heads, D), cos, sin)
+        v = self.v_proj(x).view(N * self.n_kv_heads, D)
         k_pool, v_pool = pool
-        k_pool.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, step.slots, k)
-        v_pool.view(-1, self.n_kv_heads, self.head_dim).index_copy_(0, step.slots, v)
+        k_pool.view(-1, D).index_copy_(0, step.write_idx, k.view(N * self.n_kv_heads, D))
+        v_pool.view(-1, D).index_copy_(0, step.write_idx, v)
         if len(step.groups) == 1 and step.groups[0].identity:  # a step of decodes only
-            y = _attend(q, k_pool, v_pool, step.groups[0]).flatten(0, 1)
-            return self.o_proj(y.contiguous())  # the same layout as the scatter's output
-        y = q.new_empty(N, self.n_heads * self.head_dim)
+            return self.o_proj(_attend(q, k_pool, v_pool, step.groups[0]).view(N, -1))
+        y = q.new_empty(N, self.n_heads * D)
         for g in step.groups:  # one or two groups (decodes, prefill chunks), not rows
             y_g = _attend(q, k_pool, v_pool, g).flatten(0, 1)
             y.index_copy_(0, g.out_idx, y_g if g.keep is None else y_g[g.keep])
@@ -216,23 +222,27 @@ def _attend(q: Tensor, k_pool: Tensor, v_pool: Tensor, g: AttnGroup) -> Tensor:
     folded into the query axis, (R, kv_heads, Q * group, D) against (R, kv_heads, L, D).
     """
     R, Q = g.q_idx.shape
-    n_blocks, block_size, n_kv, D = k_pool.shape
-    L = g.blocks.shape[1] * block_size
-    # One index_select per pool on whole blocks (contiguous runs), into buffers that every
-    # layer of the step reuses, viewed as (R, L, kv, D).
+    n_blocks, n_kv, block_size, D = k_pool.shape
+    # One index_select per pool on whole (block, kv head) runs, into buffers that every
+    # layer of the step reuses, viewed as (R, kv, L, D): each row's keys, head-major.
     if g.gathered is None:
-        g.gathered = (k_pool.new_empty(R * L // block_size, block_size * n_kv * D),
-                      v_pool.new_empty(R * L // block_size, block_size * n_kv * D))
+        g.gathered = (k_pool.new_empty(len(g.kv_idx), block_size * D),
+                      v_pool.new_empty(len(g.kv_idx), block_size * D))
     k_buf, v_buf = g.gathered
-    torch.index_select(k_pool.view(n_blocks, -1), 0, g.blocks.view(-1), out=k_buf)
-    torch.index_select(v_pool.view(n_blocks, -1), 0, g.blocks.view(-1), out=v_buf)
-    k, v = k_buf.view(R, L, n_kv, D), v_buf.view(R, L, n_kv, D)
+    torch.index_select(k_pool.view(n_blocks * n_kv, -1), 0, g.kv_idx, out=k_buf)
+    torch.index_select(v_pool.view(n_blocks * n_kv, -1), 0, g.kv_idx, out=v_buf)
+    k, v = k_buf.view(R * n_kv, -1, D), v_buf.view(R * n_kv, -1, D)
     if not (g.identity and q.shape[0] == R * Q):  # identity: q is already in row order
         q = q.index_select(0, g.q_idx.view(-1))
+    if g.bias is not None:  # one query per row: (R * kv, group, D) @ (R * kv, D, L)
+        s = torch.baddbmm(g.bias, q.reshape(R * n_kv, -1, D), k.transpose(1, 2),
+                          alpha=D ** -0.5)
+        p = torch.softmax(s, -1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(p, v).view(R, 1, -1)  # (R * kv, group, D) is (R, heads * D)
     q = q.view(R, Q, n_kv, -1, D)
     group = q.shape[3]
     q = q.permute(0, 2, 1, 3, 4).reshape(R, n_kv, Q * group, D)
-    y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2),
+    y = F.scaled_dot_product_attention(q, k.view(R, n_kv, -1, D), v.view(R, n_kv, -1, D),
                                        attn_mask=g.mask)
     return y.view(R, n_kv, Q, group, D).permute(0, 2, 1, 3, 4).reshape(R, Q, -1)
 
