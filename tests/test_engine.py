@@ -71,6 +71,14 @@ def test_greedy_rows_match_transformers_whatever_their_batch_mates(tiny_model: P
     assert any(len(o.output_ids) > 8 for o in outs)
 
 
+def test_unpacked_linears_give_the_same_greedy_tokens(tiny_model: Path, base: Engine) -> None:
+    plain = Engine.from_dir(tiny_model, engine_config=EngineConfig(prepack_weights=False))
+    assert plain.model.packed_lm_head is None
+    assert base.model.packed_lm_head is not None  # the default packs on CPU
+    assert [alone(plain, p, max_new_tokens=8) for p in PROMPTS[:3]] == \
+        [alone(base, p, max_new_tokens=8) for p in PROMPTS[:3]]
+
+
 def test_a_request_added_mid_flight_gets_its_alone_tokens(base: Engine) -> None:
     engine = variant(base, max_num_batched_tokens=24, block_size=4)
     for i, p in enumerate(PROMPTS[:3]):

@@ -118,6 +118,7 @@ class EngineConfig:
     num_blocks: int | None = None        # None: as many as `kv_cache_bytes` holds
     kv_cache_bytes: int = 2 << 30        # K and V of every layer, this rank's heads
     enable_prefix_caching: bool = True
+    prepack_weights: bool = True         # CPU: linears in oneDNN's layout (`Transformer.prepack`)
 
 
 @dataclass
@@ -156,6 +157,8 @@ class Engine:
         self.pools = KVPools(len(attn), num_blocks, ec.block_size, [a.n_kv_heads for a in attn],
                              config.head_dim, dtype, self.device)
         self.sampler = Sampler(self.device)
+        if ec.prepack_weights and model.packed_lm_head is None:
+            model.prepack()
         self._kv_heads = attn[0].n_kv_heads  # local (TP) kv heads, the same in every layer
         self._group_size = attn[0].n_heads // attn[0].n_kv_heads  # q heads per kv head
         self._dtype = dtype

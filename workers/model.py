@@ -166,6 +166,48 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+Packed = tuple[Tensor, Tensor | None]  # a linear's weight in oneDNN's layout, and its bias
+
+
+def pack_linear(modules: Sequence[nn.Linear]) -> Packed | None:
+    """One linear over the concatenated output rows of `modules` (fusing q/k/v or gate/up
+    into one matmul), its weight reordered once into oneDNN's blocked layout for CPU
+    matmuls; None where oneDNN cannot (not CPU, not fp32/bf16, no mkldnn build).
+
+    A module whose forward is more than the matmul (a tensor-parallel layer that reduces or
+    gathers after it) may be packed alone if it says what follows the matmul with an
+    `after_matmul(y)` method (which then adds its own bias); fused modules must be plain.
+    """
+    w = modules[0].weight
+    if (w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16)
+            or not torch.backends.mkldnn.is_available()):
+        return None
+    plain = all(type(m).forward is nn.Linear.forward for m in modules)
+    if not plain and (len(modules) > 1 or not hasattr(modules[0], "after_matmul")):
+        return None
+    w = torch.cat([m.weight for m in modules]) if len(modules) > 1 else w
+    bias = None
+    if plain and any(m.bias is not None for m in modules):
+        bias = torch.cat([m.bias if m.bias is not None else w.new_zeros(m.out_features)
+                          for m in modules])
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach()), bias
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def packed_linear(x: Tensor, packed: Packed) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed[0], packed[1], "none", [], "")
+
+
+def _linear(x: Tensor, module: nn.Linear, packed: Packed | None) -> Tensor:
+    if packed is None:
+        return module(x)
+    y = packed_linear(x, packed)
+    after = getattr(module, "after_matmul", None)
+    return y if after is None else after(y)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional KV cache."""
 
@@ -179,6 +221,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+        self.packed_qkv: Packed | None = None   # see `Transformer.prepack`
+        self.packed_o: Packed | None = None
+
+    def prepack(self) -> None:
+        self.packed_qkv = pack_linear([self.q_proj, self.k_proj, self.v_proj])
+        self.packed_o = pack_linear([self.o_proj])
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None, cache_pos: Tensor | None) -> Tensor:
@@ -199,20 +247,26 @@ class Attention(nn.Module):
     def forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor, pool: tuple[Tensor, Tensor],
                       step: PagedStep) -> Tensor:
         """x: (N, hidden) packed tokens; pool: K and V (blocks, kv_heads, block_size, D)."""
-        N, D = x.shape[0], self.head_dim
-        q = apply_rope(self.q_proj(x).view(N, self.n_heads, D), cos, sin)
-        k = apply_rope(self.k_proj(x).view(N, self.n_kv_heads, D), cos, sin)
-        v = self.v_proj(x).view(N * self.n_kv_heads, D)
+        N, D, H, KV = x.shape[0], self.head_dim, self.n_heads, self.n_kv_heads
+        if self.packed_qkv is not None:  # one matmul, one RoPE over the q and k heads
+            qkv = packed_linear(x, self.packed_qkv).view(N, H + 2 * KV, D)
+            qk = apply_rope(qkv[:, :H + KV], cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
+        else:
+            q = apply_rope(self.q_proj(x).view(N, H, D), cos, sin)
+            k = apply_rope(self.k_proj(x).view(N, KV, D), cos, sin)
+            v = self.v_proj(x).view(N, KV, D)
         k_pool, v_pool = pool
-        k_pool.view(-1, D).index_copy_(0, step.write_idx, k.view(N * self.n_kv_heads, D))
-        v_pool.view(-1, D).index_copy_(0, step.write_idx, v)
+        k_pool.view(-1, D).index_copy_(0, step.write_idx, k.reshape(N * KV, D))
+        v_pool.view(-1, D).index_copy_(0, step.write_idx, v.reshape(N * KV, D))
         if len(step.groups) == 1 and step.groups[0].identity:  # a step of decodes only
-            return self.o_proj(_attend(q, k_pool, v_pool, step.groups[0]).view(N, -1))
-        y = q.new_empty(N, self.n_heads * D)
+            y = _attend(q, k_pool, v_pool, step.groups[0]).view(N, -1)
+            return _linear(y, self.o_proj, self.packed_o)
+        y = q.new_empty(N, H * D)
         for g in step.groups:  # one or two groups (decodes, prefill chunks), not rows
             y_g = _attend(q, k_pool, v_pool, g).flatten(0, 1)
             y.index_copy_(0, g.out_idx, y_g if g.keep is None else y_g[g.keep])
-        return self.o_proj(y)
+        return _linear(y, self.o_proj, self.packed_o)
 
 
 def _attend(q: Tensor, k_pool: Tensor, v_pool: Tensor, g: AttnGroup) -> Tensor:
@@ -256,9 +310,22 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.packed_gate_up: Packed | None = None   # see `Transformer.prepack`
+        self.packed_down: Packed | None = None
+
+    def prepack(self) -> None:
+        self.packed_gate_up = pack_linear([self.gate_proj, self.up_proj])
+        self.packed_down = pack_linear([self.down_proj])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def forward_packed(self, x: Tensor) -> Tensor:
+        """`forward` through the packed linears (gate and up in one matmul) where set."""
+        if self.packed_gate_up is None:
+            return self.forward(x)
+        gate, up = packed_linear(x, self.packed_gate_up).chunk(2, dim=-1)
+        return _linear(F.silu(gate) * up, self.down_proj, self.packed_down)
 
 
 class DecoderLayer(nn.Module):
@@ -279,7 +346,7 @@ class DecoderLayer(nn.Module):
     def forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor, pool: tuple[Tensor, Tensor],
                       step: PagedStep) -> Tensor:
         x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, pool, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp.forward_packed(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
@@ -300,8 +367,24 @@ class Transformer(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.packed_lm_head: Packed | None = None
         if config.tie_word_embeddings:
             self.tie_weights()
+
+    def prepack(self) -> bool:
+        """Reorder every linear weight once into oneDNN's layout for `forward_paged` on CPU
+        (q/k/v and gate/up each fused into one matmul): 1.1-2x faster matmuls than plain
+        `F.linear` here. The packed copies sit beside the parameters (the state dict and
+        `forward` are unchanged) and double the linear weights' memory; they are a snapshot,
+        so call `prepack` again after changing weights. False (nothing packed) where
+        oneDNN cannot serve this device and dtype."""
+        self.packed_lm_head = pack_linear([self.lm_head])
+        if self.packed_lm_head is None:
+            return False
+        for layer in self.model.layers:
+            layer.self_attn.prepack()
+            layer.mlp.prepack()
+        return True
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with `lm_head` (call again after `assign=True` loads)."""
@@ -354,4 +437,5 @@ class Transformer(nn.Module):
             x = layer.forward_paged(x, cos, sin, pool, step)
         if not len(logits_idx):  # a step of prefill chunks only (the same on every rank)
             return x.new_empty(0, self.config.vocab_size)
-        return self.lm_head(self.model.norm(x.index_select(0, logits_idx)))
+        return _linear(self.model.norm(x.index_select(0, logits_idx)), self.lm_head,
+                       self.packed_lm_head)

@@ -123,7 +123,10 @@ class RowParallelLinear(nn.Linear):
     """A Linear holding a slice of the input features; all-reduces its output, then bias."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight)
+        return self.after_matmul(F.linear(x, self.weight))
+
+    def after_matmul(self, y: Tensor) -> Tensor:
+        """What follows the local matmul (also after a packed one, `model.pack_linear`)."""
         dist.all_reduce(y)
         return y if self.bias is None else y + self.bias
 
@@ -148,7 +151,11 @@ class ParallelLMHead(nn.Linear):
     """A Linear over one vocab slice; all-gathers the logits slices in rank order."""
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight).contiguous()
+        return self.after_matmul(F.linear(x, self.weight))
+
+    def after_matmul(self, y: Tensor) -> Tensor:
+        """What follows the local matmul (also after a packed one, `model.pack_linear`)."""
+        y = y.contiguous()
         parts = [torch.empty_like(y) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, y)
         return torch.cat(parts, dim=-1)
