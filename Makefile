@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python -m tests.bench.bench_tp
 	$(BIN)/python -m tests.bench.bench_gateway
 	$(BIN)/python -m tests.bench.bench_shadow
+	$(BIN)/python -m tests.bench.bench_streaming
 
 kafka-up: install
 	$(BIN)/ferry kafka up
