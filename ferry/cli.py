@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--no-prefix-caching", action="store_true",
                    help="do not share KV blocks between prompts with equal prefixes")
     w.add_argument("--max-queued", type=int, default=256)
+    w.add_argument("--at-least-once", action="store_true",
+                   help="plain offset commits instead of one transaction per partition: a "
+                        "crash can then answer a request twice")
     w.add_argument("--partitions", type=int, default=4)
     w.add_argument("--max-message-bytes", type=int, default=1_048_576)
     w.add_argument("--metrics-port", type=int, default=None)
@@ -107,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--temperature", type=float, default=0.0)
     send.add_argument("--seed", type=int, default=None)
     send.add_argument("--timeout", type=float, default=60.0)
+    send.add_argument("--stream", action="store_true",
+                      help="print each prompt's text as it is generated, then its result")
 
     gw = sub.add_parser("gateway", help="OpenAI-compatible HTTP gateway over Kafka")
     gw.add_argument("--port", type=int, default=8000)
@@ -211,6 +216,7 @@ def _worker(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap or default_bootstrap(), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gb=args.kv_cache_gb,
         prefix_caching=not args.no_prefix_caching, max_queued=args.max_queued,
+        exactly_once=not args.at_least_once,
         partitions=args.partitions,
         max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
         device=args.device, dtype=args.dtype, shadow=args.shadow,
@@ -315,14 +321,23 @@ def _canary(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     from streams.client import FerryClient
-    from schemas import Request, encode
+    from schemas import Delta, Request, encode
 
     async def go() -> None:
         async with FerryClient(args.bootstrap or default_bootstrap()) as client:
-            futures = [await client.submit(Request(
-                id=uuid.uuid4().hex, model=args.model, prompt=prompt,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                seed=args.seed)) for prompt in args.prompts]
+            requests = [Request(id=uuid.uuid4().hex, model=args.model, prompt=prompt,
+                                max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, seed=args.seed)
+                        for prompt in args.prompts]
+            if args.stream:
+                for request in requests:
+                    async for event in client.stream(request, args.timeout):
+                        if isinstance(event, Delta):
+                            print(event.text, end="", flush=True)
+                        else:
+                            print("\n" + encode(event).decode())
+                return
+            futures = [await client.submit(request) for request in requests]
             for result in await asyncio.wait_for(asyncio.gather(*futures), args.timeout):
                 print(encode(result).decode())
 

@@ -114,6 +114,7 @@ async def _front_door(bootstrap: str, router_log: Path) -> None:
                 ids.append(answer["id"])
                 print(f"[demo] POST /v1/chat/completions {resp.status} model={answer['model']} "
                       f"{answer['choices'][0]['message']['content']!r}", flush=True)
+            await _stream_one(http, url, api_key)
             async with http.post(url, json={"model": "chat", "messages": []},
                                  headers={"Authorization": "Bearer fk_nope"}) as resp:
                 print(f"[demo] a bad key: {resp.status} {(await resp.json())['error']['code']}")
@@ -129,6 +130,24 @@ async def _front_door(bootstrap: str, router_log: Path) -> None:
         await asyncio.sleep(0.5)  # the comparator pairs, scores, then publishes
     print(f"[demo] ferry shadow report {CANDIDATE} (same checkpoint as the primary):")
     print(format_table(summarize(CANDIDATE, records)), flush=True)
+
+
+async def _stream_one(http: aiohttp.ClientSession, url: str, api_key: str) -> None:
+    """One chat call with `stream: true`: its text arrives chunk by chunk, as generated."""
+    body = {"model": "chat", "max_tokens": 24, "stream": True,
+            "messages": [{"role": "user", "content": PROMPTS[4]}]}
+    start, first, pieces = time.perf_counter(), None, []
+    async with http.post(url, json=body, headers={"Authorization": f"Bearer {api_key}"}) as resp:
+        async for line in resp.content:
+            if not line.startswith(b"data: {"):
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if text := choices[0].get("delta", {}).get("content"):
+                first = first if first is not None else time.perf_counter() - start
+                pieces.append(text)
+    total = time.perf_counter() - start
+    print(f"[demo] stream: {len(pieces)} text chunks, the first after {1000 * (first or 0):.0f} "
+          f"ms, the last after {1000 * total:.0f} ms: {''.join(pieces)!r}", flush=True)
 
 
 async def _checkpoints(bootstrap: str, home: Path) -> None:
@@ -200,7 +219,8 @@ async def _checkpoints(bootstrap: str, home: Path) -> None:
 
 
 async def _count(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0) -> int:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                isolation_level="read_committed")
     await consumer.start()
     seen = 0
     try:

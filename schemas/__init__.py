@@ -1,6 +1,7 @@
 """Ferry's message contract: typed, versioned, validated records that import no framework.
 
-Everything that crosses Kafka (requests, results, dead letters) is defined here and encoded
+Everything that crosses Kafka (requests, results, deltas, cancels, dead
+letters) is defined here and encoded
 through `schemas.codec`. `workers/` and `streams/` import this package; it imports neither.
 """
 
@@ -10,12 +11,16 @@ from schemas.errors import ErrorCode, SchemaError, http_status
 from schemas.messages import (
     DEFAULT_REPLY_TO,
     SCHEMA_VERSION,
+    Cancel,
     DeadLetter,
+    Delta,
     ErrorInfo,
     Request,
     Result,
     Timings,
     Usage,
+    decode_cancel,
+    decode_delta,
     decode_request,
     decode_result,
     salvage_reply_address,
@@ -23,7 +28,8 @@ from schemas.messages import (
 from schemas.topics import DLQ_TOPIC, RESULTS_TOPIC, requests_topic, worker_group
 
 __all__ = [
-    "DEFAULT_REPLY_TO", "DLQ_TOPIC", "RESULTS_TOPIC", "SCHEMA_VERSION", "DeadLetter",
+    "DEFAULT_REPLY_TO", "DLQ_TOPIC", "RESULTS_TOPIC", "SCHEMA_VERSION", "Cancel",
+    "DeadLetter", "Delta", "decode_cancel", "decode_delta",
     "ErrorCode", "ErrorInfo", "Request", "Result", "SchemaError", "Timings", "Usage",
     "batch_key", "decode", "decode_request", "decode_result", "encode", "http_status",
     "requests_topic", "salvage_reply_address", "worker_group",

@@ -17,6 +17,7 @@ class ErrorCode(str, Enum):
     UNAUTHENTICATED = "unauthenticated"
     QUOTA_EXCEEDED = "quota_exceeded"
     OVERLOADED = "overloaded"
+    CANCELLED = "cancelled"
 
 
 _HTTP_STATUS = {
@@ -31,6 +32,7 @@ _HTTP_STATUS = {
     ErrorCode.UNAUTHENTICATED: 401,
     ErrorCode.QUOTA_EXCEEDED: 429,
     ErrorCode.OVERLOADED: 503,
+    ErrorCode.CANCELLED: 499,  # nginx's "client closed request": the caller went away
 }
 
 # Worth another attempt on another backend of the same alias: the backend failed, not the

@@ -13,10 +13,11 @@ from typing import Any
 import orjson
 
 from schemas.fields import json_schema
-from schemas.messages import DeadLetter, Request, Result
+from schemas.messages import Cancel, DeadLetter, Delta, Request, Result
 
 JSON_DIR = Path(__file__).parent / "json"
-RECORDS: dict[str, type] = {"request": Request, "result": Result, "dead_letter": DeadLetter}
+RECORDS: dict[str, type] = {"request": Request, "result": Result, "delta": Delta,
+                             "cancel": Cancel, "dead_letter": DeadLetter}
 
 
 def schema_files() -> dict[str, bytes]:

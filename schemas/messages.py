@@ -1,4 +1,5 @@
-"""Request, result and dead-letter records: the wire contract of every Ferry topic."""
+"""Request, result, delta, cancel and dead-letter records: the wire contract of Ferry's
+request path."""
 
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ class Request:
         "ferry.replies.* topic, or a topic of the producer's own outside ferry.* (a request "
         "naming another internal topic is dead-lettered, never answered there).",
         pattern=TOPIC_PATTERN))
+    stream_to: str | None = field(default=None, metadata=spec(
+        "Stream: while the request decodes, `Delta` records (keyed by request id) carry its "
+        "new tokens and text to this topic; the result on reply_to stays the answer of "
+        "record. ferry.deltas, a ferry.replies.* topic or one of the producer's own; never "
+        "reply_to itself (results may be transactional, deltas never wait on a transaction). "
+        "Unset: no deltas.", pattern=TOPIC_PATTERN))
     batch_key: str | None = field(default=None, metadata=spec(
         "Kafka key on the deployment's topic: equal keys land on one partition, hence one "
         "replica and its prefix cache. Computed when absent: the deployment and a hash of "
@@ -153,6 +160,45 @@ class DeadLetter:
     schema_version: int = field(default=SCHEMA_VERSION, metadata=spec("Version of this schema."))
 
 
+@dataclass(frozen=True)
+class Delta:
+    """New tokens of a streaming request, published to its `stream_to` after each engine step.
+
+    Deltas of one source (one worker's run of the request) arrive in `seq` order; text is
+    never cut inside a UTF-8 character, and text that a stop string could still remove is
+    held back, so a source's deltas concatenate to a prefix of the result's text. A request
+    served twice (a worker died, a retry) streams again from seq 0 under another source."""
+
+    id: str = field(metadata=spec("Id of the request.", minLength=1))
+    model: str = field(metadata=spec("Deployment producing it."))
+    source: str = field(metadata=spec(
+        "This run of the request (worker instance and admission); seq counts per source.",
+        minLength=1))
+    seq: int = field(metadata=spec("0, 1, 2, ... per source.", minimum=0))
+    index: int = field(metadata=spec(
+        "Completion tokens before this delta's first token.", minimum=0))
+    token_ids: list[int] = field(default_factory=list, metadata=spec(
+        "New completion token ids [delta_tokens]."))
+    text: str = field(default="", metadata=spec("Their text (empty without a tokenizer)."))
+    schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(
+        "Version of this schema.", minimum=1))
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop a request: the worker running it drops its row at the next engine step and answers
+    it with a `cancelled` error (one still queued is answered so when it is read)."""
+
+    id: str = field(metadata=spec("Id of the request to cancel.", minLength=1, maxLength=256))
+    model: str | None = field(default=None, metadata=spec(
+        "Only on this deployment (a retried request may be running elsewhere too); unset: "
+        "every deployment."))
+    reason: str = field(default="cancelled by the caller", metadata=spec(
+        "Why, for the error message.", maxLength=256))
+    schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(
+        "Version of this schema.", minimum=1, maximum=SCHEMA_VERSION))
+
+
 def decode_request(raw: bytes | None) -> Request:
     """Parse and validate a request; SchemaError names the first offending field."""
     return from_dict(Request, decode(raw))
@@ -160,6 +206,14 @@ def decode_request(raw: bytes | None) -> Request:
 
 def decode_result(raw: bytes | None) -> Result:
     return from_dict(Result, decode(raw))
+
+
+def decode_delta(raw: bytes | None) -> Delta:
+    return from_dict(Delta, decode(raw))
+
+
+def decode_cancel(raw: bytes | None) -> Cancel:
+    return from_dict(Cancel, decode(raw))
 
 
 def salvage_reply_address(raw: bytes | None) -> tuple[str, str, str] | None:

@@ -3,6 +3,12 @@
 import re
 
 RESULTS_TOPIC = "ferry.results"
+# Token deltas of streaming requests that answer on ferry.results (a separate topic: results
+# may be written in transactions, and deltas must never wait for one to commit).
+DELTAS_TOPIC = "ferry.deltas"
+# Cancels (`schemas.Cancel`): read by every worker, which drops the named request's row.
+CANCELS_TOPIC = "ferry.cancels"
+CANCELS_PARTITIONS = 4
 # Reply topics of Ferry's own clients (a gateway instance, the deployer's probes).
 REPLIES_PREFIX = "ferry.replies."
 DLQ_TOPIC = "ferry.dlq"
@@ -89,3 +95,17 @@ def reply_topic_problem(topic: str, prefix: str | None = None) -> str | None:
         return (f"reply_to: {topic!r} is outside this tenant's reply topics ({prefix}*); "
                 f"use {RESULTS_TOPIC} or a topic starting with {prefix}")
     return None
+
+
+def stream_topic_problem(topic: str, reply_to: str, prefix: str | None = None) -> str | None:
+    """Why token deltas may not be published to `topic`, or None when they may: the rules of
+    `reply_topic_problem`, with ferry.deltas in place of ferry.results, and never the request's
+    own reply topic (a read_committed reader of results must not wait behind deltas)."""
+    if topic == reply_to:
+        return f"stream_to: must differ from reply_to ({reply_to!r})"
+    if topic == DELTAS_TOPIC:
+        return None
+    if topic == RESULTS_TOPIC:
+        return f"stream_to: {RESULTS_TOPIC} is for results; deltas go to {DELTAS_TOPIC}"
+    problem = reply_topic_problem(topic, prefix)
+    return None if problem is None else "stream_to" + problem[len("reply_to"):]

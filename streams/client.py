@@ -1,4 +1,5 @@
-"""A producer-side client: post requests on Kafka, get each one's result from its reply topic.
+"""A producer-side client: post requests on Kafka, get each one's result from its reply topic
+(and, for a streaming request, its token deltas from the stream topic beside it).
 
 Producers in other languages do the same with the JSON Schemas in `schemas/json/`; this is
 the Python one, used by the demo, the benchmark and the tests.
@@ -10,13 +11,16 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from schemas import (
-    RESULTS_TOPIC, ErrorCode, Request, Result, SchemaError, batch_key, decode_result, encode,
-    requests_topic,
+    RESULTS_TOPIC, Cancel, Delta, ErrorCode, Request, Result, SchemaError, batch_key,
+    decode_delta, decode_result, encode, requests_topic,
 )
+from schemas.topics import CANCELS_PARTITIONS, CANCELS_TOPIC, DELTAS_TOPIC
+from streams.deltas import MergedStream
 from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions, watch_reader
 
 log = logging.getLogger("ferry.client")
@@ -26,18 +30,29 @@ class FerryClient:
     """Posts requests to `ferry.requests.<model>` and resolves them from `reply_to`."""
 
     def __init__(self, bootstrap: str, reply_to: str = RESULTS_TOPIC,
-                 max_message_bytes: int = 1_048_576, partitions: int = 4) -> None:
+                 max_message_bytes: int = 1_048_576, partitions: int = 4,
+                 stream_to: str | None = None, streaming: bool = False) -> None:
         self.bootstrap = bootstrap
         self.reply_to = reply_to
+        # Deltas beside the results, never on the reply topic itself (see Request.stream_to).
+        self.stream_to = stream_to or (DELTAS_TOPIC if reply_to == RESULTS_TOPIC
+                                       else f"{reply_to}.deltas")
         self.max_message_bytes = max_message_bytes
         self._partitions = partitions
         self._waiting: dict[str, asyncio.Future[Result]] = {}
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1,
                                           max_request_size=max_message_bytes * 2)
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        # Results may be written in transactions: only committed ones are answers.
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                          isolation_level="read_committed")
         self._reader: asyncio.Task | None = None
-        self.failure: BaseException | None = None  # why the result reader died
+        self.failure: BaseException | None = None  # why the result (or delta) reader died
         self._topics_ready: set[str] = {reply_to}
+        self._listeners: dict[str, Callable[[Delta], None]] = {}  # request id -> on_delta
+        self._deltas: AIOKafkaConsumer | None = None  # started by the first streaming submit
+        self._delta_reader: asyncio.Task | None = None
+        self._deltas_lock = asyncio.Lock()
+        self._streaming = streaming  # read deltas from start() on, not from the first stream
 
     async def __aenter__(self) -> FerryClient:
         await self.start()
@@ -55,24 +70,51 @@ class FerryClient:
         await pin_to_end(self._consumer, tps)  # no result sent after start() is missed
         self._reader = watch_reader(self._read_results(), f"client results on {self.reply_to}",
                                     self._failed)
+        if self._streaming:
+            await self._start_deltas()
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for reader in (self._reader, self._delta_reader):
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+        if self._deltas is not None:
+            await self._deltas.stop()
         await self._consumer.stop()
         await self._producer.stop()
 
+    async def _start_deltas(self) -> None:
+        async with self._deltas_lock:
+            if self._deltas is not None:
+                return
+            await ensure_topics(self.bootstrap, {self.stream_to: self._partitions})
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                        enable_auto_commit=False)
+            await consumer.start()
+            tps = await topic_partitions(consumer, self.stream_to)
+            consumer.assign(tps)
+            await pin_to_end(consumer, tps)
+            self._deltas = consumer
+            self._delta_reader = watch_reader(self._read_deltas(consumer),
+                                              f"client deltas on {self.stream_to}", self._failed)
+
     async def submit(self, request: Request, topic: str | None = None, *,
-                     key: bytes | None = None,
-                     headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future[Result]:
+                     key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None,
+                     on_delta: Callable[[Delta], None] | None = None) -> asyncio.Future[Result]:
         """Post a request; the future resolves with its result, or fails if it can't be posted.
 
         By default it goes to its deployment's topic keyed by batch key; through the router
         it goes to `ferry.ingress` (`topic`) keyed by tenant (`key`) with the API key in
-        `headers`."""
+        `headers`. With `on_delta` the request streams: each delta of it that arrives before
+        its result is passed to `on_delta` (see `stream` for deltas merged and completed)."""
         if request.reply_to != self.reply_to:
             request = dataclasses.replace(request, reply_to=self.reply_to)
+        if on_delta is not None:
+            await self._start_deltas()
+            request = dataclasses.replace(request, stream_to=self.stream_to)
+            self._listeners[request.id] = on_delta
+        elif request.stream_to is not None:
+            request = dataclasses.replace(request, stream_to=None)
         if request.created_at is None:
             request = dataclasses.replace(request, created_at=time.time())
         if self.failure is not None:
@@ -115,8 +157,46 @@ class FerryClient:
         await self._producer.send_and_wait(topic, encode(result), key=result.id.encode(),
                                            headers=headers)
 
+    async def cancel(self, request_id: str, model: str | None = None,
+                     reason: str = "cancelled by the caller") -> None:
+        """Ask the worker running a request (on `model`, or any deployment) to drop it; it is
+        still answered, with a `cancelled` error. Stops waiting for it here."""
+        self.forget(request_id)
+        if CANCELS_TOPIC not in self._topics_ready:
+            await ensure_topics(self.bootstrap, {CANCELS_TOPIC: CANCELS_PARTITIONS})
+            self._topics_ready.add(CANCELS_TOPIC)
+        await self._producer.send_and_wait(CANCELS_TOPIC, encode(Cancel(request_id, model,
+                                                                        reason[:256])),
+                                           key=request_id.encode())
+
+    async def stream(self, request: Request, timeout: float = 60.0
+                     ) -> AsyncIterator[Delta | Result]:
+        """Post a streaming request: yields its text as it is generated (deltas merged across
+        re-runs, the last one completed from the result), then the result. Raises
+        `streams.deltas.Diverged` if a re-run contradicts what was already yielded."""
+        events: asyncio.Queue[Delta | asyncio.Future[Result]] = asyncio.Queue()
+        future = await self.submit(request, on_delta=events.put_nowait)
+        future.add_done_callback(events.put_nowait)
+        merged = MergedStream(request.id)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    event = await events.get()
+                    if isinstance(event, Delta):
+                        if (piece := merged.add(event)) is not None:
+                            yield piece
+                        continue
+                    result = event.result()
+                    if result.error is None and (piece := merged.finish(result)) is not None:
+                        yield piece
+                    yield result
+                    return
+        finally:
+            self.forget(request.id)
+
     def forget(self, request_id: str) -> None:
         """Stop waiting for a request (given up on, or about to be retried)."""
+        self._listeners.pop(request_id, None)
         future = self._waiting.pop(request_id, None)
         if future is not None and not future.done():
             future.cancel()
@@ -134,9 +214,20 @@ class FerryClient:
             except SchemaError as exc:
                 log.warning("unreadable result at %s@%d: %s", msg.topic, msg.offset, exc)
                 continue
+            self._listeners.pop(result.id, None)
             future = self._waiting.pop(result.id, None)
             if future is not None and not future.done():
                 future.set_result(result)
+
+    async def _read_deltas(self, consumer: AIOKafkaConsumer) -> None:
+        async for msg in consumer:
+            try:
+                delta = decode_delta(msg.value)
+            except SchemaError as exc:
+                log.warning("unreadable delta at %s@%d: %s", msg.topic, msg.offset, exc)
+                continue
+            if (listener := self._listeners.get(delta.id)) is not None:
+                listener(delta)
 
     @property
     def healthy(self) -> bool:
@@ -149,3 +240,4 @@ class FerryClient:
             if not future.done():
                 future.set_exception(exc)
         self._waiting.clear()
+        self._listeners.clear()

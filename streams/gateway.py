@@ -24,9 +24,11 @@ same alias with the same request id, at most `max_attempts` in all within
 
 Chat messages are passed on as they are; the worker renders them with its model's chat
 template. Sampling defaults are Ferry's (greedy, 16 tokens), not OpenAI's.
-`stream: true` sends server-sent events in OpenAI's chunk format; the worker answers with
-whole results for now, so the text arrives as one content chunk, then a chunk with the
-finish reason, then `data: [DONE]`.
+`stream: true` sends server-sent events in OpenAI's chunk format as the worker generates
+(`streams.sse`): the request carries `stream_to` (this gateway's delta topic) and every
+delta becomes a text chunk. A caller who disconnects, and an attempt the gateway gives up
+on, are cancelled (a `Cancel` on `ferry.cancels`): the worker drops the row at its next
+step instead of computing an answer nobody reads.
 
 Async: `"async": true` in the body (or `Prefer: respond-async`) answers 202 `{id}` at once;
 `GET /v1/requests/{id}?wait=S` long-polls (200 with the object, 202 if still pending, 404 if
@@ -61,18 +63,20 @@ from streams.gateway_metrics import GatewayMetrics
 from streams.http_guard import ConnectionGuard
 from streams.keys import KeyRing, Tenant
 from streams.openai_format import (
-    REASON, ApiError, completion_object, error_response, error_type, json_text, parse_call,
-    pick_model, result_error, schema_error, stream_chunks,
+    REASON, ApiError, completion_object, error_response, json_text, parse_call, pick_model,
+    result_error, schema_error,
 )
 from streams.recent_results import CHAT_HEADER, TENANT_HEADER, RecentResults, Seen
 from streams.registry import Registry
 from streams.routes import RouteTable
+from streams.sse import Disconnected, LiveCall, gone, send_events
 
 log = logging.getLogger("ferry.gateway")
 
 RESULT_RETENTION_S = 600.0
 MAX_WAIT_S = 300.0
 CLOSE_TIMEOUT_S = 15.0
+_DISCONNECT_POLL_S = 0.5  # how often a waiting call checks that its caller is still there
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,7 @@ class Pending:
     chat: bool
     created: int
     tenant: str | None  # only its tenant may read it
+    live: LiveCall      # its text so far, for the events endpoint
 
 
 # ---- HTTP handlers --------------------------------------------------------------------
@@ -128,7 +133,7 @@ class Gateway:
         self._sharing: set[asyncio.Future] = set()  # result copies being published
 
     async def start(self, _app: web.Application) -> None:
-        self.client = FerryClient(self.bootstrap, reply_to=self.reply_to)
+        self.client = FerryClient(self.bootstrap, reply_to=self.reply_to, streaming=True)
         self.catalog = DeploymentCatalog(self.bootstrap)
         self.routes = RouteTable(self.bootstrap)
         self.backlog = BacklogProbe(self.bootstrap)
@@ -178,18 +183,41 @@ class Gateway:
         pinned = path_model is not None
         first = await self._choose(call.request, pinned, tried=set())
         created = int(time.time())
-        task = asyncio.create_task(self._result_of(call.request, caller, first, pinned))
+        live = LiveCall(call.request.id)
+        # Async calls stream too, for whoever follows their events endpoint.
+        streamed = call.stream or call.respond_async
+        task = asyncio.create_task(self._result_of(call.request, caller, first, pinned, live,
+                                                   streamed))
         if call.respond_async:
             self._keep(call.request.id, Pending(task, chat, created,
-                                                caller.tenant.name if caller.tenant else None))
+                                                caller.tenant.name if caller.tenant else None,
+                                                live))
             return web.json_response({"id": call.request.id, "object": "request",
                                       "status": "pending"}, status=202)
-        result = await task
-        if result.error is None:
-            self.metrics.ttft.labels(_route_label(http)).observe(time.perf_counter() - started)
-        if call.stream:
-            return await _send_events(http, result, chat, created)
-        return _answer(result, chat, created)
+        try:
+            if call.stream:
+                return await send_events(http, live, task, chat=chat, created=created,
+                                         model=first, include_usage=call.include_usage,
+                                         metrics=self.metrics, route=_route_label(http),
+                                         started=started)
+            return _answer(await _unless_gone(http, task), chat, created)
+        except Disconnected:
+            task.cancel()
+            await self._cancel(live, "caller disconnected")
+            response = web.Response(status=499)
+            response[REASON] = ErrorCode.CANCELLED.value
+            return response
+
+    async def _cancel(self, live: LiveCall, why: str) -> None:
+        """Tell the backend of the call's current attempt to stop (best effort: the request's
+        deadline stops it anyway)."""
+        if live.deployment is None:
+            return
+        self.metrics.cancels.labels(why).inc()
+        try:
+            await self.client.cancel(live.request_id, live.deployment, why)
+        except Exception as exc:
+            log.warning("cancel of %s on %s not sent: %r", live.request_id, live.deployment, exc)
 
     def _caller(self, http: web.Request) -> Caller:
         if self.keys is None:
@@ -242,7 +270,7 @@ class Gateway:
                        ErrorCode.UNKNOWN_MODEL.value, "model")
 
     async def _result_of(self, request: Request, caller: Caller, deployment: str,
-                         pinned: bool) -> Result:
+                         pinned: bool, live: LiveCall, streamed: bool) -> Result:
         """Attempts on backends of the alias until one answers; always returns one result."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
@@ -252,8 +280,10 @@ class Gateway:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            result = await self._attempt(request, caller, deployment, attempt,
-                                         min(self.settings.attempt_timeout_s, remaining))
+            live.deployment = deployment
+            result = await self._attempt(request, caller, live, attempt,
+                                         min(self.settings.attempt_timeout_s, remaining),
+                                         deadline, streamed)
             if result.error is None or not _retryable(result):
                 return result
             following = None if pinned else await self._alternative(request, tried)
@@ -277,9 +307,15 @@ class Gateway:
                 return deployment
         return None
 
-    async def _attempt(self, request: Request, caller: Caller, deployment: str, attempt: int,
-                       timeout_s: float) -> Result:
-        """One try on one backend: its result, or a failure naming why there is none."""
+    async def _attempt(self, request: Request, caller: Caller, live: LiveCall, attempt: int,
+                       timeout_s: float, deadline: float, streamed: bool) -> Result:
+        """One try on one backend: its result, or a failure naming why there is none. A
+        stream that keeps producing text is not timed out (only the call's deadline ends
+        it)."""
+        deployment = live.deployment
+        assert deployment is not None
+        on_delta = live.on_delta if streamed else None
+        loop = asyncio.get_running_loop()
         try:
             if caller.tenant is not None and caller.api_key is not None:
                 headers = [(API_KEY_HEADER, caller.api_key.encode()),
@@ -287,12 +323,20 @@ class Gateway:
                            (ATTEMPT_HEADER, str(attempt).encode())]
                 future = await self.client.submit(request, self.settings.ingress,
                                                   key=caller.tenant.name.encode(),
-                                                  headers=headers)
+                                                  headers=headers, on_delta=on_delta)
             else:
-                future = await self.client.submit(dataclasses.replace(request, model=deployment))
-            return await asyncio.wait_for(future, timeout_s)
+                future = await self.client.submit(dataclasses.replace(request, model=deployment),
+                                                  on_delta=on_delta)
+            while True:
+                pieces = len(live.pieces)
+                wait = min(timeout_s, deadline - loop.time())
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), max(0.0, wait))
+                except asyncio.TimeoutError:
+                    if len(live.pieces) == pieces or loop.time() >= deadline:
+                        raise
         except asyncio.TimeoutError:
-            self.client.forget(request.id)
+            await self._cancel(live, "attempt timed out")
             return Result.failure(request.id, deployment, ErrorCode.DEADLINE_EXCEEDED,
                                   f"deadline: {deployment} gave no result within {timeout_s:g}s")
         except Exception as exc:  # a delivery failure or a dead result reader
@@ -336,11 +380,24 @@ class Gateway:
         return _answer(found.task.result(), found.chat, found.created)
 
     async def events(self, http: web.Request) -> web.StreamResponse:
+        """An async call as server-sent events: live text if this gateway runs it, else the
+        finished result (found on `ferry.results`) as one piece."""
+        started = time.perf_counter()
         found = await self._find(http, _wait_param(http))
         if isinstance(found, Seen):
-            return await _send_events(http, found.result, found.chat, int(time.time()))
-        result = await asyncio.shield(found.task)
-        return await _send_events(http, result, found.chat, found.created)
+            done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+            done.set_result(found.result)
+            live, task, chat, created = LiveCall(found.result.id), done, found.chat, int(
+                time.time())
+        else:
+            live, task, chat, created = found.live, found.task, found.chat, found.created
+        try:  # the caller leaving does not cancel an async call: it can come back
+            return await send_events(http, live, task, chat=chat, created=created,
+                                     model=live.deployment or "", include_usage=False,
+                                     metrics=self.metrics, route=_route_label(http),
+                                     started=started, watch_caller=False)
+        except Disconnected:
+            return web.Response(status=499)
 
     async def _find(self, http: web.Request, wait: float) -> Pending | Seen:
         """An async call accepted here, else a result on `ferry.results` (a producer's, or an
@@ -462,23 +519,14 @@ def _answer(result: Result, chat: bool, created: int) -> web.Response:
     return web.json_response(completion_object(result, chat, created), dumps=json_text)
 
 
-async def _send_events(http: web.Request, result: Result, chat: bool,
-                       created: int) -> web.StreamResponse:
-    """Send a result as OpenAI server-sent events; an error result is one error event."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-    await response.prepare(http)
-    if result.error is not None:
-        err = result_error(result)
-        events = [{"error": {"message": err.message, "type": error_type(err.status),
-                             "param": err.param, "code": err.code}}]
-    else:
-        events = stream_chunks(result, chat, created)
-    for event in events:
-        await response.write(b"data: " + orjson.dumps(event) + b"\n\n")
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
+async def _unless_gone(http: web.Request, task: asyncio.Task[Result]) -> Result:
+    """The call's result; Disconnected as soon as its caller is seen gone."""
+    while True:
+        done, _ = await asyncio.wait([task], timeout=_DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if gone(http):
+            raise Disconnected()
 
 
 # ---- application ----------------------------------------------------------------------

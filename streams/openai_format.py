@@ -84,6 +84,7 @@ class Call:
     chat: bool
     stream: bool
     respond_async: bool
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:
@@ -116,7 +117,22 @@ def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
               "seed": body.get("seed"), "stop": _stop(body.get("stop")), "deadline": deadline}
     fields = {k: v for k, v in fields.items() if v is not None}
     request = decode_request(encode(fields))
-    return Call(request, chat, _flag(body, "stream"), _flag(body, "async") or prefer_async)
+    return Call(request, chat, _flag(body, "stream"), _flag(body, "async") or prefer_async,
+                _include_usage(body))
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise SchemaError("stream_options", "must be an object")
+    if not body.get("stream"):
+        raise SchemaError("stream_options", "is only allowed with stream: true")
+    value = options.get("include_usage", False)
+    if not isinstance(value, bool):
+        raise SchemaError("stream_options.include_usage", "must be boolean")
+    return value
 
 
 def host_name(host: str) -> str:
@@ -161,16 +177,36 @@ def completion_object(result: Result, chat: bool, created: int) -> dict[str, Any
             "usage": _usage(result)}
 
 
-def stream_chunks(result: Result, chat: bool, created: int) -> list[dict[str, Any]]:
-    """OpenAI chunks for a whole result: the text in one chunk, then the finish reason."""
-    base = {"id": result.id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created, "model": result.model}
-    if chat:
-        first = {"index": 0, "delta": {"role": "assistant", "content": result.text},
-                 "finish_reason": None, "logprobs": None}
-        last = {"index": 0, "delta": {}, "finish_reason": result.finish_reason, "logprobs": None}
-    else:
-        first = {"index": 0, "text": result.text, "finish_reason": None, "logprobs": None}
-        last = {"index": 0, "text": "", "finish_reason": result.finish_reason, "logprobs": None}
-    return [{**base, "choices": [first]},
-            {**base, "choices": [last], "usage": _usage(result)}]
+# ---- stream chunks: role (chat), text pieces, the finish reason, usage if asked -----------
+
+def chunk_base(request_id: str, model: str, chat: bool, created: int) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created, "model": model}
+
+
+def role_chunk(base: dict[str, Any]) -> dict[str, Any]:
+    """A chat stream's first chunk: who speaks, before any text."""
+    return {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "finish_reason": None, "logprobs": None}]}
+
+
+def text_chunk(base: dict[str, Any], chat: bool, text: str) -> dict[str, Any]:
+    choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+    return {**base, "choices": [{**choice, "finish_reason": None, "logprobs": None}]}
+
+
+def finish_chunk(base: dict[str, Any], chat: bool, result: Result) -> dict[str, Any]:
+    choice = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
+    return {**base, "choices": [{**choice, "finish_reason": result.finish_reason,
+                                 "logprobs": None}]}
+
+
+def usage_chunk(base: dict[str, Any], result: Result) -> dict[str, Any]:
+    """The last chunk of a stream that asked for `stream_options.include_usage`."""
+    return {**base, "choices": [], "usage": _usage(result)}
+
+
+def error_event(err: ApiError) -> dict[str, Any]:
+    """A failure after the stream started (its HTTP status is sent already)."""
+    return {"error": {"message": err.message, "type": error_type(err.status),
+                      "param": err.param, "code": err.code}}

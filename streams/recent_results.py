@@ -46,7 +46,8 @@ class RecentResults:
     async def start(self, partitions: int = 4) -> None:
         await ensure_topics(self.bootstrap, {self.topic: partitions})  # workers' default count
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                          enable_auto_commit=False)
+                                          enable_auto_commit=False,
+                                          isolation_level="read_committed")
         await self._consumer.start()
         tps = await topic_partitions(self._consumer, self.topic)
         self._consumer.assign(tps)

@@ -40,7 +40,7 @@ from schemas import (
 from schemas.chat import messages_text
 from schemas.topics import (
     API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_PARTITIONS, INGRESS_TOPIC,
-    MIRRORED_HEADER, PRIMARY_HEADER, mirror_topic, reply_topic_problem,
+    MIRRORED_HEADER, PRIMARY_HEADER, mirror_topic, reply_topic_problem, stream_topic_problem,
 )
 from streams.catalog import DeploymentCatalog
 from streams.control import CompactedView
@@ -194,6 +194,9 @@ class Router:
                        value: bytes | None, headers: dict[str, bytes], message: Any) -> None:
         if (problem := reply_topic_problem(request.reply_to, tenant.reply_prefix)) is not None:
             raise _Refusal(ErrorCode.INVALID_REQUEST, problem, "reply_to")
+        if request.stream_to is not None and (problem := stream_topic_problem(
+                request.stream_to, request.reply_to, tenant.reply_prefix)) is not None:
+            raise _Refusal(ErrorCode.INVALID_REQUEST, problem, "stream_to")
         if key != tenant.name.encode():
             # Quota state lives with the tenant's partition: move the request there first.
             self.metrics.rekeyed.inc()

@@ -16,7 +16,10 @@ from schemas import (
 )
 from streams.client import FerryClient
 from streams.gateway import serve
-from streams.openai_format import host_name, parse_call, pick_model, stream_chunks
+from streams.openai_format import (
+    chunk_base, finish_chunk, host_name, parse_call, pick_model, role_chunk, text_chunk,
+    usage_chunk,
+)
 from tests.harness import post
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
 from workers.topic_admin import ensure_topics
@@ -305,6 +308,13 @@ def test_openai_body_to_request_and_back() -> None:
     assert pick_model({"model": "y"}, None, "a.b:1", {"a.b": "x-v1"}) == "y"
     assert pick_model({"model": "y"}, "x-v2", None, {}) == "x-v2"
     result = Result(id="i", model="m", text="hi", finish_reason="stop", usage=Usage(2, 1))
-    first, last = stream_chunks(result, chat=True, created=0)
-    assert first["choices"][0]["delta"]["content"] == "hi"
-    assert last["choices"][0]["finish_reason"] == "stop" and last["usage"]["total_tokens"] == 3
+    base = chunk_base("i", "m", chat=True, created=0)
+    assert role_chunk(base)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert text_chunk(base, True, "hi")["choices"][0]["delta"] == {"content": "hi"}
+    assert finish_chunk(base, True, result)["choices"][0]["finish_reason"] == "stop"
+    usage = usage_chunk(base, result)
+    assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 3
+    with pytest.raises(SchemaError) as info:
+        parse_call({"prompt": "p", "stream_options": {"include_usage": True}}, chat=False,
+                   model="m", prefer_async=False, deadline=1.0)
+    assert info.value.field == "stream_options"

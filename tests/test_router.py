@@ -172,8 +172,9 @@ async def test_openai_client_through_gateway_router_and_worker(
     assert obj["error"]["code"] == "unauthenticated"  # from the gateway or the router
     assert gw.registry.get_sample_value("ferry_gateway_rejections_total",
                                         {"reason": "unauthenticated"}) >= 1
+    # Observed when a stream's first text is sent (the chat stream above), not at results.
     assert gw.registry.get_sample_value("ferry_gateway_time_to_first_token_seconds_count",
-                                        {"route": "/v1/completions"}) >= 2
+                                        {"route": "/v1/chat/completions"}) >= 1
 
 
 async def test_split_lands_within_bounds_and_route_changes_live(

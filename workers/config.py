@@ -29,6 +29,14 @@ class WorkerConfig:
     device: str = "cpu"
     dtype: str | None = None       # e.g. "bfloat16"; default: the checkpoint's
     shadow: bool = False           # a candidate: serve its mirror topic, answer on shadow results
+    # Answers and the commit point in one transaction per input partition: read_committed
+    # consumers see each request answered once, whatever crashes (workers/transactions.py).
+    exactly_once: bool = True
+
+    def __post_init__(self) -> None:
+        if self.exactly_once and self.max_queued > 400:
+            raise ValueError("max_queued: at most 400 with exactly-once (the offsets in flight "
+                             "travel in the commit's metadata, at most 4 KB)")
     chat_template: Path | None = None  # Jinja file used instead of the model's chat template
 
     def engine_config(self) -> EngineConfig:

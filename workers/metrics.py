@@ -24,6 +24,11 @@ class WorkerMetrics:
     running: Gauge
     kv_cache_usage: Gauge
     ttft: Histogram
+    tpot: Histogram
+    itl: Histogram
+    e2e: Histogram
+    cancelled: Counter
+    deltas: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry) -> WorkerMetrics:
@@ -55,4 +60,17 @@ class WorkerMetrics:
             ttft=Histogram("ferry_time_to_first_token_seconds",
                            "From request creation to its first generated token", dep,
                            buckets=_SECONDS, registry=registry),
+            tpot=Histogram("ferry_time_per_output_token_seconds",
+                           "Per request: from its first token to its last, per later token",
+                           dep, buckets=_SECONDS, registry=registry),
+            itl=Histogram("ferry_inter_token_latency_seconds",
+                          "Between consecutive tokens of a request", dep, buckets=_SECONDS,
+                          registry=registry),
+            e2e=Histogram("ferry_e2e_request_latency_seconds",
+                          "From request creation to its result", dep, buckets=_SECONDS,
+                          registry=registry),
+            cancelled=Counter("ferry_requests_cancelled_total",
+                              "Requests dropped by a cancel record", dep, registry=registry),
+            deltas=Counter("ferry_deltas_total", "Token delta records published", dep,
+                           registry=registry),
         )

@@ -11,14 +11,23 @@ when the bad message still says where to answer). A shadow candidate (`shadow=Tr
 on its `ferry.shadow-results.<deployment>` instead, never to the client; a primary copies its
 results of mirrored requests to `ferry.primary-results` for the comparator. Each delivered
 batch also sends one telemetry record (latency and error per result) for canaries.
+
+A request with `stream_to` also gets a `Delta` after each step that gave it text
+(`workers/streaming.py`), published in order by one loop and never waited for. Every worker
+reads `ferry.cancels` from its end: a cancelled request's row is dropped between two steps
+and answered with a `cancelled` error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
+import itertools
 import logging
 import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -27,12 +36,12 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry, start_http_server
 
 from schemas import (
-    DLQ_TOPIC, RESULTS_TOPIC, DeadLetter, ErrorCode, Request, Result, SchemaError, Timings,
-    Usage, decode_request, salvage_reply_address,
+    DLQ_TOPIC, RESULTS_TOPIC, DeadLetter, Delta, ErrorCode, Request, Result, SchemaError,
+    Timings, Usage, decode_cancel, decode_request, salvage_reply_address,
 )
 from schemas.topics import (
-    MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, TELEMETRY_TOPIC,
-    reply_topic_problem, shadow_results_topic,
+    CANCELS_PARTITIONS, CANCELS_TOPIC, MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC,
+    TELEMETRY_TOPIC, reply_topic_problem, shadow_results_topic, stream_topic_problem,
 )
 from workers.admission import Refused, admit
 from workers.chat_template import deployment_template
@@ -41,8 +50,10 @@ from workers.engine import Completion, Engine, EngineDown, EngineRequest, StepOu
 from workers.metrics import WorkerMetrics
 from workers.offsets import OffsetTracker
 from workers.publisher import Answer, Destination, Publisher
+from workers.streaming import DeltaStream
 from workers.telemetry import TELEMETRY_PARTITIONS, TelemetrySender
-from workers.topic_admin import ensure_topics
+from workers.transactions import Answered, PartitionTransactions
+from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions
 
 log = logging.getLogger("ferry.worker")
 
@@ -53,6 +64,9 @@ _RECORD_OVERHEAD = 512
 _HEALTH_EVERY_S = 1.0
 # Longest a stopping worker waits on the broker for each shutdown step.
 _SHUTDOWN_STEP_S = 15.0
+# Cancels are remembered this long (and at most this many), for requests not yet read.
+_CANCEL_MEMORY_S = 600.0
+_CANCEL_MEMORY = 10_000
 
 
 @dataclass
@@ -66,6 +80,8 @@ class Job:
     dest: Destination
     added: float = 0.0       # unix seconds it entered the engine
     first_token: float | None = None  # unix seconds its first token was sampled
+    last_token: float | None = None   # unix seconds its latest token was sampled
+    stream: DeltaStream | None = None  # a streaming request's deltas (to request.stream_to)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -73,11 +89,13 @@ class _Rebalance(ConsumerRebalanceListener):
         self._worker = worker
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._worker._adopted.clear()
         if revoked:
             await self._worker._release(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+        await self._worker._adopt(set(assigned))
 
 
 class Worker:
@@ -105,6 +123,19 @@ class Worker:
         self._topics_ready: set[str] = set()
         self._telemetry: TelemetrySender | None = None
         self._publisher: Publisher | None = None
+        self._cancels: AIOKafkaConsumer | None = None
+        self._txns: PartitionTransactions | None = None  # exactly-once delivery
+        self._skip: dict[TopicPartition, Answered] = {}  # answered by previous owners
+        # Exactly-once: records are admitted only once the current assignment is adopted
+        # (aiokafka starts fetching before the rebalance listener has run).
+        self._adopted = asyncio.Event()
+        self._adopt_error: BaseException | None = None
+        # request id -> (unix time, reason) of recent cancels, oldest first
+        self._cancelled: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        # (stream topic, delta), published in the order they were made; None prepares a topic
+        self._outbox: asyncio.Queue[tuple[str, Delta | None]] = asyncio.Queue()
+        self._instance = uuid.uuid4().hex[:8]  # names this worker's runs in deltas
+        self._runs = itertools.count()
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -121,14 +152,16 @@ class Worker:
             enable_auto_commit=False, auto_offset_reset="earliest",  # serve what came first
             max_poll_interval_ms=600_000, session_timeout_ms=self.config.session_timeout_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms,
-            rebalance_timeout_ms=30_000)
+            rebalance_timeout_ms=30_000, isolation_level="read_committed")
         # Everything from here on is inside the try: a worker stopped while it is still
         # starting leaves the group at once instead of lingering until its session expires.
         try:
             await self._start_clients()
             loops = [asyncio.create_task(self._consume_loop(), name="consume"),
                      asyncio.create_task(self._serve_loop(), name="serve"),
-                     asyncio.create_task(self._commit_loop(), name="commit")]
+                     asyncio.create_task(self._commit_loop(), name="commit"),
+                     asyncio.create_task(self._stream_loop(), name="stream"),
+                     asyncio.create_task(self._cancel_loop(), name="cancel")]
             try:
                 done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
@@ -149,14 +182,28 @@ class Worker:
                                                     DLQ_TOPIC: self.config.partitions,
                                                     RESULTS_TOPIC: self.config.partitions,
                                                     PRIMARY_RESULTS_TOPIC: self.config.partitions,
-                                                    TELEMETRY_TOPIC: TELEMETRY_PARTITIONS})
+                                                    TELEMETRY_TOPIC: TELEMETRY_PARTITIONS,
+                                                    CANCELS_TOPIC: CANCELS_PARTITIONS})
         self._topics_ready.update({DLQ_TOPIC, RESULTS_TOPIC, PRIMARY_RESULTS_TOPIC, *answers_to})
-        self._consumer.subscribe([self.config.topic], listener=_Rebalance(self))
         await self._producer.start()
-        await self._consumer.start()
+        # Cancels: every partition, from now on (no group: every worker sees every cancel).
+        self._cancels = AIOKafkaConsumer(bootstrap_servers=self.config.bootstrap,
+                                         enable_auto_commit=False)
+        await self._cancels.start()
+        cancel_tps = await topic_partitions(self._cancels, CANCELS_TOPIC)
+        self._cancels.assign(cancel_tps)
+        await pin_to_end(self._cancels, cancel_tps)
         self._telemetry = TelemetrySender(self._producer, self.config.deployment)
         self._publisher = Publisher(self._producer, self.config, self.metrics,
                                     self._topics_ready)
+        if self.config.exactly_once:
+            self._txns = PartitionTransactions(self.config, self._publisher, self._offsets,
+                                               _RECORD_OVERHEAD)
+            await self._txns.start()
+        # Joining the group (and its first assignment) comes last: everything the rebalance
+        # listener uses exists by then.
+        self._consumer.subscribe([self.config.topic], listener=_Rebalance(self))
+        await self._consumer.start()
 
     async def _shutdown(self) -> None:
         # Queued requests are not answered here: their offsets stay uncommitted, so the
@@ -181,6 +228,10 @@ class Worker:
             except TimeoutError:
                 log.warning("shutdown: leaving the group took over %gs; the broker expires "
                             "this member instead", _SHUTDOWN_STEP_S)
+            if self._cancels is not None:
+                await self._cancels.stop()
+            if self._txns is not None:
+                await self._txns.close()
             await self._producer.stop()
             log.info("worker stopped: deployment=%s", self.config.deployment)
 
@@ -195,10 +246,24 @@ class Worker:
                 del self._jobs[eid]
         await self._delivered()
         await self._commit()
+        if self._txns is not None:
+            self._txns.revoke(revoked)
         self._offsets.forget(revoked)
+        for tp in revoked:
+            self._skip.pop(tp, None)
         self._gauges()
         log.info("revoked partitions %s, %d unanswered requests left for their next owner",
                  sorted(tp.partition for tp in revoked), len(gone))
+
+    async def _adopt(self, assigned: set[TopicPartition]) -> None:
+        """Exactly-once: fence the previous owners of new partitions and skip what they
+        answered. aiokafka logs and swallows a listener's exception: keep it to raise."""
+        try:
+            if self._txns is not None:
+                self._skip = await self._txns.adopt(assigned)
+        except Exception as exc:
+            self._adopt_error = exc
+        self._adopted.set()
 
     # ---- read and admit --------------------------------------------------------------
 
@@ -211,6 +276,12 @@ class Worker:
                 await self._space.wait()
                 continue
             records = await self._consumer.getmany(timeout_ms=200, max_records=room)
+            if self._txns is not None:
+                await self._adopted.wait()
+                if self._adopt_error is not None:
+                    raise self._adopt_error  # not fenced: answering could duplicate
+                owned = self._consumer.assignment()
+                records = {tp: msgs for tp, msgs in records.items() if tp in owned}
             if not self.ready.is_set() and self._consumer.assignment():
                 self.ready.set()
             rejected = [a for tp, msgs in records.items() for msg in msgs
@@ -222,7 +293,14 @@ class Worker:
 
     def _admit(self, tp: TopicPartition, msg: ConsumerRecord) -> Answer | None:
         """Hand a valid request to the engine; return the answer for one that can't be served."""
+        # The engine knows a request by its Kafka position: ids are the client's to choose.
+        engine_id = f"{tp.topic}/{tp.partition}@{msg.offset}"
+        if engine_id in self._jobs:
+            return None  # fetched twice around a rebalance: it is running already
         self._offsets.started(tp, msg.offset)
+        if tp in self._skip and msg.offset in self._skip[tp]:  # answered, and committed
+            self._offsets.finished(tp, msg.offset)
+            return None
         try:
             request = decode_request(msg.value)
         except SchemaError as exc:
@@ -231,9 +309,14 @@ class Worker:
         if not self.config.shadow and (problem := reply_topic_problem(request.reply_to)):
             # Nowhere safe to answer: the dead letter is this request's one answer.
             return self._reject(tp, msg, SchemaError("reply_to", problem.partition(": ")[2]))
+        if (not self.config.shadow and request.stream_to is not None
+                and (problem := stream_topic_problem(request.stream_to, request.reply_to))):
+            return self._reject(tp, msg, SchemaError("stream_to", problem.partition(": ")[2]))
         dest = self._destination(request.reply_to, msg)
-        # The engine knows a request by its Kafka position: ids are the client's to choose.
-        engine_id = f"{tp.topic}/{tp.partition}@{msg.offset}"
+        if (why := self._was_cancelled(request.id)) is not None:
+            return Answer(tp, msg.offset, dest=dest, created=created,
+                          result=Result.failure(request.id, request.model, ErrorCode.CANCELLED,
+                                                f"cancelled: {why}"))
         try:
             admitted = admit(request, engine_id, self.config.deployment, self.engine,
                              chat_template=self.chat_template)
@@ -241,7 +324,14 @@ class Worker:
             return Answer(tp, msg.offset, dest=dest, created=created,
                           result=Result.failure(request.id, request.model, refusal.code,
                                                 refusal.message))
-        self._jobs[engine_id] = Job(tp, msg.offset, request, created, dest)
+        job = self._jobs[engine_id] = Job(tp, msg.offset, request, created, dest)
+        # A shadow's answers never reach users: it streams nothing.
+        if request.stream_to is not None and not self.config.shadow:
+            job.stream = DeltaStream(request.id, self.config.deployment,
+                                     f"{self._instance}:{next(self._runs)}",
+                                     self.engine.tokenizer, request.stop)
+            if request.stream_to not in self._topics_ready:  # prepare it while prefilling
+                self._outbox.put_nowait((request.stream_to, None))
         self._new.append(admitted)
         if request.deadline is not None:
             heapq.heappush(self._deadlines, (request.deadline, engine_id))
@@ -313,16 +403,32 @@ class Worker:
             answers = [self._failed(eid, ErrorCode.DEADLINE_EXCEEDED,
                                     "deadline: passed before it finished") for eid in expired]
             answers += [self._failed(eid, ErrorCode.INVALID_REQUEST, why) for eid, why in refused]
-            for eid, tokens in out.new_tokens.items():
-                job = self._jobs.get(eid)
-                if job is not None and job.first_token is None and tokens:
-                    job.first_token = now
-                    self.metrics.ttft.labels(self.config.deployment).observe(now - job.created)
+            self._tokens_out(out, now)
             answers += [self._finished(c, now) for c in out.finished]
             self._deliver_soon([a for a in answers if a is not None])
             self.metrics.batch_size.labels(self.config.deployment).observe(
                 len(out.new_tokens) or 1)
             self._gauges()
+
+    def _tokens_out(self, out: StepOutput, now: float) -> None:
+        """Token timings of the step, and the deltas of streaming rows still running (a
+        finished row's result carries the rest)."""
+        dep = self.config.deployment
+        finished = {c.id for c in out.finished}
+        for eid, tokens in out.new_tokens.items():
+            job = self._jobs.get(eid)
+            if job is None or not tokens:
+                continue
+            if job.first_token is None:
+                job.first_token = now
+                self.metrics.ttft.labels(dep).observe(now - job.created)
+            elif job.last_token is not None:
+                self.metrics.itl.labels(dep).observe(now - job.last_token)
+            job.last_token = now
+            if job.stream is not None and eid not in finished:
+                if (delta := job.stream.push(tokens)) is not None:
+                    assert job.request.stream_to is not None
+                    self._outbox.put_nowait((job.request.stream_to, delta))
 
     def _step(self, new: list[EngineRequest], expired: list[str]
               ) -> tuple[StepOutput, list[tuple[str, str]]]:
@@ -372,6 +478,10 @@ class Worker:
         self.metrics.tokens_generated.labels(dep).inc(len(done.output_ids))
         self.metrics.prompt_tokens.labels(dep).inc(done.prompt_tokens)
         self.metrics.queue_wait.labels(dep).observe(max(0.0, job.added - job.created))
+        self.metrics.e2e.labels(dep).observe(max(0.0, now - job.created))
+        if job.first_token is not None and len(done.output_ids) > 1:
+            self.metrics.tpot.labels(dep).observe(
+                (now - job.first_token) / (len(done.output_ids) - 1))
         result = Result(
             id=job.request.id, model=dep, output_ids=done.output_ids, text=done.text,
             finish_reason="stop" if done.score is not None else done.finish_reason,  # type: ignore[arg-type]
@@ -392,6 +502,70 @@ class Worker:
         self.metrics.queue_depth.labels(dep).set(stats.waiting + len(self._new))
         self.metrics.running.labels(dep).set(stats.running)
         self.metrics.kv_cache_usage.labels(dep).set(stats.kv_cache_usage)
+
+    # ---- streams and cancels ---------------------------------------------------------
+
+    async def _stream_loop(self) -> None:
+        """Publish deltas in the order they were made; a stream topic that cannot be written
+        loses deltas, never the result (the caller's stream then ends with the result)."""
+        assert self._publisher is not None
+        while True:
+            topic, delta = await self._outbox.get()
+            if await self._publisher.send_delta(topic, delta):
+                self.metrics.deltas.labels(self.config.deployment).inc()
+
+    async def _cancel_loop(self) -> None:
+        """Drop the rows of cancelled requests (at the next step boundary) and answer them;
+        remember cancels of requests not read yet."""
+        assert self._cancels is not None
+        async for msg in self._cancels:
+            try:
+                cancel = decode_cancel(msg.value)
+            except SchemaError as exc:  # every worker reads every cancel: one log line each
+                log.warning("unreadable cancel at %s[%d]@%d: %s", msg.topic, msg.partition,
+                            msg.offset, exc)
+                continue
+            if cancel.model not in (None, self.config.deployment):
+                continue
+            self._remember_cancel(cancel.id, cancel.reason)
+            await self._cancel(cancel.id, cancel.reason)
+
+    def _remember_cancel(self, request_id: str, reason: str) -> None:
+        now = time.time()
+        self._cancelled[request_id] = (now, reason)
+        self._cancelled.move_to_end(request_id)
+        while self._cancelled and (len(self._cancelled) > _CANCEL_MEMORY or next(
+                iter(self._cancelled.values()))[0] < now - _CANCEL_MEMORY_S):
+            self._cancelled.popitem(last=False)
+
+    def _was_cancelled(self, request_id: str) -> str | None:
+        """Why a request read now was cancelled before it arrived, or None."""
+        when, reason = self._cancelled.get(request_id, (0.0, ""))
+        return reason if when >= time.time() - _CANCEL_MEMORY_S else None
+
+    async def _cancel(self, request_id: str, reason: str) -> None:
+        async with self._engine_lock:  # between two steps
+            eids = [eid for eid, job in self._jobs.items() if job.request.id == request_id]
+            if not eids:
+                return
+            self._new = [r for r in self._new if r.id not in eids]
+            answers = []
+            for eid in eids:
+                done = self.engine.abort(eid)
+                job = self._jobs.pop(eid)
+                generated = len(done.output_ids) if done is not None else 0
+                prompt = done.prompt_tokens if done is not None else 0
+                result = dataclasses.replace(  # what it used, for whoever bills it
+                    Result.failure(job.request.id, job.request.model, ErrorCode.CANCELLED,
+                                   f"cancelled: {reason}"), usage=Usage(prompt, generated))
+                answers.append(Answer(job.tp, job.offset, result=result, dest=job.dest,
+                                      created=job.created))
+                self.metrics.cancelled.labels(self.config.deployment).inc()
+                self.metrics.tokens_generated.labels(self.config.deployment).inc(generated)
+        log.info("request %s cancelled (%s) after its rows produced %s tokens", request_id,
+                 reason, [a.result.usage.completion_tokens for a in answers if a.result])
+        self._deliver_soon(answers)
+        self._gauges()
 
     # ---- publish and commit ----------------------------------------------------------
 
@@ -415,8 +589,13 @@ class Worker:
             await asyncio.gather(*list(self._deliveries))
 
     async def _deliver(self, answers: list[Answer]) -> None:
-        """Publish every answer, wait for the broker's acks, then mark them committable."""
+        """Publish every answer, wait for the broker's acks, then mark them committable (or,
+        exactly-once, commit them with their offsets in one transaction per partition)."""
         assert self._publisher is not None
+        if self._txns is not None:
+            await self._txns.deliver(answers)
+            await self._send_telemetry(answers)
+            return
         acks = [ack for a in answers for ack in await self._publisher.send(a)]
         await asyncio.gather(*acks)
         await self._send_telemetry(answers)
@@ -441,6 +620,8 @@ class Worker:
     async def _commit(self) -> None:
         """The commit point: only offsets whose answers (and all before) are acknowledged."""
         assert self._consumer is not None
+        if self._txns is not None:
+            return  # committed inside each partition's transactions
         async with self._commit_lock:
             points = self._offsets.to_commit()
             if not points:

@@ -1,0 +1,161 @@
+"""A gateway call in progress, and its server-sent events: text as it is generated.
+
+`LiveCall` collects a call's deltas (merged across attempts and re-runs, `streams.deltas`)
+while its attempts run; `send_events` writes them in OpenAI's chunk format as they come:
+the role (chat), text pieces, the finish reason, the usage chunk if asked, `[DONE]`. The
+first byte waits for the first piece of text or the result, so a request the worker
+refuses is still answered with an HTTP error, not a stream. A failure after text was sent
+(a retry or re-run that would contradict it, an error result) ends the stream with one
+error event: text already shown is never repeated or replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import orjson
+from aiohttp import web
+
+from schemas import Delta, ErrorCode, Result
+from streams.deltas import Diverged, MergedStream
+from streams.gateway_metrics import GatewayMetrics
+from streams.openai_format import (
+    ApiError, chunk_base, error_event, error_response, finish_chunk, result_error, role_chunk,
+    text_chunk, usage_chunk,
+)
+
+log = logging.getLogger("ferry.gateway")
+
+# How often a waiting call checks that its caller is still connected.
+_DISCONNECT_POLL_S = 0.5
+
+
+class Disconnected(Exception):
+    """The caller went away before its answer was sent."""
+
+
+class LiveCall:
+    """One call's attempts: the backend now trying it, and the text streamed so far."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.deployment: str | None = None  # of the attempt in progress
+        self.pieces: list[Delta] = []       # merged text pieces, in order
+        self.failure: str | None = None     # why the stream cannot go on
+        self._merged = MergedStream(request_id)
+        self._changed = asyncio.Event()
+
+    def on_delta(self, delta: Delta) -> None:
+        """A delta from Kafka; only the current attempt's backend is listened to."""
+        if self.failure is None and delta.model == self.deployment:
+            self._take(lambda: self._merged.add(delta))
+
+    def complete(self, result: Result) -> None:
+        """The result: whatever its text adds to the pieces becomes the last piece."""
+        if self.failure is None and result.error is None:
+            self._take(lambda: self._merged.finish(result))
+
+    def _take(self, step: Callable[[], Delta | None]) -> None:
+        try:
+            piece = step()
+        except Diverged as exc:
+            self.failure = str(exc)
+            log.warning("stream of %s ended: %s", self.request_id, exc)
+            piece = None
+        if piece is not None:
+            self.pieces.append(piece)
+        self._changed.set()
+
+    async def changed(self, task: asyncio.Task[Result], http: web.Request | None) -> None:
+        """Until a new piece, a failure or the result; Disconnected if the caller left (when
+        `http` is given)."""
+        while True:
+            self._changed.clear()
+            waiter = asyncio.ensure_future(self._changed.wait())
+            try:
+                await asyncio.wait([waiter, task], timeout=_DISCONNECT_POLL_S,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if self._changed.is_set() or task.done():
+                return
+            if http is not None and gone(http):
+                raise Disconnected()
+
+
+def gone(http: web.Request) -> bool:
+    return http.transport is None or http.transport.is_closing()
+
+
+async def send_events(http: web.Request, live: LiveCall, task: asyncio.Task[Result], *,
+                      chat: bool, created: int, model: str, include_usage: bool,
+                      metrics: GatewayMetrics, route: str, started: float,
+                      watch_caller: bool = True) -> web.StreamResponse:
+    """Stream a call; Disconnected if the caller leaves (when `watch_caller`)."""
+    caller = http if watch_caller else None
+    while not live.pieces and not task.done() and live.failure is None:
+        await live.changed(task, caller)
+    if not live.pieces and task.done():
+        result = task.result()
+        if result.error is not None:  # refused before any text: a plain HTTP error
+            return error_response(result_error(result))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(http)
+    base = chunk_base(live.request_id, model, chat, created)
+    writer = _Writer(response, metrics, route, started)
+    try:
+        if chat:
+            await writer.send(role_chunk(base))
+        sent = 0
+        while True:
+            if task.done() and live.failure is None:
+                live.complete(task.result())
+            for piece in live.pieces[sent:]:
+                if piece.text:
+                    await writer.text(text_chunk(base, chat, piece.text))
+            sent = len(live.pieces)
+            if live.failure is not None:
+                await writer.send(error_event(ApiError(
+                    502, f"stream: {live.failure}", ErrorCode.INFERENCE_FAILED.value, None)))
+                break
+            if task.done():
+                result = task.result()
+                if result.error is not None:
+                    await writer.send(error_event(result_error(result)))
+                    break
+                await writer.send(finish_chunk(base, chat, result))
+                if include_usage:
+                    await writer.send(usage_chunk(base, result))
+                break
+            await live.changed(task, caller)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except ConnectionResetError as exc:
+        raise Disconnected() from exc
+    return response
+
+
+class _Writer:
+    """Writes events; times the first text (TTFT) and the gaps between texts (ITL)."""
+
+    def __init__(self, response: web.StreamResponse, metrics: GatewayMetrics, route: str,
+                 started: float) -> None:
+        self.response, self.metrics, self.route = response, metrics, route
+        self.started = started
+        self.last: float | None = None
+
+    async def send(self, event: dict) -> None:
+        await self.response.write(b"data: " + orjson.dumps(event) + b"\n\n")
+
+    async def text(self, event: dict) -> None:
+        await self.send(event)
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.ttft.labels(self.route).observe(now - self.started)
+        else:
+            self.metrics.itl.labels(self.route).observe(now - self.last)
+        self.last = now

@@ -1,0 +1,322 @@
+"""Streaming: token deltas through Kafka to SSE, cancellation, and failover mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client import CollectorRegistry
+
+from schemas import (
+    DLQ_TOPIC, RESULTS_TOPIC, Delta, ErrorCode, Request, Result, decode, decode_delta,
+    decode_result, requests_topic,
+)
+from schemas.topics import API_KEY_HEADER, DELTAS_TOPIC, stream_topic_problem
+from streams.client import FerryClient
+from streams.deltas import Diverged, MergedStream
+from streams.keys import add_key
+from tests.conftest import wait_for
+from tests.test_crash import spawn_worker
+from tests.test_poison import dead_letters_for, end_offset, post_raw
+from workers.config import WorkerConfig
+from workers.engine import Engine, GenerationInput, SamplingParams
+from workers.model_factory import build_tiny_checkpoint
+from workers.streaming import DeltaStream
+from workers.tokenizer import load_tokenizer
+from workers.topic_admin import ensure_topics
+from workers.worker import Worker
+
+# With the long model below, greedy decoding of this prompt runs to max_new_tokens (no eos
+# within 3000 tokens): a request that only a cancel can end early.
+LONG_PROMPT = "Tell me a long story"
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("long") / "m", seed=3,
+                                 max_position_embeddings=4096, hidden_size=128,
+                                 intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def long_engine(long_model: Path) -> Engine:
+    return Engine.from_dir(long_model)
+
+
+@pytest.fixture
+async def long_worker(kafka_bootstrap: str, long_model: Path, long_engine: Engine
+                      ) -> AsyncIterator[Callable[[str], Awaitable[Worker]]]:
+    tasks: list[asyncio.Task] = []
+
+    async def start(deployment: str) -> Worker:
+        config = WorkerConfig(model_dir=long_model, deployment=deployment,
+                              bootstrap=kafka_bootstrap)
+        engine = Engine(long_engine.model, long_engine.config, long_engine.tokenizer,
+                        engine_config=config.engine_config())
+        worker = Worker(config, engine, registry=CollectorRegistry())
+        tasks.append(asyncio.create_task(worker.run()))
+        await asyncio.wait_for(worker.ready.wait(), 60)
+        return worker
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def metric(worker: Worker, name: str) -> float:
+    value = worker.registry.get_sample_value(name, {"deployment": worker.config.deployment})
+    return value or 0.0
+
+
+# ---- units: deltas from tokens, merged deltas -------------------------------------------
+
+def test_deltas_never_split_a_character(tiny_model: Path) -> None:
+    tok = load_tokenizer(tiny_model)
+    assert tok is not None
+    text = "배는 바다로 간다 🚢⚓ 한국어와 emoji 👩‍💻 끝"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text)  # the byte-level vocabulary spells these byte by byte
+    stream = DeltaStream("r", "m", "s", tok)
+    deltas = [d for t in ids if (d := stream.push([t])) is not None]
+    assert all("\ufffd" not in d.text for d in deltas)
+    assert "".join(d.text for d in deltas) == text
+    assert [t for d in deltas for t in d.token_ids] == ids
+    assert [d.seq for d in deltas] == list(range(len(deltas)))
+    assert [d.index for d in deltas] == [sum(len(x.token_ids) for x in deltas[:i])
+                                         for i in range(len(deltas))]
+
+
+def test_text_a_stop_string_could_remove_is_held_back(tiny_model: Path) -> None:
+    tok = load_tokenizer(tiny_model)
+    assert tok is not None
+    stream = DeltaStream("r", "m", "s", tok, stop=["STOP!"])
+    ids = tok.encode("Hello boat ST", add_special_tokens=False)
+    sent = "".join(d.text for t in ids if (d := stream.push([t])) is not None)
+    assert "Hello boat ST".startswith(sent) and len(sent) <= len("Hello boat ST") - 4
+    no_tokenizer = DeltaStream("r", "m", "s", None)
+    assert no_tokenizer.push([5, 6]) == Delta("r", "m", "s", 0, 0, [5, 6], "")
+
+
+def test_merged_stream_resumes_agreeing_runs_and_refuses_others() -> None:
+    def d(source: str, seq: int, ids: list[int], text: str) -> Delta:
+        return Delta("r", "m", source, seq, 0, ids, text)
+
+    merged = MergedStream("r")
+    assert merged.add(d("a", 0, [1], "x")).text == "x"
+    assert merged.add(d("a", 1, [2], "y")).text == "y"
+    assert merged.add(d("b", 0, [1], "x")) is None       # a re-run catching up: nothing new
+    assert merged.add(d("b", 1, [2, 3], "yz")).text == "z"  # ...then only what is new
+    assert merged.add(d("a", 5, [9], "q")) is None        # a gap: that run is ignored
+    final = merged.finish(Result(id="r", model="m", output_ids=[1, 2, 3, 4], text="xyzw"))
+    assert final is not None and (final.token_ids, final.text) == ([4], "w")
+    other = MergedStream("r")
+    other.add(d("a", 0, [1, 2], "xy"))
+    with pytest.raises(Diverged):
+        other.add(d("b", 0, [1, 7], "xq"))
+
+
+# ---- on the broker ------------------------------------------------------------------------
+
+async def test_deltas_arrive_before_the_result_and_add_up_to_it(
+        start_worker, client: FerryClient, read_topic, unique) -> None:
+    dep = unique("stream")
+    worker = await start_worker(dep)
+    request = Request(id=unique("s"), model=dep, prompt="The ship", max_new_tokens=32,
+                      temperature=0.8, seed=5)
+    events = [e async for e in client.stream(request)]
+    result = events[-1]
+    assert isinstance(result, Result) and result.error is None
+    assert result.usage.completion_tokens == 32
+    pieces = [e for e in events[:-1] if isinstance(e, Delta)]
+    assert len(pieces) > 1
+    assert "".join(p.text for p in pieces) == result.text
+    assert [t for p in pieces for t in p.token_ids] == result.output_ids
+    plain = await client.request(Request(id=unique("p"), model=dep, prompt="The ship",
+                                         max_new_tokens=32, temperature=0.8, seed=5))
+    assert plain.text == result.text  # streaming changes nothing about the answer
+    # On Kafka: the first delta was appended before the result was.
+    deltas = await read_topic(client.stream_to, 1, where=lambda m: m.key == request.id.encode())
+    results = await read_topic(client.reply_to, 1,
+                               where=lambda m: m.key == request.id.encode())
+    assert decode_delta(deltas[0].value).seq == 0
+    assert decode_result(results[0].value).id == request.id
+    assert deltas[0].timestamp < results[0].timestamp
+    assert metric(worker, "ferry_deltas_total") >= len(pieces) - 1
+    assert metric(worker, "ferry_time_per_output_token_seconds_count") >= 1
+    assert metric(worker, "ferry_inter_token_latency_seconds_count") == 2 * 31
+
+
+async def test_cancel_frees_the_row_and_still_answers(
+        long_worker, kafka_bootstrap: str, read_topic, unique) -> None:
+    dep = unique("cancel")
+    worker = await long_worker(dep)
+    async with FerryClient(kafka_bootstrap, reply_to=unique("replies")) as client:
+        request = Request(id=unique("c"), model=dep, prompt=LONG_PROMPT, max_new_tokens=3000)
+        deltas: asyncio.Queue[Delta] = asyncio.Queue()
+        answer = await client.submit(request, on_delta=deltas.put_nowait)
+        await asyncio.wait_for(deltas.get(), 60)  # it is decoding
+        await client.cancel(request.id, dep)  # (this also stops the client waiting for it)
+        await wait_for(lambda: metric(worker, "ferry_requests_cancelled_total") == 1,
+                       what="the worker to drop the cancelled row")
+        await wait_for(lambda: worker.engine.stats().running == 0, what="the row to leave")
+        assert worker.engine.stats().kv_cache_usage == 0.0
+        generated = metric(worker, "ferry_tokens_generated_total")
+        assert 1 <= generated < 3000  # decoding stopped at the cancel, not at the end
+        assert answer.cancelled()
+        # Its one answer is on the reply topic: cancelled, with what it had generated.
+        records = await read_topic(client.reply_to, 1,
+                                   where=lambda m: m.key == request.id.encode())
+        result = decode_result(records[0].value)
+        assert result.error is not None and result.error.code is ErrorCode.CANCELLED
+        assert result.usage.completion_tokens == generated
+
+        # A cancel read before its request: answered at once, no compute.
+        early = Request(id=unique("e"), model=dep, prompt=LONG_PROMPT, max_new_tokens=3000)
+        await client.cancel(early.id, dep)
+        await wait_for(lambda: worker._was_cancelled(early.id) is not None,
+                       what="the worker to read the cancel")
+        result = await client.request(early, timeout=30)
+        assert result.error is not None and result.error.code is ErrorCode.CANCELLED
+        assert metric(worker, "ferry_tokens_generated_total") == generated
+
+
+async def test_openai_streams_token_by_token(start_worker, start_gateway, unique) -> None:
+    dep = unique("sse")
+    await start_worker(dep)
+    gw = await start_gateway()
+    async with gw.openai() as client:
+        # A worker's first delta to a new stream topic waits for the topic's metadata (and
+        # can come after a short result): warm the path, then count chunks.
+        [_ async for _ in await client.completions.create(model=dep, prompt="x", max_tokens=2,
+                                                          stream=True)]
+        for chat in (False, True):
+            if chat:
+                kwargs = {"messages": [{"role": "user", "content": "Hi"}]}
+                create = client.chat.completions.create
+            else:
+                kwargs = {"prompt": "The ship"}
+                create = client.completions.create
+            args = {"model": dep, "max_tokens": 32, "temperature": 0.8, "seed": 3, **kwargs}
+            plain = await create(**args)
+            stream = await create(**args, stream=True,
+                                  stream_options={"include_usage": True})
+            chunks = [c async for c in stream]
+            texts = [(c.choices[0].delta.content if chat else c.choices[0].text)
+                     for c in chunks if c.choices]
+            assert sum(1 for t in texts if t) > 1, chunks
+            want = plain.choices[0].message.content if chat else plain.choices[0].text
+            assert "".join(t or "" for t in texts) == want
+            if chat:
+                assert chunks[0].choices[0].delta.role == "assistant"
+            assert chunks[-2].choices[0].finish_reason == plain.choices[0].finish_reason
+            assert chunks[-1].choices == [] and chunks[-1].usage is not None
+            assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+            no_usage = [c async for c in await create(**args, stream=True)]
+            assert all(getattr(c, "usage", None) is None for c in no_usage)
+        # Refused by the worker before any text: an HTTP error, not an SSE event.
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.completions.create(model=dep, prompt="x", max_tokens=1 << 19,
+                                            stream=True)
+        assert info.value.body["code"] == "prompt_too_long"
+    assert gw.registry.get_sample_value("ferry_gateway_time_to_first_token_seconds_count",
+                                        {"route": "/v1/completions"}) >= 1
+    assert gw.registry.get_sample_value("ferry_gateway_inter_token_latency_seconds_count",
+                                        {"route": "/v1/chat/completions"}) >= 1
+
+
+async def test_caller_disconnect_cancels_the_row(long_worker, start_gateway, unique) -> None:
+    dep = unique("gone")
+    worker = await long_worker(dep)
+    gw = await start_gateway()
+    body = {"model": dep, "prompt": LONG_PROMPT, "max_tokens": 3000, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gw.url}/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            async for line in resp.content:
+                if line.startswith(b"data: ") and b'"text":"' in line and b'"text":""' not in line:
+                    break  # text is flowing; now hang up
+    await wait_for(lambda: metric(worker, "ferry_requests_cancelled_total") == 1,
+                   what="the gateway's cancel to reach the worker")
+    await wait_for(lambda: worker.engine.stats().running == 0, what="the row to leave")
+    assert metric(worker, "ferry_tokens_generated_total") < 3000
+    assert gw.registry.get_sample_value("ferry_gateway_cancels_total",
+                                        {"why": "caller disconnected"}) == 1
+
+
+async def test_worker_killed_mid_stream_resumes_without_repeating(
+        client: FerryClient, kafka_bootstrap: str, long_model: Path, long_engine: Engine,
+        unique) -> None:
+    dep = unique("failover")
+    want = long_engine.generate([GenerationInput(long_engine.encode(LONG_PROMPT),
+                                                 SamplingParams(max_new_tokens=600))])[0]
+    first = spawn_worker(long_model, dep, kafka_bootstrap)
+    second = None
+    try:
+        request = Request(id=unique("f"), model=dep, prompt=LONG_PROMPT, max_new_tokens=600)
+        events: list[Delta | Result] = []
+        async for event in client.stream(request, timeout=120):
+            events.append(event)
+            if second is None:  # text is flowing from the first worker: kill it
+                first.send_signal(signal.SIGKILL)
+                first.wait(timeout=10)
+                second = spawn_worker(long_model, dep, kafka_bootstrap)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+    result = events[-1]
+    assert isinstance(result, Result) and result.error is None
+    assert result.text == want.text
+    pieces = [e for e in events[:-1] if isinstance(e, Delta)]
+    assert "".join(p.text for p in pieces) == want.text  # nothing repeated, nothing lost
+    assert {p.source for p in pieces[1:]} - {pieces[0].source}  # the second run took over
+
+
+# ---- hostile stream topics -----------------------------------------------------------------
+
+def test_stream_topic_policy() -> None:
+    assert stream_topic_problem(DELTAS_TOPIC, RESULTS_TOPIC) is None
+    assert stream_topic_problem("ferry.replies.gw-1.deltas", "ferry.replies.gw-1") is None
+    assert stream_topic_problem("acme.deltas", "acme.results") is None
+    assert "differ from reply_to" in stream_topic_problem("acme.r", "acme.r")
+    assert "for results" in stream_topic_problem(RESULTS_TOPIC, "acme.r")
+    for internal in ("ferry.keys", "ferry_routes", "__consumer_offsets"):
+        assert stream_topic_problem(internal, RESULTS_TOPIC).startswith("stream_to: "), internal
+    assert "outside this tenant's" in stream_topic_problem("b.x", RESULTS_TOPIC, prefix="a.")
+
+
+async def test_internal_stream_topic_is_refused_never_written(
+        start_worker, kafka_bootstrap, router, client: FerryClient, read_topic,
+        unique) -> None:
+    dep = unique("hostile")
+    await start_worker(dep)
+    control = f"ferry.{unique('table')}"
+    await ensure_topics(kafka_bootstrap, {control: 1})
+    rid = unique("h")
+    await post_raw(kafka_bootstrap, requests_topic(dep),
+                   {"id": rid, "model": dep, "prompt": "hi", "reply_to": client.reply_to,
+                    "stream_to": control})
+    [answer] = await read_topic(client.reply_to, 1, where=lambda m: m.key == rid.encode())
+    result = decode_result(answer.value)
+    assert result.error is not None and result.error.message.startswith("stream_to: ")
+    [letter] = await read_topic(DLQ_TOPIC, 1, where=dead_letters_for(rid))
+    assert decode(letter.value)["bad_field"] == "stream_to"
+    # Through the router a tenant's deltas stay within its own reply prefix.
+    tenant = unique("tenant")
+    api_key = await add_key(kafka_bootstrap, tenant, reply_prefix=f"{tenant}.")
+    rid2 = unique("h")
+    await post_raw(kafka_bootstrap, router.ingress,
+                   {"id": rid2, "model": dep, "prompt": "x", "reply_to": f"{tenant}.r",
+                    "stream_to": unique("elsewhere")},
+                   key=tenant.encode(), headers=[(API_KEY_HEADER, api_key.encode())])
+    [letter] = await read_topic(DLQ_TOPIC, 1, where=dead_letters_for(rid2))
+    assert "outside this tenant's" in decode(letter.value)["reason"]
+    assert decode(letter.value)["bad_field"] == "stream_to"
+    assert await end_offset(kafka_bootstrap, control) == 0
