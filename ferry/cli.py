@@ -54,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--no-prefix-caching", action="store_true",
                    help="do not share KV blocks between prompts with equal prefixes")
     w.add_argument("--max-queued", type=int, default=256)
-    w.add_argument("--at-least-once", action="store_true",
-                   help="plain offset commits instead of one transaction per partition: a "
-                        "crash can then answer a request twice")
+    w.add_argument("--exactly-once", action="store_true",
+                   help="one transaction per input partition for answers and the commit "
+                        "point (experimental): a crash cannot answer a request twice")
     w.add_argument("--partitions", type=int, default=4)
     w.add_argument("--max-message-bytes", type=int, default=1_048_576)
     w.add_argument("--metrics-port", type=int, default=None)
@@ -216,7 +216,7 @@ def _worker(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap or default_bootstrap(), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gb=args.kv_cache_gb,
         prefix_caching=not args.no_prefix_caching, max_queued=args.max_queued,
-        exactly_once=not args.at_least_once,
+        exactly_once=args.exactly_once,
         partitions=args.partitions,
         max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
         device=args.device, dtype=args.dtype, shadow=args.shadow,

@@ -10,24 +10,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from schemas import Request
 
 
-def spawn_worker(model: Path, deployment: str, bootstrap: str) -> subprocess.Popen:
+def spawn_worker(model: Path, deployment: str, bootstrap: str,
+                 *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ferry.cli", "worker", "--model", str(model),
-         "--deployment", deployment, "--bootstrap", bootstrap, "--max-num-seqs", "2"],
+         "--deployment", deployment, "--bootstrap", bootstrap, "--max-num-seqs", "2", *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.parametrize("flags", [(), ("--exactly-once",)], ids=["at-least-once",
+                                                              "exactly-once"])
 async def test_sigkill_mid_stream_loses_no_request(client, kafka_bootstrap, tiny_model,
-                                                   unique) -> None:
+                                                   unique, flags) -> None:
     dep = unique("crash")
     n = 40
     futures = [await client.submit(Request(id=f"c{i}", model=dep, prompt=f"request {i}",
                                            max_new_tokens=24)) for i in range(n)]
-    first = spawn_worker(tiny_model, dep, kafka_bootstrap)
+    first = spawn_worker(tiny_model, dep, kafka_bootstrap, *flags)
     second = None
     try:
         # Kill the first worker as soon as it has answered something (it is mid-stream).
@@ -37,7 +42,7 @@ async def test_sigkill_mid_stream_loses_no_request(client, kafka_bootstrap, tiny
         first.wait(timeout=10)
         answered_before_kill = sum(f.done() for f in futures)
         assert answered_before_kill < n, "the kill came too late to test anything"
-        second = spawn_worker(tiny_model, dep, kafka_bootstrap)
+        second = spawn_worker(tiny_model, dep, kafka_bootstrap, *flags)
         results = await asyncio.wait_for(asyncio.gather(*futures), 180)
     finally:
         for proc in (first, second):

@@ -126,7 +126,7 @@ def test_merged_stream_resumes_agreeing_runs_and_refuses_others() -> None:
 async def test_deltas_arrive_before_the_result_and_add_up_to_it(
         start_worker, client: FerryClient, read_topic, unique) -> None:
     dep = unique("stream")
-    worker = await start_worker(dep)
+    worker = await start_worker(dep, exactly_once=True)  # results in transactions, deltas not
     request = Request(id=unique("s"), model=dep, prompt="The ship", max_new_tokens=32,
                       temperature=0.8, seed=5)
     events = [e async for e in client.stream(request)]
