@@ -69,14 +69,13 @@ from streams.openai_format import (
 from streams.recent_results import CHAT_HEADER, TENANT_HEADER, RecentResults, Seen
 from streams.registry import Registry
 from streams.routes import RouteTable
-from streams.sse import Disconnected, LiveCall, gone, send_events
+from streams.sse import DISCONNECT_POLL_S, Disconnected, LiveCall, gone, send_events
 
 log = logging.getLogger("ferry.gateway")
 
 RESULT_RETENTION_S = 600.0
 MAX_WAIT_S = 300.0
 CLOSE_TIMEOUT_S = 15.0
-_DISCONNECT_POLL_S = 0.5  # how often a waiting call checks that its caller is still there
 
 
 @dataclass(frozen=True)
@@ -522,7 +521,7 @@ def _answer(result: Result, chat: bool, created: int) -> web.Response:
 async def _unless_gone(http: web.Request, task: asyncio.Task[Result]) -> Result:
     """The call's result; Disconnected as soon as its caller is seen gone."""
     while True:
-        done, _ = await asyncio.wait([task], timeout=_DISCONNECT_POLL_S)
+        done, _ = await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
         if done:
             return task.result()
         if gone(http):

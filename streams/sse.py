@@ -30,7 +30,7 @@ from streams.openai_format import (
 log = logging.getLogger("ferry.gateway")
 
 # How often a waiting call checks that its caller is still connected.
-_DISCONNECT_POLL_S = 0.5
+DISCONNECT_POLL_S = 0.5
 
 
 class Disconnected(Exception):
@@ -76,7 +76,7 @@ class LiveCall:
             self._changed.clear()
             waiter = asyncio.ensure_future(self._changed.wait())
             try:
-                await asyncio.wait([waiter, task], timeout=_DISCONNECT_POLL_S,
+                await asyncio.wait([waiter, task], timeout=DISCONNECT_POLL_S,
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
