@@ -54,9 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--no-prefix-caching", action="store_true",
                    help="do not share KV blocks between prompts with equal prefixes")
     w.add_argument("--max-queued", type=int, default=256)
-    w.add_argument("--exactly-once", action="store_true",
+    w.add_argument("--exactly-once", action=argparse.BooleanOptionalAction, default=True,
                    help="one transaction per input partition for answers and the commit "
-                        "point (experimental): a crash cannot answer a request twice")
+                        "point, so a crash cannot answer a request twice (read_committed "
+                        "readers); --no-exactly-once: plain acked sends, at least once")
     w.add_argument("--partitions", type=int, default=4)
     w.add_argument("--max-message-bytes", type=int, default=1_048_576)
     w.add_argument("--metrics-port", type=int, default=None)

@@ -21,7 +21,9 @@ from schemas import (
 )
 from schemas.topics import CANCELS_PARTITIONS, CANCELS_TOPIC, DELTAS_TOPIC
 from streams.deltas import MergedStream
-from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions, watch_reader
+from workers.topic_admin import (
+    ensure_topics, pin_to_end, start_producer, topic_partitions, watch_reader,
+)
 
 log = logging.getLogger("ferry.client")
 
@@ -63,7 +65,7 @@ class FerryClient:
 
     async def start(self) -> None:
         await ensure_topics(self.bootstrap, {self.reply_to: self._partitions})
-        await self._producer.start()
+        await start_producer(self._producer, [CANCELS_TOPIC])
         await self._consumer.start()
         tps = await topic_partitions(self._consumer, self.reply_to)
         self._consumer.assign(tps)

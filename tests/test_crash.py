@@ -24,7 +24,7 @@ def spawn_worker(model: Path, deployment: str, bootstrap: str,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("flags", [(), ("--exactly-once",)], ids=["at-least-once",
+@pytest.mark.parametrize("flags", [("--no-exactly-once",), ()], ids=["at-least-once",
                                                               "exactly-once"])
 async def test_sigkill_mid_stream_loses_no_request(client, kafka_bootstrap, tiny_model,
                                                    unique, flags) -> None:

@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from ferry.broker import kafka_version
-from workers.topic_admin import ensure_topics
+from workers.topic_admin import ensure_topics, start_producer
 
 
 def test_broker_is_kafka_4() -> None:
@@ -59,3 +59,32 @@ async def test_transaction_commits_output_and_offsets(kafka_bootstrap, unique) -
     finally:
         await reader.stop()
     assert [m.value for m in got[TopicPartition(sink, 0)]] == [b"answer"]
+
+
+
+async def test_producer_keeps_metadata_of_topics_known_at_start(kafka_bootstrap, unique) -> None:
+    """aiokafka refreshes metadata only for the topics a producer tracks, or all topics while
+    it tracks none; a topic learnt from such a refresh is not tracked: after a send to a newer
+    topic the next refresh dropped it, and a batch for it waited for a leader for ever (a
+    transaction writing a result copy and a reply never finished: the demo's first routed
+    call on a fresh broker)."""
+    known, new = unique("known"), unique("new")
+    await ensure_topics(kafka_bootstrap, {known: 4})
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap,
+                                transactional_id=unique("tx"))
+    await start_producer(producer, [known])
+    try:
+        # What aiokafka does itself when, e.g., the transaction coordinator is not ready yet
+        # (a fresh broker): a refresh that, with no tracked topics, fetches all of them.
+        await producer.client.force_metadata_update()
+        await ensure_topics(kafka_bootstrap, {new: 4})  # e.g. a caller's new reply topic
+        async with asyncio.timeout(20):
+            async with producer.transaction():
+                acks = [await producer.send(known, b"copy", partition=3),
+                        await producer.send(new, b"answer", partition=3)]
+                await asyncio.gather(*acks)
+            await producer.client.force_metadata_update()
+        assert producer.client.cluster.partitions_for_topic(known) == {0, 1, 2, 3}
+        assert producer.client.cluster.partitions_for_topic(new) == {0, 1, 2, 3}
+    finally:
+        await producer.stop()

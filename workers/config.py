@@ -31,8 +31,8 @@ class WorkerConfig:
     shadow: bool = False           # a candidate: serve its mirror topic, answer on shadow results
     # Answers and the commit point in one transaction per input partition: read_committed
     # consumers see each request answered once, whatever crashes (workers/transactions.py).
-    # Off by default until a hang seen in the demo's router path is understood (issue 14).
-    exactly_once: bool = False
+    # Off: plain acked sends, a crash may answer a request twice.
+    exactly_once: bool = True
 
     def __post_init__(self) -> None:
         if self.exactly_once and self.max_queued > 400:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
@@ -55,6 +55,20 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str],
             return
         await asyncio.sleep(0.05)
     raise TimeoutError(f"topics {topics} have no leaders after {timeout}s")
+
+
+async def start_producer(producer: AIOKafkaProducer, topics: Iterable[str]) -> None:
+    """Start a producer that keeps the metadata of every topic it writes to (`topics`, and
+    any it sends to later).
+
+    aiokafka refreshes metadata for the topics a producer tracks, or for all topics while it
+    tracks none (which it does after, e.g., waiting for a transaction coordinator), and a
+    topic learnt from an all-topics refresh is not tracked: once a send adds another topic,
+    the next refresh drops it, and a batch for it waits for a leader for ever. A transaction
+    writing a result copy and a reply to a new topic never finished that way. Tracking from
+    the start means every topic written to is tracked."""
+    await producer.start()
+    await producer.client.set_topics(sorted(set(topics)))
 
 
 async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

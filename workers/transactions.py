@@ -30,6 +30,7 @@ from schemas import encode
 from workers.config import WorkerConfig
 from workers.offsets import OffsetTracker, answered_above
 from workers.publisher import Answer, Publisher
+from workers.topic_admin import start_producer
 
 log = logging.getLogger("ferry.worker")
 
@@ -100,7 +101,8 @@ class PartitionTransactions:
             max_request_size=self._max_request, linger_ms=2) for tp in new}
         # Starting one fences its id's previous holder and ends that one's open transaction,
         # so the commit points read below are final.
-        await asyncio.gather(*(p.start() for p in producers.values()))
+        await asyncio.gather(*(start_producer(p, self.publisher.topics_ready)
+                               for p in producers.values()))
         self._producers.update(producers)
         if not assigned:
             return {}

@@ -53,7 +53,7 @@ from workers.publisher import Answer, Destination, Publisher
 from workers.streaming import DeltaStream
 from workers.telemetry import TELEMETRY_PARTITIONS, TelemetrySender
 from workers.transactions import Answered, PartitionTransactions
-from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions
+from workers.topic_admin import ensure_topics, pin_to_end, start_producer, topic_partitions
 
 log = logging.getLogger("ferry.worker")
 
@@ -185,7 +185,8 @@ class Worker:
                                                     TELEMETRY_TOPIC: TELEMETRY_PARTITIONS,
                                                     CANCELS_TOPIC: CANCELS_PARTITIONS})
         self._topics_ready.update({DLQ_TOPIC, RESULTS_TOPIC, PRIMARY_RESULTS_TOPIC, *answers_to})
-        await self._producer.start()
+        await start_producer(self._producer, [DLQ_TOPIC, RESULTS_TOPIC, PRIMARY_RESULTS_TOPIC,
+                                              TELEMETRY_TOPIC, *answers_to])
         # Cancels: every partition, from now on (no group: every worker sees every cancel).
         self._cancels = AIOKafkaConsumer(bootstrap_servers=self.config.bootstrap,
                                          enable_auto_commit=False)
