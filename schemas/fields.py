@@ -10,6 +10,7 @@ Rules across fields that a record's `__post_init__` checks are spelled for JSON 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -104,6 +105,8 @@ def _convert(path: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, list):
             raise SchemaError(path, f"must be an array, got {type(value).__name__}")
         (item,) = get_args(tp)
+        if item in (int, str) and all(type(v) is item for v in value):
+            return value  # token ids and strings, the long lists: valid as they are
         return [_convert(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=path + ".")
@@ -123,14 +126,22 @@ def _convert(path: str, tp: Any, value: Any) -> Any:
     raise TypeError(f"unsupported field type {tp!r}")  # a bug in a record, not bad input
 
 
+@functools.cache
+def _record(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field], list[str]]:
+    """A record's resolved field types, its fields and its tag fields (Literal-typed), once:
+    resolving the annotations took most of the time of validating a small record."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return hints, fields, [n for n in fields if get_origin(hints[n]) is Literal]
+
+
 def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     """Validate a parsed JSON object into record `cls`; SchemaError names the first bad field."""
     if not isinstance(data, dict):
         raise SchemaError(prefix.rstrip(".") or "$", f"must be an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for name in fields:  # tags first: an object of another kind is named by its tag
-        if get_origin(hints[name]) is Literal and name in data:
+    hints, fields, tags = _record(cls)
+    for name in tags:  # tags first: an object of another kind is named by its tag
+        if name in data:
             _convert(prefix + name, hints[name], data[name])
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -146,9 +157,8 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         kwargs[name] = _convert(path, hints[name], value)
         if kwargs[name] is not None:
             constraints = f.metadata.get("constraints", {})
-            items = constraints.get("items", {})
             _check_constraints(path, kwargs[name], constraints)
-            if isinstance(kwargs[name], list):
+            if isinstance(kwargs[name], list) and (items := constraints.get("items")):
                 for i, v in enumerate(kwargs[name]):
                     _check_constraints(f"{path}[{i}]", v, items)
     try:
