@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import signal
@@ -11,6 +12,8 @@ import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from aiokafka.errors import KafkaConnectionError
 
 from ferry.broker import DEFAULT_PORT, LocalBroker, default_bootstrap, default_data_dir
 
@@ -26,6 +29,9 @@ def _bootstrap_arg(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ferry", description="Kafka-native serving for LLMs")
+    p.add_argument("--version", action="version", version=f"ferry {_version()}")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a failure instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     kafka = sub.add_parser("kafka", help="the local Kafka broker (no Docker)")
@@ -322,10 +328,20 @@ def _canary(args: argparse.Namespace) -> int:
 
 def _send(args: argparse.Namespace) -> int:
     from streams.client import FerryClient
-    from schemas import Delta, Request, encode
+    from schemas import Delta, Request, encode, requests_topic
+    from workers.topic_admin import list_topics
 
-    async def go() -> None:
-        async with FerryClient(args.bootstrap or default_bootstrap()) as client:
+    bootstrap = args.bootstrap or default_bootstrap()
+
+    async def go() -> int:
+        # Never create a topic for a typo or an alias (the router resolves aliases).
+        topic = requests_topic(args.model)
+        if topic not in await list_topics(bootstrap):
+            raise CliError(f"no deployment {args.model!r} (no topic {topic}): `ferry "
+                           "deployments` lists them; an alias is served through the router "
+                           "(`ferry gateway`, or post to ferry.ingress)")
+        failed = 0
+        async with FerryClient(bootstrap) as client:
             requests = [Request(id=uuid.uuid4().hex, model=args.model, prompt=prompt,
                                 max_new_tokens=args.max_new_tokens,
                                 temperature=args.temperature, seed=args.seed)
@@ -337,13 +353,20 @@ def _send(args: argparse.Namespace) -> int:
                             print(event.text, end="", flush=True)
                         else:
                             print("\n" + encode(event).decode())
-                return
+                            failed += event.error is not None
+                return int(failed > 0)
             futures = [await client.submit(request) for request in requests]
-            for result in await asyncio.wait_for(asyncio.gather(*futures), args.timeout):
+            try:
+                results = await asyncio.wait_for(asyncio.gather(*futures), args.timeout)
+            except TimeoutError:
+                raise CliError(f"no result within {args.timeout:g}s: is a worker serving "
+                               f"{args.model!r}? (`ferry deployments`)") from None
+            for result in results:
                 print(encode(result).decode())
+                failed += result.error is not None
+            return int(failed > 0)  # an error result is a failed send
 
-    asyncio.run(go())
-    return 0
+    return asyncio.run(go())
 
 
 def _model(args: argparse.Namespace) -> int:
@@ -411,6 +434,17 @@ def _setup_logging() -> None:
         handler.addFilter(_RetriedKafkaErrors())
 
 
+class CliError(Exception):
+    """A failure the user can fix: printed as one line, exit status 2."""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ferry")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     argv = sys.argv[1:] if argv is None else argv
@@ -419,6 +453,31 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main(argv[1:])
     args = _parser().parse_args(argv)
+    if args.debug:
+        return _dispatch(args)
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+    except CliError as exc:
+        print(f"ferry: {exc}", file=sys.stderr)
+        return 2
+    except KafkaConnectionError as exc:
+        where = getattr(args, "bootstrap", None) or default_bootstrap()
+        print(f"ferry: cannot reach Kafka at {where} ({exc}); start a local broker with "
+              "`ferry kafka up`, or pass --bootstrap / set KAFKA_BOOTSTRAP", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a port in use, a missing model directory, ...
+        print(f"ferry: {exc.strerror or exc}: {exc.filename or ''} (--debug shows where)",
+              file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"ferry: {type(exc).__name__}: {exc} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "kafka":
         return _kafka(args)
     if args.command == "worker":

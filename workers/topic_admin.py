@@ -44,6 +44,15 @@ async def ensure_topics(bootstrap: str, partitions: dict[str, int],
         await admin.close()
 
 
+async def list_topics(bootstrap: str) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
 async def _wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str],
                             timeout: float = 15.0) -> None:
     """A new topic's partitions have no leader for a moment; using them then fails."""
