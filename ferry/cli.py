@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--max-attempts", type=int, default=3)
     gw.add_argument("--max-lag", type=int, default=None,
                     help="busy threshold: a deployment with this many requests queued gets "
-                         "no new ones (429 + Retry-After when all of an alias's are busy)")
+                         "no new ones (503 overloaded + Retry-After when all of an alias's are busy; 429 is the caller's "
+                         "own quota)")
     gw.add_argument("--max-body-bytes", type=int, default=1 << 20)
     gw.add_argument("--header-timeout", type=float, default=10.0,
                     help="seconds a new connection has to send its first request's headers")

@@ -18,7 +18,6 @@ WORKER_GROUP_PREFIX = "ferry.workers."
 # The router's input: requests from producers and the gateway, with an API key header.
 INGRESS_TOPIC = "ferry.ingress"
 INGRESS_PARTITIONS = 4  # the router's quota table is co-partitioned with it
-ROUTER_GROUP = "ferry.router"
 # Compacted control topics, read whole by every router and gateway instance.
 ROUTES_TOPIC = "ferry.routes"  # alias -> weighted deployments
 KEYS_TOPIC = "ferry.keys"  # API key hashes and tenant limits

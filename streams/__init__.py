@@ -1,4 +1,4 @@
-"""Stream processors on faust-streaming: the router and the shadow comparator (later issues).
-
-They import `schemas/` for the message contract and never `workers/`.
+"""The stream side of Ferry: the HTTP gateway, the router (a faust-streaming agent), the
+request client, rollout (routes, canary, deployer, registry, launchers) and shadow traffic
+(mirror, comparator, replay, reports). Below `ferry/`, above `workers/` and `schemas/`.
 """

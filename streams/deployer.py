@@ -316,7 +316,8 @@ async def request_undeploy(bootstrap: str, deployment_id: str) -> None:
 
 
 async def announce_checkpoint(bootstrap: str, model: str, path: Path) -> None:
-    """What a trainer calls when it finished writing a checkpoint directory."""
+    """Ask the deployer to deploy a finished checkpoint directory (a trainer outside Ferry
+    may call it; Ferry's own trainer is found by the deployer watching its directory)."""
     await _announce(bootstrap, {"action": "deploy", "model": model, "path": str(path.resolve()),
                                 "version": path.name})
 

@@ -2,7 +2,7 @@
 
 A bucket holds up to a minute's allowance and refills continuously, so a tenant may burst
 its whole per-minute quota and then gets its rate. The state is a small dict so the router
-can keep it in a faust table (changelogged: it survives a restart).
+can keep it in a compacted topic (`ferry-router.quotas`: it survives a restart).
 """
 
 from __future__ import annotations
