@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps demo test test-slow bench kafka-up kafka-down schemas clean
+.PHONY: install system-deps demo test test-slow test-faults bench kafka-up kafka-down schemas clean
 
 # Java 17 runs the broker, Maven fetches its jars from Maven Central (no Docker needed).
 system-deps:
@@ -28,6 +28,9 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+test-faults: install
+	$(BIN)/python -m pytest -m faults -s tests/test_faults.py
 
 bench: install
 	$(BIN)/python -m tests.bench.bench_engine

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import Request, SchemaError, decode, encode, requests_topic
 from schemas.topics import CHECKPOINTS_TOPIC
@@ -73,6 +73,7 @@ class Deployer:
         self._queued: set[str] = set()  # versions found finished, deployment under way
         self._held: set[str] = set()  # kept beyond `keep` because a route uses them
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._events: AIOKafkaConsumer | None = None  # checkpoint events, committed when acted on
         self._mine: dict[str, DeploymentRecord] = {}  # this model's records, latest state
         self.deployed = asyncio.Event()  # set after each deployment became ready (for tests)
 
@@ -148,20 +149,25 @@ class Deployer:
         consumer = AIOKafkaConsumer(CHECKPOINTS_TOPIC, bootstrap_servers=self.bootstrap,
                                     group_id=f"ferry.deployer.{self.model}",
                                     # A new deployer also takes what was announced before
-                                    # it started; a restarted one goes on from its commit.
-                                    auto_offset_reset="earliest", enable_auto_commit=True)
+                                    # it started; a restarted one goes on from its commit,
+                                    # made only once an event was acted on (see _act).
+                                    auto_offset_reset="earliest", enable_auto_commit=False)
         await consumer.start()
+        self._events = consumer
         try:
             async for message in consumer:
+                event: Any = None
                 try:
                     event = decode(message.value)
                 except SchemaError as exc:
                     log.warning("unreadable checkpoint event at offset %d: %s",
                                 message.offset, exc)
-                    continue
-                if isinstance(event, dict) and event.get("model") == self.model:
-                    self._queue.put_nowait(("event", event))
+                if not (isinstance(event, dict) and event.get("model") == self.model):
+                    event = None  # not ours: only its offset goes through the queue, in order
+                tp = TopicPartition(message.topic, message.partition)
+                self._queue.put_nowait(("event", (event, tp, message.offset)))
         finally:
+            self._events = None
             await consumer.stop()
 
     # ---- actions, one at a time ----------------------------------------------------------
@@ -175,7 +181,13 @@ class Deployer:
                 elif kind == "probe":
                     await self._bring_up(item, {})
                 else:
-                    await self._handle_event(item)
+                    event, tp, offset = item
+                    try:
+                        if event is not None:
+                            await self._handle_event(event)
+                    finally:  # acted on (or failed for good): a restart does not redo it
+                        if self._events is not None:
+                            await self._events.commit({tp: offset + 1})
             except Exception as exc:  # one bad checkpoint must not stop the deployer
                 log.exception("deployer action %s %s failed: %s", kind, item, exc)
 

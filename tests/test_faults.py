@@ -1,0 +1,243 @@
+"""Fault suite (`make test-faults`; marker `faults`, not in the default run): worker processes
+are killed, frozen and churned under load, and an independent checker (librdkafka, through
+confluent-kafka, reading `read_committed` as every Ferry reader does) counts the answers per
+request id on the reply topic. Every row must show lost 0 and duplicated 0, and every
+partition that had requests waiting at a fault must be answering again within the bound.
+
+Each scenario prints one row: N, lost, duplicated, errors by code, recovery time (the
+slowest partition's wait, after the fault, for its next answer). The worker SIGKILL case at
+one kill also runs in the default suite (tests/test_crash.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pytest
+from aiokafka.partitioner import murmur2
+
+from schemas import Request
+from streams.client import FerryClient
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
+
+PARTITIONS = 4
+# Enforced today: the session timeout (6 s), eager rebalances as replacements join, fencing
+# and a model load, on a shared 2-core box. The goal (issue 14) is ~5 s.
+RECOVERY_BOUND_S = 90.0
+
+
+@dataclass
+class Row:
+    scenario: str
+    n: int
+    lost: int
+    duplicated: int
+    errors: Counter
+    recoveries: list[float]
+
+    @property
+    def recovery_s(self) -> float:
+        return max(self.recoveries, default=0.0)
+
+    def __str__(self) -> str:
+        each = ", ".join(f"{r:.1f}" for r in self.recoveries)
+        return (f"{self.scenario:<28} N={self.n:<4} lost={self.lost:<3} "
+                f"duplicated={self.duplicated:<3} errors={dict(self.errors)} "
+                f"recovery={self.recovery_s:.1f}s ({each})")
+
+
+@dataclass
+class Load:
+    """N requests spread over the partitions; when each partition last got an answer."""
+
+    futures: dict[str, asyncio.Future] = field(default_factory=dict)
+    partition_of: dict[str, int] = field(default_factory=dict)
+    answered_at: dict[str, float] = field(default_factory=dict)
+
+    def answered(self) -> int:
+        return len(self.answered_at)
+
+    def waiting_partitions(self) -> set[int]:
+        return {self.partition_of[r] for r in self.futures if r not in self.answered_at}
+
+    def recovery(self, fault_at: float, partitions: set[int]) -> float:
+        """Per partition waiting at the fault: its first answer after it; the slowest."""
+        waits = []
+        for p in partitions:
+            after = [t for r, t in self.answered_at.items()
+                     if self.partition_of[r] == p and t > fault_at]
+            waits.append(min(after) - fault_at if after else float("inf"))
+        return max(waits, default=0.0)
+
+
+def spawn(model: Path, deployment: str, bootstrap: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ferry.cli", "worker", "--model", str(model), "--deployment",
+         deployment, "--bootstrap", bootstrap, "--max-num-seqs", "4"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def key_for(partition: int) -> str:
+    """A batch key the default partitioner puts on `partition`."""
+    for i in range(10_000):
+        key = f"fault-{partition}-{i}"
+        if (murmur2(key.encode()) & 0x7FFFFFFF) % PARTITIONS == partition:
+            return key
+    raise AssertionError("no key found")
+
+
+async def post(client: FerryClient, deployment: str, n: int, tokens: int = 24) -> Load:
+    load = Load()
+    keys = [key_for(p) for p in range(PARTITIONS)]
+    for i in range(n):
+        rid = f"{deployment}-{i}"
+        load.partition_of[rid] = i % PARTITIONS
+        future = await client.submit(Request(id=rid, model=deployment, prompt=f"request {i}",
+                                             max_new_tokens=tokens,
+                                             batch_key=keys[i % PARTITIONS]))
+        future.add_done_callback(lambda _f, rid=rid: load.answered_at.setdefault(
+            rid, time.monotonic()))
+        load.futures[rid] = future
+    return load
+
+
+async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def count_answers(bootstrap: str, topic: str, timeout: float = 90.0) -> tuple[Counter, Counter]:
+    """Results per id and errors per code on `topic`, read committed, to its end."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"checker-{uuid.uuid4()}",
+                         "isolation.level": "read_committed", "enable.auto.commit": False,
+                         "auto.offset.reset": "earliest"})
+    try:
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in range(PARTITIONS)}
+        ids, errors = Counter(), Counter()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            positions = {tp.partition: tp.offset for tp in consumer.position(
+                [TopicPartition(topic, p) for p in range(PARTITIONS)])}
+            if all(positions[p] >= ends[p] for p in ends):
+                break
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            result = orjson.loads(msg.value())
+            ids[result["id"]] += 1
+            if result.get("error"):
+                errors[result["error"]["code"]] += 1
+        return ids, errors
+    finally:
+        consumer.close()
+
+
+async def run(name: str, bootstrap: str, model: Path, unique: Callable[[str], str],
+              fault: Callable[[str, list[subprocess.Popen], Load], Awaitable[list[float]]],
+              n: int = 60) -> Row:
+    """Two workers serve n requests while `fault` strikes; the checker counts the answers."""
+    dep, replies = unique("fault"), unique("fault-replies")
+    workers = [spawn(model, dep, bootstrap) for _ in range(2)]
+    try:
+        async with FerryClient(bootstrap, reply_to=replies) as client:
+            load = await post(client, dep, n)
+            recoveries = await fault(dep, workers, load)
+            await asyncio.wait_for(asyncio.gather(*load.futures.values()), 300)
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in workers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    ids, errors = await asyncio.to_thread(count_answers, bootstrap, replies)
+    row = Row(name, n, lost=sum(1 for r in load.futures if ids[r] == 0),
+              duplicated=sum(c - 1 for c in ids.values() if c > 1), errors=errors,
+              recoveries=recoveries)
+    print(f"\n[faults] {row}")
+    return row
+
+
+def check(row: Row) -> None:
+    assert row.lost == 0 and row.duplicated == 0, str(row)
+    assert not row.errors, str(row)
+    assert row.recovery_s <= RECOVERY_BOUND_S, str(row)
+
+
+async def test_worker_sigkill_three_times(kafka_bootstrap, tiny_model, unique) -> None:
+    async def kill_three(dep: str, workers: list[subprocess.Popen], load: Load) -> list[float]:
+        recoveries = []
+        for round_ in range(3):
+            start = load.answered()
+            await until(lambda: load.answered() >= start + 3, 180, "answers before a kill")
+            if not load.waiting_partitions():
+                break
+            victim = workers[round_ % 2]
+            waiting, fault_at = load.waiting_partitions(), time.monotonic()
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=10)
+            workers[round_ % 2] = spawn(tiny_model, dep, kafka_bootstrap)
+            await until(lambda: load.recovery(fault_at, waiting) < float("inf"), 180,
+                        "every waiting partition to answer again")
+            recoveries.append(load.recovery(fault_at, waiting))
+        return recoveries
+
+    check(await run("worker SIGKILL x3", kafka_bootstrap, tiny_model, unique, kill_three,
+                    n=90))
+
+
+async def test_sigstopped_zombie_answers_nothing_twice(kafka_bootstrap, tiny_model,
+                                                       unique) -> None:
+    """A frozen worker loses its partitions when its session expires; woken up after the
+    others have served them, its transactions are fenced: it publishes nothing more."""
+    async def freeze(dep: str, workers: list[subprocess.Popen], load: Load) -> list[float]:
+        await until(lambda: load.answered() >= 4, 180, "answers before the freeze")
+        waiting, fault_at = load.waiting_partitions(), time.monotonic()
+        workers[0].send_signal(signal.SIGSTOP)
+        await until(lambda: load.recovery(fault_at, waiting) < float("inf"), 180,
+                    "every waiting partition to answer again")
+        recovery = load.recovery(fault_at, waiting)
+        await until(lambda: load.answered() >= len(load.futures) - 4, 240, "most answers")
+        workers[0].send_signal(signal.SIGCONT)  # the zombie wakes with work in hand
+        return [recovery]
+
+    check(await run("SIGSTOP zombie", kafka_bootstrap, tiny_model, unique, freeze))
+
+
+async def test_rebalance_churn(kafka_bootstrap, tiny_model, unique) -> None:
+    """Members join and leave (gracefully) while the group serves."""
+    async def churn(dep: str, workers: list[subprocess.Popen], load: Load) -> list[float]:
+        for _ in range(3):
+            start = load.answered()
+            await until(lambda: load.answered() >= start + 3, 180, "answers between churns")
+            extra = spawn(tiny_model, dep, kafka_bootstrap)
+            await until(lambda: load.answered() >= start + 6 or not load.waiting_partitions(),
+                        180, "answers with the extra member")
+            extra.terminate()
+            extra.wait(timeout=60)
+        return []
+
+    check(await run("rebalance churn", kafka_bootstrap, tiny_model, unique, churn, n=90))
