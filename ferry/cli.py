@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ferry.broker import DEFAULT_PORT, LocalBroker, default_bootstrap, default_data_dir
+from workers.metrics_server import MetricsPortError, add_metrics_port
 
 if TYPE_CHECKING:
     from workers.config import WorkerConfig
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                         "point (experimental): a crash cannot answer a request twice")
     w.add_argument("--partitions", type=int, default=4)
     w.add_argument("--max-message-bytes", type=int, default=1_048_576)
-    w.add_argument("--metrics-port", type=int, default=None)
+    add_metrics_port(w, "worker")
     w.add_argument("--device", default="cpu")
     w.add_argument("--dtype", default=None)
     w.add_argument("--shadow", action="store_true",
@@ -134,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--host-route", action="append", default=[], metavar="HOST=MODEL",
                     help="send calls whose Host is HOST (and model absent/'default') to MODEL "
                          "(an alias or a deployment)")
+    add_metrics_port(gw, "gateway")
     _bootstrap_arg(gw)
 
     canary = sub.add_parser("canary", help="shift an alias to a deployment step by step; roll "
@@ -230,7 +232,11 @@ def _worker(args: argparse.Namespace) -> int:
     except ChatTemplateError as exc:  # a broken template stops the worker before it joins
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    asyncio.run(_run_until_signalled(worker.run()))
+    try:
+        asyncio.run(_run_until_signalled(worker.run()))
+    except MetricsPortError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -291,10 +297,15 @@ def _gateway(args: argparse.Namespace) -> int:
         auth=not args.direct, request_timeout_s=args.request_timeout,
         attempt_timeout_s=args.attempt_timeout, max_attempts=args.max_attempts,
         max_lag=args.max_lag, host_routes=dict(r.split("=", 1) for r in args.host_route))
-    asyncio.run(_run_until_signalled(serve(
-        args.bootstrap or default_bootstrap(), args.port, args.host, settings,
-        max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
-        max_connections=args.max_connections)))
+    try:
+        asyncio.run(_run_until_signalled(serve(
+            args.bootstrap or default_bootstrap(), args.port, args.host, settings,
+            max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
+            max_connections=args.max_connections, metrics_port=args.metrics_port,
+            metrics_route=False)))  # tenants' names are not for callers to read
+    except MetricsPortError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
