@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import argparse
 import socket
+import threading
 import weakref
 
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler as WSGIRequestHandlerBase
+from wsgiref.simple_server import make_server
+
 from prometheus_client import (
-    CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, start_http_server,
+    CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
 DEFAULT_PORTS = {"worker": 9100, "router": 9101, "gateway": 9102, "deployer": 9103,
                  "comparator": 9104}
@@ -72,10 +78,28 @@ def serve_metrics(port: int | None, registry: CollectorRegistry, host: str = "0.
         return
     with_process_metrics(registry)
     try:
-        start_http_server(port, addr=host, registry=registry)
+        server = make_server(host, port, _text_format(make_wsgi_app(registry)),
+                             ThreadingWSGIServer, handler_class=WSGIRequestHandler)
     except OSError as exc:
         raise MetricsPortError(f"--metrics-port {port}: cannot listen ({exc.strerror or exc}); "
                                "pass a free port, or --metrics-port off") from None
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+def _text_format(app: Any) -> Any:
+    """Always Prometheus' text format 0.0.4. prometheus_client 0.26's OpenMetrics output (what
+    Prometheus asks for first) rewrites the colons of sample names to underscores
+    (`vllm:num_requests_running` became `vllm_num_requests_running`): vLLM's names would not
+    survive a scrape."""
+    def text_only(environ: dict[str, Any], start_response: Any) -> Any:
+        environ.pop("HTTP_ACCEPT", None)
+        return app(environ, start_response)
+    return text_only
+
+
+class WSGIRequestHandler(WSGIRequestHandlerBase):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib's name)
+        pass  # a scrape every few seconds is not news
 
 
 
