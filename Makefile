@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python -m tests.bench.bench_gateway
 	$(BIN)/python -m tests.bench.bench_shadow
 	$(BIN)/python -m tests.bench.bench_streaming
+	$(BIN)/python -m tests.bench.bench_metrics
 
 kafka-up: install
 	$(BIN)/ferry kafka up

@@ -4,6 +4,7 @@ names next to Ferry's, the queue including the Kafka backlog, per-tenant usage."
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 
 import openai
@@ -126,3 +127,28 @@ async def test_gateway_counts_each_call_once_per_tenant(start_worker, start_gate
     counted = {s.labels["model"] for m in gw.registry.collect()
                if m.name == "ferry_gateway_tenant_requests" for s in m.samples}
     assert counted == {dep}  # a call to an unknown model (404) is not a model's usage
+
+
+def test_the_readme_table_documents_every_series() -> None:
+    from pathlib import Path
+
+    from streams.comparator import ComparatorMetrics
+    from streams.gateway_metrics import GatewayMetrics
+    from streams.http_guard import ConnectionGuard
+    from streams.router import RouterMetrics
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    # Names in the table's rows (a vLLM row names its ferry_* twin in its meaning).
+    table = {name for line in readme.splitlines() if line.startswith("| `")
+             for name in re.findall(r"`([a-z0-9_:]+)`", line)}
+    registry = CollectorRegistry()
+    WorkerMetrics.create(registry)
+    GatewayMetrics.create(registry)
+    RouterMetrics(registry)
+    ComparatorMetrics(registry)
+    ConnectionGuard(lambda: None, registry)
+    names = {f.name + ("_total" if f.type == "counter" else "") for f in registry.collect()}
+    names |= {"ferry_route_weight", "ferry_shadow_percent", "ferry_deployer_deployments",
+              "ferry_deployment_status", "ferry_deployer_replica_restarts"}  # built at scrape
+    names = {n for n in names if not n.startswith(("process_", "python_"))}
+    assert names - table == set(), "not in the README's metrics table"
