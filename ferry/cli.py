@@ -162,6 +162,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a tiny model, writing a checkpoint every N steps "
                                  "(ferry train OUT --steps 300 --every 100; --help for more)")
 
+    top = sub.add_parser("top", help="live view: deployments (status, lag, rates, p99s) and "
+                                     "aliases (weights, shadow), refreshed in place")
+    top.add_argument("--metrics", action="append", default=None, metavar="URL",
+                     help="a component's /metrics (repeat; default the local worker, router "
+                          "and gateway ports)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    _bootstrap_arg(top)
+
     demo = sub.add_parser("demo", help="the whole pipeline on a local broker and a small model")
     demo.add_argument("--requests", type=int, default=8)
 
@@ -441,6 +450,13 @@ def main(argv: list[str] | None = None) -> int:
         return _canary(args)
     if args.command == "model":
         return _model(args)
+    if args.command == "top":
+        from ferry.top import DEFAULT_METRICS, run_top
+
+        asyncio.run(_run_until_signalled(run_top(
+            args.bootstrap or default_bootstrap(), args.metrics or DEFAULT_METRICS,
+            args.interval, args.once)))
+        return 0
     from ferry import control_cli, deploy_cli, shadow_cli
 
     for module in (control_cli, deploy_cli, shadow_cli):
