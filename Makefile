@@ -4,13 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps demo test test-slow test-faults bench kafka-up kafka-down schemas clean
+.PHONY: install system-deps demo test test-slow test-faults bench kafka-up kafka-down schemas dashboards clean
 
 # Java 17 runs the broker, Maven fetches its jars from Maven Central (no Docker needed).
+# Prometheus (server + promtool, Debian's package) runs in tests/test_prometheus.py.
 system-deps:
 	@command -v java >/dev/null && command -v mvn >/dev/null || { \
 	  echo "installing Java 17 and Maven"; \
 	  apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing Prometheus"; \
+	  apt-get update -qq && \
+	  apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,6 +45,7 @@ bench: install
 	$(BIN)/python -m tests.bench.bench_gateway
 	$(BIN)/python -m tests.bench.bench_shadow
 	$(BIN)/python -m tests.bench.bench_streaming
+	$(BIN)/python -m tests.bench.bench_metrics
 
 kafka-up: install
 	$(BIN)/ferry kafka up
@@ -49,6 +55,10 @@ kafka-down: install
 
 schemas: install
 	$(BIN)/ferry schemas export
+
+# Rewrites compose/grafana/dashboards/*.json from compose/grafana/dashboards.py.
+dashboards: install
+	$(BIN)/python compose/grafana/dashboards.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

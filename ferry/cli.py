@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from aiokafka.errors import KafkaConnectionError
 
 from ferry.broker import DEFAULT_PORT, LocalBroker, default_bootstrap, default_data_dir
+from workers.metrics_server import MetricsPortError, add_metrics_port
 
 if TYPE_CHECKING:
     from workers.config import WorkerConfig
@@ -66,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                         "readers); --no-exactly-once: plain acked sends, at least once")
     w.add_argument("--partitions", type=int, default=4)
     w.add_argument("--max-message-bytes", type=int, default=1_048_576)
-    w.add_argument("--metrics-port", type=int, default=None)
+    add_metrics_port(w, "worker")
     w.add_argument("--device", default="cpu")
     w.add_argument("--dtype", default=None)
     w.add_argument("--shadow", action="store_true",
@@ -142,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--host-route", action="append", default=[], metavar="HOST=MODEL",
                     help="send calls whose Host is HOST (and model absent/'default') to MODEL "
                          "(an alias or a deployment)")
+    add_metrics_port(gw, "gateway")
     _bootstrap_arg(gw)
 
     canary = sub.add_parser("canary", help="shift an alias to a deployment step by step; roll "
@@ -167,6 +169,15 @@ def _parser() -> argparse.ArgumentParser:
     # Listed for --help; `main` hands its arguments to workers.trainer unparsed.
     sub.add_parser("train", help="train a tiny model, writing a checkpoint every N steps "
                                  "(ferry train OUT --steps 300 --every 100; --help for more)")
+
+    top = sub.add_parser("top", help="live view: deployments (status, lag, rates, p99s) and "
+                                     "aliases (weights, shadow), refreshed in place")
+    top.add_argument("--metrics", action="append", default=None, metavar="URL",
+                     help="a component's /metrics (repeat; default the local worker, router "
+                          "and gateway ports)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    _bootstrap_arg(top)
 
     demo = sub.add_parser("demo", help="the whole pipeline on a local broker and a small model")
     demo.add_argument("--requests", type=int, default=8)
@@ -238,7 +249,11 @@ def _worker(args: argparse.Namespace) -> int:
     except ChatTemplateError as exc:  # a broken template stops the worker before it joins
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    asyncio.run(_run_until_signalled(worker.run()))
+    try:
+        asyncio.run(_run_until_signalled(worker.run()))
+    except MetricsPortError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -299,10 +314,15 @@ def _gateway(args: argparse.Namespace) -> int:
         auth=not args.direct, request_timeout_s=args.request_timeout,
         attempt_timeout_s=args.attempt_timeout, max_attempts=args.max_attempts,
         max_lag=args.max_lag, host_routes=dict(r.split("=", 1) for r in args.host_route))
-    asyncio.run(_run_until_signalled(serve(
-        args.bootstrap or default_bootstrap(), args.port, args.host, settings,
-        max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
-        max_connections=args.max_connections)))
+    try:
+        asyncio.run(_run_until_signalled(serve(
+            args.bootstrap or default_bootstrap(), args.port, args.host, settings,
+            max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
+            max_connections=args.max_connections, metrics_port=args.metrics_port,
+            metrics_route=False)))  # tenants' names are not for callers to read
+    except MetricsPortError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -491,6 +511,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _canary(args)
     if args.command == "model":
         return _model(args)
+    if args.command == "top":
+        from ferry.top import DEFAULT_METRICS, run_top
+
+        asyncio.run(_run_until_signalled(run_top(
+            args.bootstrap or default_bootstrap(), args.metrics or DEFAULT_METRICS,
+            args.interval, args.once)))
+        return 0
     from ferry import control_cli, deploy_cli, shadow_cli
 
     for module in (control_cli, deploy_cli, shadow_cli):

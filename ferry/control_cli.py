@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ferry.broker import default_bootstrap
+from workers.metrics_server import add_metrics_port
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
@@ -16,7 +17,7 @@ def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
     router.add_argument("--app-id", default="ferry-router",
                         help="faust app id (consumer group and quota changelog names)")
     router.add_argument("--ingress", default=None, help="ingress topic (default ferry.ingress)")
-    router.add_argument("--metrics-port", type=int, default=None)
+    add_metrics_port(router, "router")
     router.add_argument("--log-level", default="WARNING")
     bootstrap_arg(router)
 

@@ -59,15 +59,17 @@ def run_demo(n_requests: int = 8) -> int:
     try:
         asyncio.run(_traffic(bootstrap, n_requests))
         _print_metrics(metrics_port)
-        processes.append(subprocess.Popen(worker + ["--deployment", CANDIDATE, "--shadow"]))
+        processes.append(subprocess.Popen(worker + ["--deployment", CANDIDATE, "--shadow",
+                                                    "--metrics-port", str(free_port())]))
         router_log = home / "router.log"
         with router_log.open("w") as log:
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "ferry.cli", "router", "--bootstrap", bootstrap,
-                 "--log-level", "INFO"], stdout=log, stderr=subprocess.STDOUT))
+                 "--log-level", "INFO", "--metrics-port", str(free_port())], stdout=log, stderr=subprocess.STDOUT))
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "ferry.cli", "comparator", "--bootstrap", bootstrap,
-                 "--candidate", CANDIDATE, "--window", "120"], stdout=log,
+                 "--candidate", CANDIDATE, "--window", "120",
+                 "--metrics-port", str(free_port())], stdout=log,
                 stderr=subprocess.STDOUT))
         asyncio.run(_front_door(bootstrap, router_log))
         asyncio.run(_checkpoints(bootstrap, home))

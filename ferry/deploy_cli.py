@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.broker import default_bootstrap
+from workers.metrics_server import add_metrics_port
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
@@ -32,6 +33,7 @@ def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
     d.add_argument("--manifests", type=Path, default=Path("deployments"),
                    help="where the manifests launcher writes compose/Kubernetes files")
     d.add_argument("--logs", type=Path, default=None, help="worker logs (local launcher)")
+    add_metrics_port(d, "deployer")
     bootstrap_arg(d)
     lst = sub.add_parser("deployments", help="deployments with status, age, lag, endpoint")
     dep = sub.add_parser("deploy", help="deploy STORE/NAME/VERSION (through its deployer)")
@@ -68,6 +70,8 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 async def _deployer(args: argparse.Namespace, bootstrap: str) -> None:
     from streams.deployer import Deployer, Policy
+    from streams.deployer_metrics import deployer_registry
+    from workers.metrics_server import serve_metrics
     from streams.launchers import Launcher, LocalLauncher, ManifestLauncher
 
     launcher: Launcher = (ManifestLauncher(bootstrap, args.manifests)
@@ -76,7 +80,9 @@ async def _deployer(args: argparse.Namespace, bootstrap: str) -> None:
     policy = Policy(keep=args.keep, settle_s=args.settle, replicas=args.replicas,
                     shadow_of=args.shadow_of, shadow_percent=args.shadow_percent,
                     canary_of=args.canary_of, canary_weight=args.canary_weight)
-    await Deployer(bootstrap, args.model, args.store, launcher, policy, watch=args.watch).run()
+    deployer = Deployer(bootstrap, args.model, args.store, launcher, policy, watch=args.watch)
+    serve_metrics(args.metrics_port, deployer_registry(deployer))
+    await deployer.run()
 
 
 async def _list(bootstrap: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from ferry.broker import default_bootstrap
 from ferry.control_cli import run_command
+from workers.metrics_server import add_metrics_port
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> Any:
@@ -23,7 +24,7 @@ def add_parsers(sub: Any, bootstrap_arg: Any) -> Any:
                       help="seconds to wait for a candidate's teacher-forced score")
     comp.add_argument("--stats-window", type=float, default=600.0,
                       help="seconds of comparisons behind the Prometheus gauges")
-    comp.add_argument("--metrics-port", type=int, default=None)
+    add_metrics_port(comp, "comparator")
     comp.add_argument("--log-level", default="WARNING")
     bootstrap_arg(comp)
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas import (
     Request, Result, SchemaError, batch_key, decode_request, decode_result, encode,
@@ -54,6 +54,7 @@ from schemas.topics import (
     SHADOW_RESULTS_PREFIX, mirror_topic, shadow_results_topic,
 )
 from streams.shadow_report import summarize
+from workers.metrics_server import serve_metrics
 from workers.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.comparator")
@@ -409,7 +410,6 @@ def run_comparator(bootstrap: str, candidates: Sequence[str], *,
     comparator = Comparator(bootstrap, candidates, app_id=app_id, window_s=window_s,
                             score_timeout_s=score_timeout_s, stats_window_s=stats_window_s,
                             registry=registry)
-    if metrics_port is not None:
-        start_http_server(metrics_port, registry=registry)
+    serve_metrics(metrics_port, registry)
     worker = faust.Worker(comparator.app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

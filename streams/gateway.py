@@ -70,6 +70,7 @@ from streams.recent_results import CHAT_HEADER, TENANT_HEADER, RecentResults, Se
 from streams.registry import Registry
 from streams.routes import RouteTable
 from streams.sse import DISCONNECT_POLL_S, Disconnected, LiveCall, gone, send_events
+from workers.metrics_server import serve_metrics
 
 log = logging.getLogger("ferry.gateway")
 
@@ -187,6 +188,8 @@ class Gateway:
         streamed = call.stream or call.respond_async
         task = asyncio.create_task(self._result_of(call.request, caller, first, pinned, live,
                                                    streamed))
+        task.add_done_callback(lambda t: self.metrics.count_call(
+            caller.tenant.name if caller.tenant else None, call.request.model, t))
         if call.respond_async:
             self._keep(call.request.id, Pending(task, chat, created,
                                                 caller.tenant.name if caller.tenant else None,
@@ -535,8 +538,10 @@ GATEWAY = web.AppKey("gateway", Gateway)
 
 def create_app(bootstrap: str, settings: GatewaySettings | None = None, *,
                registry: CollectorRegistry | None = None,
-               max_body_bytes: int = 1 << 20) -> web.Application:
-    """The gateway application; its Kafka clients start with the app and close with it."""
+               max_body_bytes: int = 1 << 20, metrics_route: bool = True) -> web.Application:
+    """The gateway application; its Kafka clients start with the app and close with it.
+    `metrics_route`: /metrics on the API port too (`serve` puts it on a port of its own:
+    the series name tenants, which callers must not read)."""
     gateway = Gateway(bootstrap, registry if registry is not None else CollectorRegistry(),
                       settings or GatewaySettings())
     app = web.Application(client_max_size=max_body_bytes, middlewares=[gateway.middleware])
@@ -550,15 +555,20 @@ def create_app(bootstrap: str, settings: GatewaySettings | None = None, *,
     app.router.add_get("/v1/requests/{id}", gateway.poll)
     app.router.add_get("/v1/requests/{id}/events", gateway.events)
     app.router.add_get("/healthz", gateway.healthz)
-    app.router.add_get("/metrics", gateway.metrics_page)
+    if metrics_route:
+        app.router.add_get("/metrics", gateway.metrics_page)
     return app
 
 
 async def serve(bootstrap: str, port: int, host: str = "127.0.0.1",
                 settings: GatewaySettings | None = None, max_body_bytes: int = 1 << 20,
-                header_timeout_s: float = 10.0, max_connections: int = 1024) -> None:
-    """Run the gateway until cancelled, behind a header-read timeout and a connection cap."""
-    app = create_app(bootstrap, settings, max_body_bytes=max_body_bytes)
+                header_timeout_s: float = 10.0, max_connections: int = 1024,
+                metrics_port: int | None = None, metrics_route: bool = True) -> None:
+    """Run the gateway until cancelled, behind a header-read timeout and a connection cap;
+    its metrics on `metrics_port` (None: none) and, with `metrics_route`, on the API port."""
+    app = create_app(bootstrap, settings, max_body_bytes=max_body_bytes,
+                     metrics_route=metrics_route)
+    serve_metrics(metrics_port, app[GATEWAY].registry)
     runner = web.AppRunner(app, keepalive_timeout=75.0)
     await runner.setup()
     guard = ConnectionGuard(runner.server, app[GATEWAY].registry,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from streams.registry import DeploymentRecord
+from workers.metrics_server import free_port
 
 log = logging.getLogger("ferry.launcher")
 
@@ -102,7 +103,8 @@ class LocalLauncher:
     def __init__(self, bootstrap: str, log_dir: Path, extra_args: tuple[str, ...] | None = None,
                  backoff_s: tuple[float, float] = (1.0, 30.0)) -> None:
         self.bootstrap, self.log_dir = bootstrap, log_dir
-        # No metrics port from the template: local replicas share one network namespace.
+        # No metrics port from the template: local replicas share one network namespace,
+        # so each gets a free port of its own (logged, and in `metrics_ports`).
         self.extra_args = (tuple(WorkerTemplate.from_env().worker_flags())
                            if extra_args is None else extra_args)
         self.backoff_s = backoff_s
@@ -112,8 +114,11 @@ class LocalLauncher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "ferry.cli", *worker_args(record, self.bootstrap),
                *self.extra_args]
-        replicas = [_Replica(cmd, self.log_dir / f"{record.deployment}.{i}.log",
-                             self.backoff_s) for i in range(record.replicas)]
+        replicas = [_Replica([*cmd, "--metrics-port", str(free_port())],
+                             self.log_dir / f"{record.deployment}.{i}.log", self.backoff_s)
+                    for i in range(record.replicas)]
+        log.info("%s: replicas' metrics on ports %s", record.deployment,
+                 [r.metrics_port for r in replicas])
         self._replicas[record.deployment] = replicas
         for replica in replicas:
             replica.task = asyncio.create_task(replica.supervise(), name=record.deployment)
@@ -123,6 +128,9 @@ class LocalLauncher:
 
     def restarts(self, deployment: str) -> int:
         return sum(r.restarts for r in self._replicas.get(deployment, []))
+
+    def metrics_ports(self, deployment: str) -> list[int]:
+        return [r.metrics_port for r in self._replicas.get(deployment, [])]
 
     def pids(self, deployment: str) -> list[int]:
         return [r.process.pid for r in self._replicas.get(deployment, [])
@@ -141,6 +149,10 @@ class _Replica:
         self.task: asyncio.Task | None = None
         self.restarts = 0
         self._stopping = False
+
+    @property
+    def metrics_port(self) -> int:
+        return int(self.cmd[-1])  # appended last by LocalLauncher.start: it wins
 
     async def supervise(self) -> None:
         delay = self.backoff_s[0]

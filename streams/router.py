@@ -27,11 +27,14 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import faust
 from aiokafka.errors import KafkaError
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from schemas import (
     DLQ_TOPIC, DeadLetter, ErrorCode, Request, Result, SchemaError, batch_key, decode_request,
@@ -49,6 +52,7 @@ from streams.quota import admit, estimate_tokens
 from streams.registry import Registry
 from streams.routes import RouteTable
 from streams.shadow import Shadow, ShadowTable
+from workers.metrics_server import BoundedLabel, serve_metrics
 from workers.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.router")
@@ -69,6 +73,46 @@ class RouterMetrics:
         self.handle = Histogram("ferry_router_handle_seconds", "Time to route one request",
                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .5),
                                 registry=registry)
+        # Per tenant (an authenticated key's tenant, at most 1000 distinct, then "other").
+        self.tenant, self.model = BoundedLabel(), BoundedLabel()
+        self.tenant_requests = Counter("ferry_router_tenant_requests",
+                                       "Requests forwarded, by tenant and requested model",
+                                       ["tenant", "model"], registry=registry)
+        self.tenant_tokens = Counter("ferry_router_tenant_charged_tokens",
+                                     "Tokens charged to the tenant's quota (prompt estimate + "
+                                     "max_new_tokens; retries are not charged)", ["tenant"],
+                                     registry=registry)
+        self.tenant_rejected = Counter("ferry_router_tenant_rejected",
+                                       "Requests of a known tenant refused, by reason",
+                                       ["tenant", "reason"], registry=registry)
+
+
+class RouteGauges(Collector):
+    """Route weights and shadow shares as the router sees them now (built at scrape time,
+    from the metrics thread: the tables are read through copies)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[Metric]:
+        weights = GaugeMetricFamily("ferry_route_weight", "Weight of a deployment in an "
+                                    "alias's route (share = weight / sum of the alias's)",
+                                    labels=["alias", "deployment"])
+        shadows = GaugeMetricFamily("ferry_shadow_percent", "Share of an alias's requests "
+                                    "mirrored to a shadow candidate, percent",
+                                    labels=["alias", "candidate"])
+        if self.router._ready.is_set():
+            for alias, route in sorted(dict(self.router.routes.aliases()).items()):
+                for deployment, weight in sorted(dict(route.weights).items()):
+                    weights.add_metric([alias, deployment], weight)
+            for alias, shadow in sorted(dict(self.router.shadows.all()).items()):
+                for candidate in shadow.candidates:
+                    shadows.add_metric([alias, candidate], shadow.percent)
+        yield weights
+        yield shadows
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
 
 class _Refusal(Exception):
@@ -86,7 +130,9 @@ class Router:
                  ingress: str = INGRESS_TOPIC, registry: CollectorRegistry | None = None) -> None:
         self.bootstrap, self.ingress = bootstrap, ingress
         self.quota_topic = f"{app_id}.quotas"
-        self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry())
+        registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = RouterMetrics(registry)
+        registry.register(RouteGauges(self))
         self.app = faust.App(
             app_id, broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False,
             topic_partitions=INGRESS_PARTITIONS, consumer_auto_offset_reset="earliest",
@@ -175,6 +221,9 @@ class Router:
             await self._forward(request, tenant, key, value, headers, message)
         except _Refusal as refusal:
             self.metrics.rejected.labels(refusal.code.value).inc()
+            if tenant is not None:
+                self.metrics.tenant_rejected.labels(self.metrics.tenant(tenant.name),
+                                                    refusal.code.value).inc()
             await self._dead_letter(message, key, value, refusal.message, refusal.bad_field,
                                     refusal.code.value)
             # Never on an internal topic; a known tenant only on its own reply topics.
@@ -215,8 +264,8 @@ class Router:
             state = self._buckets.get(tenant.name) or self.quotas.values.get(tenant.name)
             text = request.prompt if request.messages is None else messages_text(
                 request.messages)  # rendered by the worker, a few tokens longer
-            verdict = admit(state, tenant, estimate_tokens(
-                text, request.input_ids, request.max_new_tokens), now)
+            charged = estimate_tokens(text, request.input_ids, request.max_new_tokens)
+            verdict = admit(state, tenant, charged, now)
             if not verdict.allowed:
                 retry = None if math.isinf(verdict.retry_after_s) else round(
                     verdict.retry_after_s, 3)
@@ -228,6 +277,7 @@ class Router:
             self._buckets[tenant.name] = verdict.state
             await self.app.producer.send(self.quota_topic, tenant.name.encode(),
                                          encode(verdict.state), None, None, None)
+            self.metrics.tenant_tokens.labels(self.metrics.tenant(tenant.name)).inc(charged)
         forwarded = dataclasses.replace(request, model=deployment, created_at=posted)
         shadow = self.shadows.get(request.model) if _attempt(headers) <= 1 else None
         if shadow is not None and not shadow.mirrors(request.id):
@@ -237,6 +287,8 @@ class Router:
             requests_topic(deployment), batch_key(forwarded, deployment).encode(),
             encode(forwarded.to_dict()), None, None, marks)
         self.metrics.routed.labels(request.model, deployment).inc()
+        self.metrics.tenant_requests.labels(self.metrics.tenant(tenant.name),
+                                            self.metrics.model(request.model)).inc()
         if shadow is not None:
             await self._mirror(forwarded, shadow, deployment)
 
@@ -316,7 +368,6 @@ def run_router(bootstrap: str, *, app_id: str = "ferry-router", ingress: str = I
     asyncio.run(ensure_topics(bootstrap, {ingress: INGRESS_PARTITIONS}))
     registry = CollectorRegistry()
     router = Router(bootstrap, app_id=app_id, ingress=ingress, registry=registry)
-    if metrics_port is not None:
-        start_http_server(metrics_port, registry=registry)
+    serve_metrics(metrics_port, registry)
     worker = faust.Worker(router.app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -190,7 +190,7 @@ def listens_on(service: dict[str, Any]) -> dict[int, str]:
             continue
         if parsed.command == "gateway":
             ports[parsed.port] = "/healthz"
-        elif getattr(parsed, "metrics_port", None):
+        if getattr(parsed, "metrics_port", None):
             ports[parsed.metrics_port] = "/metrics"
     return ports
 
@@ -277,11 +277,9 @@ def test_healthchecks_fetch_what_the_service_serves(stack: str) -> None:
             assert "healthcheck" in service, f"{name} serves {ports} but has no healthcheck"
             port, path = healthcheck_url(service)
             assert ports.get(port) == path, f"{name}: checks :{port}{path}, serves {ports}"
-        elif "build" in service and not one_shot(STACKS[stack], name):
-            # Only a component without any HTTP endpoint may go unchecked; once the
-            # deployer grows a metrics port, this demands its healthcheck.
-            assert name == "deployer", f"{name}: no endpoint and no healthcheck"
-            assert "healthcheck" not in service
+        else:  # every long-running Ferry component serves metrics
+            assert "build" not in service or one_shot(STACKS[stack], name), \
+                f"{name}: no endpoint and no healthcheck"
     for name in ("prometheus", "grafana"):
         port = int(STACKS[stack]["services"][name]["ports"][0].split(":")[-1])
         assert healthcheck_url(STACKS[stack]["services"][name])[0] == port
@@ -466,7 +464,8 @@ def test_prometheus_scrapes_every_component() -> None:
         for dns in job.get("dns_sd_configs", []):
             assert dns["type"] == "A"
             scraped.update((name, dns["port"]) for name in dns["names"])
-    exposed = {(name, port) for name, s in services.items() for port in listens_on(s)}
+    exposed = {(name, port) for name, s in services.items()
+               for port, path in listens_on(s).items() if path == "/metrics"}
     assert exposed and exposed <= scraped, f"not scraped: {exposed - scraped}"
     for host, port in scraped - exposed:
         assert (host, port) == ("prometheus", 9090), f"{host}:{port} serves no metrics"

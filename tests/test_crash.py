@@ -19,7 +19,8 @@ def spawn_worker(model: Path, deployment: str, bootstrap: str,
                  *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ferry.cli", "worker", "--model", str(model),
-         "--deployment", deployment, "--bootstrap", bootstrap, "--max-num-seqs", "2", *flags],
+         "--deployment", deployment, "--bootstrap", bootstrap, "--max-num-seqs", "2",
+         "--metrics-port", "off", *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
 

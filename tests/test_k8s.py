@@ -328,10 +328,7 @@ def _ferry_problems(where: str, obj: dict[str, Any], template: dict[str, Any],
             problems.append(f"{where}: gateway bound to loopback")
         served = endpoint(parsed)
         if served is None and obj["kind"] != "Job":
-            # Only the deployer has no HTTP endpoint (yet): it exits on failure and the
-            # kubelet restarts it. Once it has a metrics port, its probes are demanded.
-            if parsed.command != "deployer":
-                problems.append(f"{where}: `ferry {parsed.command}` opens no port to probe")
+            problems.append(f"{where}: `ferry {parsed.command}` opens no port to probe")
             continue
         for kind in ("readinessProbe", "livenessProbe") if obj["kind"] != "Job" else ():
             http = container.get(kind, {}).get("httpGet")
@@ -339,11 +336,14 @@ def _ferry_problems(where: str, obj: dict[str, Any], template: dict[str, Any],
                 problems.append(f"{where}: no {kind} (httpGet)")
             elif served != (port_number(container, http["port"]), http["path"]):
                 problems.append(f"{where}: {kind} {http} is not {served} it serves")
-        if served and obj["kind"] != "Job":
+        metrics = getattr(parsed, "metrics_port", None)
+        if metrics and obj["kind"] != "Job":
             notes = template["metadata"].get("annotations", {})
             if notes.get("prometheus.io/scrape") != "true" or \
-                    notes.get("prometheus.io/port") != str(served[0]):
-                problems.append(f"{where}: metrics port {served[0]} not annotated for scraping")
+                    notes.get("prometheus.io/port") != str(metrics):
+                problems.append(f"{where}: metrics port {metrics} not annotated for scraping")
+            if port_number(container, metrics) is None:
+                problems.append(f"{where}: metrics port {metrics} not declared")
         if parsed.command == "worker":
             mount = next((m for m in container.get("volumeMounts", [])
                           if m["mountPath"] == str(parsed.store)), None)

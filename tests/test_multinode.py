@@ -55,7 +55,7 @@ async def test_replica_spans_two_hosts(second_host, client, kafka_bootstrap, tin
     dep, port = unique("2node"), free_port()
     common = ["-m", "ferry.cli", "worker", "--model", str(tiny_model), "--deployment", dep,
               "--bootstrap", kafka_bootstrap, "--nnodes", "2", "--master-addr", HOST0,
-              "--master-port", str(port), "--tp-timeout", "20"]
+              "--master-port", str(port), "--tp-timeout", "20", "--metrics-port", "off"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     node0 = subprocess.Popen([sys.executable, *common, "--node-rank", "0"],
                              env={**env, "GLOO_SOCKET_IFNAME": here},

@@ -19,7 +19,8 @@ def test_worker_refuses_a_corrupted_version(tiny_model, tmp_path) -> None:
     weights.write_bytes(weights.read_bytes()[:-1])  # truncated: the size check catches it
     proc = subprocess.run(
         [sys.executable, "-m", "ferry.cli", "worker", "--store", str(tmp_path / "store"),
-         "--model", "tiny/v1", "--deployment", "never", "--bootstrap", "127.0.0.1:1"],
+         "--model", "tiny/v1", "--deployment", "never", "--bootstrap", "127.0.0.1:1",
+         "--metrics-port", "off"],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "model.safetensors" in proc.stderr and "size" in proc.stderr
@@ -32,7 +33,8 @@ async def test_worker_loads_from_the_store(client, kafka_bootstrap, tiny_model, 
     dep = unique("stored")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ferry.cli", "worker", "--store", str(store), "--model",
-         "tiny/v1", "--verify-hashes", "--deployment", dep, "--bootstrap", kafka_bootstrap],
+         "tiny/v1", "--verify-hashes", "--deployment", dep, "--bootstrap", kafka_bootstrap,
+         "--metrics-port", "off"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from schemas import (
     DLQ_TOPIC, RESULTS_TOPIC, DeadLetter, Delta, ErrorCode, Request, Result, SchemaError,
@@ -47,7 +47,8 @@ from workers.admission import Refused, admit
 from workers.chat_template import deployment_template
 from workers.config import WorkerConfig
 from workers.engine import Completion, Engine, EngineDown, EngineRequest, StepOutput
-from workers.metrics import WorkerMetrics
+from workers.metrics import BacklogSampler, WorkerMetrics
+from workers.metrics_server import serve_metrics
 from workers.offsets import OffsetTracker
 from workers.publisher import Answer, Destination, Publisher
 from workers.streaming import DeltaStream
@@ -142,8 +143,7 @@ class Worker:
     async def run(self) -> None:
         """Serve until cancelled; a failure in either loop stops the worker loudly."""
         log.info("worker starting: %s", self.config.describe())
-        if self.config.metrics_port is not None:
-            start_http_server(self.config.metrics_port, registry=self.registry)
+        serve_metrics(self.config.metrics_port, self.registry)
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self.config.bootstrap, acks="all", enable_idempotence=True,
             max_request_size=self.config.max_message_bytes + _RECORD_OVERHEAD, linger_ms=2)
@@ -161,7 +161,9 @@ class Worker:
                      asyncio.create_task(self._serve_loop(), name="serve"),
                      asyncio.create_task(self._commit_loop(), name="commit"),
                      asyncio.create_task(self._stream_loop(), name="stream"),
-                     asyncio.create_task(self._cancel_loop(), name="cancel")]
+                     asyncio.create_task(self._cancel_loop(), name="cancel"),
+                     asyncio.create_task(BacklogSampler(self.metrics, self.config.deployment)
+                                         .run(self._consumer), name="backlog")]
             try:
                 done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
                 for task in done:
@@ -628,7 +630,8 @@ class Worker:
             if not points:
                 return
             try:
-                await self._consumer.commit(points)
+                with self.metrics.commit_latency.labels(self.config.deployment).time():
+                    await self._consumer.commit(points)
             except (CommitFailedError, IllegalStateError) as exc:
                 # Lost the partitions in a rebalance: their new owner re-serves from the last
                 # commit (a duplicate answer, never a lost one).

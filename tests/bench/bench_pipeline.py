@@ -60,9 +60,9 @@ def in_process(engine: Engine) -> dict:
     return summary("in-process engine", latencies, time.perf_counter() - start)
 
 
-async def burst(client: FerryClient, model: str,
-                topic: str | None = None) -> tuple[float, list[float]]:
-    """Post every request at once; latency = submit to result."""
+async def burst(client: FerryClient, model: str, topic: str | None = None,
+                collect: list | None = None) -> tuple[float, list[float]]:
+    """Post every request at once; latency = submit to result (results into `collect`)."""
     sent: dict[str, float] = {}
     futures = []
     start = time.perf_counter()
@@ -78,6 +78,8 @@ async def burst(client: FerryClient, model: str,
     results = await asyncio.wait_for(asyncio.gather(*futures), 600)
     wall = time.perf_counter() - start
     assert all(r.error is None for r in results), [r.error for r in results if r.error]
+    if collect is not None:
+        collect.extend(results)
     return wall, list(sent.values())
 
 
