@@ -85,7 +85,7 @@ class Load:
 def spawn(model: Path, deployment: str, bootstrap: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ferry.cli", "worker", "--model", str(model), "--deployment",
-         deployment, "--bootstrap", bootstrap, "--max-num-seqs", "4"],
+         deployment, "--bootstrap", bootstrap, "--max-num-seqs", "4", "--metrics-port", "off"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
 
