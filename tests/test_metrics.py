@@ -152,3 +152,25 @@ def test_the_readme_table_documents_every_series() -> None:
               "ferry_deployment_status", "ferry_deployer_replica_restarts"}  # built at scrape
     names = {n for n in names if not n.startswith(("process_", "python_"))}
     assert names - table == set(), "not in the README's metrics table"
+
+
+def test_deployer_metrics_come_from_its_state() -> None:
+    from types import SimpleNamespace
+
+    from streams.deployer_metrics import deployer_registry
+    from streams.registry import DeploymentRecord
+
+    ready = DeploymentRecord("llm", "step-2", "/s/llm/step-2").moved("ready")
+    retired = DeploymentRecord("llm", "step-1", "/s/llm/step-1").moved("retired")
+    deployer = SimpleNamespace(model="llm", _mine={r.id: r for r in (ready, retired)},
+                               launcher=SimpleNamespace(restarts=lambda d: 2))
+    value = deployer_registry(deployer).get_sample_value  # type: ignore[arg-type]
+    assert value("ferry_deployer_deployments", {"model": "llm", "status": "ready"}) == 1
+    assert value("ferry_deployer_deployments", {"model": "llm", "status": "retired"}) == 1
+    assert value("ferry_deployer_deployments", {"model": "llm", "status": "failed"}) == 0
+    assert value("ferry_deployment_status", {"deployment": ready.deployment,
+                                             "status": "ready"}) == 1
+    assert value("ferry_deployment_status", {"deployment": retired.deployment,
+                                             "status": "retired"}) is None
+    assert value("ferry_deployer_replica_restarts", {"deployment": ready.deployment}) == 2
+    assert value("process_cpu_seconds_total") is not None
