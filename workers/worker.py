@@ -200,8 +200,9 @@ class Worker:
         self._publisher = Publisher(self._producer, self.config, self.metrics,
                                     self._topics_ready)
         if self.config.exactly_once:
-            self._txns = PartitionTransactions(self.config, self._publisher, self._offsets,
-                                               _RECORD_OVERHEAD)
+            self._txns = PartitionTransactions(
+                self.config, self._publisher, self._offsets, _RECORD_OVERHEAD,
+                commit_latency=self.metrics.commit_latency.labels(self.config.deployment))
             await self._txns.start()
         # Joining the group (and its first assignment) comes last: everything the rebalance
         # listener uses exists by then.
