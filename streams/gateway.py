@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import logging
 import time
 import uuid
@@ -63,15 +64,21 @@ from streams.gateway_metrics import GatewayMetrics
 from streams.http_guard import ConnectionGuard
 from streams.keys import KeyRing, Tenant
 from streams.openai_format import (
-    REASON, ApiError, completion_object, error_response, json_text, parse_call, pick_model,
-    result_error, schema_error,
+    REASON, ApiError, Call, completion_object, completions_object, error_response, json_text,
+    parse_call, pick_model, result_error, schema_error,
 )
 from streams.recent_results import CHAT_HEADER, TENANT_HEADER, RecentResults, Seen
 from streams.registry import Registry
 from streams.routes import RouteTable
+from streams.serving import WorkerGroups
 from streams.sse import DISCONNECT_POLL_S, Disconnected, LiveCall, gone, send_events
 
 log = logging.getLogger("ferry.gateway")
+
+try:
+    _VERSION = importlib.metadata.version("ferry")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree
+    _VERSION = "unknown"
 
 RESULT_RETENTION_S = 600.0
 MAX_WAIT_S = 300.0
@@ -119,6 +126,7 @@ class Gateway:
     routes: RouteTable
     backlog: BacklogProbe
     deployments: Registry  # the deployment registry (self.registry is Prometheus')
+    workers: WorkerGroups  # which hand-started deployments have a worker
     keys: KeyRing | None = None
 
     def __init__(self, bootstrap: str, registry: CollectorRegistry,
@@ -138,8 +146,9 @@ class Gateway:
         self.backlog = BacklogProbe(self.bootstrap)
         self.deployments = Registry(self.bootstrap)
         self.recent = RecentResults(self.bootstrap, retention_s=RESULT_RETENTION_S)
+        self.workers = WorkerGroups(self.bootstrap)
         parts: list[Any] = [self.client, self.catalog, self.routes, self.backlog,
-                            self.deployments, self.recent]
+                            self.deployments, self.recent, self.workers]
         if self.settings.auth:
             self.keys = KeyRing(self.bootstrap)
             parts.append(self.keys)
@@ -151,7 +160,8 @@ class Gateway:
         for p in self.pending.values():
             p.task.cancel()
         parts: list[Any] = [self.catalog, self.routes, self.backlog, self.deployments,
-                            self.recent, self.client, *([self.keys] if self.keys else [])]
+                            self.recent, self.workers, self.client,
+                            *([self.keys] if self.keys else [])]
         try:  # bounded: a broker that stopped answering must not hold the shutdown
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await asyncio.gather(*(p.task for p in self.pending.values()), *self._sharing,
@@ -180,8 +190,11 @@ class Gateway:
         except SchemaError as exc:
             raise schema_error(exc, "messages" if chat else "prompt") from None
         pinned = path_model is not None
+        # Every prompt of a call goes to the backend chosen for the first (one model answers).
         first = await self._choose(call.request, pinned, tried=set())
         created = int(time.time())
+        if len(call.requests) > 1:
+            return await self._generate_many(http, call, caller, first, pinned, created)
         live = LiveCall(call.request.id)
         # Async calls stream too, for whoever follows their events endpoint.
         streamed = call.stream or call.respond_async
@@ -206,6 +219,33 @@ class Gateway:
             response = web.Response(status=499)
             response[REASON] = ErrorCode.CANCELLED.value
             return response
+
+    async def _generate_many(self, http: web.Request, call: Call, caller: Caller, first: str,
+                             pinned: bool, created: int) -> web.StreamResponse:
+        """A completions call with a list of prompts: one request each, run together, one
+        answer with a choice per prompt (or the first prompt's error, naming it)."""
+        lives = [LiveCall(r.id) for r in call.requests]
+        tasks = [asyncio.create_task(self._result_of(r, caller, first, pinned, live, False))
+                 for r, live in zip(call.requests, lives)]
+        gathered = asyncio.ensure_future(asyncio.gather(*tasks))
+        try:
+            results = await _unless_gone(http, gathered)
+        except Disconnected:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*(self._cancel(live, "caller disconnected") for live in lives))
+            response = web.Response(status=499)
+            response[REASON] = ErrorCode.CANCELLED.value
+            return response
+        for i, result in enumerate(results):
+            if result.error is not None:
+                err = result_error(result)
+                if err.param == "prompt":
+                    err.param = f"prompt[{i}]"
+                err.message = f"prompt[{i}]: {err.message}"
+                return error_response(err)
+        return web.json_response(completions_object(call.id, results, created),
+                                 dumps=json_text)
 
     async def _cancel(self, live: LiveCall, why: str) -> None:
         """Tell the backend of the call's current attempt to stop (best effort: the request's
@@ -415,18 +455,55 @@ class Gateway:
         raise ApiError(404, f"id: no request {request_id!r} is known here (nor a result for it "
                        f"within {wait:g}s)", "not_found", "id")
 
-    async def models(self, _http: web.Request) -> web.Response:
-        aliases = self.routes.aliases()
-        data = [{"id": alias, "object": "model", "created": 0, "owned_by": "ferry",
-                 "routes": route.weights} for alias, route in sorted(aliases.items())]
-        deployed = {r.deployment: r for r in self.deployments.records()}
-        data += [{"id": r.id, "object": "model", "created": int(r.times.get("pending", 0)),
-                  "owned_by": "ferry", "deployment": r.deployment, "status": r.status}
-                 for r in sorted(deployed.values(), key=lambda r: r.id)]
-        data += [{"id": n, "object": "model", "created": 0, "owned_by": "ferry"}
-                 for n in sorted(await self.catalog.names())
-                 if n not in aliases and n not in deployed]
-        return web.json_response({"object": "list", "data": data})
+    async def _served(self) -> dict[str, dict[str, Any]]:
+        """OpenAI model objects of what takes requests now, by every name a call may use:
+        ready deployments of the registry, deployments started by hand whose worker group
+        has members, and aliases with at least one such backend (a topic with no worker, a
+        typo's auto-created topic, an alias naming nothing: not listed)."""
+        records = {r.deployment: r for r in self.deployments.records()}
+        topics = await self.catalog.names(max_age_s=5.0)
+        ready = {d for d, r in records.items() if r.status == "ready" and d in topics}
+        ready |= await self.workers.staffed(n for n in topics if n not in records)
+        served: dict[str, dict[str, Any]] = {}
+        for alias, route in sorted(self.routes.aliases().items()):
+            if any(d in ready for d in route.backends()):
+                served[alias] = {"id": alias, "object": "model", "created": 0,
+                                 "owned_by": "ferry", "routes": route.weights}
+        for name in sorted(ready):
+            record = records.get(name)
+            if record is None:
+                served.setdefault(name, {"id": name, "object": "model", "created": 0,
+                                         "owned_by": "ferry"})
+            else:
+                obj = {"id": record.id, "object": "model",
+                       "created": int(record.times.get("pending", 0)), "owned_by": "ferry",
+                       "deployment": record.deployment, "status": record.status}
+                served.setdefault(record.id, obj)
+                served.setdefault(record.deployment, obj)  # the topic-safe name works too
+        return served
+
+    async def models(self, http: web.Request) -> web.Response:
+        self._caller(http)  # the same key as generation
+        unique = {id(obj): obj for obj in (await self._served()).values()}
+        return web.json_response({"object": "list", "data": list(unique.values())})
+
+    async def model(self, http: web.Request) -> web.Response:
+        self._caller(http)
+        name = http.match_info["id"]
+        obj = (await self._served()).get(name)
+        if obj is None:
+            raise ApiError(404, f"model: {name!r} is not served by any ready deployment",
+                           ErrorCode.UNKNOWN_MODEL.value, "model")
+        return web.json_response(obj)
+
+    async def health(self, http: web.Request) -> web.Response:
+        """vLLM's /health: 200 with an empty body when the gateway can serve, else 503."""
+        healthz = await self.healthz(http)
+        return web.Response(status=healthz.status, text="" if healthz.status == 200 else
+                            healthz.text, content_type="application/json")
+
+    async def version(self, _http: web.Request) -> web.Response:
+        return web.json_response({"version": _VERSION})
 
     async def healthz(self, _http: web.Request) -> web.Response:
         """ok, or 503 naming every background reader that died (the gateway would answer
@@ -547,9 +624,12 @@ def create_app(bootstrap: str, settings: GatewaySettings | None = None, *,
         app.router.add_post(f"{prefix}/completions", gateway.completions)
         app.router.add_post(f"{prefix}/chat/completions", gateway.chat_completions)
     app.router.add_get("/v1/models", gateway.models)
+    app.router.add_get("/v1/models/{id}", gateway.model)
     app.router.add_get("/v1/requests/{id}", gateway.poll)
     app.router.add_get("/v1/requests/{id}/events", gateway.events)
     app.router.add_get("/healthz", gateway.healthz)
+    app.router.add_get("/health", gateway.health)
+    app.router.add_get("/version", gateway.version)
     app.router.add_get("/metrics", gateway.metrics_page)
     return app
 
