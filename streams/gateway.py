@@ -23,7 +23,10 @@ same alias with the same request id, at most `max_attempts` in all within
 `request_timeout_s`; the caller gets exactly one answer.
 
 Chat messages are passed on as they are; the worker renders them with its model's chat
-template. Sampling defaults are Ferry's (greedy, 16 tokens), not OpenAI's.
+template. Every OpenAI field is implemented or refused with a 400 naming it
+(`streams.openai_fields`). Defaults: greedy; 16 tokens for completions, the rest of the
+context for chat (as vLLM). A list of prompts becomes one request per prompt, gathered into
+one answer.
 `stream: true` sends server-sent events in OpenAI's chunk format as the worker generates
 (`streams.sse`): the request carries `stream_to` (this gateway's delta topic) and every
 delta becomes a text chunk. A caller who disconnects, and an attempt the gateway gives up
