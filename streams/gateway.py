@@ -68,7 +68,7 @@ from streams.http_guard import ConnectionGuard
 from streams.keys import KeyRing, Tenant
 from streams.openai_format import (
     REASON, ApiError, Call, completion_object, completions_object, error_response, json_text,
-    parse_call, pick_model, result_error, schema_error,
+    parse_call, pick_model, prompt_error, result_error, schema_error,
 )
 from streams.recent_results import CHAT_HEADER, TENANT_HEADER, RecentResults, Seen
 from streams.registry import Registry
@@ -197,7 +197,8 @@ class Gateway:
         first = await self._choose(call.request, pinned, tried=set())
         created = int(time.time())
         if len(call.requests) > 1:
-            return await self._generate_many(http, call, caller, first, pinned, created)
+            return await self._generate_many(http, call, caller, first, pinned, created,
+                                             started)
         live = LiveCall(call.request.id)
         # Async calls stream too, for whoever follows their events endpoint.
         streamed = call.stream or call.respond_async
@@ -224,15 +225,28 @@ class Gateway:
             return response
 
     async def _generate_many(self, http: web.Request, call: Call, caller: Caller, first: str,
-                             pinned: bool, created: int) -> web.StreamResponse:
+                             pinned: bool, created: int, started: float
+                             ) -> web.StreamResponse:
         """A completions call with a list of prompts: one request each, run together, one
-        answer with a choice per prompt (or the first prompt's error, naming it)."""
+        answer with a choice per prompt (or the first prompt's error, naming it); streamed,
+        their chunks interleave, each with its choice index."""
         lives = [LiveCall(r.id) for r in call.requests]
-        tasks = [asyncio.create_task(self._result_of(r, caller, first, pinned, live, False))
+        tasks = [asyncio.create_task(self._result_of(r, caller, first, pinned, live,
+                                                     call.stream))
                  for r, live in zip(call.requests, lives)]
-        gathered = asyncio.ensure_future(asyncio.gather(*tasks))
         try:
-            results = await _unless_gone(http, gathered)
+            if call.stream:
+                response = await send_events(http, lives, tasks, chat=False, created=created,
+                                             model=first, include_usage=call.include_usage,
+                                             metrics=self.metrics, route=_route_label(http),
+                                             started=started, request_id=call.id)
+                # A stream ended by one prompt's error leaves the others nobody reads.
+                left = [(t, c) for t, c in zip(tasks, lives) if not t.done()]
+                for task, _ in left:
+                    task.cancel()
+                await asyncio.gather(*(self._cancel(c, "stream ended") for _, c in left))
+                return response
+            results = await _unless_gone(http, asyncio.ensure_future(asyncio.gather(*tasks)))
         except Disconnected:
             for task in tasks:
                 task.cancel()
@@ -242,11 +256,7 @@ class Gateway:
             return response
         for i, result in enumerate(results):
             if result.error is not None:
-                err = result_error(result)
-                if err.param == "prompt":
-                    err.param = f"prompt[{i}]"
-                err.message = f"prompt[{i}]: {err.message}"
-                return error_response(err)
+                return error_response(prompt_error(result_error(result), i))
         return web.json_response(completions_object(call.id, results, created),
                                  dumps=json_text)
 

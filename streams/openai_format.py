@@ -77,6 +77,14 @@ def result_error(result: Result) -> ApiError:
                     result.error.code.value, param, result.error.retry_after_s)
 
 
+def prompt_error(err: ApiError, i: int) -> ApiError:
+    """The error of prompt i of a call with several: it names the prompt."""
+    err.message = f"prompt[{i}]: {err.message}"
+    if err.param in (None, "prompt"):
+        err.param = f"prompt[{i}]"
+    return err
+
+
 def json_text(obj: Any) -> str:
     return orjson.dumps(obj).decode()
 
@@ -179,9 +187,6 @@ def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
         raise SchemaError(source, "is required")
     sources = [{"messages": body["messages"]}] if chat else prompts(body["prompt"])
     stream, respond_async = _flag(body, "stream"), _flag(body, "async") or prefer_async
-    if len(sources) > 1 and stream:
-        raise SchemaError("stream", "is not supported with a list of prompts yet; stream one "
-                                    "prompt per call")
     if len(sources) > 1 and respond_async:
         raise SchemaError("async", "is not supported with a list of prompts; send one prompt "
                                    "per call")
@@ -281,26 +286,34 @@ def chunk_base(request_id: str, model: str, chat: bool, created: int) -> dict[st
             "created": created, "model": model}
 
 
-def role_chunk(base: dict[str, Any]) -> dict[str, Any]:
+def role_chunk(base: dict[str, Any], index: int = 0) -> dict[str, Any]:
     """A chat stream's first chunk: who speaks, before any text."""
-    return {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+    return {**base, "choices": [{"index": index,
+                                 "delta": {"role": "assistant", "content": ""},
                                  "finish_reason": None, "logprobs": None}]}
 
 
-def text_chunk(base: dict[str, Any], chat: bool, text: str) -> dict[str, Any]:
-    choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+def text_chunk(base: dict[str, Any], chat: bool, text: str, index: int = 0) -> dict[str, Any]:
+    choice = {"index": index, "delta": {"content": text}} if chat else {"index": index,
+                                                                      "text": text}
     return {**base, "choices": [{**choice, "finish_reason": None, "logprobs": None}]}
 
 
-def finish_chunk(base: dict[str, Any], chat: bool, result: Result) -> dict[str, Any]:
-    choice = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
+def finish_chunk(base: dict[str, Any], chat: bool, result: Result,
+                 index: int = 0) -> dict[str, Any]:
+    choice = {"index": index, "delta": {}} if chat else {"index": index, "text": ""}
     return {**base, "choices": [{**choice, "finish_reason": result.finish_reason,
                                  "logprobs": None}]}
 
 
-def usage_chunk(base: dict[str, Any], result: Result) -> dict[str, Any]:
-    """The last chunk of a stream that asked for `stream_options.include_usage`."""
-    return {**base, "choices": [], "usage": _usage(result)}
+def usage_chunk(base: dict[str, Any], *results: Result) -> dict[str, Any]:
+    """The last chunk of a stream that asked for `stream_options.include_usage` (the sum
+    over a call's prompts)."""
+    prompt = sum(r.usage.prompt_tokens for r in results)
+    completion = sum(r.usage.completion_tokens for r in results)
+    return {**base, "choices": [], "usage": {"prompt_tokens": prompt,
+                                             "completion_tokens": completion,
+                                             "total_tokens": prompt + completion}}
 
 
 def error_event(err: ApiError) -> dict[str, Any]:
