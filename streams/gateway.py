@@ -215,8 +215,8 @@ class Gateway:
                 return await send_events(http, live, task, chat=chat, created=created,
                                          model=first, include_usage=call.include_usage,
                                          metrics=self.metrics, route=_route_label(http),
-                                         started=started)
-            return _answer(await _unless_gone(http, task), chat, created)
+                                         started=started, limit_field=call.limit_field)
+            return _answer(await _unless_gone(http, task), chat, created, call.limit_field)
         except Disconnected:
             task.cancel()
             await self._cancel(live, "caller disconnected")
@@ -602,9 +602,10 @@ async def _read_json(http: web.Request) -> Any:
                        None) from None
 
 
-def _answer(result: Result, chat: bool, created: int) -> web.Response:
+def _answer(result: Result, chat: bool, created: int,
+            limit_field: str = "max_tokens") -> web.Response:
     if result.error is not None:
-        return error_response(result_error(result))
+        return error_response(result_error(result, limit_field))
     return web.json_response(completion_object(result, chat, created), dumps=json_text)
 
 

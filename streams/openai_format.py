@@ -66,13 +66,17 @@ def schema_error(exc: SchemaError, prompt_field: str = "prompt") -> ApiError:
     return ApiError(400, f"{field}: {exc.reason}", ErrorCode.INVALID_REQUEST.value, field)
 
 
-def result_error(result: Result) -> ApiError:
-    """The HTTP answer for an error result, through the one ErrorCode -> status table."""
+def result_error(result: Result, limit_field: str = "max_tokens") -> ApiError:
+    """The HTTP answer for an error result, through the one ErrorCode -> status table.
+    `limit_field`: the OpenAI name the call gave max_new_tokens (chat's
+    max_completion_tokens, when it was sent)."""
     assert result.error is not None
     match = _FIELD_PREFIX.match(result.error.message)
     param = _openai_field(match.group(1)) if match else None
+    if param == "max_tokens":
+        param = limit_field
     # The worker names Request fields; the caller sent OpenAI's.
-    message = result.error.message.replace("max_new_tokens", "max_tokens")
+    message = result.error.message.replace("max_new_tokens", limit_field)
     return ApiError(http_status(result.error.code), message,
                     result.error.code.value, param, result.error.retry_after_s)
 
@@ -103,6 +107,7 @@ class Call:
     respond_async: bool
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
     id: str = ""                 # the completion object's id (the request's, for one prompt)
+    limit_field: str = "max_tokens"  # the field that set max_new_tokens, for error messages
     ignored: tuple[str, ...] = ()  # unknown body fields, ignored (streams/openai_fields.py)
 
     @property
@@ -204,8 +209,10 @@ def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
             if len(sources) > 1 and exc.field in ("prompt", "input_ids"):
                 raise SchemaError(f"prompt[{i}]", exc.reason) from None
             raise
+    limit_field = ("max_completion_tokens" if chat and body.get("max_completion_tokens")
+                   is not None else "max_tokens")
     return Call(tuple(requests), chat, stream, respond_async, _include_usage(body), base,
-                tuple(ignored))
+                limit_field, tuple(ignored))
 
 
 def _include_usage(body: dict[str, Any]) -> bool:

@@ -94,8 +94,8 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
                       task: asyncio.Future[Result] | list[asyncio.Future[Result]], *,
                       chat: bool, created: int, model: str, include_usage: bool,
                       metrics: GatewayMetrics, route: str, started: float,
-                      watch_caller: bool = True,
-                      request_id: str | None = None) -> web.StreamResponse:
+                      watch_caller: bool = True, request_id: str | None = None,
+                      limit_field: str = "max_tokens") -> web.StreamResponse:
     """Stream a call (or, with lists, several prompts' calls as choices 0, 1, ... of one
     stream, pieces interleaved as they come); Disconnected if the caller leaves (when
     `watch_caller`). The first byte waits until every call has text or its result, so any
@@ -109,7 +109,7 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
         await _changed(lives, tasks, caller)
     for i, (c, t) in enumerate(zip(lives, tasks)):
         if not c.pieces and t.done() and (result := t.result()).error is not None:
-            return error_response(_indexed(result_error(result), i, many))
+            return error_response(_indexed(result_error(result, limit_field), i, many))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(http)
@@ -141,7 +141,8 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
                 if t.done():
                     result = t.result()
                     if result.error is not None:
-                        await writer.send(error_event(_indexed(result_error(result), i, many)))
+                        await writer.send(error_event(_indexed(result_error(result, limit_field),
+                                                               i, many)))
                         failed = True
                         break
                     await writer.send(finish_chunk(base, chat, result, i))

@@ -24,10 +24,10 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from prometheus_client import CollectorRegistry
 
 from ferry.broker import free_port
-from schemas import decode_request, requests_topic
+from schemas import SchemaError, decode_request, requests_topic
 from streams.gateway import GatewaySettings, create_app
 from streams.keys import add_key
-from streams.openai_fields import CHAT, COMPLETIONS, NOT_YET, Handling
+from streams.openai_fields import CHAT, COMPLETIONS, NOT_YET, Handling, check_fields
 from streams.routes import set_route
 from tests.conftest import own_engine
 from workers.config import WorkerConfig
@@ -165,6 +165,22 @@ async def test_the_field_table_is_consistent() -> None:
             assert name not in NOT_YET or field.handling is Handling.SAMPLING, name
             if field.handling is Handling.REFUSED:
                 assert field.reason, name
+
+
+async def test_neutral_values_are_type_strict_and_unknown_fields_are_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    assert check_fields({"n": 1, "presence_penalty": 0.0, "tools": [], "echo": False},
+                        chat=False) == ["tools"]  # tools is a chat field: unknown here
+    for body in ({"store": 0}, {"tools": {}}, {"response_format": {"type": "json_schema"}},
+                 {"modalities": ["text", "audio"]}, {"tool_choice": "required"}):
+        with pytest.raises(SchemaError) as info:  # 0 is not False, {} is not []
+            check_fields(body, chat=True)
+        assert info.value.field == next(iter(body))
+    name = f"made_up_{uuid.uuid4().hex[:6]}"
+    with caplog.at_level("WARNING", logger="ferry.gateway"):
+        assert check_fields({name: 1}, chat=True) == [name]
+        assert check_fields({name: 2}, chat=True) == [name]
+    assert sum(name in r.getMessage() for r in caplog.records) == 1
 
 
 # ---- silently ignored: now refused with a 400 naming the field, or honoured -------------
@@ -350,6 +366,12 @@ async def test_errors_come_before_the_first_byte_and_name_the_field(stack) -> No
             assert info.value.body["param"] == "prompt"
             with pytest.raises(openai.NotFoundError):
                 await api.completions.create(model="conf-nobody", prompt="x", stream=stream)
+            with pytest.raises(openai.BadRequestError) as info:  # chat's own limit is named
+                await api.chat.completions.create(
+                    model=stack.alias, messages=[{"role": "user", "content": "Hi"}],
+                    max_completion_tokens=1000, stream=stream)
+            assert info.value.body["param"] == "max_completion_tokens"
+            assert "max_completion_tokens" in info.value.body["message"]
     assert len(stack.engine.encode("x" * 300)) > stack.engine.max_context
     for path in ("/v1/completions", "/v1/chat/completions"):
         status, kind, raw = await raw_post(stack, path, [1, 2, 3])
