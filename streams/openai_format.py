@@ -108,7 +108,6 @@ class Call:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
     id: str = ""                 # the completion object's id (the request's, for one prompt)
     limit_field: str = "max_tokens"  # the field that set max_new_tokens, for error messages
-    ignored: tuple[str, ...] = ()  # unknown body fields, ignored (streams/openai_fields.py)
 
     @property
     def request(self) -> Request:
@@ -185,7 +184,7 @@ def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
     """Validate an OpenAI body into Ferry Requests; SchemaError names the OpenAI field."""
     if not isinstance(body, dict):
         raise SchemaError("$", "body must be a JSON object")
-    ignored = check_fields(body, chat=chat)
+    check_fields(body, chat=chat)  # refuses what cannot be honoured; logs unknown fields
     # Chat messages travel as they are: the worker renders them with its model's template.
     source = "messages" if chat else "prompt"
     if body.get(source) is None:
@@ -212,7 +211,7 @@ def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
     limit_field = ("max_completion_tokens" if chat and body.get("max_completion_tokens")
                    is not None else "max_tokens")
     return Call(tuple(requests), chat, stream, respond_async, _include_usage(body), base,
-                limit_field, tuple(ignored))
+                limit_field)
 
 
 def _include_usage(body: dict[str, Any]) -> bool:

@@ -295,6 +295,30 @@ async def test_chat_without_a_limit_runs_to_the_rest_of_the_context(stack) -> No
         assert info.value.body["param"].startswith("messages[0].role")
 
 
+async def test_agent_shaped_chats_are_accepted(stack) -> None:
+    """Content as text parts, and an assistant tool call (content null) answered by a tool
+    message, as agent frameworks send them: rendered by the template (issue 13's item 2)."""
+    messages = [
+        {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Weather?"},
+                                     {"type": "text", "text": "In Oslo."}]},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    want = alone(stack.engine, chat_ids(stack.engine, messages), 4)
+    async with stack.client() as api:
+        raw = await api.chat.completions.with_raw_response.create(
+            model=stack.alias, messages=messages, max_tokens=4)
+        chat = strict_chat(orjson.loads(raw.content))
+        assert chat.choices[0].message.content == want.text
+        chunks = [c async for c in await api.chat.completions.create(
+            model=stack.alias, messages=messages, max_tokens=4, stream=True)]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks
+                       if c.choices) == want.text
+
+
 # ---- common shapes: prompt lists and token ids ----------------------------------------
 
 async def test_prompt_lists_and_token_ids(stack) -> None:
