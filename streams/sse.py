@@ -58,6 +58,13 @@ class LiveCall:
         if self.failure is None and result.error is None:
             self._take(lambda: self._merged.finish(result))
 
+    def seen(self) -> None:
+        self._changed.clear()
+
+    async def signal(self) -> None:
+        """Until a new piece or a failure after the last `seen()`."""
+        await self._changed.wait()
+
     def _take(self, step: Callable[[], Delta | None]) -> None:
         try:
             piece = step()
@@ -68,22 +75,6 @@ class LiveCall:
         if piece is not None:
             self.pieces.append(piece)
         self._changed.set()
-
-    async def changed(self, task: asyncio.Task[Result], http: web.Request | None) -> None:
-        """Until a new piece, a failure or the result; Disconnected if the caller left (when
-        `http` is given)."""
-        while True:
-            self._changed.clear()
-            waiter = asyncio.ensure_future(self._changed.wait())
-            try:
-                await asyncio.wait([waiter, task], timeout=DISCONNECT_POLL_S,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-            if self._changed.is_set() or task.done():
-                return
-            if http is not None and gone(http):
-                raise Disconnected()
 
 
 def gone(http: web.Request) -> bool:
@@ -104,9 +95,12 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
     tasks = task if isinstance(task, list) else [task]
     many = len(lives) > 1
     caller = http if watch_caller else None
-    while not all(c.pieces or t.done() for c, t in zip(lives, tasks)) and \
-            not any(c.failure for c in lives):
-        await _changed(lives, tasks, caller)
+    def began(i: int) -> bool:
+        return bool(lives[i].pieces) or tasks[i].done() or lives[i].failure is not None
+
+    while not any(c.failure for c in lives) and (
+            waiting := [i for i in range(len(lives)) if not began(i)]):
+        await _until(lives, tasks, waiting, began, caller)
     for i, (c, t) in enumerate(zip(lives, tasks)):
         if not c.pieces and t.done() and (result := t.result()).error is not None:
             return error_response(_indexed(result_error(result, limit_field), i, many))
@@ -148,7 +142,9 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
                     await writer.send(finish_chunk(base, chat, result, i))
                     finished[i] = result
             if not failed and not all(finished):
-                await _changed(lives, tasks, caller)
+                await _until(lives, tasks, [i for i, r in enumerate(finished) if r is None],
+                             lambda i: len(lives[i].pieces) > sent[i] or tasks[i].done()
+                             or lives[i].failure is not None, caller)
         if not failed and include_usage:
             await writer.send(usage_chunk(base, *(r for r in finished if r is not None)))
         await response.write(b"data: [DONE]\n\n")
@@ -162,23 +158,26 @@ def _indexed(err: ApiError, i: int, many: bool) -> ApiError:
     return prompt_error(err, i) if many else err
 
 
-async def _changed(lives: list[LiveCall], tasks: list[asyncio.Future[Result]],
-                   http: web.Request | None) -> None:
-    """Until any call has news (LiveCall.changed, over several calls)."""
-    if len(lives) == 1:
-        return await lives[0].changed(tasks[0], http)
-    # A finished call has no news to wait for (its changed() would return at once).
-    waiters = [asyncio.ensure_future(c.changed(t, http)) for c, t in zip(lives, tasks)
-               if not t.done()]
-    if not waiters:
-        return
-    try:
-        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-    for w in done:
-        w.result()  # Disconnected, if the caller left
+async def _until(lives: list[LiveCall], tasks: list[asyncio.Future[Result]],
+                 watched: list[int], news: Callable[[int], bool],
+                 http: web.Request | None) -> None:
+    """Until `news(i)` for one of the watched calls (it is re-checked after every piece, failure
+    or result, so nothing that arrived while the caller was writing is missed); Disconnected
+    if the caller left (when `http` is given)."""
+    while True:
+        for i in watched:
+            lives[i].seen()
+        if any(news(i) for i in watched):
+            return
+        signals = [asyncio.ensure_future(lives[i].signal()) for i in watched]
+        try:
+            await asyncio.wait([*signals, *(tasks[i] for i in watched)],
+                               timeout=DISCONNECT_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for signal in signals:
+                signal.cancel()
+        if http is not None and gone(http) and not any(news(i) for i in watched):
+            raise Disconnected()
 
 
 class _Writer:
