@@ -16,6 +16,7 @@ SCHEMA_VERSION = 1
 DEFAULT_REPLY_TO = "ferry.results"
 TOPIC_PATTERN = r"^[a-zA-Z0-9._-]{1,249}$"  # anchored: JSON Schema patterns search
 MAX_CONTEXT_TOKENS = 1 << 20
+REST_OF_CONTEXT = 0  # max_new_tokens: as many as the model's context leaves after the prompt
 
 FinishReason = Literal["stop", "length", "error"]
 
@@ -38,7 +39,9 @@ class Request:
         "apply_chat_template does. A deployment without a template answers "
         "invalid_request.", minItems=1))
     max_new_tokens: int = field(default=16, metadata=spec(
-        "Most tokens to generate.", minimum=1, maximum=MAX_CONTEXT_TOKENS))
+        "Most tokens to generate; 0 = the rest of the model's context after the prompt "
+        "(the OpenAI gateway's default for chat, as vLLM's).", minimum=0,
+        maximum=MAX_CONTEXT_TOKENS))
     temperature: float = field(default=0.0, metadata=spec(
         "0 = greedy; above 0 samples from softmax(logits / temperature).",
         minimum=0.0, maximum=100.0))

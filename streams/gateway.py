@@ -23,7 +23,10 @@ same alias with the same request id, at most `max_attempts` in all within
 `request_timeout_s`; the caller gets exactly one answer.
 
 Chat messages are passed on as they are; the worker renders them with its model's chat
-template. Sampling defaults are Ferry's (greedy, 16 tokens), not OpenAI's.
+template. Every OpenAI field is implemented or refused with a 400 naming it
+(`streams.openai_fields`). Defaults: greedy; 16 tokens for completions, the rest of the
+context for chat (as vLLM). A list of prompts becomes one request per prompt, gathered into
+one answer.
 `stream: true` sends server-sent events in OpenAI's chunk format as the worker generates
 (`streams.sse`): the request carries `stream_to` (this gateway's delta topic) and every
 delta becomes a text chunk. A caller who disconnects, and an attempt the gateway gives up
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import logging
 import time
 import uuid
@@ -63,16 +67,22 @@ from streams.gateway_metrics import GatewayMetrics
 from streams.http_guard import ConnectionGuard
 from streams.keys import KeyRing, Tenant
 from streams.openai_format import (
-    REASON, ApiError, completion_object, error_response, json_text, parse_call, pick_model,
-    result_error, schema_error,
+    REASON, ApiError, Call, completion_object, completions_object, error_response, json_text,
+    parse_call, pick_model, prompt_error, result_error, schema_error,
 )
 from streams.recent_results import CHAT_HEADER, TENANT_HEADER, RecentResults, Seen
 from streams.registry import Registry
 from streams.routes import RouteTable
+from streams.serving import WorkerGroups
 from streams.sse import DISCONNECT_POLL_S, Disconnected, LiveCall, gone, send_events
 from workers.metrics_server import serve_metrics
 
 log = logging.getLogger("ferry.gateway")
+
+try:
+    _VERSION = importlib.metadata.version("ferry")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree
+    _VERSION = "unknown"
 
 RESULT_RETENTION_S = 600.0
 MAX_WAIT_S = 300.0
@@ -120,6 +130,7 @@ class Gateway:
     routes: RouteTable
     backlog: BacklogProbe
     deployments: Registry  # the deployment registry (self.registry is Prometheus')
+    workers: WorkerGroups  # which hand-started deployments have a worker
     keys: KeyRing | None = None
 
     def __init__(self, bootstrap: str, registry: CollectorRegistry,
@@ -139,8 +150,9 @@ class Gateway:
         self.backlog = BacklogProbe(self.bootstrap)
         self.deployments = Registry(self.bootstrap)
         self.recent = RecentResults(self.bootstrap, retention_s=RESULT_RETENTION_S)
+        self.workers = WorkerGroups(self.bootstrap)
         parts: list[Any] = [self.client, self.catalog, self.routes, self.backlog,
-                            self.deployments, self.recent]
+                            self.deployments, self.recent, self.workers]
         if self.settings.auth:
             self.keys = KeyRing(self.bootstrap)
             parts.append(self.keys)
@@ -152,7 +164,8 @@ class Gateway:
         for p in self.pending.values():
             p.task.cancel()
         parts: list[Any] = [self.catalog, self.routes, self.backlog, self.deployments,
-                            self.recent, self.client, *([self.keys] if self.keys else [])]
+                            self.recent, self.workers, self.client,
+                            *([self.keys] if self.keys else [])]
         try:  # bounded: a broker that stopped answering must not hold the shutdown
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await asyncio.gather(*(p.task for p in self.pending.values()), *self._sharing,
@@ -181,8 +194,12 @@ class Gateway:
         except SchemaError as exc:
             raise schema_error(exc, "messages" if chat else "prompt") from None
         pinned = path_model is not None
+        # Every prompt of a call goes to the backend chosen for the first (one model answers).
         first = await self._choose(call.request, pinned, tried=set())
         created = int(time.time())
+        if len(call.requests) > 1:
+            return await self._generate_many(http, call, caller, first, pinned, created,
+                                             started)
         live = LiveCall(call.request.id)
         # Async calls stream too, for whoever follows their events endpoint.
         streamed = call.stream or call.respond_async
@@ -201,14 +218,50 @@ class Gateway:
                 return await send_events(http, live, task, chat=chat, created=created,
                                          model=first, include_usage=call.include_usage,
                                          metrics=self.metrics, route=_route_label(http),
-                                         started=started)
-            return _answer(await _unless_gone(http, task), chat, created)
+                                         started=started, limit_field=call.limit_field)
+            return _answer(await _unless_gone(http, task), chat, created, call.limit_field)
         except Disconnected:
             task.cancel()
             await self._cancel(live, "caller disconnected")
             response = web.Response(status=499)
             response[REASON] = ErrorCode.CANCELLED.value
             return response
+
+    async def _generate_many(self, http: web.Request, call: Call, caller: Caller, first: str,
+                             pinned: bool, created: int, started: float
+                             ) -> web.StreamResponse:
+        """A completions call with a list of prompts: one request each, run together, one
+        answer with a choice per prompt (or the first prompt's error, naming it); streamed,
+        their chunks interleave, each with its choice index."""
+        lives = [LiveCall(r.id) for r in call.requests]
+        tasks = [asyncio.create_task(self._result_of(r, caller, first, pinned, live,
+                                                     call.stream))
+                 for r, live in zip(call.requests, lives)]
+        try:
+            if call.stream:
+                response = await send_events(http, lives, tasks, chat=False, created=created,
+                                             model=first, include_usage=call.include_usage,
+                                             metrics=self.metrics, route=_route_label(http),
+                                             started=started, request_id=call.id)
+                # A stream ended by one prompt's error leaves the others nobody reads.
+                left = [(t, c) for t, c in zip(tasks, lives) if not t.done()]
+                for task, _ in left:
+                    task.cancel()
+                await asyncio.gather(*(self._cancel(c, "stream ended") for _, c in left))
+                return response
+            results = await _unless_gone(http, asyncio.ensure_future(asyncio.gather(*tasks)))
+        except Disconnected:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*(self._cancel(live, "caller disconnected") for live in lives))
+            response = web.Response(status=499)
+            response[REASON] = ErrorCode.CANCELLED.value
+            return response
+        for i, result in enumerate(results):
+            if result.error is not None:
+                return error_response(prompt_error(result_error(result), i))
+        return web.json_response(completions_object(call.id, results, created),
+                                 dumps=json_text)
 
     async def _cancel(self, live: LiveCall, why: str) -> None:
         """Tell the backend of the call's current attempt to stop (best effort: the request's
@@ -418,18 +471,55 @@ class Gateway:
         raise ApiError(404, f"id: no request {request_id!r} is known here (nor a result for it "
                        f"within {wait:g}s)", "not_found", "id")
 
-    async def models(self, _http: web.Request) -> web.Response:
-        aliases = self.routes.aliases()
-        data = [{"id": alias, "object": "model", "created": 0, "owned_by": "ferry",
-                 "routes": route.weights} for alias, route in sorted(aliases.items())]
-        deployed = {r.deployment: r for r in self.deployments.records()}
-        data += [{"id": r.id, "object": "model", "created": int(r.times.get("pending", 0)),
-                  "owned_by": "ferry", "deployment": r.deployment, "status": r.status}
-                 for r in sorted(deployed.values(), key=lambda r: r.id)]
-        data += [{"id": n, "object": "model", "created": 0, "owned_by": "ferry"}
-                 for n in sorted(await self.catalog.names())
-                 if n not in aliases and n not in deployed]
-        return web.json_response({"object": "list", "data": data})
+    async def _served(self) -> dict[str, dict[str, Any]]:
+        """OpenAI model objects of what takes requests now, by every name a call may use:
+        ready deployments of the registry, deployments started by hand whose worker group
+        has members, and aliases with at least one such backend (a topic with no worker, a
+        typo's auto-created topic, an alias naming nothing: not listed)."""
+        records = {r.deployment: r for r in self.deployments.records()}
+        topics = await self.catalog.names(max_age_s=5.0)
+        ready = {d for d, r in records.items() if r.status == "ready" and d in topics}
+        ready |= await self.workers.staffed(n for n in topics if n not in records)
+        served: dict[str, dict[str, Any]] = {}
+        for alias, route in sorted(self.routes.aliases().items()):
+            if any(d in ready for d in route.backends()):
+                served[alias] = {"id": alias, "object": "model", "created": 0,
+                                 "owned_by": "ferry", "routes": route.weights}
+        for name in sorted(ready):
+            record = records.get(name)
+            if record is None:
+                served.setdefault(name, {"id": name, "object": "model", "created": 0,
+                                         "owned_by": "ferry"})
+            else:
+                obj = {"id": record.id, "object": "model",
+                       "created": int(record.times.get("pending", 0)), "owned_by": "ferry",
+                       "deployment": record.deployment, "status": record.status}
+                served.setdefault(record.id, obj)
+                served.setdefault(record.deployment, obj)  # the topic-safe name works too
+        return served
+
+    async def models(self, http: web.Request) -> web.Response:
+        self._caller(http)  # the same key as generation
+        unique = {id(obj): obj for obj in (await self._served()).values()}
+        return web.json_response({"object": "list", "data": list(unique.values())})
+
+    async def model(self, http: web.Request) -> web.Response:
+        self._caller(http)
+        name = http.match_info["id"]
+        obj = (await self._served()).get(name)
+        if obj is None:
+            raise ApiError(404, f"model: {name!r} is not served by any ready deployment",
+                           ErrorCode.UNKNOWN_MODEL.value, "model")
+        return web.json_response(obj)
+
+    async def health(self, http: web.Request) -> web.Response:
+        """vLLM's /health: 200 with an empty body when the gateway can serve, else 503."""
+        healthz = await self.healthz(http)
+        return web.Response(status=healthz.status, text="" if healthz.status == 200 else
+                            healthz.text, content_type="application/json")
+
+    async def version(self, _http: web.Request) -> web.Response:
+        return web.json_response({"version": _VERSION})
 
     async def healthz(self, _http: web.Request) -> web.Response:
         """ok, or 503 naming every background reader that died (the gateway would answer
@@ -515,9 +605,10 @@ async def _read_json(http: web.Request) -> Any:
                        None) from None
 
 
-def _answer(result: Result, chat: bool, created: int) -> web.Response:
+def _answer(result: Result, chat: bool, created: int,
+            limit_field: str = "max_tokens") -> web.Response:
     if result.error is not None:
-        return error_response(result_error(result))
+        return error_response(result_error(result, limit_field))
     return web.json_response(completion_object(result, chat, created), dumps=json_text)
 
 
@@ -552,9 +643,12 @@ def create_app(bootstrap: str, settings: GatewaySettings | None = None, *,
         app.router.add_post(f"{prefix}/completions", gateway.completions)
         app.router.add_post(f"{prefix}/chat/completions", gateway.chat_completions)
     app.router.add_get("/v1/models", gateway.models)
+    app.router.add_get("/v1/models/{id}", gateway.model)
     app.router.add_get("/v1/requests/{id}", gateway.poll)
     app.router.add_get("/v1/requests/{id}/events", gateway.events)
     app.router.add_get("/healthz", gateway.healthz)
+    app.router.add_get("/health", gateway.health)
+    app.router.add_get("/version", gateway.version)
     if metrics_route:
         app.router.add_get("/metrics", gateway.metrics_page)
     return app

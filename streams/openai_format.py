@@ -13,11 +13,14 @@ import orjson
 from aiohttp import web
 
 from schemas import ErrorCode, Request, Result, SchemaError, decode_request, encode, http_status
+from schemas.messages import MAX_CONTEXT_TOKENS, REST_OF_CONTEXT
+from streams.openai_fields import check_fields
 
 DEFAULT_MODEL = "default"
 REASON = web.ResponseKey("reason", str)  # the error code of an answer, for metrics
 # Request fields as OpenAI names them, for error messages and `param`.
-_OPENAI_FIELD = {"max_new_tokens": "max_tokens"}
+_OPENAI_FIELD = {"max_new_tokens": "max_tokens", "input_ids": "prompt"}
+MAX_PROMPTS = 128  # prompts in one completions call (each is one Kafka request)
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\[\]]*): ")
 
 
@@ -55,19 +58,35 @@ def _openai_field(field: str) -> str:
 
 
 def schema_error(exc: SchemaError, prompt_field: str = "prompt") -> ApiError:
+    if exc.field == "$":  # the body as a whole
+        return ApiError(400, exc.reason, ErrorCode.INVALID_REQUEST.value, None)
     field = _openai_field(exc.field)
     if field == "prompt":
         field = prompt_field
     return ApiError(400, f"{field}: {exc.reason}", ErrorCode.INVALID_REQUEST.value, field)
 
 
-def result_error(result: Result) -> ApiError:
-    """The HTTP answer for an error result, through the one ErrorCode -> status table."""
+def result_error(result: Result, limit_field: str = "max_tokens") -> ApiError:
+    """The HTTP answer for an error result, through the one ErrorCode -> status table.
+    `limit_field`: the OpenAI name the call gave max_new_tokens (chat's
+    max_completion_tokens, when it was sent)."""
     assert result.error is not None
     match = _FIELD_PREFIX.match(result.error.message)
     param = _openai_field(match.group(1)) if match else None
-    return ApiError(http_status(result.error.code), result.error.message,
+    if param == "max_tokens":
+        param = limit_field
+    # The worker names Request fields; the caller sent OpenAI's.
+    message = result.error.message.replace("max_new_tokens", limit_field)
+    return ApiError(http_status(result.error.code), message,
                     result.error.code.value, param, result.error.retry_after_s)
+
+
+def prompt_error(err: ApiError, i: int) -> ApiError:
+    """The error of prompt i of a call with several: it names the prompt."""
+    err.message = f"prompt[{i}]: {err.message}"
+    if err.param in (None, "prompt"):
+        err.param = f"prompt[{i}]"
+    return err
 
 
 def json_text(obj: Any) -> str:
@@ -78,13 +97,21 @@ def json_text(obj: Any) -> str:
 
 @dataclass(frozen=True)
 class Call:
-    """One parsed HTTP generation call: the Ferry request and how to answer it."""
+    """One parsed HTTP generation call: the Ferry requests (one per prompt) and how to answer.
+    A completions call with a list of prompts has one request per prompt; its choices are
+    indexed prompt_i * n + j."""
 
-    request: Request
+    requests: tuple[Request, ...]
     chat: bool
     stream: bool
     respond_async: bool
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
+    id: str = ""                 # the completion object's id (the request's, for one prompt)
+    limit_field: str = "max_tokens"  # the field that set max_new_tokens, for error messages
+
+    @property
+    def request(self) -> Request:
+        return self.requests[0]
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:
@@ -100,25 +127,91 @@ def _stop(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def prompts(value: Any) -> list[dict[str, Any]]:
+    """OpenAI's prompt shapes as Request sources: a string, a list of token ids, a list of
+    strings, or a list of token-id lists."""
+    if isinstance(value, str):
+        return [{"prompt": value}]
+    if not isinstance(value, list):
+        raise SchemaError("prompt", "must be a string, a list of strings, a list of token ids "
+                                    f"or a list of token-id lists, got {type(value).__name__}")
+    if not value:
+        raise SchemaError("prompt", "must not be empty")
+    if _is_ids(value):
+        return [{"input_ids": value}]
+    if len(value) > MAX_PROMPTS:
+        raise SchemaError("prompt", f"at most {MAX_PROMPTS} prompts per call, got {len(value)}")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            out.append({"prompt": item})
+        elif _is_ids(item):
+            if not item:
+                raise SchemaError(f"prompt[{i}]", "must not be empty")
+            out.append({"input_ids": item})
+        else:
+            raise SchemaError(f"prompt[{i}]", "must be a string or a list of token ids, got "
+                                              f"{type(item).__name__}")
+    return out
+
+
+def token_limit(body: dict[str, Any], chat: bool) -> int | None:
+    """Request.max_new_tokens: chat's max_completion_tokens wins over max_tokens (as vLLM);
+    a chat without either gets 0, the rest of the context (vLLM's default), resolved by the
+    worker; completions default to Ferry's (and OpenAI's) 16."""
+    limit = None
+    for name in ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SchemaError(name, f"must be an integer, got {type(value).__name__}")
+        if not 1 <= value <= MAX_CONTEXT_TOKENS:
+            raise SchemaError(name, f"must be in [1, {MAX_CONTEXT_TOKENS}], got {value}")
+        limit = value if limit is None else limit
+    if limit is None and chat:
+        return REST_OF_CONTEXT
+    return limit
+
+
 def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
                deadline: float) -> Call:
-    """Validate an OpenAI body into a Ferry Request; SchemaError names the OpenAI field."""
+    """Validate an OpenAI body into Ferry Requests; SchemaError names the OpenAI field."""
     if not isinstance(body, dict):
         raise SchemaError("$", "body must be a JSON object")
+    check_fields(body, chat=chat)  # refuses what cannot be honoured; logs unknown fields
     # Chat messages travel as they are: the worker renders them with its model's template.
     source = "messages" if chat else "prompt"
     if body.get(source) is None:
         raise SchemaError(source, "is required")
-    if not chat and not isinstance(body["prompt"], str):
-        raise SchemaError("prompt", "must be a string")
-    fields = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "model": model,
-              source: body[source], "max_new_tokens": body.get("max_tokens"),
+    sources = [{"messages": body["messages"]}] if chat else prompts(body["prompt"])
+    stream, respond_async = _flag(body, "stream"), _flag(body, "async") or prefer_async
+    if len(sources) > 1 and respond_async:
+        raise SchemaError("async", "is not supported with a list of prompts; send one prompt "
+                                   "per call")
+    base = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    common = {"model": model, "max_new_tokens": token_limit(body, chat),
               "temperature": body.get("temperature"), "top_p": body.get("top_p"),
               "seed": body.get("seed"), "stop": _stop(body.get("stop")), "deadline": deadline}
-    fields = {k: v for k, v in fields.items() if v is not None}
-    request = decode_request(encode(fields))
-    return Call(request, chat, _flag(body, "stream"), _flag(body, "async") or prefer_async,
-                _include_usage(body))
+    requests = []
+    for i, src in enumerate(sources):
+        fields = {"id": base if len(sources) == 1 else f"{base}-{i}", **common, **src}
+        fields = {k: v for k, v in fields.items() if v is not None}
+        try:
+            requests.append(decode_request(encode(fields)))
+        except SchemaError as exc:  # name the prompt of the list at fault
+            if len(sources) > 1 and exc.field in ("prompt", "input_ids"):
+                raise SchemaError(f"prompt[{i}]", exc.reason) from None
+            raise
+    limit_field = ("max_completion_tokens" if chat and body.get("max_completion_tokens")
+                   is not None else "max_tokens")
+    return Call(tuple(requests), chat, stream, respond_async, _include_usage(body), base,
+                limit_field)
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -144,9 +237,11 @@ def host_name(host: str) -> str:
 def pick_model(body: Any, path_model: str | None, host: str | None,
                host_routes: dict[str, str]) -> str:
     """The deployment a call goes to: version path, then body model, then host route."""
+    if not isinstance(body, dict):
+        raise SchemaError("$", "body must be a JSON object")
     if path_model is not None:
         return path_model
-    model = body.get("model") if isinstance(body, dict) else None
+    model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise SchemaError("model", "must be a string")
     if model in (None, "", DEFAULT_MODEL) and host is not None:
@@ -177,6 +272,19 @@ def completion_object(result: Result, chat: bool, created: int) -> dict[str, Any
             "usage": _usage(result)}
 
 
+def completions_object(call_id: str, results: list[Result], created: int) -> dict[str, Any]:
+    """The text_completion of a call with several prompts: choice prompt_i * n + j (n = 1
+    here), usage summed over the prompts."""
+    choices = [{**completion_object(r, False, created)["choices"][0], "index": i}
+               for i, r in enumerate(results)]
+    prompt = sum(r.usage.prompt_tokens for r in results)
+    completion = sum(r.usage.completion_tokens for r in results)
+    return {"id": call_id, "object": "text_completion", "created": created,
+            "model": results[0].model, "choices": choices,
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion}}
+
+
 # ---- stream chunks: role (chat), text pieces, the finish reason, usage if asked -----------
 
 def chunk_base(request_id: str, model: str, chat: bool, created: int) -> dict[str, Any]:
@@ -184,26 +292,34 @@ def chunk_base(request_id: str, model: str, chat: bool, created: int) -> dict[st
             "created": created, "model": model}
 
 
-def role_chunk(base: dict[str, Any]) -> dict[str, Any]:
+def role_chunk(base: dict[str, Any], index: int = 0) -> dict[str, Any]:
     """A chat stream's first chunk: who speaks, before any text."""
-    return {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+    return {**base, "choices": [{"index": index,
+                                 "delta": {"role": "assistant", "content": ""},
                                  "finish_reason": None, "logprobs": None}]}
 
 
-def text_chunk(base: dict[str, Any], chat: bool, text: str) -> dict[str, Any]:
-    choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+def text_chunk(base: dict[str, Any], chat: bool, text: str, index: int = 0) -> dict[str, Any]:
+    choice = {"index": index, "delta": {"content": text}} if chat else {"index": index,
+                                                                      "text": text}
     return {**base, "choices": [{**choice, "finish_reason": None, "logprobs": None}]}
 
 
-def finish_chunk(base: dict[str, Any], chat: bool, result: Result) -> dict[str, Any]:
-    choice = {"index": 0, "delta": {}} if chat else {"index": 0, "text": ""}
+def finish_chunk(base: dict[str, Any], chat: bool, result: Result,
+                 index: int = 0) -> dict[str, Any]:
+    choice = {"index": index, "delta": {}} if chat else {"index": index, "text": ""}
     return {**base, "choices": [{**choice, "finish_reason": result.finish_reason,
                                  "logprobs": None}]}
 
 
-def usage_chunk(base: dict[str, Any], result: Result) -> dict[str, Any]:
-    """The last chunk of a stream that asked for `stream_options.include_usage`."""
-    return {**base, "choices": [], "usage": _usage(result)}
+def usage_chunk(base: dict[str, Any], *results: Result) -> dict[str, Any]:
+    """The last chunk of a stream that asked for `stream_options.include_usage` (the sum
+    over a call's prompts)."""
+    prompt = sum(r.usage.prompt_tokens for r in results)
+    completion = sum(r.usage.completion_tokens for r in results)
+    return {**base, "choices": [], "usage": {"prompt_tokens": prompt,
+                                             "completion_tokens": completion,
+                                             "total_tokens": prompt + completion}}
 
 
 def error_event(err: ApiError) -> dict[str, Any]:

@@ -52,6 +52,21 @@ def test_admitted_request_is_known_by_its_kafka_position() -> None:
             got.params.stop) == (3, 0.5, 4, ("x",))
 
 
+def test_rest_of_the_context_and_who_is_at_fault() -> None:
+    """max_new_tokens 0 (the gateway's chat default) is what the context leaves; past the
+    context, max_new_tokens is named when the prompt alone fits, the prompt when it fills it."""
+    got = admit(Request(id="a", model="dep", input_ids=[1] * 60, max_new_tokens=0), "t/0@1",
+                "dep", ENGINE)
+    assert got.params.max_new_tokens == ENGINE.max_context - 60
+    assert refusal(Request(id="a", model="dep", input_ids=[1] * 60, max_new_tokens=5)
+                   ).message.startswith("max_new_tokens: prompt of 60 tokens")
+    for limit in (0, 1):
+        refused = refusal(Request(id="a", model="dep", input_ids=[1] * 64,
+                                  max_new_tokens=limit))
+        assert refused.code is ErrorCode.PROMPT_TOO_LONG
+        assert refused.message.startswith("prompt: 64 tokens leave no room"), refused.message
+
+
 def test_refusals_name_the_field_and_code() -> None:
     cases = [
         (Request(id="a", model="other", prompt="x"), ErrorCode.UNKNOWN_MODEL, "model:"),
@@ -126,5 +141,7 @@ def test_chat_refusals_name_messages(tiny_model: Path) -> None:
         with pytest.raises(Refused) as caught:
             admit(chat_request(HI), "t/0@1", "dep", fake, now=0.0, chat_template=template)
         message = caught.value.message
-        assert caught.value.code is code and message.startswith("messages: ") and \
+        # Past the context with room left for the prompt: max_new_tokens is at fault.
+        field = "max_new_tokens: " if code is ErrorCode.PROMPT_TOO_LONG else "messages: "
+        assert caught.value.code is code and message.startswith(field) and \
             words in message, message

@@ -235,8 +235,12 @@ async def test_errors(start_gateway, http, unique) -> None:
     assert "max_tokens" in obj["error"]["message"]
     status, obj = await post(http, url, {"model": "m", "prompt": "x", "max_tokens": "many"})
     assert status == 400 and obj["error"]["param"] == "max_tokens"
-    status, obj = await post(http, url, {"model": "m", "prompt": ["x"]})
+    status, obj = await post(http, url, {"model": "m", "prompt": ["x", ["y"]]})
+    assert status == 400 and obj["error"]["param"] == "prompt[1]"
+    status, obj = await post(http, url, {"model": "m", "prompt": {"text": "x"}})
     assert status == 400 and obj["error"]["param"] == "prompt"
+    status, obj = await post(http, url, [1, 2, 3])
+    assert status == 400 and obj["error"]["message"] == "body must be a JSON object"
     status, obj = await post(http, f"{gw.url}/v1/chat/completions",
                              {"model": "m", "messages": [{"role": "user"}]})
     assert status == 400 and obj["error"]["param"] == "messages[0].content"
@@ -266,7 +270,7 @@ async def test_errors(start_gateway, http, unique) -> None:
     assert gw.registry.get_sample_value(
         "ferry_gateway_rejections_total", {"reason": "unknown_model"}) == 1
     assert gw.registry.get_sample_value(
-        "ferry_gateway_request_latency_seconds_count", {"route": "/v1/completions"}) == 10
+        "ferry_gateway_request_latency_seconds_count", {"route": "/v1/completions"}) == 12
     assert gw.registry.get_sample_value("ferry_gateway_in_flight_requests") == 0
 
 

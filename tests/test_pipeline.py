@@ -75,7 +75,7 @@ async def test_bad_messages_reach_dlq_good_ones_succeed(
     topic = requests_topic(dep)
     good = [Request(id=f"ok{i}", model=dep, prompt=p, max_new_tokens=4, batch_key="same",
                     reply_to=client.reply_to) for i, p in enumerate(PROMPTS[:3])]
-    invalid = {"id": "bad-field", "model": dep, "prompt": "x", "max_new_tokens": 0,
+    invalid = {"id": "bad-field", "model": dep, "prompt": "x", "max_new_tokens": -1,
                "reply_to": client.reply_to}
     unknown = Request(id="unknown", model="nobody", prompt="x", reply_to=client.reply_to)
     futures = {r.id: await client.submit(r) for r in good}

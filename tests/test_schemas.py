@@ -35,7 +35,7 @@ def test_result_round_trip_with_error() -> None:
     (b'{"id": "a", "model": "m", "prompt": "x", "input_ids": [1]}', "prompt", "exactly one"),
     (b'{"id": "a", "model": "m", "input_ids": []}', "input_ids", "must not be empty"),
     (b'{"id": "a", "model": "m", "input_ids": [1, -1]}', "input_ids[1]", "must be >= 0"),
-    (b'{"id": "a", "model": "m", "prompt": "x", "max_new_tokens": 0}', "max_new_tokens", ">= 1"),
+    (b'{"id": "a", "model": "m", "prompt": "x", "max_new_tokens": -1}', "max_new_tokens", ">= 0"),
     (b'{"id": "a", "model": "m", "prompt": "x", "max_new_tokens": 1.5}', "max_new_tokens",
      "must be integer"),
     (b'{"id": "a", "model": "m", "prompt": "x", "temperature": "hot"}', "temperature",
@@ -87,7 +87,7 @@ def test_json_schema_agrees_with_validation() -> None:
     schema = orjson.loads((JSON_DIR / "request.schema.json").read_bytes())
     good = Request(id="a", model="m", input_ids=[1, 2], stop=["x"], deadline=1.0).to_dict()
     jsonschema.validate(good, schema)
-    for bad in ({**good, "max_new_tokens": 0}, {**good, "extra": 1}, {**good, "top_p": 0},
+    for bad in ({**good, "max_new_tokens": -1}, {**good, "extra": 1}, {**good, "top_p": 0},
                 {**good, "reply_to": "a b"}, {**good, "input_ids": [-1]}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)

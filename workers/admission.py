@@ -9,10 +9,12 @@ template, and tokenised without special tokens (the template writes bos).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Protocol
 
 from schemas import ErrorCode, Request
+from schemas.messages import REST_OF_CONTEXT
 from workers.chat_template import ChatTemplate, ChatTemplateError
 from workers.engine import EngineRequest, SamplingParams
 from workers.model import ModelConfig
@@ -66,16 +68,17 @@ def admit(request: Request, engine_id: str, deployment: str, engine: EngineView,
             raise Refused(ErrorCode.INVALID_REQUEST, f"prompt: {exc}") from None
         if not input_ids:
             raise Refused(ErrorCode.INVALID_REQUEST, "prompt: encodes to no tokens")
-    extra = len(request.score_ids) if request.score_ids else request.max_new_tokens
-    if len(input_ids) + extra > engine.max_context:
-        what = (f"score_ids {len(request.score_ids)}" if request.score_ids
-                else f"max_new_tokens {request.max_new_tokens}")
-        source = "messages" if request.messages is not None else "prompt"
-        raise Refused(ErrorCode.PROMPT_TOO_LONG,
-                      f"{source}: {len(input_ids)} tokens + {what} exceed the context of "
-                      f"{engine.max_context}")
+    params = sampling(request)
+    if request.score_ids:
+        if len(input_ids) + len(request.score_ids) > engine.max_context:
+            raise Refused(ErrorCode.PROMPT_TOO_LONG,
+                          f"score_ids: {len(input_ids)} prompt tokens + score_ids "
+                          f"{len(request.score_ids)} exceed the context of {engine.max_context}")
+    else:
+        params = dataclasses.replace(params, max_new_tokens=budget(request, len(input_ids),
+                                                                   engine.max_context))
     admitted = EngineRequest(id=engine_id, input_ids=list(input_ids),
-                             params=sampling(request), score_ids=request.score_ids)
+                             params=params, score_ids=request.score_ids)
     try:
         engine.check(admitted)  # anything else the engine itself cannot run
     except ValueError as exc:  # "request '<engine id>': <field>: why"; the id is ours, not theirs
@@ -105,6 +108,24 @@ def chat_ids(request: Request, tokenizer: Tokenizer | None,
     if not input_ids:
         raise Refused(ErrorCode.INVALID_REQUEST, "messages: render to no tokens")
     return input_ids
+
+
+def budget(request: Request, prompt_tokens: int, max_context: int) -> int:
+    """The request's max_new_tokens, resolved against the context: REST_OF_CONTEXT (0) is what
+    the prompt leaves. The field at fault is named: the prompt when it fills the context
+    alone, else max_new_tokens."""
+    source = "messages" if request.messages is not None else "prompt"
+    if prompt_tokens >= max_context:
+        raise Refused(ErrorCode.PROMPT_TOO_LONG,
+                      f"{source}: {prompt_tokens} tokens leave no room to generate in the "
+                      f"context of {max_context}")
+    if request.max_new_tokens == REST_OF_CONTEXT:
+        return max_context - prompt_tokens
+    if prompt_tokens + request.max_new_tokens > max_context:
+        raise Refused(ErrorCode.PROMPT_TOO_LONG,
+                      f"max_new_tokens: {source} of {prompt_tokens} tokens + max_new_tokens "
+                      f"{request.max_new_tokens} exceed the context of {max_context}")
+    return request.max_new_tokens
 
 
 def sampling(request: Request) -> SamplingParams:
