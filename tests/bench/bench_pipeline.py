@@ -95,11 +95,24 @@ async def pipeline(bootstrap: str, model_dir: Path, engine: Engine,
         async with FerryClient(bootstrap, reply_to=f"{dep}-replies") as client:
             await client.request(Request(id=f"warm-{dep}", model=dep, prompt="warm up"))
             wall, latencies = await burst(client, dep)
+            alone = await one_at_a_time(client, dep)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     name = "pipeline, exactly-once" if exactly_once else "pipeline, at-least-once"
-    return summary(name, latencies, wall)
+    return {**summary(name, latencies, wall), "alone_p50_ms": pct(alone, 50) * 1000}
+
+
+async def one_at_a_time(client: FerryClient, model: str, n: int = 16) -> list[float]:
+    """Latency of a request alone (no queueing): what delivery adds to one answer."""
+    latencies = []
+    for i in range(n):
+        start = time.perf_counter()
+        await client.request(Request(id=f"{model}-alone-{i}-{uuid.uuid4().hex[:6]}",
+                                     model=model, prompt=PROMPTS[i],
+                                     max_new_tokens=MAX_NEW_TOKENS))
+        latencies.append(time.perf_counter() - start)
+    return latencies
 
 
 async def echo_round_trip(bootstrap: str) -> dict:
@@ -157,8 +170,9 @@ async def run_modes(bootstrap: str, model_dir: Path) -> list[dict]:
 
 def median_row(rows: list[dict]) -> dict:
     out = dict(rows[0], rounds=len(rows))
-    for key in ("req_per_s", "p50_ms", "p99_ms"):
-        out[key] = statistics.median(r[key] for r in rows)
+    for key in ("req_per_s", "p50_ms", "p99_ms", "alone_p50_ms"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in rows)
     return out
 
 
@@ -180,6 +194,9 @@ def main() -> None:
         print(f"{row['mode']:<32}{row['req_per_s']:>9.1f}{row['p50_ms']:>10.1f}"
               f"{row['p99_ms']:>10.1f}{row['throughput_ratio_vs_pipeline']:>12.2f}x"
               f"{row['p50_ratio_vs_pipeline']:>10.2f}x{row['p99_ratio_vs_pipeline']:>10.2f}x")
+    eos = next(r for r in rows if r["mode"] == "pipeline, exactly-once")
+    print(f"\none request alone, p50: at-least-once {base['alone_p50_ms']:.1f} ms, exactly-once "
+          f"{eos['alone_p50_ms']:.1f} ms (+{eos['alone_p50_ms'] - base['alone_p50_ms']:.1f} ms)")
     write_results(RESULTS, rows=rows, hidden=HIDDEN, layers=LAYERS, rounds=ROUNDS)
 
 
