@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from aiokafka.errors import (
     KafkaError, MessageSizeTooLargeError, ProducerFenced, TransactionalIdAuthorizationFailed,
 )
 from aiokafka.structs import OffsetAndMetadata
+from prometheus_client import Histogram
 
 from schemas import encode
 
@@ -73,8 +75,9 @@ class PartitionTransactions:
     """The transactional producers of the partitions this worker owns."""
 
     def __init__(self, config: WorkerConfig, publisher: Publisher, offsets: OffsetTracker,
-                 record_overhead: int) -> None:
+                 record_overhead: int, commit_latency: Histogram | None = None) -> None:
         self.config, self.publisher, self.offsets = config, publisher, offsets
+        self._commit_latency = commit_latency  # ferry_commit_latency_seconds, this mode's
         self._max_request = config.max_message_bytes + record_overhead
         self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
         # Revoked in a rebalance still under way: kept for a partition that comes straight
@@ -217,9 +220,13 @@ class PartitionTransactions:
             for answer in answers:
                 self.offsets.finished(tp, answer.offset)
             point, metadata = self.offsets.commit_metadata(tp)
+            began = time.perf_counter()  # the commit point and the transaction's commit
             await producer.send_offsets_to_transaction(
                 {tp: OffsetAndMetadata(point, metadata)}, self.config.group)
             await producer.commit_transaction()
+            if self._commit_latency is not None:
+                self._commit_latency.labels(self.config.deployment).observe(
+                    time.perf_counter() - began)
         except BaseException:
             for answer in answers:
                 self.offsets.started(tp, answer.offset)  # not answered after all

@@ -201,7 +201,7 @@ class Worker:
                                     self._topics_ready)
         if self.config.exactly_once:
             self._txns = PartitionTransactions(self.config, self._publisher, self._offsets,
-                                               _RECORD_OVERHEAD)
+                                               _RECORD_OVERHEAD, self.metrics.commit_latency)
             await self._txns.start()
         # Joining the group (and its first assignment) comes last: everything the rebalance
         # listener uses exists by then.
