@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install system-deps demo test test-slow test-faults bench kafka-up kafka-down schemas dashboards clean
+.PHONY: install system-deps demo test test-slow test-faults bench kafka-up kafka-down schemas dashboards dashboard-pngs clean
 
 # Java 17 runs the broker, Maven fetches its jars from Maven Central (no Docker needed).
 # Prometheus (server + promtool, Debian's package) runs in tests/test_prometheus.py.
@@ -59,6 +59,17 @@ schemas: install
 # Rewrites compose/grafana/dashboards/*.json from compose/grafana/dashboards.py.
 dashboards: install
 	$(BIN)/python compose/grafana/dashboards.py
+
+# Redraws compose/grafana/png/*.png from a real run: the stack and load of
+# tests/test_prometheus.py for DASHBOARD_SECONDS with its Prometheus data kept in
+# build/dashboard-run, then compose/grafana/render.py replays that data (no Grafana here).
+DASHBOARD_SECONDS ?= 150
+dashboard-pngs: install
+	rm -rf build/dashboard-run
+	FERRY_PROMETHEUS_RECORD=build/dashboard-run \
+	  FERRY_PROMETHEUS_RECORD_SECONDS=$(DASHBOARD_SECONDS) \
+	  $(BIN)/python -m pytest -q tests/test_prometheus.py -k scrapes
+	$(BIN)/python compose/grafana/render.py --data build/dashboard-run
 
 clean:
 	rm -rf $(VENV) *.egg-info

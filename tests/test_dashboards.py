@@ -86,3 +86,40 @@ def test_every_panel_query_is_one_the_prometheus_test_runs() -> None:
                    "ferry_consumer_lag", "ferry_batch_size", "vllm:kv_cache_usage_perc",
                    "ferry_errors_total", "ferry_dead_letters_total"):
         assert series in text, series
+
+
+def renderer() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ferry_dashboard_render",
+                                                  GRAFANA / "render.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_png_renderer_lays_panels_out_on_grafanas_grid() -> None:
+    """compose/grafana/render.py (the PNGs in the README): every panel inside the figure,
+    below the header, none overlapping, and widths in proportion to the 24-column grid."""
+    render = renderer()
+    for name, text in committed().items():
+        board = json.loads(text)
+        size = render.figure_size(board)
+        boxes = [(p["title"], p["gridPos"], render.grid_box(p["gridPos"], size))
+                 for p in board["panels"]]
+        for title, grid, box in boxes:
+            assert 0 <= box.left and box.left + box.width <= 1, f"{name}: {title}"
+            assert 0 <= box.bottom and box.bottom + box.height <= 1, f"{name}: {title}"
+            assert box.bottom + box.height <= 1 - render.HEADER_IN / size[1], f"{name}: {title}"
+            full = render.grid_box({"x": 0, "y": 0, "w": 24, "h": grid["h"]}, size)
+            assert abs(box.width - full.width * grid["w"] / 24) < 0.01, f"{name}: {title}"
+        for i, (a, _, one) in enumerate(boxes):
+            for b, _, two in boxes[i + 1:]:
+                apart = (one.left + one.width <= two.left or two.left + two.width <= one.left
+                         or one.bottom + one.height <= two.bottom
+                         or two.bottom + two.height <= one.bottom)
+                assert apart, f"{name}: {a} overlaps {b}"
+    assert render.legend("p99 {{model_name}}", {"model_name": "llama"}) == "p99 llama"
+    assert render.legend("", {"__name__": "up", "job": "x"}) == '{job="x"}'
+    assert render.fmt_value(0.25, "s") == "250 ms" and render.fmt_value(0.5, "percentunit") \
+        == "50%" and render.fmt_value(3 * 2**30, "bytes") == "3 GiB"

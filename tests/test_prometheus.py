@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
-import math
-import shutil
+import os
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,7 @@ import yaml
 from aiokafka import AIOKafkaProducer
 
 from ferry.broker import free_port
+from ferry.prometheus import PROMETHEUS, PROMTOOL, LocalPrometheus, has_data
 from schemas import requests_topic
 from streams.keys import add_key
 from streams.routes import set_route
@@ -34,8 +31,10 @@ from tests.harness import FerryProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "compose" / "prometheus"
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+# `make dashboard-pngs` sets these: keep the server's data in RECORD and the load running for
+# RECORD_SECONDS, then compose/grafana/render.py draws the dashboards from that data.
+RECORD = os.environ.get("FERRY_PROMETHEUS_RECORD")
+RECORD_SECONDS = float(os.environ.get("FERRY_PROMETHEUS_RECORD_SECONDS", "150"))
 
 pytestmark = pytest.mark.skipif(
     not (Path(PROMETHEUS).exists() and Path(PROMTOOL).exists()),
@@ -102,49 +101,6 @@ def scrape_config(targets: dict[str, list[str]], port: int) -> dict[str, Any]:
     return config
 
 
-class Prometheus:
-    def __init__(self, config: dict[str, Any], port: int, home: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        (home / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = home / "prometheus.log"
-        with self.log.open("w") as out:
-            self.process = subprocess.Popen(
-                [PROMETHEUS, f"--config.file={home / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={home / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                 "--log.level=warn"], stdout=out, stderr=subprocess.STDOUT)
-
-    def get(self, path: str, **params: str) -> Any:
-        url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=10) as page:
-            return json.loads(page.read())
-
-    def ready(self) -> bool:
-        assert self.process.poll() is None, self.log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as page:
-                return page.status == 200
-        except OSError:
-            return False
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        answer = self.get("/api/v1/query", query=expr)
-        assert answer["status"] == "success", (expr, answer)
-        return answer["data"]["result"]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def has_data(result: list[dict[str, Any]]) -> bool:
-    """At least one series with a number (a quantile of an empty window is NaN)."""
-    return any(not math.isnan(float(r["value"][1])) for r in result)
-
-
 @pytest.fixture
 def comparator_for(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Any]:
     procs: list[FerryProcess] = []
@@ -207,7 +163,8 @@ async def test_prometheus_scrapes_the_stack_and_every_dashboard_query_has_data(
         "ferry-worker": [f"127.0.0.1:{worker_port}", f"127.0.0.1:{candidate_port}"],
         "ferry-comparator": [f"127.0.0.1:{comparator.metrics_port}"],
     }, port)
-    prometheus = Prometheus(config, port, tmp_path)
+    prometheus = LocalPrometheus(config, port, Path(RECORD) if RECORD else tmp_path)
+    started = time.monotonic()
     stop = asyncio.Event()
     load = asyncio.create_task(_load(gw, alias, key, limited_key, stop))
     try:
@@ -241,6 +198,10 @@ async def test_prometheus_scrapes_the_stack_and_every_dashboard_query_has_data(
             f'vllm:num_requests_waiting{{model_name="{primary}"}}'))
         assert has_data(prometheus.query(
             'process_resident_memory_bytes{job="ferry-router"}'))
+        if RECORD:  # a longer run for the dashboard PNGs: the load goes on until then
+            while time.monotonic() < started + RECORD_SECONDS:
+                assert not load.done() or load.exception() is None, load.exception()
+                await asyncio.sleep(1)
     finally:
         stop.set()
         sent = await asyncio.wait_for(load, 120)
