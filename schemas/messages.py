@@ -18,6 +18,18 @@ TOPIC_PATTERN = r"^[a-zA-Z0-9._-]{1,249}$"  # anchored: JSON Schema patterns sea
 MAX_CONTEXT_TOKENS = 1 << 20
 
 FinishReason = Literal["stop", "length", "error"]
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+
+
+@dataclass(frozen=True)
+class LogitBias:
+    """One entry of `Request.logit_bias`."""
+
+    token: int = field(metadata=spec("Token id (checked against the model's vocabulary).",
+                                     minimum=0))
+    bias: float = field(metadata=spec("Added to the token's logit before sampling; -100 bans "
+                                      "it, 100 all but forces it.", minimum=-100.0,
+                                      maximum=100.0))
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,33 @@ class Request:
         minimum=0.0, maximum=100.0))
     top_p: float = field(default=1.0, metadata=spec(
         "Nucleus sampling mass.", exclusiveMinimum=0.0, maximum=1.0))
+    top_k: int = field(default=0, metadata=spec(
+        "Sample among the k most likely tokens only; 0 = off.", minimum=0,
+        maximum=MAX_CONTEXT_TOKENS))
+    min_p: float = field(default=0.0, metadata=spec(
+        "Drop tokens whose probability is below min_p times the top token's (after "
+        "temperature); 0 = off.", minimum=0.0, maximum=1.0))
+    presence_penalty: float = field(default=0.0, metadata=spec(
+        "OpenAI's: subtracted from the logit of every token the completion already holds.",
+        minimum=-2.0, maximum=2.0))
+    frequency_penalty: float = field(default=0.0, metadata=spec(
+        "OpenAI's: subtracted from a token's logit once per time the completion holds it.",
+        minimum=-2.0, maximum=2.0))
+    repetition_penalty: float = field(default=1.0, metadata=spec(
+        "transformers': the logit of every token in the prompt or completion is divided by "
+        "it when positive, multiplied when negative; 1 = off.", exclusiveMinimum=0.0,
+        maximum=100.0))
+    logit_bias: list[LogitBias] = field(default_factory=list, metadata=spec(
+        "Biases added to token logits (greedy rows too).", maxItems=MAX_LOGIT_BIAS))
+    stop_token_ids: list[int] = field(default_factory=list, metadata=spec(
+        "Token ids that end the completion (finish_reason stop) like end-of-sequence; the "
+        "stop token is not part of the output.", maxItems=256, items={"minimum": 0}))
+    min_tokens: int = field(default=0, metadata=spec(
+        "End-of-sequence and stop_token_ids cannot be generated before this many tokens "
+        "(stop strings still apply); at most max_new_tokens.", minimum=0,
+        maximum=MAX_CONTEXT_TOKENS))
+    ignore_eos: bool = field(default=False, metadata=spec(
+        "Keep generating past end-of-sequence tokens (they are output like any other)."))
     seed: int | None = field(default=None, metadata=spec(
         "Sampling seed: the same seed gives the same tokens whatever the batch.",
         minimum=0, maximum=2**63 - 1))
@@ -89,6 +128,9 @@ class Request:
             raise SchemaError("input_ids", "must not be empty")
         if self.score_ids is not None and not self.score_ids:
             raise SchemaError("score_ids", "must not be empty")
+        if self.min_tokens > self.max_new_tokens:
+            raise SchemaError("min_tokens", f"must be <= max_new_tokens "
+                                            f"({self.max_new_tokens}), got {self.min_tokens}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 
 from schemas import ErrorCode, Request, Result, SchemaError, decode_request, encode, http_status
+from streams import openai_sampling
 
 DEFAULT_MODEL = "default"
 REASON = web.ResponseKey("reason", str)  # the error code of an answer, for metrics
@@ -115,6 +116,7 @@ def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
               source: body[source], "max_new_tokens": body.get("max_tokens"),
               "temperature": body.get("temperature"), "top_p": body.get("top_p"),
               "seed": body.get("seed"), "stop": _stop(body.get("stop")), "deadline": deadline}
+    fields.update(openai_sampling.request_fields(body, chat=chat))
     fields = {k: v for k, v in fields.items() if v is not None}
     request = decode_request(encode(fields))
     return Call(request, chat, _flag(body, "stream"), _flag(body, "async") or prefer_async,

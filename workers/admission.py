@@ -108,5 +108,12 @@ def chat_ids(request: Request, tokenizer: Tokenizer | None,
 
 
 def sampling(request: Request) -> SamplingParams:
-    return SamplingParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                          top_p=request.top_p, seed=request.seed, stop=tuple(request.stop))
+    r = request
+    return SamplingParams(
+        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+        top_k=r.top_k, seed=r.seed, stop=tuple(r.stop), min_p=r.min_p,
+        presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
+        repetition_penalty=r.repetition_penalty,
+        logit_bias=tuple((b.token, b.bias) for b in r.logit_bias),
+        stop_token_ids=tuple(r.stop_token_ids), min_tokens=r.min_tokens,
+        ignore_eos=r.ignore_eos)

@@ -24,7 +24,7 @@ from torch import Tensor
 from workers.kv_cache import BlockManager, KVPools
 from workers.loader import load_model
 from workers.model import AttnGroup, ModelConfig, PagedStep, Transformer
-from workers.sampler import RowSampling, Sampler
+from workers.sampler import MIN_TEMPERATURE, History, RowSampling, Sampler
 from workers.scheduler import ScheduledRow, Scheduler, Sequence, StepPlan
 from workers.tokenizer import Tokenizer, load_tokenizer
 
@@ -44,6 +44,14 @@ class SamplingParams:
     top_k: int = 0                 # 0 = off
     seed: int | None = None        # None: drawn from the engine's generator
     stop: tuple[str, ...] = ()     # needs a tokenizer; ignored without one
+    min_p: float = 0.0             # 0 = off
+    presence_penalty: float = 0.0  # OpenAI's, [-2, 2], over the completion
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # transformers', > 0, over prompt and completion
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+    stop_token_ids: tuple[int, ...] = ()  # finish ("stop") when sampled, like eos
+    min_tokens: int = 0            # eos and stop ids masked until this many tokens
+    ignore_eos: bool = False       # eos is a token like any other
 
 
 @dataclass
@@ -203,6 +211,7 @@ class Engine:
             raise ValueError(f"{who}: top_p must be in (0, 1]")
         if p.top_k < 0:
             raise ValueError(f"{who}: top_k must be >= 0")
+        _check_sampling(who, p, self.config.vocab_size)
         if request.score_ids is not None:
             if not request.score_ids:
                 raise ValueError(f"{who}: score_ids is empty")
@@ -221,12 +230,7 @@ class Engine:
         """Check, then queue; it runs from the next `step`."""
         self.check(request)
         p = request.params
-        sampling = RowSampling(p.temperature, p.top_p, p.top_k)
-        if p.seed is not None and not sampling.greedy:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(p.seed)
-            sampling = RowSampling(p.temperature, p.top_p, p.top_k, gen)
-        req = _Request(request, sampling)
+        req = _Request(request, self._row_sampling(p))
         self._requests[request.id] = req
         tokens = list(request.input_ids)
         score_from = None
@@ -236,6 +240,16 @@ class Engine:
             self._done.append(self._complete(req, None, "length"))
             return
         self.scheduler.add(Sequence(request.id, tokens, len(request.input_ids), score_from))
+
+    def _row_sampling(self, p: SamplingParams) -> RowSampling:
+        gen = None
+        if p.seed is not None and p.temperature >= MIN_TEMPERATURE:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(p.seed)
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
+        return RowSampling(p.temperature, p.top_p, p.top_k, gen, p.min_p, p.presence_penalty,
+                           p.frequency_penalty, p.repetition_penalty, tuple(p.logit_bias),
+                           p.min_tokens, tuple(sorted(banned)) if p.min_tokens else ())
 
     def abort(self, request_id: str) -> Completion | None:
         """Drop a waiting or running request and free its blocks; None if unknown."""
@@ -355,7 +369,10 @@ class Engine:
         if sampled:
             at_rows = [i for _, i in sampled]
             picked = logits if at_rows == list(range(len(logits))) else logits[at_rows]
-            result = self.sampler(picked, [req.sampling for req, _ in sampled])
+            rows = [req.sampling for req, _ in sampled]
+            history = ([History(req.request.input_ids, req.ids) for req, _ in sampled]
+                       if any(r.processed for r in rows) else None)
+            result = self.sampler(picked, rows, history)
             for k, (req, _) in enumerate(sampled):
                 if k in result.errors:
                     out.finished.append(self._finish(req, "error", result.errors[k]))
@@ -383,12 +400,12 @@ class Engine:
             at += len(row.logits)
 
     def _advance(self, req: _Request, token: int, out: StepOutput) -> None:
-        rid = req.request.id
-        if token in self.eos_ids:
+        rid, p = req.request.id, req.request.params
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             out.finished.append(self._finish(req, "stop"))
             return
         req.ids.append(token)
-        n, p = len(req.ids), req.request.params
+        n = len(req.ids)
         if p.stop and self.tokenizer is not None and self._cut_at_stop(req):
             out.finished.append(self._finish(req, "stop"))
         elif len(req.ids) >= p.max_new_tokens:
@@ -433,6 +450,29 @@ class Engine:
             score = req.logprob_sum / len(r.score_ids)
         return Completion(r.id, req.ids, text, reason, len(r.input_ids), score, error,
                           (seq.num_cached or 0) if seq is not None else 0)
+
+
+def _check_sampling(who: str, p: SamplingParams, vocab: int) -> None:
+    """The processors' parameters (ValueError naming the field)."""
+    if not 0 <= p.min_p <= 1:
+        raise ValueError(f"{who}: min_p must be in [0, 1]")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(p, name) <= 2:
+            raise ValueError(f"{who}: {name} must be in [-2, 2]")
+    if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0):
+        raise ValueError(f"{who}: repetition_penalty must be a finite number > 0")
+    for token, bias in p.logit_bias:
+        if not 0 <= token < vocab:
+            raise ValueError(f"{who}: logit_bias: token {token} is outside the vocabulary "
+                             f"[0, {vocab})")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"{who}: logit_bias: bias {bias} of token {token} must be in "
+                             f"[-100, 100]")
+    if bad := [t for t in p.stop_token_ids if not 0 <= t < vocab]:
+        raise ValueError(f"{who}: stop_token_ids: token {bad[0]} is outside the vocabulary "
+                         f"[0, {vocab})")
+    if not 0 <= p.min_tokens <= max(p.max_new_tokens, 0):
+        raise ValueError(f"{who}: min_tokens must be in [0, max_new_tokens]")
 
 
 def _split_by_context(decode: list[int], rows: list[ScheduledRow]) -> list[list[int]]:

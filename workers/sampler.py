@@ -1,8 +1,12 @@
 """Next tokens for a whole step at once, in float32.
 
-Greedy rows (temperature 0, or below `MIN_TEMPERATURE`, where 1/T would overflow) take the
-argmax. Sampled rows are scaled by 1/T, cut to their top_k and top_p nucleus in batched
-tensor ops, then drawn: unseeded rows in one `multinomial` call on the sampler's own
+First the logits processors, in tensor ops over the rows that use them (a step where no row
+does skips them): repetition penalty (transformers' semantics, over prompt and completion),
+presence and frequency penalties (OpenAI's, over the completion), `logit_bias`, and the
+`min_tokens` mask (eos and stop ids at -inf until the completion is long enough). Greedy
+rows (temperature 0, or below `MIN_TEMPERATURE`, where 1/T would overflow) take the
+argmax of the processed logits. Sampled rows are scaled by 1/T, cut to their top_k, top_p
+nucleus and min_p floor (vLLM's order) in batched tensor ops, then drawn: unseeded rows in one `multinomial` call on the sampler's own
 generator, seeded rows each from their own generator, so a seeded row's tokens depend on
 its logits and seed only, never on its batch mates. Any valid input gives a token: a row
 whose distribution is degenerate (inf/nan after scaling) falls back to its argmax; a row
@@ -11,6 +15,7 @@ whose logits hold NaN, or whose draw still raises, fails alone (an entry in `err
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +32,36 @@ class RowSampling:
     top_p: float = 1.0
     top_k: int = 0                          # 0 = off
     generator: torch.Generator | None = None  # seeded rows; None: the sampler's generator
+    min_p: float = 0.0                      # 0 = off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0         # 1 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit)
+    min_tokens: int = 0                     # `banned` ids stay at -inf until this many
+    banned: tuple[int, ...] = ()            # eos and stop ids, for min_tokens
 
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
+
+    @property
+    def processed(self) -> bool:
+        """Whether any logits processor applies to this row (else it costs nothing)."""
+        return self.penalized or bool(self.logit_bias) or (self.min_tokens > 0
+                                                            and bool(self.banned))
+
+
+@dataclass(frozen=True)
+class History:
+    """The tokens a row's processors read: its prompt and its completion so far."""
+
+    prompt: Sequence[int]
+    output: Sequence[int]
 
 
 @dataclass
@@ -49,12 +80,18 @@ class Sampler:
         else:
             self.generator.manual_seed(seed)
 
-    def __call__(self, logits: Tensor, rows: list[RowSampling]) -> Sampled:
-        """logits (S, vocab) for S rows, any float dtype."""
+    def __call__(self, logits: Tensor, rows: list[RowSampling],
+                 history: list[History] | None = None) -> Sampled:
+        """logits (S, vocab) for S rows, any float dtype; `history` is needed when any row
+        has processors (see `RowSampling.processed`)."""
         logits = logits.float()
         top, tokens = logits.max(-1)  # max propagates NaN: one pass finds both
         nan = top.isnan().tolist()
         errors = {i: "the model produced NaN logits" for i, bad in enumerate(nan) if bad}
+        if any(r.processed for r in rows):
+            assert history is not None
+            logits = process(logits, rows, history)
+            tokens = logits.argmax(-1)
         drawn = [i for i, r in enumerate(rows) if not r.greedy and i not in errors]
         if drawn:
             probs = _filtered_probs(logits[drawn], [rows[i] for i in drawn])
@@ -81,7 +118,8 @@ class Sampler:
 
 
 def _filtered_probs(logits: Tensor, rows: list[RowSampling]) -> Tensor:
-    """softmax(logits / T) cut to each row's top_k and top_p (the top token always stays)."""
+    """softmax(logits / T) cut to each row's top_k, top_p and min_p (the top token always
+    stays)."""
     temps = torch.tensor([r.temperature for r in rows], device=logits.device)
     x = logits / temps[:, None]
     vocab = x.shape[-1]
@@ -92,6 +130,12 @@ def _filtered_probs(logits: Tensor, rows: list[RowSampling]) -> Tensor:
         floor = top.gather(-1, kth[:, None])
         keep_all = torch.tensor([k >= vocab for k in ks], device=x.device)[:, None]
         x = x.masked_fill((x < floor) & ~keep_all, float("-inf"))
+    if max(r.min_p for r in rows) > 0:
+        # transformers' MinPLogitsWarper / vLLM: drop tokens below min_p x the top token's
+        # probability (after temperature).
+        p = x.softmax(-1)
+        min_p = torch.tensor([r.min_p for r in rows], device=x.device)[:, None]
+        x = x.masked_fill(p < min_p * p.max(-1, keepdim=True).values, float("-inf"))
     if min(r.top_p for r in rows) < 1:
         sorted_x, order = x.sort(dim=-1, descending=True)
         p = sorted_x.softmax(-1)
@@ -102,3 +146,56 @@ def _filtered_probs(logits: Tensor, rows: list[RowSampling]) -> Tensor:
         cut[:, 0] = False
         x = x.scatter(-1, order, sorted_x.masked_fill(cut, float("-inf")))
     return x.softmax(-1)
+
+
+def process(logits: Tensor, rows: list[RowSampling], history: list[History]) -> Tensor:
+    """The logits processors of every row that has some, in place on a float32 copy."""
+    logits = logits.clone()
+    vocab, dev = logits.shape[-1], logits.device
+    pen = [i for i, r in enumerate(rows) if r.penalized]
+    if pen:
+        _penalize(logits, pen, [rows[i] for i in pen], [history[i] for i in pen])
+    bias = [(i, t, b) for i, r in enumerate(rows) for t, b in r.logit_bias]
+    if bias:
+        ri, ti, bi = zip(*bias)
+        logits.index_put_((torch.tensor(ri, device=dev), torch.tensor(ti, device=dev)),
+                          torch.tensor(bi, device=dev), accumulate=True)
+    ban = [(i, t) for i, r in enumerate(rows) if len(history[i].output) < r.min_tokens
+           for t in r.banned if t < vocab]
+    if ban:
+        ri, ti = zip(*ban)
+        logits[torch.tensor(ri, device=dev), torch.tensor(ti, device=dev)] = float("-inf")
+    return logits
+
+
+def _penalize(logits: Tensor, at: list[int], rows: list[RowSampling],
+              history: list[History]) -> None:
+    """Penalties of rows `at`: one scatter_add counts every row's completion tokens."""
+    vocab, dev = logits.shape[-1], logits.device
+    x = logits[at]
+    counts = _counts([h.output for h in history], vocab, dev)
+    if any(r.repetition_penalty != 1 for r in rows):
+        # transformers' RepetitionPenaltyLogitsProcessor: every token seen, prompt included,
+        # has its logit divided by the penalty when positive, multiplied when negative.
+        seen = (counts + _counts([h.prompt for h in history], vocab, dev)) > 0
+        rep = torch.tensor([r.repetition_penalty for r in rows], device=dev)[:, None]
+        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
+    if any(r.presence_penalty != 0 or r.frequency_penalty != 0 for r in rows):
+        # OpenAI's: logit -= frequency * count + presence * (count > 0), completion only.
+        freq = torch.tensor([r.frequency_penalty for r in rows], device=dev)[:, None]
+        pres = torch.tensor([r.presence_penalty for r in rows], device=dev)[:, None]
+        x = x - freq * counts - pres * (counts > 0).float()
+    logits[at] = x
+
+
+def _counts(seqs: list[Sequence[int]], vocab: int, device: torch.device) -> Tensor:
+    """(rows, vocab) float32 occurrence counts; padding lands in a column that is dropped."""
+    width = max((len(s) for s in seqs), default=0)
+    counts = torch.zeros(len(seqs), vocab + 1, device=device)
+    if width:
+        ids = torch.full((len(seqs), width), vocab, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        counts.scatter_add_(1, ids.to(device), torch.ones(ids.shape, device=device))
+    return counts[:, :vocab]

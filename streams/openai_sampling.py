@@ -1,0 +1,98 @@
+"""OpenAI's sampling fields to Ferry's Request fields, checked with OpenAI's ranges and named as
+OpenAI names them (a SchemaError whose field is the OpenAI parameter). vLLM's extensions
+(top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted
+under their vLLM names. Pure functions; `streams/openai_format.py` calls them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from schemas import SchemaError
+
+MAX_LOGIT_BIAS = 1024
+
+
+def _number(body: dict[str, Any], name: str, lo: float, hi: float,
+            *, lo_open: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SchemaError(name, f"must be a number, got {type(value).__name__}")
+    if value < lo or value > hi or (lo_open and value == lo):
+        left = "(" if lo_open else "["
+        raise SchemaError(name, f"must be in {left}{lo:g}, {hi:g}], got {value}")
+    return float(value)
+
+
+def _integer(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SchemaError(name, f"must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise SchemaError(name, f"must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _boolean(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise SchemaError(name, f"must be boolean, got {type(value).__name__}")
+    return value
+
+
+def _logit_bias(value: Any) -> list[dict[str, Any]] | None:
+    """OpenAI's {"token id": bias} map as Request.logit_bias entries."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SchemaError("logit_bias", f"must be an object, got {type(value).__name__}")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise SchemaError("logit_bias", f"must have at most {MAX_LOGIT_BIAS} entries")
+    out = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise SchemaError("logit_bias", f"keys must be token ids, got {key!r}")
+        if (isinstance(bias, bool) or not isinstance(bias, (int, float))
+                or not -100 <= bias <= 100):
+            raise SchemaError("logit_bias", f"bias of token {key} must be a number in "
+                                            f"[-100, 100], got {bias!r}")
+        out.append({"token": int(key), "bias": float(bias)})
+    return out
+
+
+def _stop_token_ids(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+        raise SchemaError("stop_token_ids", "must be an array of token ids")
+    return value
+
+
+def request_fields(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
+    """Request fields for the sampling parameters of an OpenAI body (unset ones omitted)."""
+    fields = {
+        "temperature": _number(body, "temperature", 0, 2),
+        "top_p": _number(body, "top_p", 0, 1, lo_open=True),
+        "presence_penalty": _number(body, "presence_penalty", -2, 2),
+        "frequency_penalty": _number(body, "frequency_penalty", -2, 2),
+        "logit_bias": _logit_bias(body.get("logit_bias")),
+        # vLLM's extensions
+        "top_k": _top_k(body),
+        "min_p": _number(body, "min_p", 0, 1),
+        "repetition_penalty": _number(body, "repetition_penalty", 0, 100, lo_open=True),
+        "min_tokens": _integer(body, "min_tokens", 0, 1 << 20),
+        "ignore_eos": _boolean(body, "ignore_eos"),
+        "stop_token_ids": _stop_token_ids(body.get("stop_token_ids")),
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _top_k(body: dict[str, Any]) -> int | None:
+    """vLLM's top_k: -1 (or 0) means off."""
+    value = _integer(body, "top_k", -1, 1 << 20)
+    return None if value is None else max(value, 0)
