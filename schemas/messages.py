@@ -21,6 +21,33 @@ FinishReason = Literal["stop", "length", "error"]
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
 
 
+MAX_LOGPROBS = 20  # top alternatives per token
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position."""
+
+    token_id: int = field(metadata=spec("Token id.", minimum=0))
+    logprob: float = field(metadata=spec("Its log-probability (-9999 stands for -inf)."))
+    text: str | None = field(default=None, metadata=spec(
+        "The token decoded alone (unset without a tokenizer; a token that is part of a UTF-8 "
+        "character decodes to U+FFFD)."))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated (or prompt) token's log-probability and the top alternatives at its
+    position, under the model's raw distribution (before penalties, biases, temperature and
+    cuts; vLLM's default)."""
+
+    token_id: int = field(metadata=spec("Token id.", minimum=0))
+    logprob: float = field(metadata=spec("Its log-probability (-9999 stands for -inf)."))
+    text: str | None = field(default=None, metadata=spec("The token decoded alone."))
+    top: list[TopLogprob] = field(default_factory=list, metadata=spec(
+        "The most likely tokens at this position, most likely first [logprobs]."))
+
+
 @dataclass(frozen=True)
 class LogitBias:
     """One entry of `Request.logit_bias`."""
@@ -83,6 +110,12 @@ class Request:
         maximum=MAX_CONTEXT_TOKENS))
     ignore_eos: bool = field(default=False, metadata=spec(
         "Keep generating past end-of-sequence tokens (they are output like any other)."))
+    logprobs: int | None = field(default=None, metadata=spec(
+        "Return every generated token's log-probability and this many top alternatives "
+        "(0..20); unset: none.", minimum=0, maximum=MAX_LOGPROBS))
+    prompt_logprobs: int | None = field(default=None, metadata=spec(
+        "The same for the prompt's tokens (the first has none); computes the whole prompt "
+        "(no prefix-cache hits).", minimum=0, maximum=MAX_LOGPROBS))
     seed: int | None = field(default=None, metadata=spec(
         "Sampling seed: the same seed gives the same tokens whatever the batch.",
         minimum=0, maximum=2**63 - 1))
@@ -175,6 +208,11 @@ class Result:
     error: ErrorInfo | None = field(default=None, metadata=spec("Set when the request failed."))
     score: float | None = field(default=None, metadata=spec(
         "For a scoring request (score_ids): mean log-probability per scored token."))
+    logprobs: list[TokenLogprob] | None = field(default=None, metadata=spec(
+        "If the request asked (logprobs): one entry per output token [completion_tokens]."))
+    prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, metadata=spec(
+        "If the request asked (prompt_logprobs): one entry per prompt token, the first null "
+        "[prompt_tokens]."))
     schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(
         "Version of this schema.", minimum=1))
 

@@ -199,7 +199,7 @@ class Gateway:
                                          model=first, include_usage=call.include_usage,
                                          metrics=self.metrics, route=_route_label(http),
                                          started=started)
-            return _answer(await _unless_gone(http, task), chat, created)
+            return _answer(await _unless_gone(http, task), chat, created, call.echo)
         except Disconnected:
             task.cancel()
             await self._cancel(live, "caller disconnected")
@@ -512,10 +512,10 @@ async def _read_json(http: web.Request) -> Any:
                        None) from None
 
 
-def _answer(result: Result, chat: bool, created: int) -> web.Response:
+def _answer(result: Result, chat: bool, created: int, echo: str | None = None) -> web.Response:
     if result.error is not None:
         return error_response(result_error(result))
-    return web.json_response(completion_object(result, chat, created), dumps=json_text)
+    return web.json_response(completion_object(result, chat, created, echo), dumps=json_text)
 
 
 async def _unless_gone(http: web.Request, task: asyncio.Task[Result]) -> Result:

@@ -86,6 +86,7 @@ class Call:
     stream: bool
     respond_async: bool
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
+    echo: str | None = None      # completions' echo: the prompt text before the completion
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:
@@ -120,7 +121,7 @@ def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
     fields = {k: v for k, v in fields.items() if v is not None}
     request = decode_request(encode(fields))
     return Call(request, chat, _flag(body, "stream"), _flag(body, "async") or prefer_async,
-                _include_usage(body))
+                _include_usage(body), openai_sampling.echo_prompt(body, chat))
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -166,14 +167,17 @@ def _usage(result: Result) -> dict[str, int]:
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
-def completion_object(result: Result, chat: bool, created: int) -> dict[str, Any]:
+def completion_object(result: Result, chat: bool, created: int,
+                      echo: str | None = None) -> dict[str, Any]:
     """The OpenAI (chat.)completion object for a successful result."""
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "finish_reason": result.finish_reason, "logprobs": None}
+                  "finish_reason": result.finish_reason,
+                  "logprobs": openai_sampling.chat_logprobs(result)}
     else:
-        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason,
-                  "logprobs": None}
+        choice = {"index": 0, "text": (echo or "") + result.text,
+                  "finish_reason": result.finish_reason,
+                  "logprobs": openai_sampling.completion_logprobs(result, echo)}
     return {"id": result.id, "object": "chat.completion" if chat else "text_completion",
             "created": created, "model": result.model, "choices": [choice],
             "usage": _usage(result)}

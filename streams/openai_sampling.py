@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from schemas import SchemaError
+from schemas import Result, SchemaError
+from schemas.messages import MAX_LOGPROBS, TokenLogprob
 
 MAX_LOGIT_BIAS = 1024
 
@@ -88,8 +89,86 @@ def request_fields(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
         "min_tokens": _integer(body, "min_tokens", 0, 1 << 20),
         "ignore_eos": _boolean(body, "ignore_eos"),
         "stop_token_ids": _stop_token_ids(body.get("stop_token_ids")),
+        **_logprobs(body, chat),
     }
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _logprobs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """Chat: logprobs (boolean) and top_logprobs (0..20); completions: logprobs (0..20, vLLM's
+    limit where OpenAI's is 5), and echo with logprobs asks for the prompt's too."""
+    if body.get("stream") is True:
+        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+            raise SchemaError("logprobs", "is not available with stream: true yet")
+        if body.get("echo") and not chat:
+            raise SchemaError("echo", "is not available with stream: true yet")
+    if chat:
+        on = _boolean(body, "logprobs")
+        top = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
+        if top is not None and not on:
+            raise SchemaError("top_logprobs", "needs logprobs: true")
+        return {"logprobs": (top or 0) if on else None}
+    k = _integer(body, "logprobs", 0, MAX_LOGPROBS)
+    echo = _boolean(body, "echo")
+    return {"logprobs": k, "prompt_logprobs": k if echo else None}
+
+
+def echo_prompt(body: dict[str, Any], chat: bool) -> str | None:
+    """The text a completions call with echo: true puts before its completion."""
+    if chat or not _boolean(body, "echo"):
+        return None
+    prompt = body.get("prompt")
+    return prompt if isinstance(prompt, str) else None
+
+
+# ---- response pieces ------------------------------------------------------------------
+
+def _entries(result: Result, echo: bool) -> list[TokenLogprob | None]:
+    prompt = list(result.prompt_logprobs or []) if echo else []
+    return [*prompt, *(result.logprobs or [])]
+
+
+def completion_logprobs(result: Result, echo: str | None = None) -> dict[str, Any] | None:
+    """A completions choice's `logprobs` (prompt tokens first with echo, the very first
+    token's logprob null); text_offset counts characters of the returned text."""
+    if result.logprobs is None:
+        return None
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    at = 0
+    prompt = (result.prompt_logprobs or []) if echo is not None else []
+    for e in _entries(result, echo is not None):
+        if e is None:  # the prompt's first token has no logprob; its text heads the echo
+            rest = "".join(x.text or "" for x in prompt[1:] if x is not None)
+            text = echo[:len(echo) - len(rest)] if echo and echo.endswith(rest) else ""
+            tokens.append(text)
+            lps.append(None)
+            tops.append(None)
+        else:
+            text = e.text or ""
+            tokens.append(text)
+            lps.append(e.logprob)
+            tops.append({t.text or "": t.logprob for t in e.top})
+        offsets.append(at)
+        at += len(text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(result: Result) -> dict[str, Any] | None:
+    """A chat choice's `logprobs`: {content: [{token, logprob, bytes, top_logprobs}]}."""
+    if result.logprobs is None:
+        return None
+
+    def one(text: str | None, logprob: float) -> dict[str, Any]:
+        text = text or ""
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**one(e.text, e.logprob),
+                         "top_logprobs": [one(t.text, t.logprob) for t in e.top]}
+                        for e in result.logprobs], "refusal": None}
 
 
 def _top_k(body: dict[str, Any]) -> int | None:

@@ -165,6 +165,47 @@ def test_stop_token_ids_min_tokens_and_ignore_eos(base: Engine) -> None:
     assert len(stopped.output_ids) == 2 and stopped.finish_reason == "stop"
 
 
+# ---- logprobs --------------------------------------------------------------------------
+
+def test_logprobs_are_the_raw_model_distribution(base: Engine, hf: LlamaForCausalLM) -> None:
+    """Completion and prompt logprobs equal transformers' log_softmax at every position, before
+    the processors (the repetition penalty changes the tokens, not the logprobs)."""
+    engine = fresh(base)  # a cached prefix would skip the prompt's logits
+    ids = engine.encode(PROMPTS[1])
+    [out] = engine.generate([GenerationInput(ids, SamplingParams(
+        max_new_tokens=6, repetition_penalty=1.3, logprobs=5, prompt_logprobs=3))])
+    engine_c = engine._run([EngineRequest("again", ids, SamplingParams(
+        max_new_tokens=6, repetition_penalty=1.3, logprobs=5, prompt_logprobs=3))])["again"]
+    assert engine_c.output_ids == out.output_ids
+    full = ids + out.output_ids
+    with torch.no_grad():
+        lp = hf(torch.tensor([full])).logits[0].float().log_softmax(-1)
+    assert engine_c.logprobs is not None and engine_c.prompt_logprobs is not None
+    assert len(engine_c.logprobs) == len(out.output_ids)
+    assert len(engine_c.prompt_logprobs) == len(ids) - 1
+    for pos, entry in enumerate(engine_c.prompt_logprobs + engine_c.logprobs):
+        assert entry.token == full[pos + 1]
+        torch.testing.assert_close(entry.logprob, float(lp[pos, entry.token]), atol=1e-4,
+                                   rtol=1e-4)
+        k = len(entry.top)
+        assert k == (3 if pos + 1 < len(ids) else 5)
+        assert [t for t, _ in entry.top] == lp[pos].topk(k).indices.tolist()
+
+
+def test_logprobs_through_prefill_chunks_and_a_cached_prefix(base: Engine) -> None:
+    """Chunked prefill still gives every prompt position once; a prompt_logprobs request
+    takes no prefix-cache hit."""
+    engine = Engine(base.model, base.config, base.tokenizer,
+                    engine_config=EngineConfig(max_num_seqs=4, max_num_batched_tokens=8))
+    ids = engine.encode(PROMPTS[3])
+    warm = engine._run([EngineRequest("warm", ids, SamplingParams(max_new_tokens=2))])["warm"]
+    done = engine._run([EngineRequest("lp", ids, SamplingParams(
+        max_new_tokens=2, prompt_logprobs=0, logprobs=0))])["lp"]
+    assert done.output_ids == warm.output_ids and done.cached_tokens == 0
+    assert [e.token for e in done.prompt_logprobs or []] == ids[1:]
+    assert all(e.top == () for e in done.prompt_logprobs or [])
+
+
 # ---- batch independence ---------------------------------------------------------------
 
 MIXED = [dict(max_new_tokens=10, repetition_penalty=1.4),
@@ -173,7 +214,7 @@ MIXED = [dict(max_new_tokens=10, repetition_penalty=1.4),
          dict(max_new_tokens=10, temperature=1.2, seed=5, min_p=0.1, frequency_penalty=0.5,
               logit_bias=((5, 3.0),)),
          dict(max_new_tokens=10, min_tokens=4, stop_token_ids=(7,)),
-         dict(max_new_tokens=10, temperature=0.7, seed=11, top_p=0.8)]
+         dict(max_new_tokens=10, temperature=0.7, seed=11, top_p=0.8, logprobs=3)]
 
 
 def test_rows_never_depend_on_their_batch_mates(base: Engine) -> None:

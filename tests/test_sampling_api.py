@@ -9,7 +9,8 @@ import pytest
 from schemas import SchemaError
 from streams.openai_format import parse_call
 from tests.harness import post
-from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
+from workers.engine import (Engine, EngineRequest, GenerationInput, GenerationOutput,
+                            SamplingParams)
 
 PROMPT = "Once upon a time there was a small ship that sailed between two islands"
 
@@ -75,3 +76,62 @@ def test_body_to_request() -> None:
         parse_call({"prompt": "x", "presence_penalty": 5}, chat=False, model="m",
                    prefer_async=False, deadline=1e10)
     assert err.value.field == "presence_penalty"
+
+
+async def test_logprobs_and_echo(start_worker, start_gateway, engine, unique) -> None:
+    dep = unique("lp")
+    await start_worker(dep)
+    gw = await start_gateway()
+    ids = engine.encode("The ship")
+    [want] = engine.generate([GenerationInput(ids, SamplingParams(
+        max_new_tokens=5, logprobs=3, prompt_logprobs=3))])
+    done = engine._run([EngineRequest("x", ids, SamplingParams(
+        max_new_tokens=5, logprobs=3, prompt_logprobs=3))])["x"]
+    assert done.logprobs is not None and done.prompt_logprobs is not None
+    text = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+    async with gw.openai() as client:
+        c = await client.completions.create(model=dep, prompt="The ship", max_tokens=5,
+                                            logprobs=3)
+        lp = c.choices[0].logprobs
+        assert lp.tokens == [text(t) for t in want.output_ids]
+        assert lp.token_logprobs == pytest.approx([e.logprob for e in done.logprobs], abs=1e-4)
+        # keyed by text, as OpenAI's are (two partial UTF-8 tokens both read U+FFFD)
+        assert [list(d) for d in lp.top_logprobs] == [list({text(t): 0 for t, _ in e.top})
+                                                      for e in done.logprobs]
+        assert lp.text_offset[0] == 0 and len(lp.text_offset) == len(want.output_ids)
+
+        echo = await client.completions.create(model=dep, prompt="The ship", max_tokens=5,
+                                               logprobs=2, echo=True)
+        lp = echo.choices[0].logprobs
+        assert echo.choices[0].text == "The ship" + want.text
+        assert len(lp.tokens) == len(ids) + len(want.output_ids)
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx(
+            [e.logprob for e in done.prompt_logprobs], abs=1e-4)
+        plain_echo = await client.completions.create(model=dep, prompt="The ship",
+                                                     max_tokens=5, echo=True)
+        assert plain_echo.choices[0].text == "The ship" + want.text
+        assert plain_echo.choices[0].logprobs is None
+
+        messages = [{"role": "user", "content": "Hi"}]
+        chat = await client.chat.completions.create(model=dep, messages=messages,
+                                                    max_tokens=4, logprobs=True,
+                                                    top_logprobs=2)
+        content = chat.choices[0].logprobs.content
+        assert len(content) == chat.usage.completion_tokens
+        assert "".join(t.token for t in content) == chat.choices[0].message.content
+        assert all(len(t.top_logprobs) == 2 and t.bytes == list(t.token.encode())
+                   for t in content)
+        assert content[0].top_logprobs[0].logprob >= content[0].logprob - 1e-6
+        no = await client.chat.completions.create(model=dep, messages=messages, max_tokens=2)
+        assert no.choices[0].logprobs is None
+
+        for kwargs, param in [(dict(logprobs=21), "logprobs"),
+                              (dict(logprobs=2, stream=True), "logprobs")]:
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.completions.create(model=dep, prompt="x", max_tokens=2, **kwargs)
+            assert info.value.body["param"] == param
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model=dep, messages=messages, max_tokens=2,
+                                                 top_logprobs=2)
+        assert info.value.body["param"] == "top_logprobs"

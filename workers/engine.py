@@ -24,9 +24,13 @@ from torch import Tensor
 from workers.kv_cache import BlockManager, KVPools
 from workers.loader import load_model
 from workers.model import AttnGroup, ModelConfig, PagedStep, Transformer
-from workers.sampler import MIN_TEMPERATURE, History, RowSampling, Sampler
+from workers.sampler import (MIN_TEMPERATURE, History, RowSampling, Sampler, TokenLogprobs,
+                             token_logprobs)
 from workers.scheduler import ScheduledRow, Scheduler, Sequence, StepPlan
 from workers.tokenizer import Tokenizer, load_tokenizer
+
+
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default limit)
 
 
 class EngineDown(RuntimeError):
@@ -52,6 +56,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # finish ("stop") when sampled, like eos
     min_tokens: int = 0            # eos and stop ids masked until this many tokens
     ignore_eos: bool = False       # eos is a token like any other
+    logprobs: int | None = None    # per completion token its logprob and the top k (raw model)
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first
 
 
 @dataclass
@@ -94,6 +100,8 @@ class Completion:
     score: float | None = None      # scoring requests: mean log-prob per score token
     error: str | None = None        # set when finish_reason == "error" (that row alone failed)
     cached_tokens: int = 0          # prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprobs] | None = None         # [completion_tokens] if asked
+    prompt_logprobs: list[TokenLogprobs] | None = None  # [prompt_tokens - 1]: tokens 1..
 
 
 @dataclass
@@ -138,6 +146,8 @@ class _Request:
     ids: list[int] = field(default_factory=list)   # the completion so far
     text: str | None = None                        # set once the stop check has cut it
     logprob_sum: float = 0.0                       # scoring requests
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 class Engine:
@@ -239,7 +249,9 @@ class Engine:
         elif p.max_new_tokens == 0:
             self._done.append(self._complete(req, None, "length"))
             return
-        self.scheduler.add(Sequence(request.id, tokens, len(request.input_ids), score_from))
+        self.scheduler.add(Sequence(request.id, tokens, len(request.input_ids), score_from,
+                                    prompt_logits=p.prompt_logprobs is not None
+                                    and len(tokens) > 1))
 
     def _row_sampling(self, p: SamplingParams) -> RowSampling:
         gen = None
@@ -249,7 +261,8 @@ class Engine:
         banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
         return RowSampling(p.temperature, p.top_p, p.top_k, gen, p.min_p, p.presence_penalty,
                            p.frequency_penalty, p.repetition_penalty, tuple(p.logit_bias),
-                           p.min_tokens, tuple(sorted(banned)) if p.min_tokens else ())
+                           p.min_tokens, tuple(sorted(banned)) if p.min_tokens else (),
+                           p.logprobs)
 
     def abort(self, request_id: str) -> Completion | None:
         """Drop a waiting or running request and free its blocks; None if unknown."""
@@ -356,16 +369,21 @@ class Engine:
 
     def _consume(self, plan: StepPlan, logits: Tensor, out: StepOutput) -> None:
         """Sample the rows that reached their end, accumulate scores, finish rows."""
-        at, sampled, scored = 0, [], []
+        at, sampled, scored, prompt = 0, [], [], []
         for row in plan.rows:
             span = (at, at + len(row.logits))
             at = span[1]
+            req = self._requests[row.id]
+            if req.request.params.prompt_logprobs is not None and row.logits:
+                prompt.append((req, row, span[0]))
             if row.sample:
-                sampled.append((self._requests[row.id], span[0]))
-            elif self._requests[row.id].request.score_ids is not None:
-                scored.append((self._requests[row.id], row, span))
+                sampled.append((req, span[1] - 1))
+            elif req.request.score_ids is not None:
+                scored.append((req, row, span))
         if scored:
             self._score(logits, scored)
+        if prompt:
+            self._prompt_logprobs(logits, prompt)
         if sampled:
             at_rows = [i for _, i in sampled]
             picked = logits if at_rows == list(range(len(logits))) else logits[at_rows]
@@ -377,7 +395,7 @@ class Engine:
                 if k in result.errors:
                     out.finished.append(self._finish(req, "error", result.errors[k]))
                 else:
-                    self._advance(req, result.tokens[k], out)
+                    self._advance(req, result.tokens[k], out, result.logprobs.get(k))
         for req, _, _ in scored:
             seq = self.scheduler.get(req.request.id)
             if seq is not None and seq.num_computed == seq.num_tokens:
@@ -399,12 +417,41 @@ class Engine:
             req.logprob_sum += float(picked[at:at + len(row.logits)].sum())
             at += len(row.logits)
 
-    def _advance(self, req: _Request, token: int, out: StepOutput) -> None:
+    def _prompt_logprobs(self, logits: Tensor, rows: list[tuple[_Request, ScheduledRow, int]]
+                         ) -> None:
+        """Logprobs of the prompt tokens these rows' logits predict (each position once: a
+        preempted row recomputes its prompt)."""
+        at, targets, ks, owners = [], [], [], []
+        for req, row, first in rows:
+            seq = self.scheduler.get(req.request.id)
+            assert seq is not None
+            nxt = len(req.prompt_logprobs)  # the next position still to record
+            for p in row.logits:
+                if p == nxt and p + 1 < seq.num_prompt:
+                    at.append(first + p - row.logits.start)
+                    targets.append(seq.tokens[p + 1])
+                    ks.append(req.request.params.prompt_logprobs or 0)
+                    owners.append(req)
+                    nxt += 1
+        if not at:
+            return
+        picked = logits[torch.tensor(at, device=logits.device)].float()
+        entries = token_logprobs(picked, torch.tensor(targets), ks)
+        for req, entry in zip(owners, entries):
+            req.prompt_logprobs.append(entry)
+
+    def _advance(self, req: _Request, token: int, out: StepOutput,
+                 logprob: TokenLogprobs | None = None) -> None:
         rid, p = req.request.id, req.request.params
+        seq = self.scheduler.get(rid)
+        if seq is not None:
+            seq.prompt_logits = False  # the prompt is done: only the last position from now
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             out.finished.append(self._finish(req, "stop"))
             return
         req.ids.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
         n = len(req.ids)
         if p.stop and self.tokenizer is not None and self._cut_at_stop(req):
             out.finished.append(self._finish(req, "stop"))
@@ -448,8 +495,11 @@ class Engine:
         score = None
         if r.score_ids is not None and reason == "stop":
             score = req.logprob_sum / len(r.score_ids)
+        p = r.params
         return Completion(r.id, req.ids, text, reason, len(r.input_ids), score, error,
-                          (seq.num_cached or 0) if seq is not None else 0)
+                          (seq.num_cached or 0) if seq is not None else 0,
+                          req.logprobs[:len(req.ids)] if p.logprobs is not None else None,
+                          req.prompt_logprobs if p.prompt_logprobs is not None else None)
 
 
 def _check_sampling(who: str, p: SamplingParams, vocab: int) -> None:
@@ -471,6 +521,9 @@ def _check_sampling(who: str, p: SamplingParams, vocab: int) -> None:
     if bad := [t for t in p.stop_token_ids if not 0 <= t < vocab]:
         raise ValueError(f"{who}: stop_token_ids: token {bad[0]} is outside the vocabulary "
                          f"[0, {vocab})")
+    for name in ("logprobs", "prompt_logprobs"):
+        if (k := getattr(p, name)) is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise ValueError(f"{who}: {name} must be in [0, {MAX_LOGPROBS}]")
     if not 0 <= p.min_tokens <= max(p.max_new_tokens, 0):
         raise ValueError(f"{who}: min_tokens must be in [0, max_new_tokens]")
 

@@ -16,7 +16,7 @@ whose logits hold NaN, or whose draw still raises, fails alone (an entry in `err
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -39,6 +39,7 @@ class RowSampling:
     logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, added to its logit)
     min_tokens: int = 0                     # `banned` ids stay at -inf until this many
     banned: tuple[int, ...] = ()            # eos and stop ids, for min_tokens
+    logprobs: int | None = None             # None: none; k: the token's and the top k
 
     @property
     def greedy(self) -> bool:
@@ -64,10 +65,21 @@ class History:
     output: Sequence[int]
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A token's log-probability under the raw model distribution (before any processor,
+    temperature or cut, as vLLM returns by default), and the top alternatives'."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]      # (token id, logprob), most likely first
+
+
 @dataclass
 class Sampled:
     tokens: list[int]            # [rows] (a failed row's entry is meaningless)
     errors: dict[int, str]       # row index -> why that row failed
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # rows that asked
 
 
 class Sampler:
@@ -84,7 +96,7 @@ class Sampler:
                  history: list[History] | None = None) -> Sampled:
         """logits (S, vocab) for S rows, any float dtype; `history` is needed when any row
         has processors (see `RowSampling.processed`)."""
-        logits = logits.float()
+        logits = raw = logits.float()
         top, tokens = logits.max(-1)  # max propagates NaN: one pass finds both
         nan = top.isnan().tolist()
         errors = {i: "the model produced NaN logits" for i, bad in enumerate(nan) if bad}
@@ -98,7 +110,12 @@ class Sampler:
             ok = (probs.isfinite().all(-1) & (probs.sum(-1) > 0)).tolist()
             draws = [(i, p) for i, p, good in zip(drawn, probs, ok) if good]
             self._draw(draws, rows, tokens, errors)
-        return Sampled(tokens.tolist(), errors)
+        out = Sampled(tokens.tolist(), errors)
+        want = [i for i, r in enumerate(rows) if r.logprobs is not None and i not in errors]
+        if want:
+            lps = token_logprobs(raw[want], tokens[want], [rows[i].logprobs or 0 for i in want])
+            out.logprobs = dict(zip(want, lps))
+        return out
 
     def _draw(self, draws: list[tuple[int, Tensor]], rows: list[RowSampling], tokens: Tensor,
               errors: dict[int, str]) -> None:
@@ -199,3 +216,18 @@ def _counts(seqs: list[Sequence[int]], vocab: int, device: torch.device) -> Tens
                 ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
         counts.scatter_add_(1, ids.to(device), torch.ones(ids.shape, device=device))
     return counts[:, :vocab]
+
+
+LOGPROB_FLOOR = -9999.0  # what -inf becomes (JSON has no infinity; vLLM's choice too)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, ks: list[int]) -> list[TokenLogprobs]:
+    """Per row: the log-probability of `tokens[row]` and the top `ks[row]` under
+    log_softmax(logits) (rows of raw float32 logits)."""
+    lp = logits.log_softmax(-1).clamp_min(LOGPROB_FLOOR)
+    chosen = lp.gather(-1, tokens[:, None].to(lp.device))[:, 0].tolist()
+    k = max(ks)
+    top_lp, top_id = lp.topk(k, dim=-1) if k else (lp[:, :0], tokens[:, None][:, :0])
+    top_lp, top_id = top_lp.tolist(), top_id.tolist()
+    return [TokenLogprobs(int(t), c, tuple(zip(ids[:n], vals[:n])))
+            for t, c, ids, vals, n in zip(tokens.tolist(), chosen, top_id, top_lp, ks)]

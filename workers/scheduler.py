@@ -32,6 +32,8 @@ class Sequence:
     tokens: list[int]                 # [num_tokens]: prompt, then generated tokens
     num_prompt: int
     score_from: int | None = None     # scoring: first position whose logits are still needed
+    prompt_logits: bool = False       # prompt logprobs: logits at every prompt position (no
+                                      # prefix-cache hits); the engine clears it once sampled
     num_computed: int = 0             # tokens whose keys/values are in the cache
     num_cached: int | None = None     # prompt tokens the prefix cache served; None: not admitted
     block_table: list[int] = field(default_factory=list)
@@ -45,6 +47,8 @@ class Sequence:
     def needs_logits_from(self) -> int:
         """The first position that must be computed (its logits are wanted)."""
         last = self.num_tokens - 1
+        if self.prompt_logits:
+            return 0
         return last if self.score_from is None else min(last, self.score_from)
 
 
@@ -220,7 +224,9 @@ class Scheduler:
     def _row(self, seq: Sequence, n: int) -> ScheduledRow:
         bs, start, table = self.block_size, seq.num_computed, seq.block_table
         stop = start + n
-        if seq.score_from is None:
+        if seq.prompt_logits:  # before the first sample: every position is the prompt's
+            logits = range(start, stop)
+        elif seq.score_from is None:
             logits = range(stop - 1, stop) if stop == seq.num_tokens else range(0)
         else:
             logits = range(max(start, seq.score_from), min(stop, seq.num_tokens - 1))
