@@ -48,6 +48,24 @@ class TokenLogprob:
         "The most likely tokens at this position, most likely first [logprobs]."))
 
 
+MAX_SAMPLES = 128  # n and best_of
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One sample of a request with n > 1 (or best_of)."""
+
+    index: int = field(metadata=spec("0, 1, ... n - 1 (with best_of: most likely first).",
+                                     minimum=0))
+    output_ids: list[int] = field(default_factory=list, metadata=spec(
+        "Its generated token ids."))
+    text: str = field(default="", metadata=spec("Its text (empty without a tokenizer)."))
+    finish_reason: Literal["stop", "length"] = field(default="length", metadata=spec(
+        "stop: end-of-sequence, a stop token or string; length: max_new_tokens."))
+    logprobs: list[TokenLogprob] | None = field(default=None, metadata=spec(
+        "If the request asked (logprobs): one entry per output token."))
+
+
 @dataclass(frozen=True)
 class LogitBias:
     """One entry of `Request.logit_bias`."""
@@ -116,8 +134,15 @@ class Request:
     prompt_logprobs: int | None = field(default=None, metadata=spec(
         "The same for the prompt's tokens (the first has none); computes the whole prompt "
         "(no prefix-cache hits).", minimum=0, maximum=MAX_LOGPROBS))
+    n: int = field(default=1, metadata=spec(
+        "Samples to return (Result.choices); they share one prefill of the prompt. Needs "
+        "stream_to unset.", minimum=1, maximum=MAX_SAMPLES))
+    best_of: int | None = field(default=None, metadata=spec(
+        "Samples to draw (>= n); the n with the highest cumulative log-probability (raw "
+        "model) are returned, most likely first.", minimum=1, maximum=MAX_SAMPLES))
     seed: int | None = field(default=None, metadata=spec(
-        "Sampling seed: the same seed gives the same tokens whatever the batch.",
+        "Sampling seed: the same seed gives the same tokens whatever the batch (with n > 1, "
+        "sample 0 uses it and sample j a seed derived from (seed, j)).",
         minimum=0, maximum=2**63 - 1))
     stop: list[str] = field(default_factory=list, metadata=spec(
         "Stop sequences; the text ends before the first one found.",
@@ -161,6 +186,10 @@ class Request:
             raise SchemaError("input_ids", "must not be empty")
         if self.score_ids is not None and not self.score_ids:
             raise SchemaError("score_ids", "must not be empty")
+        if self.best_of is not None and self.best_of < self.n:
+            raise SchemaError("best_of", f"must be >= n ({self.n}), got {self.best_of}")
+        if (self.best_of or self.n) > 1 and self.stream_to is not None:
+            raise SchemaError("n", "a streamed request (stream_to) has one sample")
         if self.min_tokens > self.max_new_tokens:
             raise SchemaError("min_tokens", f"must be <= max_new_tokens "
                                             f"({self.max_new_tokens}), got {self.min_tokens}")
@@ -213,6 +242,9 @@ class Result:
     prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, metadata=spec(
         "If the request asked (prompt_logprobs): one entry per prompt token, the first null "
         "[prompt_tokens]."))
+    choices: list[Choice] | None = field(default=None, metadata=spec(
+        "With n > 1 (or best_of): the n samples; output_ids, text, finish_reason and "
+        "logprobs above are choices[0]'s, usage counts the tokens of all n."))
     schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(
         "Version of this schema.", minimum=1))
 

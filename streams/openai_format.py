@@ -170,16 +170,9 @@ def _usage(result: Result) -> dict[str, int]:
 def completion_object(result: Result, chat: bool, created: int,
                       echo: str | None = None) -> dict[str, Any]:
     """The OpenAI (chat.)completion object for a successful result."""
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "finish_reason": result.finish_reason,
-                  "logprobs": openai_sampling.chat_logprobs(result)}
-    else:
-        choice = {"index": 0, "text": (echo or "") + result.text,
-                  "finish_reason": result.finish_reason,
-                  "logprobs": openai_sampling.completion_logprobs(result, echo)}
     return {"id": result.id, "object": "chat.completion" if chat else "text_completion",
-            "created": created, "model": result.model, "choices": [choice],
+            "created": created, "model": result.model,
+            "choices": openai_sampling.choices(result, chat, echo),
             "usage": _usage(result)}
 
 

@@ -5,11 +5,12 @@ under their vLLM names. Pure functions; `streams/openai_format.py` calls them.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 from schemas import Result, SchemaError
-from schemas.messages import MAX_LOGPROBS, TokenLogprob
+from schemas.messages import MAX_LOGPROBS, MAX_SAMPLES, Choice, TokenLogprob
 
 MAX_LOGIT_BIAS = 1024
 
@@ -90,6 +91,7 @@ def request_fields(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
         "ignore_eos": _boolean(body, "ignore_eos"),
         "stop_token_ids": _stop_token_ids(body.get("stop_token_ids")),
         **_logprobs(body, chat),
+        **_samples(body, chat),
     }
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -113,6 +115,20 @@ def _logprobs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
     return {"logprobs": k, "prompt_logprobs": k if echo else None}
 
 
+def _samples(body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """n (1..128) and, on completions, best_of (n..128; vLLM's and OpenAI's: not streamed)."""
+    n = _integer(body, "n", 1, MAX_SAMPLES)
+    best_of = None if chat else _integer(body, "best_of", 1, MAX_SAMPLES)
+    if best_of is not None and best_of < (n or 1):
+        raise SchemaError("best_of", f"must be >= n ({n}), got {best_of}")
+    if body.get("stream") is True:
+        if (n or 1) > 1:
+            raise SchemaError("n", "must be 1 with stream: true (for now)")
+        if (best_of or 1) > 1:
+            raise SchemaError("best_of", "must be 1 with stream: true")
+    return {"n": n, "best_of": best_of}
+
+
 def echo_prompt(body: dict[str, Any], chat: bool) -> str | None:
     """The text a completions call with echo: true puts before its completion."""
     if chat or not _boolean(body, "echo"):
@@ -122,6 +138,26 @@ def echo_prompt(body: dict[str, Any], chat: bool) -> str | None:
 
 
 # ---- response pieces ------------------------------------------------------------------
+
+def choices(result: Result, chat: bool, echo: str | None = None) -> list[dict[str, Any]]:
+    """The `choices` of a (chat.)completion object: one per sample, with its index."""
+    samples = result.choices or [Choice(0, result.output_ids, result.text,
+                                        result.finish_reason,  # type: ignore[arg-type]
+                                        result.logprobs)]
+    out = []
+    for c in samples:
+        one = dataclasses.replace(result, output_ids=c.output_ids, text=c.text,
+                                  finish_reason=c.finish_reason, logprobs=c.logprobs)
+        if chat:
+            out.append({"index": c.index,
+                        "message": {"role": "assistant", "content": c.text},
+                        "finish_reason": c.finish_reason, "logprobs": chat_logprobs(one)})
+        else:
+            out.append({"index": c.index, "text": (echo or "") + c.text,
+                        "finish_reason": c.finish_reason,
+                        "logprobs": completion_logprobs(one, echo)})
+    return out
+
 
 def _entries(result: Result, echo: bool) -> list[TokenLogprob | None]:
     prompt = list(result.prompt_logprobs or []) if echo else []

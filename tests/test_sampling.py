@@ -243,3 +243,75 @@ def test_rows_never_depend_on_their_batch_mates(base: Engine) -> None:
 def test_bad_params_name_the_field(base: Engine, params: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         base.check(EngineRequest("x", [1, 2], SamplingParams(**params)))  # type: ignore[arg-type]
+
+
+# ---- n > 1: parallel samples over one prefill -----------------------------------------
+
+def test_n_samples_fork_one_prefill(base: Engine) -> None:
+    """Sample j of a seeded n=4 request is exactly the n=1 request seeded with
+    sample_seed(seed, j): the forked KV (shared full blocks, copied partial block) is the
+    prompt's; the prompt is computed once."""
+    from workers.engine import sample_seed
+    engine = Engine(base.model, base.config, base.tokenizer,
+                    engine_config=EngineConfig(max_num_seqs=8, block_size=4,
+                                               enable_prefix_caching=False))
+    ids = engine.encode(PROMPTS[1])
+    assert len(ids) % 4  # a partial last block to copy
+    params = dict(max_new_tokens=8, temperature=1.0, seed=42)
+    engine.add(EngineRequest("n4", ids, SamplingParams(n=4, logprobs=1, **params)))
+    engine.step()  # the prefill: one row, then four
+    assert len(engine.scheduler.running) == 4
+    tables = [s.block_table for s in engine.scheduler.running]
+    full = len(ids) // 4
+    assert all(t[:full] == tables[0][:full] for t in tables)          # shared
+    assert len({t[full] for t in tables}) == 4                         # copied, one each
+    assert all(engine.blocks.ref_count(b) == 4 for b in tables[0][:full])
+    done = {}
+    while engine.has_work():
+        done.update((c.id, c) for c in engine.step().finished)
+    c = done["n4"]
+    assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
+    for j, ch in enumerate(c.choices):
+        want = alone(base, PROMPTS[1], **{**params, "seed": sample_seed(42, j)})
+        assert ch.output_ids == want, j
+        assert len(ch.logprobs) == len(ch.output_ids)
+    assert c.output_ids == c.choices[0].output_ids and c.logprobs == c.choices[0].logprobs
+    assert len({tuple(ch.output_ids) for ch in c.choices}) > 1
+    assert engine.blocks.usage() == 0
+
+
+def test_best_of_returns_the_most_likely(base: Engine) -> None:
+    engine = fresh(base)
+    params = dict(max_new_tokens=6, temperature=1.5, seed=7)
+    [all5] = [engine._run([EngineRequest("a", engine.encode(PROMPTS[0]), SamplingParams(
+        n=5, logprobs=0, **params))])["a"]]
+    [best] = [engine._run([EngineRequest("b", engine.encode(PROMPTS[0]), SamplingParams(
+        n=2, best_of=5, **params))])["b"]]
+    ranked = sorted(all5.choices, key=lambda ch: -ch.cumulative_logprob)[:2]
+    assert [ch.output_ids for ch in best.choices] == [ch.output_ids for ch in ranked]
+    assert [ch.index for ch in best.choices] == [0, 1] and best.logprobs is None
+
+
+def test_n_with_no_free_block_recomputes_and_aborts_whole(base: Engine) -> None:
+    """4 blocks of 4 slots, an 11-token prompt in 3: the first fork takes the last free
+    block, the second waits and is recomputed; preemptions follow. Greedy samples agree."""
+    engine = Engine(base.model, base.config, base.tokenizer,
+                    engine_config=EngineConfig(max_num_seqs=4, block_size=4, num_blocks=4))
+    prompt = "Once upon a time there was"
+    ids = engine.encode(prompt)
+    assert len(ids) == 11
+    greedy = alone(base, prompt, max_new_tokens=4)
+    engine.add(EngineRequest("g", ids, SamplingParams(n=3, max_new_tokens=4)))
+    engine.step()
+    assert len(engine.scheduler.running) == 2 and len(engine.scheduler.waiting) == 1
+    done = {}
+    while engine.has_work():
+        done.update((c.id, c) for c in engine.step().finished)
+    assert [ch.output_ids for ch in done["g"].choices] == [greedy] * 3
+    engine.add(EngineRequest("x", ids, SamplingParams(n=3, max_new_tokens=4)))
+    engine.step()
+    aborted = engine.abort("x")
+    assert aborted is not None and aborted.finish_reason == "abort"
+    assert not engine.has_work() and engine.blocks.usage() == 0
+    with pytest.raises(ValueError, match="n: must be"):
+        engine.check(EngineRequest("y", ids, SamplingParams(n=3, best_of=2)))

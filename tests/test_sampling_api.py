@@ -135,3 +135,41 @@ async def test_logprobs_and_echo(start_worker, start_gateway, engine, unique) ->
             await client.chat.completions.create(model=dep, messages=messages, max_tokens=2,
                                                  top_logprobs=2)
         assert info.value.body["param"] == "top_logprobs"
+
+
+async def test_n_choices_and_best_of(start_worker, start_gateway, engine, unique) -> None:
+    dep = unique("n")
+    await start_worker(dep)
+    gw = await start_gateway()
+    want = engine._run([EngineRequest("w", engine.encode("The ship"), SamplingParams(
+        max_new_tokens=6, temperature=1.0, seed=9, n=3))])["w"]
+    assert want.choices is not None
+    async with gw.openai() as client:
+        c = await client.completions.create(model=dep, prompt="The ship", max_tokens=6,
+                                            temperature=1.0, seed=9, n=3)
+        assert [ch.index for ch in c.choices] == [0, 1, 2]
+        assert [ch.text for ch in c.choices] == [ch.text for ch in want.choices]
+        assert c.usage.completion_tokens == sum(len(ch.output_ids) for ch in want.choices)
+        one = await client.completions.create(model=dep, prompt="The ship", max_tokens=6,
+                                              temperature=1.0, seed=9)
+        assert one.choices[0].text == c.choices[0].text  # sample 0 uses the seed itself
+
+        chat = await client.chat.completions.create(
+            model=dep, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, n=2,
+            temperature=1.0, logprobs=True)
+        assert [ch.index for ch in chat.choices] == [0, 1]
+        assert all(len(ch.logprobs.content) > 0 for ch in chat.choices)
+
+        best = await client.completions.create(model=dep, prompt="The ship", max_tokens=6,
+                                               temperature=1.0, seed=9, n=2, best_of=3)
+        assert [ch.index for ch in best.choices] == [0, 1]
+        assert {ch.text for ch in best.choices} <= {ch.text for ch in want.choices}
+
+        for kwargs, param in [(dict(n=2, stream=True), "n"), (dict(n=3, best_of=2), "best_of"),
+                              (dict(n=0), "n"), (dict(n=500), "n")]:
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.completions.create(model=dep, prompt="x", max_tokens=2, **kwargs)
+            assert info.value.body["param"] == param, kwargs
+        with pytest.raises(openai.BadRequestError) as info:  # more rows than the engine has
+            await client.completions.create(model=dep, prompt="x", max_tokens=2, n=100)
+        assert info.value.body["param"] == "n"

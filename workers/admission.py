@@ -116,4 +116,5 @@ def sampling(request: Request) -> SamplingParams:
         repetition_penalty=r.repetition_penalty,
         logit_bias=tuple((b.token, b.bias) for b in r.logit_bias),
         stop_token_ids=tuple(r.stop_token_ids), min_tokens=r.min_tokens,
-        ignore_eos=r.ignore_eos, logprobs=r.logprobs, prompt_logprobs=r.prompt_logprobs)
+        ignore_eos=r.ignore_eos, logprobs=r.logprobs, prompt_logprobs=r.prompt_logprobs,
+        n=r.n, best_of=r.best_of)

@@ -13,6 +13,8 @@ tensor-parallel ranks that make the same calls stay in lockstep.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -58,6 +60,13 @@ class SamplingParams:
     ignore_eos: bool = False       # eos is a token like any other
     logprobs: int | None = None    # per completion token its logprob and the top k (raw model)
     prompt_logprobs: int | None = None  # the same for every prompt token but the first
+    n: int = 1                     # samples returned (`Completion.choices`)
+    best_of: int | None = None     # samples drawn (>= n); the n of highest cumulative raw
+                                   # logprob are returned, most likely first
+
+    @property
+    def samples(self) -> int:
+        return self.best_of or self.n
 
 
 @dataclass
@@ -102,6 +111,20 @@ class Completion:
     cached_tokens: int = 0          # prompt tokens served from the prefix cache
     logprobs: list[TokenLogprobs] | None = None         # [completion_tokens] if asked
     prompt_logprobs: list[TokenLogprobs] | None = None  # [prompt_tokens - 1]: tokens 1..
+    choices: list[Choice] | None = None  # n > 1 or best_of: the samples returned; the
+                                         # fields above mirror choices[0]
+
+
+@dataclass
+class Choice:
+    """One sample of a request with n > 1."""
+
+    index: int
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float = 0.0  # of its sampled tokens, raw (best_of ranks by it)
 
 
 @dataclass
@@ -139,15 +162,31 @@ class EngineConfig:
 
 @dataclass
 class _Request:
-    """One request's progress, beside its scheduler `Sequence`."""
+    """One request's progress (one sample's, when n > 1), beside its scheduler `Sequence`."""
 
     request: EngineRequest
     sampling: RowSampling
+    sid: str = ""                                  # its scheduler id
+    group: _Group | None = None                    # n > 1: the request's samples
+    index: int = 0                                 # which sample
+    cumulative: float = 0.0                        # raw logprobs of its sampled tokens
     ids: list[int] = field(default_factory=list)   # the completion so far
     text: str | None = None                        # set once the stop check has cut it
     logprob_sum: float = 0.0                       # scoring requests
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+@dataclass
+class _Group:
+    """The samples of a request with n > 1 (or best_of): sample 0 prefills; once its prompt
+    is computed, the others fork from it (full blocks shared, the partial last one copied)
+    and draw their first tokens from the same logits."""
+
+    request: EngineRequest
+    samples: list[_Request]
+    choices: dict[int, Choice] = field(default_factory=dict)
+    first_seq: Sequence | None = None   # sample 0's, once finished (its cached tokens)
 
 
 class Engine:
@@ -222,6 +261,11 @@ class Engine:
         if p.top_k < 0:
             raise ValueError(f"{who}: top_k must be >= 0")
         _check_sampling(who, p, self.config.vocab_size)
+        if not 1 <= p.n <= p.samples <= self.engine_config.max_num_seqs:
+            raise ValueError(f"{who}: n: must be >= 1 and <= best_of <= "
+                             f"{self.engine_config.max_num_seqs} (rows of this engine)")
+        if p.samples > 1 and request.score_ids is not None:
+            raise ValueError(f"{who}: n: a scoring request has one sample")
         if request.score_ids is not None:
             if not request.score_ids:
                 raise ValueError(f"{who}: score_ids is empty")
@@ -240,7 +284,9 @@ class Engine:
         """Check, then queue; it runs from the next `step`."""
         self.check(request)
         p = request.params
-        req = _Request(request, self._row_sampling(p))
+        req = _Request(request, self._row_sampling(p, 0), request.id)
+        if p.samples > 1:
+            req.group = _Group(request, [req])
         self._requests[request.id] = req
         tokens = list(request.input_ids)
         score_from = None
@@ -253,21 +299,21 @@ class Engine:
                                     prompt_logits=p.prompt_logprobs is not None
                                     and len(tokens) > 1))
 
-    def _row_sampling(self, p: SamplingParams) -> RowSampling:
+    def _row_sampling(self, p: SamplingParams, index: int) -> RowSampling:
         gen = None
         if p.seed is not None and p.temperature >= MIN_TEMPERATURE:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(p.seed)
+            gen.manual_seed(sample_seed(p.seed, index))
         banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
         return RowSampling(p.temperature, p.top_p, p.top_k, gen, p.min_p, p.presence_penalty,
                            p.frequency_penalty, p.repetition_penalty, tuple(p.logit_bias),
                            p.min_tokens, tuple(sorted(banned)) if p.min_tokens else (),
-                           p.logprobs)
+                           0 if p.logprobs is None and p.best_of is not None else p.logprobs)
 
     def abort(self, request_id: str) -> Completion | None:
         """Drop a waiting or running request and free its blocks; None if unknown."""
         req = self._requests.get(request_id)
-        if req is None:
+        if req is None or req.sid != request_id or req.index > 0:
             return None
         return self._finish(req, "abort")
 
@@ -374,10 +420,13 @@ class Engine:
             span = (at, at + len(row.logits))
             at = span[1]
             req = self._requests[row.id]
-            if req.request.params.prompt_logprobs is not None and row.logits:
+            if req.request.params.prompt_logprobs is not None and row.logits and not req.index:
                 prompt.append((req, row, span[0]))
             if row.sample:
                 sampled.append((req, span[1] - 1))
+                if req.group is not None and len(req.group.samples) == 1:
+                    sampled += [(self._fork(req.group, j), span[1] - 1)
+                                for j in range(1, req.request.params.samples)]
             elif req.request.score_ids is not None:
                 scored.append((req, row, span))
         if scored:
@@ -392,14 +441,16 @@ class Engine:
                        if any(r.processed for r in rows) else None)
             result = self.sampler(picked, rows, history)
             for k, (req, _) in enumerate(sampled):
+                if req.sid not in self._requests:
+                    continue  # its request ended this step (another sample failed)
                 if k in result.errors:
-                    out.finished.append(self._finish(req, "error", result.errors[k]))
+                    self._end(out, req, "error", result.errors[k])
                 else:
                     self._advance(req, result.tokens[k], out, result.logprobs.get(k))
         for req, _, _ in scored:
-            seq = self.scheduler.get(req.request.id)
+            seq = self.scheduler.get(req.sid)
             if seq is not None and seq.num_computed == seq.num_tokens:
-                out.finished.append(self._finish(req, "stop"))
+                self._end(out, req, "stop")
 
     def _score(self, logits: Tensor, scored: list[tuple[_Request, ScheduledRow, tuple]]) -> None:
         scored = [s for s in scored if s[1].logits]
@@ -408,7 +459,7 @@ class Engine:
         rows = torch.cat([logits[a:b] for _, _, (a, b) in scored]).float().log_softmax(-1)
         targets = []
         for req, row, _ in scored:
-            seq = self.scheduler.get(req.request.id)
+            seq = self.scheduler.get(req.sid)
             assert seq is not None
             targets += seq.tokens[row.logits.start + 1:row.logits.stop + 1]
         picked = rows.gather(-1, torch.tensor(targets, device=rows.device)[:, None])[:, 0]
@@ -423,7 +474,7 @@ class Engine:
         preempted row recomputes its prompt)."""
         at, targets, ks, owners = [], [], [], []
         for req, row, first in rows:
-            seq = self.scheduler.get(req.request.id)
+            seq = self.scheduler.get(req.sid)
             assert seq is not None
             nxt = len(req.prompt_logprobs)  # the next position still to record
             for p in row.logits:
@@ -442,21 +493,22 @@ class Engine:
 
     def _advance(self, req: _Request, token: int, out: StepOutput,
                  logprob: TokenLogprobs | None = None) -> None:
-        rid, p = req.request.id, req.request.params
+        rid, p = req.sid, req.request.params
         seq = self.scheduler.get(rid)
         if seq is not None:
             seq.prompt_logits = False  # the prompt is done: only the last position from now
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            out.finished.append(self._finish(req, "stop"))
+            self._end(out, req, "stop")
             return
         req.ids.append(token)
         if logprob is not None:
             req.logprobs.append(logprob)
+            req.cumulative += logprob.logprob
         n = len(req.ids)
         if p.stop and self.tokenizer is not None and self._cut_at_stop(req):
-            out.finished.append(self._finish(req, "stop"))
+            self._end(out, req, "stop")
         elif len(req.ids) >= p.max_new_tokens:
-            out.finished.append(self._finish(req, "length"))
+            self._end(out, req, "length")
         else:
             self.scheduler.append(rid, token)
         if len(req.ids) == n:  # not cut by a stop string
@@ -481,9 +533,72 @@ class Engine:
         del req.ids[keep:]
         return True
 
-    def _finish(self, req: _Request, reason: str, error: str | None = None) -> Completion:
-        seq = self.scheduler.finish(req.request.id)
-        return self._complete(req, seq, reason, error)
+    def _finish(self, req: _Request, reason: str, error: str | None = None
+                ) -> Completion | None:
+        """End a row: its Completion, or None while other samples of its request run."""
+        seq = self.scheduler.finish(req.sid)
+        group = req.group
+        if group is None:
+            return self._complete(req, seq, reason, error)
+        first = group.samples[0]
+        if reason in ("abort", "error"):  # one sample fails: the request does
+            for sample in group.samples[1:]:
+                self.scheduler.finish(sample.sid)
+                self._requests.pop(sample.sid, None)
+            return self._complete(first, seq if req is first else group.first_seq, reason,
+                                  error)
+        group.choices[req.index] = self._choice(req, reason)
+        if req is first:
+            group.first_seq = seq  # it stays in _requests: abort(id) finds the request
+        else:
+            del self._requests[req.sid]
+        if len(group.choices) < req.request.params.samples:
+            return None
+        return self._complete_group(group)
+
+    def _end(self, out: StepOutput, req: _Request, reason: str,
+             error: str | None = None) -> None:
+        if (done := self._finish(req, reason, error)) is not None:
+            out.finished.append(done)
+
+    def _fork(self, group: _Group, index: int) -> _Request:
+        """Sample `index` of a group, drawing its first token from sample 0's logits this
+        step: sample 0's sequence is forked (its blocks shared, the partial last one
+        copied; when no block is free it waits and recomputes, from the prefix cache)."""
+        r = group.request
+        req = _Request(r, self._row_sampling(r.params, index), f"{r.id}\x00{index}", group,
+                       index)
+        group.samples.append(req)
+        self._requests[req.sid] = req
+        parent = self.scheduler.get(r.id)
+        assert parent is not None
+        copy = self.scheduler.fork(parent, req.sid)
+        if copy is not None:
+            if fresh := self.blocks.take_fresh():  # zeroed before the copy, not after it
+                self.pools.zero(fresh)
+            self.pools.copy(*copy)
+        return req
+
+    def _choice(self, req: _Request, reason: str) -> Choice:
+        text = req.text
+        if text is None:
+            text = self.tokenizer.decode(req.ids) if self.tokenizer is not None else ""
+        return Choice(req.index, req.ids, text, reason, req.logprobs[:len(req.ids)],
+                      req.cumulative)
+
+    def _complete_group(self, group: _Group) -> Completion:
+        p = group.request.params
+        ranked = [group.choices[i] for i in range(len(group.choices))]
+        if p.best_of is not None:  # the n most likely samples, most likely first
+            ranked.sort(key=lambda c: -c.cumulative_logprob)
+        choices = [dataclasses.replace(c, index=i,
+                                       logprobs=c.logprobs if p.logprobs is not None else None)
+                   for i, c in enumerate(ranked[:p.n])]
+        top = choices[0]
+        done = self._complete(group.samples[0], group.first_seq, top.finish_reason)
+        done.output_ids, done.text, done.logprobs = top.output_ids, top.text, top.logprobs
+        done.choices = choices
+        return done
 
     def _complete(self, req: _Request, seq: Sequence | None, reason: str,
                   error: str | None = None) -> Completion:
@@ -502,15 +617,24 @@ class Engine:
                           req.prompt_logprobs if p.prompt_logprobs is not None else None)
 
 
+def sample_seed(seed: int, index: int) -> int:
+    """Sample `index`'s seed: the request's own for sample 0 (n=1 and the first of n agree),
+    a hash of (seed, index) for the others (the same in every process)."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
 def _check_sampling(who: str, p: SamplingParams, vocab: int) -> None:
     """The processors' parameters (ValueError naming the field)."""
     if not 0 <= p.min_p <= 1:
-        raise ValueError(f"{who}: min_p must be in [0, 1]")
+        raise ValueError(f"{who}: min_p: must be in [0, 1]")
     for name in ("presence_penalty", "frequency_penalty"):
         if not -2 <= getattr(p, name) <= 2:
-            raise ValueError(f"{who}: {name} must be in [-2, 2]")
+            raise ValueError(f"{who}: {name}: must be in [-2, 2]")
     if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0):
-        raise ValueError(f"{who}: repetition_penalty must be a finite number > 0")
+        raise ValueError(f"{who}: repetition_penalty: must be a finite number > 0")
     for token, bias in p.logit_bias:
         if not 0 <= token < vocab:
             raise ValueError(f"{who}: logit_bias: token {token} is outside the vocabulary "
@@ -523,9 +647,9 @@ def _check_sampling(who: str, p: SamplingParams, vocab: int) -> None:
                          f"[0, {vocab})")
     for name in ("logprobs", "prompt_logprobs"):
         if (k := getattr(p, name)) is not None and not 0 <= k <= MAX_LOGPROBS:
-            raise ValueError(f"{who}: {name} must be in [0, {MAX_LOGPROBS}]")
+            raise ValueError(f"{who}: {name}: must be in [0, {MAX_LOGPROBS}]")
     if not 0 <= p.min_tokens <= max(p.max_new_tokens, 0):
-        raise ValueError(f"{who}: min_tokens must be in [0, max_new_tokens]")
+        raise ValueError(f"{who}: min_tokens: must be in [0, max_new_tokens]")
 
 
 def _split_by_context(decode: list[int], rows: list[ScheduledRow]) -> list[list[int]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.messages import TokenLogprob, TopLogprob
+from schemas.messages import Choice, TokenLogprob, TopLogprob
 from workers.engine import Completion
 from workers.sampler import TokenLogprobs
 from workers.tokenizer import Tokenizer
@@ -25,10 +25,23 @@ def records(entries: list[TokenLogprobs], tokenizer: Tokenizer | None) -> list[T
 
 
 def result_logprobs(done: Completion, tokenizer: Tokenizer | None) -> dict[str, Any]:
-    """The Result's logprobs fields for a completion (none that it did not ask for)."""
+    """The Result's logprobs and choices fields for a completion (none that it did not ask
+    for)."""
     out: dict[str, Any] = {}
+    if done.choices is not None:
+        out["choices"] = [
+            Choice(c.index, c.output_ids, c.text, c.finish_reason,  # type: ignore[arg-type]
+                   records(c.logprobs, tokenizer) if c.logprobs is not None else None)
+            for c in done.choices]
     if done.logprobs is not None:
         out["logprobs"] = records(done.logprobs, tokenizer)
     if done.prompt_logprobs is not None:
         out["prompt_logprobs"] = [None, *records(done.prompt_logprobs, tokenizer)]
     return out
+
+
+def completion_tokens(done: Completion) -> int:
+    """Tokens generated for the answer: every returned sample's."""
+    if done.choices is None:
+        return len(done.output_ids)
+    return sum(len(c.output_ids) for c in done.choices)

@@ -176,6 +176,29 @@ class Scheduler:
         assert seq is not None, seq_id
         seq.tokens.append(token)
 
+    def fork(self, parent: Sequence, child_id: str) -> tuple[int, int] | None:
+        """A new running sequence with `parent`'s tokens and computed keys/values: its full
+        blocks shared (one more reference each), its partial last block a fresh one, returned
+        as (parent's block, child's) for the caller to copy. With no block free the child
+        waits instead, to be recomputed (its full blocks from the prefix cache)."""
+        bs = self.block_size
+        full, partial = divmod(parent.num_computed, bs)
+        child = Sequence(child_id, list(parent.tokens), parent.num_prompt,
+                         hashes=list(parent.hashes[:full]))
+        if partial and self.blocks.num_free() < 1:
+            self.add(child)
+            return None
+        self._by_id[child_id] = child
+        shared = parent.block_table[:full]
+        self.blocks.acquire(shared)
+        fresh = self.blocks.allocate(1) if partial else []
+        assert fresh is not None
+        child.block_table = shared + fresh
+        child.num_computed = parent.num_computed
+        child.num_cached = parent.num_cached
+        self.running.append(child)
+        return (parent.block_table[full], fresh[0]) if partial else None
+
     def _grow(self, seq: Sequence, n: int, plan: StepPlan) -> bool:
         """Blocks for n more tokens of a running seq, preempting the newest rows if need
         be; False if seq itself had to go."""
