@@ -63,7 +63,7 @@ def test_repetition_penalty_matches_transformers() -> None:
     hist = _history(3)
     rows = [RowSampling(repetition_penalty=1.3), RowSampling(),
             RowSampling(repetition_penalty=0.7)]
-    ours = process(logits, rows, hist)
+    ours = process(logits.clone(), rows, hist)
     for i, r in enumerate(rows):
         ids = torch.tensor([list(hist[i].prompt) + list(hist[i].output)])
         want = RepetitionPenaltyLogitsProcessor(r.repetition_penalty)(ids, logits[i:i + 1].clone())
@@ -75,7 +75,7 @@ def test_presence_and_frequency_penalties_by_hand() -> None:
     hist = [History([3, 3, 3], [5, 5, 9]), History([5], [1])]
     rows = [RowSampling(presence_penalty=0.5, frequency_penalty=0.25),
             RowSampling(frequency_penalty=-2.0)]
-    ours = process(logits, rows, hist)
+    ours = process(logits.clone(), rows, hist)
     want = logits.clone()
     want[0, 5] -= 0.5 + 2 * 0.25      # twice in the completion
     want[0, 9] -= 0.5 + 0.25
@@ -89,7 +89,7 @@ def test_logit_bias_and_min_tokens() -> None:
     rows = [RowSampling(logit_bias=((4, -100.0), (7, 2.5))),
             RowSampling(min_tokens=2, banned=(0, 9)),       # reached: nothing masked
             RowSampling(min_tokens=2, banned=(0, 9))]
-    ours = process(logits, rows, hist)
+    ours = process(logits.clone(), rows, hist)
     want = logits.clone()
     want[0, 4] -= 100
     want[0, 7] += 2.5

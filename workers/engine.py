@@ -170,6 +170,7 @@ class _Request:
     group: _Group | None = None                    # n > 1: the request's samples
     index: int = 0                                 # which sample
     cumulative: float = 0.0                        # raw logprobs of its sampled tokens
+    prompt_unique: Tensor | None = None            # repetition penalty: distinct prompt ids
     ids: list[int] = field(default_factory=list)   # the completion so far
     text: str | None = None                        # set once the stop check has cut it
     logprob_sum: float = 0.0                       # scoring requests
@@ -305,8 +306,11 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(sample_seed(p.seed, index))
         banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
+        bias: dict[int, float] = {}
+        for token, value in p.logit_bias:  # one entry per token: repeats add up
+            bias[token] = bias.get(token, 0.0) + value
         return RowSampling(p.temperature, p.top_p, p.top_k, gen, p.min_p, p.presence_penalty,
-                           p.frequency_penalty, p.repetition_penalty, tuple(p.logit_bias),
+                           p.frequency_penalty, p.repetition_penalty, tuple(bias.items()),
                            p.min_tokens, tuple(sorted(banned)) if p.min_tokens else (),
                            0 if p.logprobs is None and p.best_of is not None else p.logprobs)
 
@@ -437,8 +441,8 @@ class Engine:
             at_rows = [i for _, i in sampled]
             picked = logits if at_rows == list(range(len(logits))) else logits[at_rows]
             rows = [req.sampling for req, _ in sampled]
-            history = ([History(req.request.input_ids, req.ids) for req, _ in sampled]
-                       if any(r.processed for r in rows) else None)
+            history = ([History(req.request.input_ids, req.ids, self._prompt_unique(req))
+                        for req, _ in sampled] if any(r.processed for r in rows) else None)
             result = self.sampler(picked, rows, history)
             for k, (req, _) in enumerate(sampled):
                 if req.sid not in self._requests:
@@ -467,6 +471,12 @@ class Engine:
         for req, row, _ in scored:
             req.logprob_sum += float(picked[at:at + len(row.logits)].sum())
             at += len(row.logits)
+
+    def _prompt_unique(self, req: _Request) -> Tensor | None:
+        """A repetition-penalised request's distinct prompt ids, computed once."""
+        if req.prompt_unique is None and req.sampling.repetition_penalty != 1:
+            req.prompt_unique = torch.unique(torch.tensor(req.request.input_ids))
+        return req.prompt_unique
 
     def _prompt_logprobs(self, logits: Tensor, rows: list[tuple[_Request, ScheduledRow, int]]
                          ) -> None:

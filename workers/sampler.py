@@ -63,6 +63,12 @@ class History:
 
     prompt: Sequence[int]
     output: Sequence[int]
+    prompt_unique: Tensor | None = None     # the prompt's distinct ids, if known already
+
+    def prompt_ids(self) -> Tensor:
+        if self.prompt_unique is not None:
+            return self.prompt_unique
+        return torch.unique(torch.tensor(list(self.prompt), dtype=torch.long))
 
 
 @dataclass(frozen=True)
@@ -94,15 +100,20 @@ class Sampler:
 
     def __call__(self, logits: Tensor, rows: list[RowSampling],
                  history: list[History] | None = None) -> Sampled:
-        """logits (S, vocab) for S rows, any float dtype; `history` is needed when any row
-        has processors (see `RowSampling.processed`)."""
-        logits = raw = logits.float()
+        """logits (S, vocab) for S rows, any float dtype (float32 ones may be changed in
+        place by the processors); `history` is needed when any row has processors (see
+        `RowSampling.processed`)."""
+        logits = logits.float()
         top, tokens = logits.max(-1)  # max propagates NaN: one pass finds both
         nan = top.isnan().tolist()
         errors = {i: "the model produced NaN logits" for i, bad in enumerate(nan) if bad}
+        want = [i for i, r in enumerate(rows) if r.logprobs is not None and i not in errors]
+        if want:  # the raw distribution's, taken before the processors change the logits
+            raw_lp = (logits if len(want) == len(rows) else logits[want]).log_softmax(-1)
         if any(r.processed for r in rows):
             assert history is not None
-            logits = process(logits, rows, history)
+            with torch.inference_mode():  # the engine's logits are inference tensors
+                logits = process(logits, rows, history)
             tokens = logits.argmax(-1)
         drawn = [i for i, r in enumerate(rows) if not r.greedy and i not in errors]
         if drawn:
@@ -111,10 +122,10 @@ class Sampler:
             draws = [(i, p) for i, p, good in zip(drawn, probs, ok) if good]
             self._draw(draws, rows, tokens, errors)
         out = Sampled(tokens.tolist(), errors)
-        want = [i for i, r in enumerate(rows) if r.logprobs is not None and i not in errors]
         if want:
-            lps = token_logprobs(raw[want], tokens[want], [rows[i].logprobs or 0 for i in want])
-            out.logprobs = dict(zip(want, lps))
+            picked = tokens if len(want) == len(rows) else tokens[want]
+            out.logprobs = dict(zip(want, _entries(raw_lp, picked,
+                                                   [rows[i].logprobs or 0 for i in want])))
         return out
 
     def _draw(self, draws: list[tuple[int, Tensor]], rows: list[RowSampling], tokens: Tensor,
@@ -166,8 +177,7 @@ def _filtered_probs(logits: Tensor, rows: list[RowSampling]) -> Tensor:
 
 
 def process(logits: Tensor, rows: list[RowSampling], history: list[History]) -> Tensor:
-    """The logits processors of every row that has some, in place on a float32 copy."""
-    logits = logits.clone()
+    """The logits processors of every row that has some, in place (on float32 logits)."""
     vocab, dev = logits.shape[-1], logits.device
     pen = [i for i, r in enumerate(rows) if r.penalized]
     if pen:
@@ -175,8 +185,10 @@ def process(logits: Tensor, rows: list[RowSampling], history: list[History]) -> 
     bias = [(i, t, b) for i, r in enumerate(rows) for t, b in r.logit_bias]
     if bias:
         ri, ti, bi = zip(*bias)
-        logits.index_put_((torch.tensor(ri, device=dev), torch.tensor(ti, device=dev)),
-                          torch.tensor(bi, device=dev), accumulate=True)
+        # (row, token) pairs are distinct (the engine merges a request's duplicates), so a
+        # plain gather-add-scatter: index_put_'s accumulate path is far slower on CPU
+        index = (torch.tensor(ri, device=dev), torch.tensor(ti, device=dev))
+        logits[index] += torch.tensor(bi, device=dev)
     ban = [(i, t) for i, r in enumerate(rows) if len(history[i].output) < r.min_tokens
            for t in r.banned if t < vocab]
     if ban:
@@ -187,35 +199,31 @@ def process(logits: Tensor, rows: list[RowSampling], history: list[History]) -> 
 
 def _penalize(logits: Tensor, at: list[int], rows: list[RowSampling],
               history: list[History]) -> None:
-    """Penalties of rows `at`: one scatter_add counts every row's completion tokens."""
+    """Penalties of rows `at`, sparse: only the (row, token) pairs a row has seen are read and
+    written, found by one `unique` over row * vocab + token keys (no vocab-wide tensors)."""
     vocab, dev = logits.shape[-1], logits.device
-    x = logits[at]
-    counts = _counts([h.output for h in history], vocab, dev)
+    rows_t = torch.tensor(at, device=dev)
+    outs = [h.output for h in history]
+    flat = torch.tensor([t for o in outs for t in o], dtype=torch.long, device=dev)
+    row_of = torch.repeat_interleave(torch.arange(len(at), device=dev),
+                                     torch.tensor([len(o) for o in outs], device=dev))
+    out_keys, counts = torch.unique(row_of * vocab + flat, return_counts=True)
     if any(r.repetition_penalty != 1 for r in rows):
         # transformers' RepetitionPenaltyLogitsProcessor: every token seen, prompt included,
         # has its logit divided by the penalty when positive, multiplied when negative.
-        seen = (counts + _counts([h.prompt for h in history], vocab, dev)) > 0
-        rep = torch.tensor([r.repetition_penalty for r in rows], device=dev)[:, None]
-        x = torch.where(seen, torch.where(x > 0, x / rep, x * rep), x)
-    if any(r.presence_penalty != 0 or r.frequency_penalty != 0 for r in rows):
+        prompt_keys = [h.prompt_ids().to(dev) + i * vocab for i, h in enumerate(history)]
+        seen = torch.unique(torch.cat([out_keys, *prompt_keys]))
+        r, t = seen // vocab, seen % vocab
+        rep = torch.tensor([x.repetition_penalty for x in rows], device=dev)[r]
+        vals = logits[rows_t[r], t]
+        logits[rows_t[r], t] = torch.where(vals > 0, vals / rep, vals * rep)
+    if out_keys.numel() and any(x.presence_penalty != 0 or x.frequency_penalty != 0
+                                for x in rows):
         # OpenAI's: logit -= frequency * count + presence * (count > 0), completion only.
-        freq = torch.tensor([r.frequency_penalty for r in rows], device=dev)[:, None]
-        pres = torch.tensor([r.presence_penalty for r in rows], device=dev)[:, None]
-        x = x - freq * counts - pres * (counts > 0).float()
-    logits[at] = x
-
-
-def _counts(seqs: list[Sequence[int]], vocab: int, device: torch.device) -> Tensor:
-    """(rows, vocab) float32 occurrence counts; padding lands in a column that is dropped."""
-    width = max((len(s) for s in seqs), default=0)
-    counts = torch.zeros(len(seqs), vocab + 1, device=device)
-    if width:
-        ids = torch.full((len(seqs), width), vocab, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if s:
-                ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-        counts.scatter_add_(1, ids.to(device), torch.ones(ids.shape, device=device))
-    return counts[:, :vocab]
+        r, t = out_keys // vocab, out_keys % vocab
+        freq = torch.tensor([x.frequency_penalty for x in rows], device=dev)[r]
+        pres = torch.tensor([x.presence_penalty for x in rows], device=dev)[r]
+        logits[rows_t[r], t] -= freq * counts + pres
 
 
 LOGPROB_FLOOR = -9999.0  # what -inf becomes (JSON has no infinity; vLLM's choice too)
@@ -224,10 +232,14 @@ LOGPROB_FLOOR = -9999.0  # what -inf becomes (JSON has no infinity; vLLM's choic
 def token_logprobs(logits: Tensor, tokens: Tensor, ks: list[int]) -> list[TokenLogprobs]:
     """Per row: the log-probability of `tokens[row]` and the top `ks[row]` under
     log_softmax(logits) (rows of raw float32 logits)."""
-    lp = logits.log_softmax(-1).clamp_min(LOGPROB_FLOOR)
-    chosen = lp.gather(-1, tokens[:, None].to(lp.device))[:, 0].tolist()
+    return _entries(logits.log_softmax(-1), tokens, ks)
+
+
+def _entries(lp: Tensor, tokens: Tensor, ks: list[int]) -> list[TokenLogprobs]:
+    chosen = lp.gather(-1, tokens[:, None].to(lp.device))[:, 0].clamp_min(LOGPROB_FLOOR)
     k = max(ks)
     top_lp, top_id = lp.topk(k, dim=-1) if k else (lp[:, :0], tokens[:, None][:, :0])
-    top_lp, top_id = top_lp.tolist(), top_id.tolist()
+    chosen, top_lp, top_id = chosen.tolist(), top_lp.clamp_min(LOGPROB_FLOOR).tolist(), \
+        top_id.tolist()
     return [TokenLogprobs(int(t), c, tuple(zip(ids[:n], vals[:n])))
             for t, c, ids, vals, n in zip(tokens.tolist(), chosen, top_id, top_lp, ks)]
