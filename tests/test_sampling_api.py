@@ -173,3 +173,16 @@ async def test_n_choices_and_best_of(start_worker, start_gateway, engine, unique
         with pytest.raises(openai.BadRequestError) as info:  # more rows than the engine has
             await client.completions.create(model=dep, prompt="x", max_tokens=2, n=100)
         assert info.value.body["param"] == "n"
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"n": 2, "best_of": 1}, "best_of"), ({"n": 2, "stream_to": "ferry.deltas"}, "n"),
+    ({"min_tokens": 20, "max_new_tokens": 4}, "min_tokens"), ({"logprobs": 21}, "logprobs"),
+    ({"logit_bias": [{"token": 1, "bias": 101}]}, "logit_bias[0].bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"top_k": -1}, "top_k"),
+])
+def test_request_fields_are_validated(extra: dict, field: str) -> None:
+    from schemas import decode_request, encode
+    with pytest.raises(SchemaError) as err:
+        decode_request(encode({"id": "a", "model": "m", "prompt": "x", **extra}))
+    assert err.value.field == field

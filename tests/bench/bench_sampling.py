@@ -4,6 +4,8 @@ prefill saves for n > 1, in one run on the engine benchmark's checkpoint and wor
 Run: `.venv/bin/python -m tests.bench.bench_sampling` (flags: `--quick` for a smoke test on
 the tiny model, `--rounds N` (default 2), `--dtype fp32|bf16` (default bf16)). Results go to
 tests/bench/results/sampling.json (`--quick`: ~/.ferry/bench-logs/sampling-quick.json).
+`--requests N` takes the mixed workload's first N requests only (a shared 2-core box: the
+full 64 on the full model take many minutes per run under load).
 
 Two comparisons, each A/B alternated in every round on one engine (same weights, same
 process, 2 torch threads; ratios of medians over rounds):
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None, help="default 2 (--quick: 1)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="only the mixed workload's first N requests (default: all 64)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 2)
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine.from_dir(model_dir, dtype=DTYPES[args.dtype],
                              engine_config=EngineConfig(**FERRY_ENGINE_CONFIG))
     wl = make_workload("mixed", args.quick, vocab)
+    if args.requests:
+        wl = {**wl, "prompts": wl["prompts"][:args.requests],
+              "max_new": wl["max_new"][:args.requests]}
     rng = random.Random(f"{SEED}-sampling")
     plain = [(f"p{i}", ids, SamplingParams(max_new_tokens=n))
              for i, (ids, n) in enumerate(zip(wl["prompts"], wl["max_new"]))]
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                   quick=args.quick, dtype=args.dtype, rounds=rounds, model=shape,
                   engine_config=FERRY_ENGINE_CONFIG, seconds=times, tokens=tokens,
                   tokens_per_s=tps, summary=summary,
+                  mixed_requests=len(wl["prompts"]),
                   n4_workload=dict(prompts=n_prompts, prompt_tokens=plen, new_tokens=new))
 
 
