@@ -214,7 +214,8 @@ MIXED = [dict(max_new_tokens=10, repetition_penalty=1.4),
          dict(max_new_tokens=10, temperature=1.2, seed=5, min_p=0.1, frequency_penalty=0.5,
               logit_bias=((5, 3.0),)),
          dict(max_new_tokens=10, min_tokens=4, stop_token_ids=(7,)),
-         dict(max_new_tokens=10, temperature=0.7, seed=11, top_p=0.8, logprobs=3)]
+         dict(max_new_tokens=10, temperature=0.7, seed=11, top_p=0.8, logprobs=3),
+         dict(max_new_tokens=10, temperature=1.0, seed=21, n=3, presence_penalty=0.4)]
 
 
 def test_rows_never_depend_on_their_batch_mates(base: Engine) -> None:
@@ -227,6 +228,9 @@ def test_rows_never_depend_on_their_batch_mates(base: Engine) -> None:
         done.update((c.id, c) for c in engine.step().finished)
     for i, params in enumerate(MIXED):
         assert done[f"r{i}"].output_ids == alone(base, PROMPTS[i % 4], **params), params
+    alone_n = base._run([EngineRequest("n", base.encode(PROMPTS[(len(MIXED) - 1) % 4]),
+                                       SamplingParams(**MIXED[-1]))])["n"]  # type: ignore[arg-type]
+    assert done[f"r{len(MIXED) - 1}"].choices == alone_n.choices
 
 
 # ---- validation -----------------------------------------------------------------------

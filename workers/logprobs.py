@@ -1,4 +1,4 @@
-"""The engine's token logprobs as the Result's records, with each token's text."""
+"""A Completion's logprobs (each token's text added) and samples as the Result's fields."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def records(entries: list[TokenLogprobs], tokenizer: Tokenizer | None) -> list[T
                          [TopLogprob(t, lp, text(t)) for t, lp in e.top]) for e in entries]
 
 
-def result_logprobs(done: Completion, tokenizer: Tokenizer | None) -> dict[str, Any]:
+def result_fields(done: Completion, tokenizer: Tokenizer | None) -> dict[str, Any]:
     """The Result's logprobs and choices fields for a completion (none that it did not ask
     for)."""
     out: dict[str, Any] = {}

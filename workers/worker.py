@@ -47,7 +47,7 @@ from workers.admission import Refused, admit
 from workers.chat_template import deployment_template
 from workers.config import WorkerConfig
 from workers.engine import Completion, Engine, EngineDown, EngineRequest, StepOutput
-from workers.logprobs import completion_tokens, result_logprobs
+from workers.logprobs import completion_tokens, result_fields
 from workers.metrics import WorkerMetrics
 from workers.offsets import OffsetTracker
 from workers.publisher import Answer, Destination, Publisher
@@ -489,7 +489,7 @@ class Worker:
             usage=Usage(done.prompt_tokens, completion_tokens(done)),
             timings=Timings(queued_ms=max(0.0, job.added - job.created) * 1000,
                             inference_ms=max(0.0, now - job.added) * 1000),
-            score=done.score, **result_logprobs(done, self.engine.tokenizer))
+            score=done.score, **result_fields(done, self.engine.tokenizer))
         return Answer(job.tp, job.offset, result=result, dest=job.dest, created=job.created)
 
     def _failed(self, eid: str, code: ErrorCode, message: str) -> Answer:
