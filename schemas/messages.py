@@ -19,6 +19,63 @@ MAX_CONTEXT_TOKENS = 1 << 20
 REST_OF_CONTEXT = 0  # max_new_tokens: as many as the model's context leaves after the prompt
 
 FinishReason = Literal["stop", "length", "error"]
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias
+
+
+MAX_LOGPROBS = 20  # top alternatives per token
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position."""
+
+    token_id: int = field(metadata=spec("Token id.", minimum=0))
+    logprob: float = field(metadata=spec("Its log-probability (-9999 stands for -inf)."))
+    text: str | None = field(default=None, metadata=spec(
+        "The token decoded alone (unset without a tokenizer; a token that is part of a UTF-8 "
+        "character decodes to U+FFFD)."))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated (or prompt) token's log-probability and the top alternatives at its
+    position, under the model's raw distribution (before penalties, biases, temperature and
+    cuts; vLLM's default)."""
+
+    token_id: int = field(metadata=spec("Token id.", minimum=0))
+    logprob: float = field(metadata=spec("Its log-probability (-9999 stands for -inf)."))
+    text: str | None = field(default=None, metadata=spec("The token decoded alone."))
+    top: list[TopLogprob] = field(default_factory=list, metadata=spec(
+        "The most likely tokens at this position, most likely first [logprobs]."))
+
+
+MAX_SAMPLES = 128  # n and best_of
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One sample of a request with n > 1 (or best_of)."""
+
+    index: int = field(metadata=spec("0, 1, ... n - 1 (with best_of: most likely first).",
+                                     minimum=0))
+    output_ids: list[int] = field(default_factory=list, metadata=spec(
+        "Its generated token ids."))
+    text: str = field(default="", metadata=spec("Its text (empty without a tokenizer)."))
+    finish_reason: Literal["stop", "length"] = field(default="length", metadata=spec(
+        "stop: end-of-sequence, a stop token or string; length: max_new_tokens."))
+    logprobs: list[TokenLogprob] | None = field(default=None, metadata=spec(
+        "If the request asked (logprobs): one entry per output token."))
+
+
+@dataclass(frozen=True)
+class LogitBias:
+    """One entry of `Request.logit_bias`."""
+
+    token: int = field(metadata=spec("Token id (checked against the model's vocabulary).",
+                                     minimum=0))
+    bias: float = field(metadata=spec("Added to the token's logit before sampling; -100 bans "
+                                      "it, 100 all but forces it.", minimum=-100.0,
+                                      maximum=100.0))
 
 
 @dataclass(frozen=True)
@@ -47,8 +104,48 @@ class Request:
         minimum=0.0, maximum=100.0))
     top_p: float = field(default=1.0, metadata=spec(
         "Nucleus sampling mass.", exclusiveMinimum=0.0, maximum=1.0))
+    top_k: int = field(default=0, metadata=spec(
+        "Sample among the k most likely tokens only; 0 = off.", minimum=0,
+        maximum=MAX_CONTEXT_TOKENS))
+    min_p: float = field(default=0.0, metadata=spec(
+        "Drop tokens whose probability is below min_p times the top token's (after "
+        "temperature); 0 = off.", minimum=0.0, maximum=1.0))
+    presence_penalty: float = field(default=0.0, metadata=spec(
+        "OpenAI's: subtracted from the logit of every token the completion already holds.",
+        minimum=-2.0, maximum=2.0))
+    frequency_penalty: float = field(default=0.0, metadata=spec(
+        "OpenAI's: subtracted from a token's logit once per time the completion holds it.",
+        minimum=-2.0, maximum=2.0))
+    repetition_penalty: float = field(default=1.0, metadata=spec(
+        "transformers': the logit of every token in the prompt or completion is divided by "
+        "it when positive, multiplied when negative; 1 = off.", exclusiveMinimum=0.0,
+        maximum=100.0))
+    logit_bias: list[LogitBias] = field(default_factory=list, metadata=spec(
+        "Biases added to token logits (greedy rows too).", maxItems=MAX_LOGIT_BIAS))
+    stop_token_ids: list[int] = field(default_factory=list, metadata=spec(
+        "Token ids that end the completion (finish_reason stop) like end-of-sequence; the "
+        "stop token is not part of the output.", maxItems=256, items={"minimum": 0}))
+    min_tokens: int = field(default=0, metadata=spec(
+        "End-of-sequence and stop_token_ids cannot be generated before this many tokens "
+        "(stop strings still apply); at most max_new_tokens.", minimum=0,
+        maximum=MAX_CONTEXT_TOKENS))
+    ignore_eos: bool = field(default=False, metadata=spec(
+        "Keep generating past end-of-sequence tokens (they are output like any other)."))
+    logprobs: int | None = field(default=None, metadata=spec(
+        "Return every generated token's log-probability and this many top alternatives "
+        "(0..20); unset: none.", minimum=0, maximum=MAX_LOGPROBS))
+    prompt_logprobs: int | None = field(default=None, metadata=spec(
+        "The same for the prompt's tokens (the first has none); computes the whole prompt "
+        "(no prefix-cache hits).", minimum=0, maximum=MAX_LOGPROBS))
+    n: int = field(default=1, metadata=spec(
+        "Samples to return (Result.choices); they share one prefill of the prompt. Needs "
+        "stream_to unset.", minimum=1, maximum=MAX_SAMPLES))
+    best_of: int | None = field(default=None, metadata=spec(
+        "Samples to draw (>= n); the n with the highest cumulative log-probability (raw "
+        "model) are returned, most likely first.", minimum=1, maximum=MAX_SAMPLES))
     seed: int | None = field(default=None, metadata=spec(
-        "Sampling seed: the same seed gives the same tokens whatever the batch.",
+        "Sampling seed: the same seed gives the same tokens whatever the batch (with n > 1, "
+        "sample 0 uses it and sample j a seed derived from (seed, j)).",
         minimum=0, maximum=2**63 - 1))
     stop: list[str] = field(default_factory=list, metadata=spec(
         "Stop sequences; the text ends before the first one found.",
@@ -92,6 +189,13 @@ class Request:
             raise SchemaError("input_ids", "must not be empty")
         if self.score_ids is not None and not self.score_ids:
             raise SchemaError("score_ids", "must not be empty")
+        if self.best_of is not None and self.best_of < self.n:
+            raise SchemaError("best_of", f"must be >= n ({self.n}), got {self.best_of}")
+        if (self.best_of or self.n) > 1 and self.stream_to is not None:
+            raise SchemaError("n", "a streamed request (stream_to) has one sample")
+        if self.max_new_tokens != REST_OF_CONTEXT and self.min_tokens > self.max_new_tokens:
+            raise SchemaError("min_tokens", f"must be <= max_new_tokens "
+                                            f"({self.max_new_tokens}), got {self.min_tokens}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -136,6 +240,14 @@ class Result:
     error: ErrorInfo | None = field(default=None, metadata=spec("Set when the request failed."))
     score: float | None = field(default=None, metadata=spec(
         "For a scoring request (score_ids): mean log-probability per scored token."))
+    logprobs: list[TokenLogprob] | None = field(default=None, metadata=spec(
+        "If the request asked (logprobs): one entry per output token [completion_tokens]."))
+    prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, metadata=spec(
+        "If the request asked (prompt_logprobs): one entry per prompt token, the first null "
+        "[prompt_tokens]."))
+    choices: list[Choice] | None = field(default=None, metadata=spec(
+        "With n > 1 (or best_of): the n samples; output_ids, text, finish_reason and "
+        "logprobs above are choices[0]'s, usage counts the tokens of all n."))
     schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(
         "Version of this schema.", minimum=1))
 

@@ -219,7 +219,8 @@ class Gateway:
                                          model=first, include_usage=call.include_usage,
                                          metrics=self.metrics, route=_route_label(http),
                                          started=started, limit_field=call.limit_field)
-            return _answer(await _unless_gone(http, task), chat, created, call.limit_field)
+            return _answer(await _unless_gone(http, task), chat, created, call.limit_field,
+                           call.echo)
         except Disconnected:
             task.cancel()
             await self._cancel(live, "caller disconnected")
@@ -605,11 +606,11 @@ async def _read_json(http: web.Request) -> Any:
                        None) from None
 
 
-def _answer(result: Result, chat: bool, created: int,
-            limit_field: str = "max_tokens") -> web.Response:
+def _answer(result: Result, chat: bool, created: int, limit_field: str = "max_tokens",
+            echo: str | None = None) -> web.Response:
     if result.error is not None:
         return error_response(result_error(result, limit_field))
-    return web.json_response(completion_object(result, chat, created), dumps=json_text)
+    return web.json_response(completion_object(result, chat, created, echo), dumps=json_text)
 
 
 async def _unless_gone(http: web.Request, task: asyncio.Task[Result]) -> Result:

@@ -15,6 +15,7 @@ from aiohttp import web
 from schemas import ErrorCode, Request, Result, SchemaError, decode_request, encode, http_status
 from schemas.messages import MAX_CONTEXT_TOKENS, REST_OF_CONTEXT
 from streams.openai_fields import check_fields
+from streams import openai_sampling
 
 DEFAULT_MODEL = "default"
 REASON = web.ResponseKey("reason", str)  # the error code of an answer, for metrics
@@ -108,6 +109,7 @@ class Call:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
     id: str = ""                 # the completion object's id (the request's, for one prompt)
     limit_field: str = "max_tokens"  # the field that set max_new_tokens, for error messages
+    echo: str | None = None      # completions' echo: the prompt text before the completion
 
     @property
     def request(self) -> Request:
@@ -198,6 +200,10 @@ def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
     common = {"model": model, "max_new_tokens": token_limit(body, chat),
               "temperature": body.get("temperature"), "top_p": body.get("top_p"),
               "seed": body.get("seed"), "stop": _stop(body.get("stop")), "deadline": deadline}
+    common.update(openai_sampling.request_fields(body, chat=chat))
+    echo = openai_sampling.echo_prompt(body, chat)
+    if not chat and body.get("echo") is True and echo is None:
+        raise SchemaError("echo", "needs one text prompt (not token ids or a list) for now")
     requests = []
     for i, src in enumerate(sources):
         fields = {"id": base if len(sources) == 1 else f"{base}-{i}", **common, **src}
@@ -211,7 +217,7 @@ def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
     limit_field = ("max_completion_tokens" if chat and body.get("max_completion_tokens")
                    is not None else "max_tokens")
     return Call(tuple(requests), chat, stream, respond_async, _include_usage(body), base,
-                limit_field)
+                limit_field, echo)
 
 
 def _include_usage(body: dict[str, Any]) -> bool:
@@ -259,24 +265,21 @@ def _usage(result: Result) -> dict[str, int]:
             "total_tokens": u.prompt_tokens + u.completion_tokens}
 
 
-def completion_object(result: Result, chat: bool, created: int) -> dict[str, Any]:
+def completion_object(result: Result, chat: bool, created: int,
+                      echo: str | None = None) -> dict[str, Any]:
     """The OpenAI (chat.)completion object for a successful result."""
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "finish_reason": result.finish_reason, "logprobs": None}
-    else:
-        choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason,
-                  "logprobs": None}
     return {"id": result.id, "object": "chat.completion" if chat else "text_completion",
-            "created": created, "model": result.model, "choices": [choice],
+            "created": created, "model": result.model,
+            "choices": openai_sampling.choices(result, chat, echo),
             "usage": _usage(result)}
 
 
 def completions_object(call_id: str, results: list[Result], created: int) -> dict[str, Any]:
-    """The text_completion of a call with several prompts: choice prompt_i * n + j (n = 1
-    here), usage summed over the prompts."""
-    choices = [{**completion_object(r, False, created)["choices"][0], "index": i}
-               for i, r in enumerate(results)]
+    """The text_completion of a call with several prompts: choice prompt_i * n + j, usage
+    summed over the prompts."""
+    n = max(len(r.choices or ()) or 1 for r in results)
+    choices = [{**choice, "index": i * n + j} for i, r in enumerate(results)
+               for j, choice in enumerate(completion_object(r, False, created)["choices"])]
     prompt = sum(r.usage.prompt_tokens for r in results)
     completion = sum(r.usage.completion_tokens for r in results)
     return {"id": call_id, "object": "text_completion", "created": created,

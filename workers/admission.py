@@ -129,5 +129,13 @@ def budget(request: Request, prompt_tokens: int, max_context: int) -> int:
 
 
 def sampling(request: Request) -> SamplingParams:
-    return SamplingParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                          top_p=request.top_p, seed=request.seed, stop=tuple(request.stop))
+    r = request
+    return SamplingParams(
+        max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+        top_k=r.top_k, seed=r.seed, stop=tuple(r.stop), min_p=r.min_p,
+        presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
+        repetition_penalty=r.repetition_penalty,
+        logit_bias=tuple((b.token, b.bias) for b in r.logit_bias),
+        stop_token_ids=tuple(r.stop_token_ids), min_tokens=r.min_tokens,
+        ignore_eos=r.ignore_eos, logprobs=r.logprobs, prompt_logprobs=r.prompt_logprobs,
+        n=r.n, best_of=r.best_of)

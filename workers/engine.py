@@ -13,6 +13,8 @@ tensor-parallel ranks that make the same calls stay in lockstep.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -24,9 +26,13 @@ from torch import Tensor
 from workers.kv_cache import BlockManager, KVPools
 from workers.loader import load_model
 from workers.model import AttnGroup, ModelConfig, PagedStep, Transformer
-from workers.sampler import RowSampling, Sampler
+from workers.sampler import (MIN_TEMPERATURE, History, RowSampling, Sampler, TokenLogprobs,
+                             token_logprobs)
 from workers.scheduler import ScheduledRow, Scheduler, Sequence, StepPlan
 from workers.tokenizer import Tokenizer, load_tokenizer
+
+
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default limit)
 
 
 class EngineDown(RuntimeError):
@@ -44,6 +50,23 @@ class SamplingParams:
     top_k: int = 0                 # 0 = off
     seed: int | None = None        # None: drawn from the engine's generator
     stop: tuple[str, ...] = ()     # needs a tokenizer; ignored without one
+    min_p: float = 0.0             # 0 = off
+    presence_penalty: float = 0.0  # OpenAI's, [-2, 2], over the completion
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # transformers', > 0, over prompt and completion
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100])
+    stop_token_ids: tuple[int, ...] = ()  # finish ("stop") when sampled, like eos
+    min_tokens: int = 0            # eos and stop ids masked until this many tokens
+    ignore_eos: bool = False       # eos is a token like any other
+    logprobs: int | None = None    # per completion token its logprob and the top k (raw model)
+    prompt_logprobs: int | None = None  # the same for every prompt token but the first
+    n: int = 1                     # samples returned (`Completion.choices`)
+    best_of: int | None = None     # samples drawn (>= n); the n of highest cumulative raw
+                                   # logprob are returned, most likely first
+
+    @property
+    def samples(self) -> int:
+        return self.best_of or self.n
 
 
 @dataclass
@@ -86,6 +109,22 @@ class Completion:
     score: float | None = None      # scoring requests: mean log-prob per score token
     error: str | None = None        # set when finish_reason == "error" (that row alone failed)
     cached_tokens: int = 0          # prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprobs] | None = None         # [completion_tokens] if asked
+    prompt_logprobs: list[TokenLogprobs] | None = None  # [prompt_tokens - 1]: tokens 1..
+    choices: list[Choice] | None = None  # n > 1 or best_of: the samples returned; the
+                                         # fields above mirror choices[0]
+
+
+@dataclass
+class Choice:
+    """One sample of a request with n > 1."""
+
+    index: int
+    output_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float = 0.0  # of its sampled tokens, raw (best_of ranks by it)
 
 
 @dataclass
@@ -123,13 +162,32 @@ class EngineConfig:
 
 @dataclass
 class _Request:
-    """One request's progress, beside its scheduler `Sequence`."""
+    """One request's progress (one sample's, when n > 1), beside its scheduler `Sequence`."""
 
     request: EngineRequest
     sampling: RowSampling
+    sid: str = ""                                  # its scheduler id
+    group: _Group | None = None                    # n > 1: the request's samples
+    index: int = 0                                 # which sample
+    cumulative: float = 0.0                        # raw logprobs of its sampled tokens
+    prompt_unique: Tensor | None = None            # repetition penalty: distinct prompt ids
     ids: list[int] = field(default_factory=list)   # the completion so far
     text: str | None = None                        # set once the stop check has cut it
     logprob_sum: float = 0.0                       # scoring requests
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+@dataclass
+class _Group:
+    """The samples of a request with n > 1 (or best_of): sample 0 prefills; once its prompt
+    is computed, the others fork from it (full blocks shared, the partial last one copied)
+    and draw their first tokens from the same logits."""
+
+    request: EngineRequest
+    samples: list[_Request]
+    choices: dict[int, Choice] = field(default_factory=dict)
+    first_seq: Sequence | None = None   # sample 0's, once finished (its cached tokens)
 
 
 class Engine:
@@ -203,6 +261,12 @@ class Engine:
             raise ValueError(f"{who}: top_p must be in (0, 1]")
         if p.top_k < 0:
             raise ValueError(f"{who}: top_k must be >= 0")
+        _check_sampling(who, p, self.config.vocab_size)
+        if not 1 <= p.n <= p.samples <= self.engine_config.max_num_seqs:
+            raise ValueError(f"{who}: n: must be >= 1 and <= best_of <= "
+                             f"{self.engine_config.max_num_seqs} (rows of this engine)")
+        if p.samples > 1 and request.score_ids is not None:
+            raise ValueError(f"{who}: n: a scoring request has one sample")
         if request.score_ids is not None:
             if not request.score_ids:
                 raise ValueError(f"{who}: score_ids is empty")
@@ -221,12 +285,9 @@ class Engine:
         """Check, then queue; it runs from the next `step`."""
         self.check(request)
         p = request.params
-        sampling = RowSampling(p.temperature, p.top_p, p.top_k)
-        if p.seed is not None and not sampling.greedy:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(p.seed)
-            sampling = RowSampling(p.temperature, p.top_p, p.top_k, gen)
-        req = _Request(request, sampling)
+        req = _Request(request, self._row_sampling(p, 0), request.id)
+        if p.samples > 1:
+            req.group = _Group(request, [req])
         self._requests[request.id] = req
         tokens = list(request.input_ids)
         score_from = None
@@ -235,12 +296,28 @@ class Engine:
         elif p.max_new_tokens == 0:
             self._done.append(self._complete(req, None, "length"))
             return
-        self.scheduler.add(Sequence(request.id, tokens, len(request.input_ids), score_from))
+        self.scheduler.add(Sequence(request.id, tokens, len(request.input_ids), score_from,
+                                    prompt_logits=p.prompt_logprobs is not None
+                                    and len(tokens) > 1))
+
+    def _row_sampling(self, p: SamplingParams, index: int) -> RowSampling:
+        gen = None
+        if p.seed is not None and p.temperature >= MIN_TEMPERATURE:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(sample_seed(p.seed, index))
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids))
+        bias: dict[int, float] = {}
+        for token, value in p.logit_bias:  # one entry per token: repeats add up
+            bias[token] = bias.get(token, 0.0) + value
+        return RowSampling(p.temperature, p.top_p, p.top_k, gen, p.min_p, p.presence_penalty,
+                           p.frequency_penalty, p.repetition_penalty, tuple(bias.items()),
+                           p.min_tokens, tuple(sorted(banned)) if p.min_tokens else (),
+                           0 if p.logprobs is None and p.best_of is not None else p.logprobs)
 
     def abort(self, request_id: str) -> Completion | None:
         """Drop a waiting or running request and free its blocks; None if unknown."""
         req = self._requests.get(request_id)
-        if req is None:
+        if req is None or req.sid != request_id or req.index > 0:
             return None
         return self._finish(req, "abort")
 
@@ -342,29 +419,42 @@ class Engine:
 
     def _consume(self, plan: StepPlan, logits: Tensor, out: StepOutput) -> None:
         """Sample the rows that reached their end, accumulate scores, finish rows."""
-        at, sampled, scored = 0, [], []
+        at, sampled, scored, prompt = 0, [], [], []
         for row in plan.rows:
             span = (at, at + len(row.logits))
             at = span[1]
+            req = self._requests[row.id]
+            if req.request.params.prompt_logprobs is not None and row.logits and not req.index:
+                prompt.append((req, row, span[0]))
             if row.sample:
-                sampled.append((self._requests[row.id], span[0]))
-            elif self._requests[row.id].request.score_ids is not None:
-                scored.append((self._requests[row.id], row, span))
+                sampled.append((req, span[1] - 1))
+                if req.group is not None and len(req.group.samples) == 1:
+                    sampled += [(self._fork(req.group, j), span[1] - 1)
+                                for j in range(1, req.request.params.samples)]
+            elif req.request.score_ids is not None:
+                scored.append((req, row, span))
         if scored:
             self._score(logits, scored)
+        if prompt:
+            self._prompt_logprobs(logits, prompt)
         if sampled:
             at_rows = [i for _, i in sampled]
             picked = logits if at_rows == list(range(len(logits))) else logits[at_rows]
-            result = self.sampler(picked, [req.sampling for req, _ in sampled])
+            rows = [req.sampling for req, _ in sampled]
+            history = ([History(req.request.input_ids, req.ids, self._prompt_unique(req))
+                        for req, _ in sampled] if any(r.processed for r in rows) else None)
+            result = self.sampler(picked, rows, history)
             for k, (req, _) in enumerate(sampled):
+                if req.sid not in self._requests:
+                    continue  # its request ended this step (another sample failed)
                 if k in result.errors:
-                    out.finished.append(self._finish(req, "error", result.errors[k]))
+                    self._end(out, req, "error", result.errors[k])
                 else:
-                    self._advance(req, result.tokens[k], out)
+                    self._advance(req, result.tokens[k], out, result.logprobs.get(k))
         for req, _, _ in scored:
-            seq = self.scheduler.get(req.request.id)
+            seq = self.scheduler.get(req.sid)
             if seq is not None and seq.num_computed == seq.num_tokens:
-                out.finished.append(self._finish(req, "stop"))
+                self._end(out, req, "stop")
 
     def _score(self, logits: Tensor, scored: list[tuple[_Request, ScheduledRow, tuple]]) -> None:
         scored = [s for s in scored if s[1].logits]
@@ -373,7 +463,7 @@ class Engine:
         rows = torch.cat([logits[a:b] for _, _, (a, b) in scored]).float().log_softmax(-1)
         targets = []
         for req, row, _ in scored:
-            seq = self.scheduler.get(req.request.id)
+            seq = self.scheduler.get(req.sid)
             assert seq is not None
             targets += seq.tokens[row.logits.start + 1:row.logits.stop + 1]
         picked = rows.gather(-1, torch.tensor(targets, device=rows.device)[:, None])[:, 0]
@@ -382,17 +472,53 @@ class Engine:
             req.logprob_sum += float(picked[at:at + len(row.logits)].sum())
             at += len(row.logits)
 
-    def _advance(self, req: _Request, token: int, out: StepOutput) -> None:
-        rid = req.request.id
-        if token in self.eos_ids:
-            out.finished.append(self._finish(req, "stop"))
+    def _prompt_unique(self, req: _Request) -> Tensor | None:
+        """A repetition-penalised request's distinct prompt ids, computed once."""
+        if req.prompt_unique is None and req.sampling.repetition_penalty != 1:
+            req.prompt_unique = torch.unique(torch.tensor(req.request.input_ids))
+        return req.prompt_unique
+
+    def _prompt_logprobs(self, logits: Tensor, rows: list[tuple[_Request, ScheduledRow, int]]
+                         ) -> None:
+        """Logprobs of the prompt tokens these rows' logits predict (each position once: a
+        preempted row recomputes its prompt)."""
+        at, targets, ks, owners = [], [], [], []
+        for req, row, first in rows:
+            seq = self.scheduler.get(req.sid)
+            assert seq is not None
+            nxt = len(req.prompt_logprobs)  # the next position still to record
+            for p in row.logits:
+                if p == nxt and p + 1 < seq.num_prompt:
+                    at.append(first + p - row.logits.start)
+                    targets.append(seq.tokens[p + 1])
+                    ks.append(req.request.params.prompt_logprobs or 0)
+                    owners.append(req)
+                    nxt += 1
+        if not at:
+            return
+        picked = logits[torch.tensor(at, device=logits.device)].float()
+        entries = token_logprobs(picked, torch.tensor(targets), ks)
+        for req, entry in zip(owners, entries):
+            req.prompt_logprobs.append(entry)
+
+    def _advance(self, req: _Request, token: int, out: StepOutput,
+                 logprob: TokenLogprobs | None = None) -> None:
+        rid, p = req.sid, req.request.params
+        seq = self.scheduler.get(rid)
+        if seq is not None:
+            seq.prompt_logits = False  # the prompt is done: only the last position from now
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self._end(out, req, "stop")
             return
         req.ids.append(token)
-        n, p = len(req.ids), req.request.params
+        if logprob is not None:
+            req.logprobs.append(logprob)
+            req.cumulative += logprob.logprob
+        n = len(req.ids)
         if p.stop and self.tokenizer is not None and self._cut_at_stop(req):
-            out.finished.append(self._finish(req, "stop"))
+            self._end(out, req, "stop")
         elif len(req.ids) >= p.max_new_tokens:
-            out.finished.append(self._finish(req, "length"))
+            self._end(out, req, "length")
         else:
             self.scheduler.append(rid, token)
         if len(req.ids) == n:  # not cut by a stop string
@@ -417,9 +543,72 @@ class Engine:
         del req.ids[keep:]
         return True
 
-    def _finish(self, req: _Request, reason: str, error: str | None = None) -> Completion:
-        seq = self.scheduler.finish(req.request.id)
-        return self._complete(req, seq, reason, error)
+    def _finish(self, req: _Request, reason: str, error: str | None = None
+                ) -> Completion | None:
+        """End a row: its Completion, or None while other samples of its request run."""
+        seq = self.scheduler.finish(req.sid)
+        group = req.group
+        if group is None:
+            return self._complete(req, seq, reason, error)
+        first = group.samples[0]
+        if reason in ("abort", "error"):  # one sample fails: the request does
+            for sample in group.samples[1:]:
+                self.scheduler.finish(sample.sid)
+                self._requests.pop(sample.sid, None)
+            return self._complete(first, seq if req is first else group.first_seq, reason,
+                                  error)
+        group.choices[req.index] = self._choice(req, reason)
+        if req is first:
+            group.first_seq = seq  # it stays in _requests: abort(id) finds the request
+        else:
+            del self._requests[req.sid]
+        if len(group.choices) < req.request.params.samples:
+            return None
+        return self._complete_group(group)
+
+    def _end(self, out: StepOutput, req: _Request, reason: str,
+             error: str | None = None) -> None:
+        if (done := self._finish(req, reason, error)) is not None:
+            out.finished.append(done)
+
+    def _fork(self, group: _Group, index: int) -> _Request:
+        """Sample `index` of a group, drawing its first token from sample 0's logits this
+        step: sample 0's sequence is forked (its blocks shared, the partial last one
+        copied; when no block is free it waits and recomputes, from the prefix cache)."""
+        r = group.request
+        req = _Request(r, self._row_sampling(r.params, index), f"{r.id}\x00{index}", group,
+                       index)
+        group.samples.append(req)
+        self._requests[req.sid] = req
+        parent = self.scheduler.get(r.id)
+        assert parent is not None
+        copy = self.scheduler.fork(parent, req.sid)
+        if copy is not None:
+            if fresh := self.blocks.take_fresh():  # zeroed before the copy, not after it
+                self.pools.zero(fresh)
+            self.pools.copy(*copy)
+        return req
+
+    def _choice(self, req: _Request, reason: str) -> Choice:
+        text = req.text
+        if text is None:
+            text = self.tokenizer.decode(req.ids) if self.tokenizer is not None else ""
+        return Choice(req.index, req.ids, text, reason, req.logprobs[:len(req.ids)],
+                      req.cumulative)
+
+    def _complete_group(self, group: _Group) -> Completion:
+        p = group.request.params
+        ranked = [group.choices[i] for i in range(len(group.choices))]
+        if p.best_of is not None:  # the n most likely samples, most likely first
+            ranked.sort(key=lambda c: -c.cumulative_logprob)
+        choices = [dataclasses.replace(c, index=i,
+                                       logprobs=c.logprobs if p.logprobs is not None else None)
+                   for i, c in enumerate(ranked[:p.n])]
+        top = choices[0]
+        done = self._complete(group.samples[0], group.first_seq, top.finish_reason)
+        done.output_ids, done.text, done.logprobs = top.output_ids, top.text, top.logprobs
+        done.choices = choices
+        return done
 
     def _complete(self, req: _Request, seq: Sequence | None, reason: str,
                   error: str | None = None) -> Completion:
@@ -431,8 +620,46 @@ class Engine:
         score = None
         if r.score_ids is not None and reason == "stop":
             score = req.logprob_sum / len(r.score_ids)
+        p = r.params
         return Completion(r.id, req.ids, text, reason, len(r.input_ids), score, error,
-                          (seq.num_cached or 0) if seq is not None else 0)
+                          (seq.num_cached or 0) if seq is not None else 0,
+                          req.logprobs[:len(req.ids)] if p.logprobs is not None else None,
+                          req.prompt_logprobs if p.prompt_logprobs is not None else None)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Sample `index`'s seed: the request's own for sample 0 (n=1 and the first of n agree),
+    a hash of (seed, index) for the others (the same in every process)."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _check_sampling(who: str, p: SamplingParams, vocab: int) -> None:
+    """The processors' parameters (ValueError naming the field)."""
+    if not 0 <= p.min_p <= 1:
+        raise ValueError(f"{who}: min_p: must be in [0, 1]")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(p, name) <= 2:
+            raise ValueError(f"{who}: {name}: must be in [-2, 2]")
+    if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0):
+        raise ValueError(f"{who}: repetition_penalty: must be a finite number > 0")
+    for token, bias in p.logit_bias:
+        if not 0 <= token < vocab:
+            raise ValueError(f"{who}: logit_bias: token {token} is outside the vocabulary "
+                             f"[0, {vocab})")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"{who}: logit_bias: bias {bias} of token {token} must be in "
+                             f"[-100, 100]")
+    if bad := [t for t in p.stop_token_ids if not 0 <= t < vocab]:
+        raise ValueError(f"{who}: stop_token_ids: token {bad[0]} is outside the vocabulary "
+                         f"[0, {vocab})")
+    for name in ("logprobs", "prompt_logprobs"):
+        if (k := getattr(p, name)) is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise ValueError(f"{who}: {name}: must be in [0, {MAX_LOGPROBS}]")
+    if not 0 <= p.min_tokens <= max(p.max_new_tokens, 0):
+        raise ValueError(f"{who}: min_tokens: must be in [0, max_new_tokens]")
 
 
 def _split_by_context(decode: list[int], rows: list[ScheduledRow]) -> list[list[int]]:

@@ -168,6 +168,13 @@ class KVPools:
             k.index_fill_(0, index, 0)
             v.index_fill_(0, index, 0)
 
+    def copy(self, src: int, dst: int) -> None:
+        """Block `dst` gets `src`'s keys and values in every layer (a forked sequence's
+        partial last block)."""
+        for k, v in self.layers:
+            k[dst].copy_(k[src])
+            v[dst].copy_(v[src])
+
     @staticmethod
     def block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
                     dtype: torch.dtype) -> int:

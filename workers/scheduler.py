@@ -32,6 +32,8 @@ class Sequence:
     tokens: list[int]                 # [num_tokens]: prompt, then generated tokens
     num_prompt: int
     score_from: int | None = None     # scoring: first position whose logits are still needed
+    prompt_logits: bool = False       # prompt logprobs: logits at every prompt position (no
+                                      # prefix-cache hits); the engine clears it once sampled
     num_computed: int = 0             # tokens whose keys/values are in the cache
     num_cached: int | None = None     # prompt tokens the prefix cache served; None: not admitted
     block_table: list[int] = field(default_factory=list)
@@ -45,6 +47,8 @@ class Sequence:
     def needs_logits_from(self) -> int:
         """The first position that must be computed (its logits are wanted)."""
         last = self.num_tokens - 1
+        if self.prompt_logits:
+            return 0
         return last if self.score_from is None else min(last, self.score_from)
 
 
@@ -172,6 +176,29 @@ class Scheduler:
         assert seq is not None, seq_id
         seq.tokens.append(token)
 
+    def fork(self, parent: Sequence, child_id: str) -> tuple[int, int] | None:
+        """A new running sequence with `parent`'s tokens and computed keys/values: its full
+        blocks shared (one more reference each), its partial last block a fresh one, returned
+        as (parent's block, child's) for the caller to copy. With no block free the child
+        waits instead, to be recomputed (its full blocks from the prefix cache)."""
+        bs = self.block_size
+        full, partial = divmod(parent.num_computed, bs)
+        child = Sequence(child_id, list(parent.tokens), parent.num_prompt,
+                         hashes=list(parent.hashes[:full]))
+        if partial and self.blocks.num_free() < 1:
+            self.add(child)
+            return None
+        self._by_id[child_id] = child
+        shared = parent.block_table[:full]
+        self.blocks.acquire(shared)
+        fresh = self.blocks.allocate(1) if partial else []
+        assert fresh is not None
+        child.block_table = shared + fresh
+        child.num_computed = parent.num_computed
+        child.num_cached = parent.num_cached
+        self.running.append(child)
+        return (parent.block_table[full], fresh[0]) if partial else None
+
     def _grow(self, seq: Sequence, n: int, plan: StepPlan) -> bool:
         """Blocks for n more tokens of a running seq, preempting the newest rows if need
         be; False if seq itself had to go."""
@@ -220,7 +247,9 @@ class Scheduler:
     def _row(self, seq: Sequence, n: int) -> ScheduledRow:
         bs, start, table = self.block_size, seq.num_computed, seq.block_table
         stop = start + n
-        if seq.score_from is None:
+        if seq.prompt_logits:  # before the first sample: every position is the prompt's
+            logits = range(start, stop)
+        elif seq.score_from is None:
             logits = range(stop - 1, stop) if stop == seq.num_tokens else range(0)
         else:
             logits = range(max(start, seq.score_from), min(stop, seq.num_tokens - 1))

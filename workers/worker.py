@@ -47,6 +47,7 @@ from workers.admission import Refused, admit
 from workers.chat_template import deployment_template
 from workers.config import WorkerConfig
 from workers.engine import Completion, Engine, EngineDown, EngineRequest, StepOutput
+from workers.logprobs import completion_tokens, result_fields
 from workers.metrics import BacklogSampler, WorkerMetrics
 from workers.metrics_server import serve_metrics
 from workers.offsets import OffsetTracker
@@ -489,10 +490,10 @@ class Worker:
         result = Result(
             id=job.request.id, model=dep, output_ids=done.output_ids, text=done.text,
             finish_reason="stop" if done.score is not None else done.finish_reason,  # type: ignore[arg-type]
-            usage=Usage(done.prompt_tokens, len(done.output_ids)),
+            usage=Usage(done.prompt_tokens, completion_tokens(done)),
             timings=Timings(queued_ms=max(0.0, job.added - job.created) * 1000,
                             inference_ms=max(0.0, now - job.added) * 1000),
-            score=done.score)
+            score=done.score, **result_fields(done, self.engine.tokenizer))
         return Answer(job.tp, job.offset, result=result, dest=job.dest, created=job.created)
 
     def _failed(self, eid: str, code: ErrorCode, message: str) -> Answer:
