@@ -338,6 +338,11 @@ async def test_prompt_lists_and_token_ids(stack) -> None:
             assert got.model == stack.deployment
         single = await api.completions.create(model=stack.alias, prompt=ids[0], max_tokens=5)
         assert single.choices[0].text == wants[0].text and len(single.choices) == 1
+        # n samples per prompt: choice prompt_i * n + j (greedy, so every sample is the same).
+        sampled = await api.completions.create(model=stack.alias, prompt=texts[:2], n=2,
+                                               max_tokens=5)
+        assert [c.index for c in sampled.choices] == [0, 1, 2, 3]
+        assert [c.text for c in sampled.choices] == [wants[0].text] * 2 + [wants[1].text] * 2
         with pytest.raises(openai.BadRequestError) as info:  # one prompt's fault is named
             await api.completions.create(model=stack.alias, prompt=[ids[0], [1, 10**6]],
                                          max_tokens=5)
