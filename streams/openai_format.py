@@ -204,6 +204,8 @@ def parse_call(body: Any, *, chat: bool, model: str, prefer_async: bool,
     echo = openai_sampling.echo_prompt(body, chat)
     if not chat and body.get("echo") is True and echo is None:
         raise SchemaError("echo", "needs one text prompt (not token ids or a list) for now")
+    if echo is not None and respond_async:
+        raise SchemaError("echo", "is not available with async calls yet")
     requests = []
     for i, src in enumerate(sources):
         fields = {"id": base if len(sources) == 1 else f"{base}-{i}", **common, **src}
