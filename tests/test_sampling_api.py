@@ -112,6 +112,10 @@ async def test_logprobs_and_echo(start_worker, start_gateway, engine, unique) ->
                                                      max_tokens=5, echo=True)
         assert plain_echo.choices[0].text == "The ship" + want.text
         assert plain_echo.choices[0].logprobs is None
+        for refused in ({"prompt": [5, 6]}, {"prompt": "The ship", "extra_body": {"async": True}}):
+            with pytest.raises(openai.BadRequestError) as info:  # never silently dropped
+                await client.completions.create(model=dep, max_tokens=5, echo=True, **refused)
+            assert info.value.body["param"] == "echo"
 
         messages = [{"role": "user", "content": "Hi"}]
         chat = await client.chat.completions.create(model=dep, messages=messages,
