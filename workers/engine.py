@@ -23,7 +23,7 @@ from torch import Tensor
 
 from workers.kv_cache import BlockManager, KVPools
 from workers.loader import load_model
-from workers.model import AttnGroup, ModelConfig, PagedStep, Transformer
+from workers.model import AttnGroup, ModelConfig, PagedStep, Transformer, small_op_threads
 from workers.sampler import RowSampling, Sampler
 from workers.scheduler import ScheduledRow, Scheduler, Sequence, StepPlan
 from workers.tokenizer import Tokenizer, load_tokenizer
@@ -119,6 +119,7 @@ class EngineConfig:
     kv_cache_bytes: int = 2 << 30        # K and V of every layer, this rank's heads
     enable_prefix_caching: bool = True
     prepack_weights: bool = True         # CPU: linears in oneDNN's layout (`Transformer.prepack`)
+    small_op_threads: int | None = 1     # CPU: threads for everything but matmuls (None: all)
 
 
 @dataclass
@@ -162,6 +163,7 @@ class Engine:
         self._kv_heads = attn[0].n_kv_heads  # local (TP) kv heads, the same in every layer
         self._group_size = attn[0].n_heads // attn[0].n_kv_heads  # q heads per kv head
         self._dtype = dtype
+        self._small_op_threads = ec.small_op_threads if self.device.type == "cpu" else None
         self._requests: dict[str, _Request] = {}
         self._done: list[Completion] = []     # finished outside a step, returned by the next
         self._serial = itertools.count()
@@ -250,7 +252,7 @@ class Engine:
         self._done = []
         plan = self.scheduler.schedule()
         if plan.rows:
-            with torch.inference_mode():
+            with torch.inference_mode(), small_op_threads(self._small_op_threads):
                 if fresh := self.blocks.take_fresh():
                     self.pools.zero(fresh)
                 logits = self._forward(plan)
@@ -470,8 +472,10 @@ def _group(rows: list[ScheduledRow], offsets: list[int], block_size: int, kv_hea
         bias = torch.where(attend, zero, float("-inf")).to(dtype).expand(
             len(rows), kv_heads * group_size, B * block_size).reshape(
             len(rows) * kv_heads, group_size, B * block_size).to(device)
-    else:  # one mask row per folded (query, q head of the group) pair
-        mask = attend.repeat_interleave(group_size, dim=1)[:, None].to(device)
+    else:  # one mask row per folded (query, q head of the group) pair, additive as SDPA
+        # would turn a bool mask into in every layer
+        mask = torch.where(attend, 0.0, float("-inf")).to(dtype)
+        mask = mask.repeat_interleave(group_size, dim=1)[:, None].to(device)
     keep = (j < n[:, None]).view(-1)
     out_idx = q_idx.view(-1)[keep]
     all_kept = bool(keep.all())
