@@ -119,7 +119,7 @@ class EngineConfig:
     kv_cache_bytes: int = 2 << 30        # K and V of every layer, this rank's heads
     enable_prefix_caching: bool = True
     prepack_weights: bool = True         # CPU: linears in oneDNN's layout (`Transformer.prepack`)
-    small_op_threads: int | None = 1     # CPU: threads for everything but matmuls (None: all)
+    small_op_threads: int | None = 1     # CPU: threads for all but matmuls/gathers (None: all)
 
 
 @dataclass

@@ -199,8 +199,9 @@ def pack_linear(modules: Sequence[nn.Linear]) -> Packed | None:
 
 
 class _Threads:
-    """While `Transformer.forward_paged` runs its small ops (norms, RoPE, SiLU, gathers,
-    casts) on fewer threads, `full` is torch's own count, which the matmuls get back.
+    """While `Transformer.forward_paged` runs its small ops (norms, RoPE, SiLU, softmax,
+    casts, KV writes) on fewer threads, `full` is torch's own count, which the matmuls and
+    the KV gathers get back.
 
     Why: an elementwise op over a decode step's few rows is microseconds of work, and a
     2-thread OpenMP team stalls for a scheduler tick whenever another process holds a core
@@ -328,17 +329,19 @@ def _attend(q: Tensor, k_pool: Tensor, v_pool: Tensor, g: AttnGroup) -> Tensor:
         g.gathered = (k_pool.new_empty(len(g.kv_idx), block_size * D),
                       v_pool.new_empty(len(g.kv_idx), block_size * D))
     k_buf, v_buf = g.gathered
-    torch.index_select(k_pool.view(n_blocks * n_kv, -1), 0, g.kv_idx, out=k_buf)
-    torch.index_select(v_pool.view(n_blocks * n_kv, -1), 0, g.kv_idx, out=v_buf)
+    # Megabytes per layer: worth both threads on a quiet machine, like the matmuls.
+    _on_all_threads(torch.index_select, k_pool.view(n_blocks * n_kv, -1), 0, g.kv_idx,
+                    out=k_buf)
+    _on_all_threads(torch.index_select, v_pool.view(n_blocks * n_kv, -1), 0, g.kv_idx,
+                    out=v_buf)
     k, v = k_buf.view(R * n_kv, -1, D), v_buf.view(R * n_kv, -1, D)
     if not (g.identity and q.shape[0] == R * Q):  # identity: q is already in row order
         q = q.index_select(0, g.q_idx.view(-1))
     if g.bias is not None:  # one query per row: (R * kv, group, D) @ (R * kv, D, L)
-        # Small batched matmuls (a few MFLOP a layer): on the small-op threads too.
-        s = torch.baddbmm(g.bias, q.reshape(R * n_kv, -1, D), k.transpose(1, 2),
-                          alpha=D ** -0.5)
+        s = _on_all_threads(torch.baddbmm, g.bias, q.reshape(R * n_kv, -1, D),
+                            k.transpose(1, 2), alpha=D ** -0.5)
         p = torch.softmax(s, -1, dtype=torch.float32).to(q.dtype)
-        return torch.bmm(p, v).view(R, 1, -1)  # (R * kv, group, D) is (R, heads * D)
+        return _on_all_threads(torch.bmm, p, v).view(R, 1, -1)  # (R * kv, group, D)
     q = q.view(R, Q, n_kv, -1, D)
     group = q.shape[3]
     q = q.permute(0, 2, 1, 3, 4).reshape(R, n_kv, Q * group, D)
