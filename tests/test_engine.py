@@ -273,6 +273,28 @@ def test_bf16_engine_runs_with_bf16_pools(tiny_model: Path) -> None:
     assert engine.score(engine.encode(PROMPTS[0]), engine.encode(" ship")[1:]) < 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_op_threads_change_speed_only(tiny_model: Path, dtype: torch.dtype) -> None:
+    """Norms, RoPE and gathers on one thread, matmuls on all: the same tokens and scores as
+    everything on all threads, and torch's thread count is back after every step."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for threads in (None, 1):
+            engine = Engine.from_dir(tiny_model, dtype=dtype, engine_config=EngineConfig(
+                block_size=4, max_num_seqs=4, max_num_batched_tokens=16,
+                small_op_threads=threads))
+            outs = engine.generate([GenerationInput(engine.encode(p), SamplingParams(
+                max_new_tokens=8)) for p in PROMPTS])
+            assert torch.get_num_threads() == 2
+            results.append(([o.output_ids for o in outs],
+                            engine.score(engine.encode(PROMPTS[1]), engine.encode(" key")[1:])))
+        assert results[0] == results[1]
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---- tensor-parallel lockstep -----------------------------------------------------------
 
 

@@ -16,7 +16,8 @@ through its block table (see `workers/kv_cache.py`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,10 +140,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 and scale after casting back, exactly as HF does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # Normalise in float32 and scale after casting back, exactly as HF does; torch's
+        # fused kernel gives the same bits in float32 (one op instead of five).
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rope_cos_sin(position_ids: Tensor, head_dim: int, theta: float,
@@ -196,13 +198,57 @@ def pack_linear(modules: Sequence[nn.Linear]) -> Packed | None:
         return None
 
 
+class _Threads:
+    """While `Transformer.forward_paged` runs its small ops (norms, RoPE, SiLU, softmax,
+    casts, KV writes) on fewer threads, `full` is torch's own count, which the matmuls and
+    the KV gathers get back.
+
+    Why: an elementwise op over a decode step's few rows is microseconds of work, and a
+    2-thread OpenMP team stalls for a scheduler tick whenever another process holds a core
+    (measured on a shared 2-core box: RMSNorm of 64 x 768 took 3 ms on 2 threads, 60 us on
+    one); matmuls have the work to pay for the team.
+    """
+
+    full = 0     # 0: not inside `small_op_threads`
+    small = 0
+
+
+@contextmanager
+def small_op_threads(n: int | None) -> Iterator[None]:
+    """Run all but the matmuls of `Transformer.forward_paged` (and whatever else the block
+    runs: step metadata) on `n` threads; None, or n >= torch's count: no change."""
+    full = torch.get_num_threads()
+    if not n or n >= full or _Threads.full:
+        yield
+        return
+    _Threads.full, _Threads.small = full, n
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        _Threads.full = 0
+        torch.set_num_threads(full)
+
+
+def _on_all_threads(fn, *args, **kwargs):
+    """fn(*args) with torch's full thread count (a matmul inside a small-op forward)."""
+    if not _Threads.full:
+        return fn(*args, **kwargs)
+    torch.set_num_threads(_Threads.full)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(_Threads.small)
+
+
 def packed_linear(x: Tensor, packed: Packed) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed[0], packed[1], "none", [], "")
+    return _on_all_threads(torch.ops.mkldnn._linear_pointwise, x, packed[0], packed[1],
+                           "none", [], "")
 
 
 def _linear(x: Tensor, module: nn.Linear, packed: Packed | None) -> Tensor:
     if packed is None:
-        return module(x)
+        return _on_all_threads(module, x)
     y = packed_linear(x, packed)
     after = getattr(module, "after_matmul", None)
     return y if after is None else after(y)
@@ -253,9 +299,9 @@ class Attention(nn.Module):
             qk = apply_rope(qkv[:, :H + KV], cos, sin)
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV:]
         else:
-            q = apply_rope(self.q_proj(x).view(N, H, D), cos, sin)
-            k = apply_rope(self.k_proj(x).view(N, KV, D), cos, sin)
-            v = self.v_proj(x).view(N, KV, D)
+            q = apply_rope(_on_all_threads(self.q_proj, x).view(N, H, D), cos, sin)
+            k = apply_rope(_on_all_threads(self.k_proj, x).view(N, KV, D), cos, sin)
+            v = _on_all_threads(self.v_proj, x).view(N, KV, D)
         k_pool, v_pool = pool
         k_pool.view(-1, D).index_copy_(0, step.write_idx, k.reshape(N * KV, D))
         v_pool.view(-1, D).index_copy_(0, step.write_idx, v.reshape(N * KV, D))
@@ -283,21 +329,24 @@ def _attend(q: Tensor, k_pool: Tensor, v_pool: Tensor, g: AttnGroup) -> Tensor:
         g.gathered = (k_pool.new_empty(len(g.kv_idx), block_size * D),
                       v_pool.new_empty(len(g.kv_idx), block_size * D))
     k_buf, v_buf = g.gathered
-    torch.index_select(k_pool.view(n_blocks * n_kv, -1), 0, g.kv_idx, out=k_buf)
-    torch.index_select(v_pool.view(n_blocks * n_kv, -1), 0, g.kv_idx, out=v_buf)
+    # Megabytes per layer: worth both threads on a quiet machine, like the matmuls.
+    _on_all_threads(torch.index_select, k_pool.view(n_blocks * n_kv, -1), 0, g.kv_idx,
+                    out=k_buf)
+    _on_all_threads(torch.index_select, v_pool.view(n_blocks * n_kv, -1), 0, g.kv_idx,
+                    out=v_buf)
     k, v = k_buf.view(R * n_kv, -1, D), v_buf.view(R * n_kv, -1, D)
     if not (g.identity and q.shape[0] == R * Q):  # identity: q is already in row order
         q = q.index_select(0, g.q_idx.view(-1))
     if g.bias is not None:  # one query per row: (R * kv, group, D) @ (R * kv, D, L)
-        s = torch.baddbmm(g.bias, q.reshape(R * n_kv, -1, D), k.transpose(1, 2),
-                          alpha=D ** -0.5)
+        s = _on_all_threads(torch.baddbmm, g.bias, q.reshape(R * n_kv, -1, D),
+                            k.transpose(1, 2), alpha=D ** -0.5)
         p = torch.softmax(s, -1, dtype=torch.float32).to(q.dtype)
-        return torch.bmm(p, v).view(R, 1, -1)  # (R * kv, group, D) is (R, heads * D)
+        return _on_all_threads(torch.bmm, p, v).view(R, 1, -1)  # (R * kv, group, D)
     q = q.view(R, Q, n_kv, -1, D)
     group = q.shape[3]
     q = q.permute(0, 2, 1, 3, 4).reshape(R, n_kv, Q * group, D)
-    y = F.scaled_dot_product_attention(q, k.view(R, n_kv, -1, D), v.view(R, n_kv, -1, D),
-                                       attn_mask=g.mask)
+    y = _on_all_threads(F.scaled_dot_product_attention, q, k.view(R, n_kv, -1, D),
+                        v.view(R, n_kv, -1, D), attn_mask=g.mask)
     return y.view(R, n_kv, Q, group, D).permute(0, 2, 1, 3, 4).reshape(R, Q, -1)
 
 
@@ -429,6 +478,7 @@ class Transformer(nn.Module):
 
         pools: one (K, V) block pool pair per layer, written at `step.slots`; logits_idx
         (K,): the packed tokens that need next-token logits (the lm_head runs on those only).
+        Under `small_op_threads(n)`, only the matmuls use all of torch's threads.
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
