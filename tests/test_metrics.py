@@ -85,7 +85,7 @@ async def test_waiting_includes_the_unread_kafka_backlog(start_worker, client, u
     dep = unique("backlog")
     worker = await start_worker(dep, max_queued=1, max_num_seqs=1)
     futures = [await client.submit(Request(id=f"b{i}", model=dep, prompt=f"queued {i}",
-                                           max_new_tokens=48)) for i in range(12)]
+                                           max_new_tokens=96)) for i in range(40)]
     value = worker.registry.get_sample_value
 
     def waiting() -> float:
