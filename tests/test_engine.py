@@ -119,6 +119,46 @@ def test_preempted_requests_resume_with_their_alone_tokens(base: Engine) -> None
     assert engine.stats().kv_cache_usage == 0.0
 
 
+def _churn(engine: Engine) -> tuple[dict[str, list[int]], list[int]]:
+    """Rows of many lengths joining while others leave, n > 1 forks, a prefix shared by two,
+    a preempting cache: every path into and out of the decode slab. Also returns the slab's
+    row counts seen per step."""
+    rows_seen = []
+    ids = [[(11 * i + 5 * j) % 500 + 2 for j in range(3 + 7 * i)] for i in range(7)]
+    ids.append(ids[6][:20] + [9, 9, 9])  # shares blocks with ids[6]
+    for i, prompt in enumerate(ids[:4]):
+        engine.add(EngineRequest(f"r{i}", prompt, SamplingParams(max_new_tokens=6 + 9 * i)))
+    engine.add(EngineRequest("fork", ids[4], SamplingParams(max_new_tokens=12, n=3,
+                                                            temperature=1.0, seed=5)))
+    done: dict[str, list[int]] = {}
+    steps = 0
+    while engine.has_work():
+        steps += 1
+        if steps == 4:
+            for i in (5, 6, 7):
+                engine.add(EngineRequest(f"r{i}", ids[i], SamplingParams(max_new_tokens=25)))
+        for c in engine.step().finished:
+            done[c.id] = c.output_ids + [t for ch in (c.choices or [])[1:]
+                                         for t in ch.output_ids]
+        if engine.slab is not None:
+            rows_seen.append(len(engine.slab.ids))
+    return done, rows_seen
+
+
+def test_decode_slab_gives_the_tokens_of_the_gather_path(base: Engine) -> None:
+    kw = dict(num_blocks=40, block_size=4, max_num_batched_tokens=24, max_num_seqs=6)
+    gathered, _ = _churn(variant(base, decode_slab_bytes=0, **kw))
+    slab_engine = variant(base, **kw)
+    on_slab, rows_seen = _churn(slab_engine)
+    assert on_slab == gathered
+    assert max(rows_seen) >= 4 and slab_engine.stats().preemptions > 0
+    # A slab too small for the rows: it empties, the step gathers, the tokens stay.
+    tiny = variant(base, decode_slab_bytes=slab_engine.slab.bytes_for(8, 32), **kw)
+    on_tiny, tiny_rows = _churn(tiny)
+    assert on_tiny == gathered
+    assert 0 in tiny_rows[len(tiny_rows) // 2:] and max(tiny_rows) > 0
+
+
 def test_prefix_cache_hit_gives_the_same_tokens_and_counts_cached_tokens(base: Engine) -> None:
     engine = variant(base, block_size=4)
     shared = PROMPTS[3]

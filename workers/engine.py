@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from workers.decode_slab import DecodeSlab
 from workers.kv_cache import BlockManager, KVPools
 from workers.loader import load_model
 from workers.model import AttnGroup, ModelConfig, PagedStep, Transformer, small_op_threads
@@ -162,6 +163,9 @@ class EngineConfig:
     # pays on a host shared with other busy processes, where a 2-thread OpenMP team stalls on
     # every small op (decode steps 3x faster at load ~10); on a dedicated host it costs 6-8%.
     small_op_threads: int | None = None
+    # Decode rows' keys/values kept contiguous beside the pools (`workers/decode_slab.py`):
+    # spares a gather of every row's context per layer per step; 0 = gather always.
+    decode_slab_bytes: int = 1 << 30
 
 
 @dataclass
@@ -225,6 +229,9 @@ class Engine:
         self._group_size = attn[0].n_heads // attn[0].n_kv_heads  # q heads per kv head
         self._dtype = dtype
         self._small_op_threads = ec.small_op_threads if self.device.type == "cpu" else None
+        self.slab = DecodeSlab(len(attn), self._kv_heads, config.head_dim, ec.block_size,
+                               dtype, self.device, ec.decode_slab_bytes) \
+            if ec.decode_slab_bytes > 0 else None
         self._requests: dict[str, _Request] = {}
         self._done: list[Completion] = []     # finished outside a step, returned by the next
         self._serial = itertools.count()
@@ -335,7 +342,12 @@ class Engine:
             with torch.inference_mode(), small_op_threads(self._small_op_threads):
                 if fresh := self.blocks.take_fresh():
                     self.pools.zero(fresh)
-                logits = self._forward(plan)
+                try:
+                    logits = self._forward(plan)
+                except BaseException:
+                    if self.slab is not None:
+                        self.slab.clear()  # it may hold half a step's writes
+                    raise
             self.scheduler.update(plan)
             self._consume(plan, logits, out)
         return out
@@ -411,16 +423,31 @@ class Engine:
         decode = [i for i, r in enumerate(rows) if len(r.token_ids) == 1]
         chunks = [i for i, r in enumerate(rows) if len(r.token_ids) > 1]
         bs, kv = self.blocks.block_size, self._kv_heads
+        order = None
+        if decode and self.slab is not None:
+            order = self.slab.plan([rows[i] for i in decode], self.pools.layers)
+        if order is None:
+            if self.slab is not None:
+                self.slab.clear()  # rows decoding without it fall out of step with it
+            decode_groups = _split_by_context(decode, rows)
+        else:
+            decode_groups = []
         groups = [_group([rows[i] for i in g], [offsets[i] for i in g], bs, kv,
                          self._group_size, self._dtype, dev)
-                  for g in (*_split_by_context(decode, rows), chunks) if g]
+                  for g in (*decode_groups, chunks) if g]
+        if order is not None:
+            in_slab = [decode[i] for i in order]
+            groups.insert(0, _slab_group([rows[i] for i in in_slab],
+                                         [offsets[i] for i in in_slab], len(ids), self.slab.cap,
+                                         kv, self._group_size, self._dtype, dev))
         slot = torch.tensor(slots)
         write_idx = ((slot // bs * kv)[:, None] + torch.arange(kv)) * bs + (slot % bs)[:, None]
         step = PagedStep(write_idx.view(-1).to(dev), groups)
         return self.model.forward_paged(torch.tensor(ids, device=dev),
                                         torch.tensor(positions, device=dev),
                                         self.pools.layers, step,
-                                        torch.tensor(logits_idx, dtype=torch.long, device=dev))
+                                        torch.tensor(logits_idx, dtype=torch.long, device=dev),
+                                        self.slab.layers if order is not None else None)
 
     def _consume(self, plan: StepPlan, logits: Tensor, out: StepOutput) -> None:
         """Sample the rows that reached their end, accumulate scores, finish rows."""
@@ -678,6 +705,24 @@ def _split_by_context(decode: list[int], rows: list[ScheduledRow]) -> list[list[
     cost, s = min((s * blocks[s - 1] + (len(blocks) - s) * blocks[-1], s)
                   for s in range(1, len(blocks)))
     return [by_len[:s], by_len[s:]] if cost <= 0.75 * whole else [by_len]
+
+
+def _slab_group(rows: list[ScheduledRow], offsets: list[int], num_tokens: int, cap: int,
+                kv_heads: int, group_size: int, dtype: torch.dtype,
+                device: torch.device) -> AttnGroup:
+    """Index tensors for decode rows on the slab, `rows` in slab order (slot i = rows[i])."""
+    R = len(rows)
+    start = torch.tensor([r.start for r in rows])
+    q_idx = torch.tensor(offsets)[:, None]
+    attend = torch.arange(cap)[None] <= start[:, None]                       # (R, cap)
+    bias = torch.where(attend, 0.0, float("-inf")).to(dtype)[:, None, None].expand(
+        R, kv_heads, group_size, cap).reshape(R * kv_heads, group_size, cap).to(device)
+    slab_idx = ((torch.arange(R)[:, None] * kv_heads + torch.arange(kv_heads)) * cap
+                + start[:, None]).view(-1)
+    out_idx = q_idx.view(-1)
+    identity = R == num_tokens and bool((out_idx == torch.arange(R)).all())
+    return AttnGroup(q_idx.to(device), out_idx.new_empty(0).to(device), None, bias,
+                     out_idx.to(device), None, identity=identity, slab_idx=slab_idx.to(device))
 
 
 def _group(rows: list[ScheduledRow], offsets: list[int], block_size: int, kv_heads: int,

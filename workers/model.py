@@ -120,6 +120,10 @@ class AttnGroup:
     keep: Tensor | None    # [R * Q] which flattened queries are real; None = all
     gathered: tuple[Tensor, Tensor] | None = None  # K/V gather buffers, reused by each layer
     identity: bool = False  # q_idx and out_idx are 0..N-1, keep is None: no select, no scatter
+    # Decode rows that attend over the decode slab (`workers/decode_slab.py`) instead of a
+    # gather: [R * kv_heads] row of the slab viewed as (-1, D) that each row's new key/value
+    # of each kv head goes to (kv_idx is then empty; bias spans the slab's cap).
+    slab_idx: Tensor | None = None
 
 
 @dataclass
@@ -291,8 +295,9 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor, pool: tuple[Tensor, Tensor],
-                      step: PagedStep) -> Tensor:
-        """x: (N, hidden) packed tokens; pool: K and V (blocks, kv_heads, block_size, D)."""
+                      step: PagedStep, slab: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x: (N, hidden) packed tokens; pool: K and V (blocks, kv_heads, block_size, D);
+        slab: this layer's decode slab (rows, kv_heads, cap, D), for groups with `slab_idx`."""
         N, D, H, KV = x.shape[0], self.head_dim, self.n_heads, self.n_kv_heads
         if self.packed_qkv is not None:  # one matmul, one RoPE over the q and k heads
             qkv = packed_linear(x, self.packed_qkv).view(N, H + 2 * KV, D)
@@ -306,13 +311,41 @@ class Attention(nn.Module):
         k_pool.view(-1, D).index_copy_(0, step.write_idx, k.reshape(N * KV, D))
         v_pool.view(-1, D).index_copy_(0, step.write_idx, v.reshape(N * KV, D))
         if len(step.groups) == 1 and step.groups[0].identity:  # a step of decodes only
-            y = _attend(q, k_pool, v_pool, step.groups[0]).view(N, -1)
+            y = _attend_any(q, k, v, pool, slab, step.groups[0]).view(N, -1)
             return _linear(y, self.o_proj, self.packed_o)
         y = q.new_empty(N, H * D)
         for g in step.groups:  # one or two groups (decodes, prefill chunks), not rows
-            y_g = _attend(q, k_pool, v_pool, g).flatten(0, 1)
+            y_g = _attend_any(q, k, v, pool, slab, g).flatten(0, 1)
             y.index_copy_(0, g.out_idx, y_g if g.keep is None else y_g[g.keep])
         return _linear(y, self.o_proj, self.packed_o)
+
+
+def _attend_any(q: Tensor, k: Tensor, v: Tensor, pool: tuple[Tensor, Tensor],
+                slab: tuple[Tensor, Tensor] | None, g: AttnGroup) -> Tensor:
+    if g.slab_idx is None:
+        return _attend(q, pool[0], pool[1], g)
+    if slab is None:
+        raise ValueError("a decode group on the slab needs the layer's slab")
+    return _attend_slab(q, k, v, slab, g)
+
+
+def _attend_slab(q: Tensor, k: Tensor, v: Tensor, slab: tuple[Tensor, Tensor],
+                 g: AttnGroup) -> Tensor:
+    """(R, 1, heads * D): decode rows (one query each) over their slab rows, after writing
+    this step's key/value there; rows are the slab's first R, in slab order."""
+    k_slab, v_slab = slab
+    R = g.q_idx.shape[0]
+    _, n_kv, cap, D = k_slab.shape
+    if not g.identity:
+        idx = g.q_idx.view(-1)
+        q, k, v = q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx)
+    k_slab.view(-1, D).index_copy_(0, g.slab_idx, k.reshape(R * n_kv, D))
+    v_slab.view(-1, D).index_copy_(0, g.slab_idx, v.reshape(R * n_kv, D))
+    keys, values = k_slab[:R].view(R * n_kv, cap, D), v_slab[:R].view(R * n_kv, cap, D)
+    s = _on_all_threads(torch.baddbmm, g.bias, q.reshape(R * n_kv, -1, D),
+                        keys.transpose(1, 2), alpha=D ** -0.5)
+    p = torch.softmax(s, -1, dtype=torch.float32).to(q.dtype)
+    return _on_all_threads(torch.bmm, p, values).view(R, 1, -1)
 
 
 def _attend(q: Tensor, k_pool: Tensor, v_pool: Tensor, g: AttnGroup) -> Tensor:
@@ -393,8 +426,9 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def forward_paged(self, x: Tensor, cos: Tensor, sin: Tensor, pool: tuple[Tensor, Tensor],
-                      step: PagedStep) -> Tensor:
-        x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, pool, step)
+                      step: PagedStep, slab: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, pool, step,
+                                             slab)
         return x + self.mlp.forward_packed(self.post_attention_layernorm(x))
 
 
@@ -473,18 +507,20 @@ class Transformer(nn.Module):
 
     def forward_paged(self, input_ids: Tensor, positions: Tensor,
                       pools: Sequence[tuple[Tensor, Tensor]], step: PagedStep,
-                      logits_idx: Tensor) -> Tensor:
+                      logits_idx: Tensor,
+                      slabs: Sequence[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Logits (K, vocab) for packed tokens input_ids (N,) at RoPE positions (N,).
 
         pools: one (K, V) block pool pair per layer, written at `step.slots`; logits_idx
         (K,): the packed tokens that need next-token logits (the lm_head runs on those only).
+        slabs: the decode slab's (K, V) per layer, for a step whose decode group reads it.
         Under `small_op_threads(n)`, only the matmuls use all of torch's threads.
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta,
                                 x.dtype)
-        for layer, pool in zip(self.model.layers, pools):
-            x = layer.forward_paged(x, cos, sin, pool, step)
+        for i, (layer, pool) in enumerate(zip(self.model.layers, pools)):
+            x = layer.forward_paged(x, cos, sin, pool, step, slabs[i] if slabs else None)
         if not len(logits_idx):  # a step of prefill chunks only (the same on every rank)
             return x.new_empty(0, self.config.vocab_size)
         return _linear(self.model.norm(x.index_select(0, logits_idx)), self.lm_head,
