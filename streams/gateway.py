@@ -30,9 +30,10 @@ one answer.
 `stream: true` sends server-sent events in OpenAI's chunk format as the worker generates
 (`streams.sse`): the request carries `stream_to` (this gateway's delta topic) and every
 delta becomes a text chunk (with its tokens' logprobs when asked; with n > 1 each choice's
-deltas become chunks of its `index`; with echo the prompt comes first). A caller who disconnects, and an attempt the gateway gives up
-on, are cancelled (a `Cancel` on `ferry.cancels`): the worker drops the row at its next
-step instead of computing an answer nobody reads.
+deltas become chunks of its `index`; with echo the prompt comes first). A caller who
+disconnects, and an attempt the gateway gives up on, are cancelled (a `Cancel` on
+`ferry.cancels`): the worker drops the row at its next step instead of computing an answer
+nobody reads.
 
 Async: `"async": true` in the body (or `Prefer: respond-async`) answers 202 `{id}` at once;
 `GET /v1/requests/{id}?wait=S` long-polls (200 with the object, 202 if still pending, 404 if
