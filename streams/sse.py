@@ -155,13 +155,15 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
 
     async def send(i: int, piece: Delta) -> None:
         c = lives[i]
+        with_logprobs = c.logprobs and piece.logprobs is not None
+        if not piece.text and not with_logprobs:
+            return  # the prompt's logprobs alone (they go with the echo), or nothing new
+        await start(i)  # first: the echo's offsets come before the completion's
         lp = None
-        if c.logprobs and piece.logprobs is not None:
+        if with_logprobs:
             lp, offsets[i, piece.choice] = chunk_logprobs(
-                chat, list(piece.logprobs), offsets.get((i, piece.choice), 0))
-        if piece.text or lp is not None:
-            await start(i)
-            await writer.text(text_chunk(base, chat, piece.text, i * c.n + piece.choice, lp))
+                chat, list(piece.logprobs or ()), offsets.get((i, piece.choice), 0))
+        await writer.text(text_chunk(base, chat, piece.text, i * c.n + piece.choice, lp))
 
     try:
         if chat:

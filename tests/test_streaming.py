@@ -116,8 +116,8 @@ def test_merged_stream_resumes_agreeing_runs_and_refuses_others() -> None:
     assert merged.add(d("b", 0, [1], "x")) is None       # a re-run catching up: nothing new
     assert merged.add(d("b", 1, [2, 3], "yz")).text == "z"  # ...then only what is new
     assert merged.add(d("a", 5, [9], "q")) is None        # a gap: that run is ignored
-    final = merged.finish(Result(id="r", model="m", output_ids=[1, 2, 3, 4], text="xyzw"))
-    assert final is not None and (final.token_ids, final.text) == ([4], "w")
+    [final] = merged.finish(Result(id="r", model="m", output_ids=[1, 2, 3, 4], text="xyzw"))
+    assert (final.token_ids, final.text) == ([4], "w")
     other = MergedStream("r")
     other.add(d("a", 0, [1, 2], "xy"))
     with pytest.raises(Diverged):
