@@ -597,6 +597,14 @@ async def test_streamed_n_choices_interleave_under_their_index(stack) -> None:
         assert {c.choices[0].index: c.choices[0].finish_reason for c in chunks
                 if c.choices[0].finish_reason} == {c.index: c.finish_reason for c in chat.choices}
 
+        # A list of prompts with n: choice prompt_i * n + j, streamed as it is answered.
+        args = {"model": stack.alias, "prompt": ["The ship", "Hello"], "max_tokens": 6,
+                "temperature": 1.0, "seed": 3, "n": 2}
+        plain_many = await api.completions.create(**args)
+        many = [c async for c in await api.completions.create(**args, stream=True)]
+        assert _completion_pieces(many)[0] == {c.index: c.text for c in plain_many.choices}
+        assert sorted(c.index for c in plain_many.choices) == [0, 1, 2, 3]
+
         # best_of = n streams the n samples; more than n cannot stream (as OpenAI).
         same = [c async for c in await api.completions.create(
             model=stack.alias, prompt="The ship", max_tokens=10, temperature=1.0, seed=11,
@@ -633,3 +641,22 @@ async def test_streamed_echo_sends_the_prompt_first(stack) -> None:
                 _same_logprobs(lps[0], plain.choices[0].logprobs.model_dump())
             else:
                 assert not lps and all(c.logprobs is None for c in plain.choices)
+
+
+async def test_async_calls_with_samples(stack) -> None:
+    """An async call streams for its events endpoint: n samples do, best_of (picked at the
+    end) is answered whole."""
+    body = {"model": stack.alias, "prompt": "The ship", "max_tokens": 6, "temperature": 1.0,
+            "seed": 8, "async": True}
+    async with stack.client() as api:
+        want = await api.completions.create(model=stack.alias, prompt="The ship",
+                                            max_tokens=6, temperature=1.0, seed=8, n=2)
+    for extra in ({"n": 2}, {"n": 2, "best_of": 3}):
+        status, _, accepted = await raw_post(stack, "/v1/completions", {**body, **extra})
+        assert status == 202, accepted
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{stack.url}/v1/requests/{accepted['id']}?wait=30", headers=stack.auth) as resp:
+            got = strict_completion(await resp.json())
+        assert [c.index for c in got.choices] == [0, 1], extra
+        if "best_of" not in extra:
+            assert [c.text for c in got.choices] == [c.text for c in want.choices]
