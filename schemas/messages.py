@@ -138,11 +138,13 @@ class Request:
         "The same for the prompt's tokens (the first has none); computes the whole prompt "
         "(no prefix-cache hits).", minimum=0, maximum=MAX_LOGPROBS))
     n: int = field(default=1, metadata=spec(
-        "Samples to return (Result.choices); they share one prefill of the prompt. Needs "
-        "stream_to unset.", minimum=1, maximum=MAX_SAMPLES))
+        "Samples to return (Result.choices); they share one prefill of the prompt. Streamed, "
+        "each sample's deltas carry its index (Delta.choice).", minimum=1,
+        maximum=MAX_SAMPLES))
     best_of: int | None = field(default=None, metadata=spec(
         "Samples to draw (>= n); the n with the highest cumulative log-probability (raw "
-        "model) are returned, most likely first.", minimum=1, maximum=MAX_SAMPLES))
+        "model) are returned, most likely first. Needs stream_to unset (which samples are "
+        "returned is known only at the end).", minimum=1, maximum=MAX_SAMPLES))
     seed: int | None = field(default=None, metadata=spec(
         "Sampling seed: the same seed gives the same tokens whatever the batch (with n > 1, "
         "sample 0 uses it and sample j a seed derived from (seed, j)).",
@@ -191,8 +193,9 @@ class Request:
             raise SchemaError("score_ids", "must not be empty")
         if self.best_of is not None and self.best_of < self.n:
             raise SchemaError("best_of", f"must be >= n ({self.n}), got {self.best_of}")
-        if (self.best_of or self.n) > 1 and self.stream_to is not None:
-            raise SchemaError("n", "a streamed request (stream_to) has one sample")
+        if (self.best_of or 1) > 1 and self.stream_to is not None:
+            raise SchemaError("best_of", "a streamed request (stream_to) returns every sample "
+                                         "it draws, in the order drawn: leave best_of unset")
         if self.max_new_tokens != REST_OF_CONTEXT and self.min_tokens > self.max_new_tokens:
             raise SchemaError("min_tokens", f"must be <= max_new_tokens "
                                             f"({self.max_new_tokens}), got {self.min_tokens}")
@@ -281,7 +284,8 @@ class Delta:
 
     Deltas of one source (one worker's run of the request) arrive in `seq` order; text is
     never cut inside a UTF-8 character, and text that a stop string could still remove is
-    held back, so a source's deltas concatenate to a prefix of the result's text. A request
+    held back, so a source's deltas concatenate to a prefix of the result's text (and, for a
+    request with n > 1, one choice's deltas to a prefix of Result.choices[choice]). A request
     served twice (a worker died, a retry) streams again from seq 0 under another source."""
 
     id: str = field(metadata=spec("Id of the request.", minLength=1))
@@ -291,12 +295,30 @@ class Delta:
         minLength=1))
     seq: int = field(metadata=spec("0, 1, 2, ... per source.", minimum=0))
     index: int = field(metadata=spec(
-        "Completion tokens before this delta's first token.", minimum=0))
+        "Completion tokens (of this choice) before this delta's first token.", minimum=0))
     token_ids: list[int] = field(default_factory=list, metadata=spec(
         "New completion token ids [delta_tokens]."))
     text: str = field(default="", metadata=spec("Their text (empty without a tokenizer)."))
+    choice: int = field(default=0, metadata=spec(
+        "Which sample of a request with n > 1 (its index in Result.choices); 0 otherwise. "
+        "Each sample streams on its own: seq and index count per source and choice.",
+        minimum=0, maximum=MAX_SAMPLES - 1))
+    logprobs: list[TokenLogprob] | None = field(default=None, metadata=spec(
+        "If the request asked (logprobs): one entry per token of token_ids [delta_tokens]."))
+    prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, metadata=spec(
+        "If the request asked (prompt_logprobs): the prompt's, as in Result.prompt_logprobs "
+        "(the first null), in a delta of its own with no tokens: choice 0's first, published "
+        "before any sample's tokens."))
     schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(
         "Version of this schema.", minimum=1))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as published: unset fields (no logprobs asked, choice 0) are left out,
+        so a plain delta costs what it did before they existed."""
+        out = {k: v for k, v in vars(self).items() if v is not None}
+        if not self.choice:
+            del out["choice"]
+        return out
 
 
 @dataclass(frozen=True)

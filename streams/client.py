@@ -174,7 +174,8 @@ class FerryClient:
     async def stream(self, request: Request, timeout: float = 60.0
                      ) -> AsyncIterator[Delta | Result]:
         """Post a streaming request: yields its text as it is generated (deltas merged across
-        re-runs, the last one completed from the result), then the result. Raises
+        re-runs, the last ones completed from the result; with n > 1 each piece names its
+        `choice`), then the result. Raises
         `streams.deltas.Diverged` if a re-run contradicts what was already yielded."""
         events: asyncio.Queue[Delta | asyncio.Future[Result]] = asyncio.Queue()
         future = await self.submit(request, on_delta=events.put_nowait)
@@ -189,7 +190,7 @@ class FerryClient:
                             yield piece
                         continue
                     result = event.result()
-                    if result.error is None and (piece := merged.finish(result)) is not None:
+                    for piece in merged.finish(result) if result.error is None else ():
                         yield piece
                     yield result
                     return

@@ -8,13 +8,18 @@ where it is, without repeating text; one that disagrees ends the stream with `Di
 because text already shown cannot be taken back. The result, the answer of record, supplies
 whatever the deltas did not (deltas and results travel on different topics, so the last
 deltas may arrive after it, or never).
+
+A request with n > 1 is n such views, one per choice (`Delta.choice`); per-token logprobs
+travel with their tokens, and the prompt's logprobs (asked by echo) are shown once, first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from schemas import Delta, Result
+from schemas.messages import TokenLogprob
 
 
 class Diverged(Exception):
@@ -25,8 +30,18 @@ class Diverged(Exception):
 class _Run:
     ids: list[int] = field(default_factory=list)
     text: str = ""
+    logprobs: list[TokenLogprob] | None = None  # beside ids, when its deltas carry them
     next_seq: int = 0
     broken: bool = False  # a delta went missing: the rest of this run comes from the result
+
+
+@dataclass
+class _Shown:
+    """What the caller has been shown of one choice."""
+
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    pieces: int = 0
 
 
 class MergedStream:
@@ -34,37 +49,73 @@ class MergedStream:
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self.ids: list[int] = []   # shown so far
-        self.text = ""
-        self._runs: dict[str, _Run] = {}
-        self._pieces = 0
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # once shown
+        self._shown: dict[int, _Shown] = {}
+        self._runs: dict[tuple[str, int], _Run] = {}
 
     def add(self, delta: Delta) -> Delta | None:
         """The new part to show, or None; raises Diverged."""
-        run = self._runs.setdefault(delta.source, _Run())
+        run = self._runs.setdefault((delta.source, delta.choice), _Run())
         if run.broken or delta.seq != run.next_seq:
             run.broken = True  # duplicates or a gap: never guess, the result fills in
             return None
         run.next_seq += 1
+        if delta.logprobs is not None and len(delta.logprobs) == len(delta.token_ids):
+            if run.logprobs is None and not run.ids:
+                run.logprobs = []
+            if run.logprobs is not None:
+                run.logprobs += delta.logprobs
+        elif run.logprobs is not None and delta.token_ids:
+            run.logprobs = None  # a delta without them: this run's tokens show without
         run.ids += delta.token_ids
         run.text += delta.text
-        return self._extend(run.ids, run.text, delta.model, delta.source)
+        piece = self._extend(delta.choice, run.ids, run.text, run.logprobs, delta.model,
+                             delta.source)
+        return self._with_prompt(piece, delta.prompt_logprobs, delta.model, delta.source)
 
-    def finish(self, result: Result) -> Delta | None:
-        """The rest of the result's text after what was shown; raises Diverged."""
-        return self._extend(result.output_ids, result.text, result.model, "result")
+    def finish(self, result: Result) -> list[Delta]:
+        """The rest of the result after what was shown, per choice (the prompt's logprobs
+        first if no delta brought them); raises Diverged."""
+        choices = [(c.index, c.output_ids, c.text, c.logprobs) for c in result.choices] \
+            if result.choices else [(0, result.output_ids, result.text, result.logprobs)]
+        pieces = [p for index, ids, text, logprobs in choices
+                  if (p := self._extend(index, ids, text, logprobs, result.model, "result"))
+                  is not None]
+        if result.prompt_logprobs is not None and self.prompt_logprobs is None:
+            head = pieces[0] if pieces and pieces[0].choice == 0 else None
+            first = self._with_prompt(head, result.prompt_logprobs, result.model, "result")
+            pieces = [first, *(pieces[1:] if head is not None else pieces)]
+        return pieces
 
-    def _extend(self, ids: list[int], text: str, model: str, source: str) -> Delta | None:
-        n = min(len(ids), len(self.ids))
-        if ids[:n] != self.ids[:n] or not (text.startswith(self.text) if len(ids) >= len(
-                self.ids) else self.text.startswith(text)):
+    def _with_prompt(self, piece: Delta | None, prompt: list[TokenLogprob | None] | None,
+                     model: str, source: str) -> Delta | None:
+        """`piece` (or an empty piece of choice 0) carrying the prompt's logprobs, if they
+        are new."""
+        if prompt is None or self.prompt_logprobs is not None:
+            return piece
+        self.prompt_logprobs = prompt
+        if piece is None:
+            shown = self._shown.setdefault(0, _Shown())
+            piece = Delta(id=self.request_id, model=model, source=source, seq=shown.pieces,
+                          index=len(shown.ids))
+            shown.pieces += 1
+        return dataclasses.replace(piece, prompt_logprobs=prompt)
+
+    def _extend(self, choice: int, ids: list[int], text: str,
+                logprobs: list[TokenLogprob] | None, model: str, source: str) -> Delta | None:
+        shown = self._shown.setdefault(choice, _Shown())
+        n = min(len(ids), len(shown.ids))
+        if ids[:n] != shown.ids[:n] or not (text.startswith(shown.text) if len(ids) >= len(
+                shown.ids) else shown.text.startswith(text)):
             raise Diverged(f"request {self.request_id}: a run of it produced other tokens "
-                           f"than the {len(self.ids)} already streamed")
-        if len(ids) <= len(self.ids) and len(text) <= len(self.text):
+                           f"than the {len(shown.ids)} already streamed")
+        if len(ids) <= len(shown.ids) and len(text) <= len(shown.text):
             return None
-        piece = Delta(id=self.request_id, model=model, source=source, seq=self._pieces,
-                      index=len(self.ids), token_ids=ids[len(self.ids):],
-                      text=text[len(self.text):])
-        self._pieces += 1
-        self.ids, self.text = list(ids), text
+        new = ids[len(shown.ids):]
+        piece = Delta(id=self.request_id, model=model, source=source, seq=shown.pieces,
+                      index=len(shown.ids), token_ids=new, text=text[len(shown.text):],
+                      choice=choice,
+                      logprobs=None if logprobs is None else logprobs[len(shown.ids):len(ids)])
+        shown.pieces += 1
+        shown.ids, shown.text = list(ids), text
         return piece

@@ -29,9 +29,11 @@ context for chat (as vLLM). A list of prompts becomes one request per prompt, ga
 one answer.
 `stream: true` sends server-sent events in OpenAI's chunk format as the worker generates
 (`streams.sse`): the request carries `stream_to` (this gateway's delta topic) and every
-delta becomes a text chunk. A caller who disconnects, and an attempt the gateway gives up
-on, are cancelled (a `Cancel` on `ferry.cancels`): the worker drops the row at its next
-step instead of computing an answer nobody reads.
+delta becomes a text chunk (with its tokens' logprobs when asked; with n > 1 each choice's
+deltas become chunks of its `index`; with echo the prompt comes first). A caller who
+disconnects, and an attempt the gateway gives up on, are cancelled (a `Cancel` on
+`ferry.cancels`): the worker drops the row at its next step instead of computing an answer
+nobody reads.
 
 Async: `"async": true` in the body (or `Prefer: respond-async`) answers 202 `{id}` at once;
 `GET /v1/requests/{id}?wait=S` long-polls (200 with the object, 202 if still pending, 404 if
@@ -200,9 +202,10 @@ class Gateway:
         if len(call.requests) > 1:
             return await self._generate_many(http, call, caller, first, pinned, created,
                                              started)
-        live = LiveCall(call.request.id)
-        # Async calls stream too, for whoever follows their events endpoint.
-        streamed = call.stream or call.respond_async
+        live = LiveCall.of(call.request)
+        # Async calls stream too, for whoever follows their events endpoint (unless best_of
+        # picks their samples at the end).
+        streamed = call.stream or (call.respond_async and (call.request.best_of or 1) == 1)
         task = asyncio.create_task(self._result_of(call.request, caller, first, pinned, live,
                                                    streamed))
         task.add_done_callback(lambda t: self.metrics.count_call(
@@ -218,7 +221,8 @@ class Gateway:
                 return await send_events(http, live, task, chat=chat, created=created,
                                          model=first, include_usage=call.include_usage,
                                          metrics=self.metrics, route=_route_label(http),
-                                         started=started, limit_field=call.limit_field)
+                                         started=started, limit_field=call.limit_field,
+                                         echo=call.echo)
             return _answer(await _unless_gone(http, task), chat, created, call.limit_field,
                            call.echo)
         except Disconnected:
@@ -234,7 +238,7 @@ class Gateway:
         """A completions call with a list of prompts: one request each, run together, one
         answer with a choice per prompt (or the first prompt's error, naming it); streamed,
         their chunks interleave, each with its choice index."""
-        lives = [LiveCall(r.id) for r in call.requests]
+        lives = [LiveCall.of(r) for r in call.requests]
         tasks = [asyncio.create_task(self._result_of(r, caller, first, pinned, live,
                                                      call.stream))
                  for r, live in zip(call.requests, lives)]
@@ -443,8 +447,10 @@ class Gateway:
         if isinstance(found, Seen):
             done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
             done.set_result(found.result)
-            live, task, chat, created = LiveCall(found.result.id), done, found.chat, int(
-                time.time())
+            result = found.result
+            live = LiveCall(result.id, n=len(result.choices or ()) or 1,
+                            logprobs=result.logprobs is not None)
+            task, chat, created = done, found.chat, int(time.time())
         else:
             live, task, chat, created = found.live, found.task, found.chat, found.created
         try:  # the caller leaving does not cancel an async call: it can come back

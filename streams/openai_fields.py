@@ -7,6 +7,12 @@ everywhere, since clients such as LangChain send defaults explicitly.
 
 Fields in no table are ignored and logged, as vLLM does (its request models allow extra
 fields and log the ones they ignore); the README lists them as such.
+
+Every implemented or sampling field works the same with `stream: true`: `logprobs` and
+`top_logprobs` ride on each chunk for its tokens, `n` streams every choice under its
+`index`, `echo` sends the prompt first. The one exception is OpenAI's too: `best_of`
+greater than `n` is a 400 naming `best_of` (which samples are best is known only at the
+end; `best_of` equal to `n` streams every sample).
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ _COMMON: dict[str, Field] = {
 COMPLETIONS: dict[str, Field] = {
     **_COMMON,
     "prompt": _f(I),
-    "best_of": _f(S, 1), "logprobs": _f(S), "echo": _f(S, False),
+    "best_of": _f(S, 1),  # streamed: only = n (OpenAI refuses more too)
+    "logprobs": _f(S), "echo": _f(S, False),
     "suffix": _f(R, "", reason="insertion after a suffix (fill-in-the-middle) is not "
                                "supported"),
 }

@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from schemas import ErrorCode, Request, Result, SchemaError, decode_request, encode, http_status
-from schemas.messages import MAX_CONTEXT_TOKENS, REST_OF_CONTEXT
+from schemas.messages import MAX_CONTEXT_TOKENS, REST_OF_CONTEXT, TokenLogprob
 from streams.openai_fields import check_fields
 from streams import openai_sampling
 
@@ -290,7 +290,8 @@ def completions_object(call_id: str, results: list[Result], created: int) -> dic
                       "total_tokens": prompt + completion}}
 
 
-# ---- stream chunks: role (chat), text pieces, the finish reason, usage if asked -----------
+# ---- stream chunks: role (chat), echo (completions), text pieces with their logprobs, the
+# finish reason, usage if asked ------------------------------------------------------------
 
 def chunk_base(request_id: str, model: str, chat: bool, created: int) -> dict[str, Any]:
     return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -304,17 +305,45 @@ def role_chunk(base: dict[str, Any], index: int = 0) -> dict[str, Any]:
                                  "finish_reason": None, "logprobs": None}]}
 
 
-def text_chunk(base: dict[str, Any], chat: bool, text: str, index: int = 0) -> dict[str, Any]:
+def text_chunk(base: dict[str, Any], chat: bool, text: str, index: int = 0,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A piece of text; `logprobs` (`chunk_logprobs`) of its tokens when the call asked."""
     choice = {"index": index, "delta": {"content": text}} if chat else {"index": index,
                                                                       "text": text}
-    return {**base, "choices": [{**choice, "finish_reason": None, "logprobs": None}]}
+    return {**base, "choices": [{**choice, "finish_reason": None, "logprobs": logprobs}]}
 
 
-def finish_chunk(base: dict[str, Any], chat: bool, result: Result,
-                 index: int = 0) -> dict[str, Any]:
-    choice = {"index": index, "delta": {}} if chat else {"index": index, "text": ""}
-    return {**base, "choices": [{**choice, "finish_reason": result.finish_reason,
-                                 "logprobs": None}]}
+def chunk_logprobs(chat: bool, entries: list[TokenLogprob | None], start: int = 0,
+                   head: str = "") -> tuple[dict[str, Any], int]:
+    """A chunk's `logprobs` for its tokens, in the shape of the non-streamed answer so that a
+    stream's chunks concatenate to it: chat `{content: [...]}`; completions `{tokens,
+    token_logprobs, top_logprobs, text_offset}` with text_offset counted from `start`, the
+    end of the choice's previous chunk (returned, for the next one). `head`: the text of a
+    null entry (echo's first prompt token)."""
+    if chat:
+        content = openai_sampling.chat_entries([e for e in entries if e is not None])
+        return {"content": content, "refusal": None}, start
+    lists = openai_sampling.completion_entries(entries, start, head)
+    end = lists["text_offset"][-1] + len(lists["tokens"][-1]) if entries else start
+    return lists, end
+
+
+def echo_chunk(base: dict[str, Any], echo: str, index: int,
+               prompt: list[TokenLogprob | None] | None) -> tuple[dict[str, Any], int]:
+    """A completions stream's first chunk with echo: the prompt (and its logprobs when the
+    call asked for logprobs); returns the text_offset the completion's logprobs start at."""
+    if prompt is None:
+        return text_chunk(base, False, echo, index), 0
+    lists, end = chunk_logprobs(False, prompt, 0, openai_sampling.echo_head(echo, prompt))
+    return text_chunk(base, False, echo, index, lists), end
+
+
+def finish_chunk(base: dict[str, Any], chat: bool, result: Result, index: int = 0,
+                 choice: int = 0) -> dict[str, Any]:
+    """The end of one choice (`result.choices[choice]` with n > 1), as chunk `index`."""
+    reason = result.choices[choice].finish_reason if result.choices else result.finish_reason
+    out = {"index": index, "delta": {}} if chat else {"index": index, "text": ""}
+    return {**base, "choices": [{**out, "finish_reason": reason, "logprobs": None}]}
 
 
 def usage_chunk(base: dict[str, Any], *results: Result) -> dict[str, Any]:

@@ -99,11 +99,6 @@ def request_fields(body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
 def _logprobs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
     """Chat: logprobs (boolean) and top_logprobs (0..20); completions: logprobs (0..20, vLLM's
     limit where OpenAI's is 5), and echo with logprobs asks for the prompt's too."""
-    if body.get("stream") is True:
-        if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
-            raise SchemaError("logprobs", "is not available with stream: true yet")
-        if body.get("echo") and not chat:
-            raise SchemaError("echo", "is not available with stream: true yet")
     if chat:
         on = _boolean(body, "logprobs")
         top = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
@@ -116,16 +111,18 @@ def _logprobs(body: dict[str, Any], chat: bool) -> dict[str, Any]:
 
 
 def _samples(body: dict[str, Any], chat: bool) -> dict[str, Any]:
-    """n (1..128) and, on completions, best_of (n..128; vLLM's and OpenAI's: not streamed)."""
+    """n (1..128) and, on completions, best_of (n..128). Streamed, every sample drawn is
+    returned (best_of > n is refused, as OpenAI does; best_of = n draws the same)."""
     n = _integer(body, "n", 1, MAX_SAMPLES)
     best_of = None if chat else _integer(body, "best_of", 1, MAX_SAMPLES)
     if best_of is not None and best_of < (n or 1):
         raise SchemaError("best_of", f"must be >= n ({n}), got {best_of}")
-    if body.get("stream") is True:
-        if (n or 1) > 1:
-            raise SchemaError("n", "must be 1 with stream: true (for now)")
-        if (best_of or 1) > 1:
-            raise SchemaError("best_of", "must be 1 with stream: true")
+    if body.get("stream") is True and best_of is not None:
+        if best_of > (n or 1):
+            raise SchemaError("best_of", f"must equal n ({n or 1}) with stream: true (which "
+                                         f"samples are best is known only at the end), got "
+                                         f"{best_of}")
+        best_of = None  # = n: every sample, in the order drawn
     return {"n": n, "best_of": best_of}
 
 
@@ -159,34 +156,42 @@ def choices(result: Result, chat: bool, echo: str | None = None) -> list[dict[st
     return out
 
 
-def _entries(result: Result, echo: bool) -> list[TokenLogprob | None]:
-    prompt = list(result.prompt_logprobs or []) if echo else []
-    return [*prompt, *(result.logprobs or [])]
-
-
 def completion_logprobs(result: Result, echo: str | None = None) -> dict[str, Any] | None:
     """A completions choice's `logprobs` (prompt tokens first with echo, the very first
     token's logprob null); text_offset counts characters of the returned text."""
     if result.logprobs is None:
         return None
+    prompt = (result.prompt_logprobs or []) if echo is not None else []
+    return completion_entries([*prompt, *result.logprobs], head=echo_head(echo, prompt))
+
+
+def echo_head(echo: str | None, prompt: list[TokenLogprob | None]) -> str:
+    """The text of the prompt's first token (which has no logprob entry): what the echo holds
+    before the other prompt tokens' texts."""
+    rest = "".join(x.text or "" for x in prompt[1:] if x is not None)
+    return echo[:len(echo) - len(rest)] if echo and echo.endswith(rest) else ""
+
+
+def completion_entries(entries: list[TokenLogprob | None], start: int = 0,
+                       head: str = "") -> dict[str, Any]:
+    """OpenAI's completions `logprobs` of these entries, text_offset counted from `start`
+    (a stream's chunks continue where the one before ended); a null entry (the prompt's
+    first token) reads `head`."""
     tokens: list[str] = []
     lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
     offsets: list[int] = []
-    at = 0
-    prompt = (result.prompt_logprobs or []) if echo is not None else []
-    for e in _entries(result, echo is not None):
-        if e is None:  # the prompt's first token has no logprob; its text heads the echo
-            rest = "".join(x.text or "" for x in prompt[1:] if x is not None)
-            text = echo[:len(echo) - len(rest)] if echo and echo.endswith(rest) else ""
-            tokens.append(text)
+    at = start
+    for e in entries:
+        if e is None:
+            text = head
             lps.append(None)
             tops.append(None)
         else:
             text = e.text or ""
-            tokens.append(text)
             lps.append(e.logprob)
             tops.append({t.text or "": t.logprob for t in e.top})
+        tokens.append(text)
         offsets.append(at)
         at += len(text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
@@ -197,14 +202,18 @@ def chat_logprobs(result: Result) -> dict[str, Any] | None:
     """A chat choice's `logprobs`: {content: [{token, logprob, bytes, top_logprobs}]}."""
     if result.logprobs is None:
         return None
+    return {"content": chat_entries(result.logprobs), "refusal": None}
+
+
+def chat_entries(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Chat's `logprobs.content` entries of these tokens."""
 
     def one(text: str | None, logprob: float) -> dict[str, Any]:
         text = text or ""
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    return {"content": [{**one(e.text, e.logprob),
-                         "top_logprobs": [one(t.text, t.logprob) for t in e.top]}
-                        for e in result.logprobs], "refusal": None}
+    return [{**one(e.text, e.logprob), "top_logprobs": [one(t.text, t.logprob) for t in e.top]}
+            for e in entries]
 
 
 def _top_k(body: dict[str, Any]) -> int | None:

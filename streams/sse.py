@@ -2,7 +2,9 @@
 
 `LiveCall` collects a call's deltas (merged across attempts and re-runs, `streams.deltas`)
 while its attempts run; `send_events` writes them in OpenAI's chunk format as they come:
-the role (chat), text pieces, the finish reason, the usage chunk if asked, `[DONE]`. The
+the role (chat), the echoed prompt (completions with echo), text pieces with their tokens'
+logprobs when asked, each choice's finish reason (n > 1: every choice with its `index`), the
+usage chunk if asked, `[DONE]`. The
 first byte waits for the first piece of text or the result, so a request the worker
 refuses is still answered with an HTTP error, not a stream. A failure after text was sent
 (a retry or re-run that would contradict it, an error result) ends the stream with one
@@ -19,12 +21,13 @@ from collections.abc import Callable
 import orjson
 from aiohttp import web
 
-from schemas import Delta, ErrorCode, Result
+from schemas import Delta, ErrorCode, Request, Result
+from schemas.messages import TokenLogprob
 from streams.deltas import Diverged, MergedStream
 from streams.gateway_metrics import GatewayMetrics
 from streams.openai_format import (
-    ApiError, chunk_base, error_event, error_response, finish_chunk, prompt_error, result_error,
-    role_chunk, text_chunk, usage_chunk,
+    ApiError, chunk_base, chunk_logprobs, echo_chunk, error_event, error_response, finish_chunk,
+    prompt_error, result_error, role_chunk, text_chunk, usage_chunk,
 )
 
 log = logging.getLogger("ferry.gateway")
@@ -38,25 +41,41 @@ class Disconnected(Exception):
 
 
 class LiveCall:
-    """One call's attempts: the backend now trying it, and the text streamed so far."""
+    """One call's attempts: the backend now trying it, and the text streamed so far (every
+    choice's pieces, in the order they came). A call whose request asked for the prompt's
+    logprobs (echo) holds its text back until they are known, so they always come first."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, *, n: int = 1, logprobs: bool = False,
+                 prompt_logprobs: bool = False) -> None:
         self.request_id = request_id
+        self.n = n                # choices of the request
+        self.logprobs = logprobs  # chunks carry their tokens' logprobs
         self.deployment: str | None = None  # of the attempt in progress
-        self.pieces: list[Delta] = []       # merged text pieces, in order
+        self.pieces: list[Delta] = []       # merged pieces, in order
         self.failure: str | None = None     # why the stream cannot go on
         self._merged = MergedStream(request_id)
         self._changed = asyncio.Event()
+        self._await_prompt = prompt_logprobs
+        self._held: list[Delta] = []        # pieces that came before the prompt's logprobs
+
+    @classmethod
+    def of(cls, request: Request) -> LiveCall:
+        return cls(request.id, n=request.n, logprobs=request.logprobs is not None,
+                   prompt_logprobs=request.prompt_logprobs is not None)
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        return self._merged.prompt_logprobs
 
     def on_delta(self, delta: Delta) -> None:
         """A delta from Kafka; only the current attempt's backend is listened to."""
         if self.failure is None and delta.model == self.deployment:
-            self._take(lambda: self._merged.add(delta))
+            self._take(lambda: [p] if (p := self._merged.add(delta)) is not None else [])
 
     def complete(self, result: Result) -> None:
-        """The result: whatever its text adds to the pieces becomes the last piece."""
+        """The result: whatever its text adds to the pieces becomes the last pieces."""
         if self.failure is None and result.error is None:
-            self._take(lambda: self._merged.finish(result))
+            self._take(lambda: self._merged.finish(result), final=True)
 
     def seen(self) -> None:
         self._changed.clear()
@@ -65,15 +84,24 @@ class LiveCall:
         """Until a new piece or a failure after the last `seen()`."""
         await self._changed.wait()
 
-    def _take(self, step: Callable[[], Delta | None]) -> None:
+    def _take(self, step: Callable[[], list[Delta]], final: bool = False) -> None:
         try:
-            piece = step()
+            pieces = step()
         except Diverged as exc:
             self.failure = str(exc)
             log.warning("stream of %s ended: %s", self.request_id, exc)
-            piece = None
-        if piece is not None:
-            self.pieces.append(piece)
+            pieces = []
+        for piece in pieces:
+            if piece.prompt_logprobs is not None:
+                self._await_prompt = False
+                self.pieces.append(piece)
+            elif self._await_prompt:
+                self._held.append(piece)
+            else:
+                self.pieces.append(piece)
+        if final or not self._await_prompt:  # the result is the last word: release all
+            self.pieces += self._held
+            self._held = []
         self._changed.set()
 
 
@@ -86,15 +114,18 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
                       chat: bool, created: int, model: str, include_usage: bool,
                       metrics: GatewayMetrics, route: str, started: float,
                       watch_caller: bool = True, request_id: str | None = None,
-                      limit_field: str = "max_tokens") -> web.StreamResponse:
-    """Stream a call (or, with lists, several prompts' calls as choices 0, 1, ... of one
-    stream, pieces interleaved as they come); Disconnected if the caller leaves (when
-    `watch_caller`). The first byte waits until every call has text or its result, so any
-    refusal is an HTTP error."""
+                      limit_field: str = "max_tokens", echo: str | None = None
+                      ) -> web.StreamResponse:
+    """Stream a call (or, with lists, several prompts' calls as one stream, pieces interleaved
+    as they come): call i's choice j is `index` i * n + j. With `echo` (completions, one
+    prompt) each choice starts with the prompt's text (and its logprobs when asked).
+    Disconnected if the caller leaves (when `watch_caller`). The first byte waits until every
+    call has text or its result, so any refusal is an HTTP error."""
     lives = live if isinstance(live, list) else [live]
     tasks = task if isinstance(task, list) else [task]
     many = len(lives) > 1
     caller = http if watch_caller else None
+
     def began(i: int) -> bool:
         return bool(lives[i].pieces) or tasks[i].done() or lives[i].failure is not None
 
@@ -109,10 +140,36 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
     await response.prepare(http)
     base = chunk_base(request_id or lives[0].request_id, model, chat, created)
     writer = _Writer(response, metrics, route, started)
+    offsets: dict[tuple[int, int], int] = {}  # (call, choice) -> text_offset of its next token
+    echoed = [echo is None] * len(lives)
+
+    async def start(i: int) -> None:
+        """Before call i's first text: its echo, per choice."""
+        if echoed[i] or echo is None:
+            return
+        echoed[i] = True
+        prompt = lives[i].prompt_logprobs if lives[i].logprobs else None
+        for j in range(lives[i].n):
+            chunk, offsets[i, j] = echo_chunk(base, echo, i * lives[i].n + j, prompt)
+            await writer.text(chunk)
+
+    async def send(i: int, piece: Delta) -> None:
+        c = lives[i]
+        with_logprobs = c.logprobs and piece.logprobs is not None
+        if not piece.text and not with_logprobs:
+            return  # the prompt's logprobs alone (they go with the echo), or nothing new
+        await start(i)  # first: the echo's offsets come before the completion's
+        lp = None
+        if with_logprobs:
+            lp, offsets[i, piece.choice] = chunk_logprobs(
+                chat, list(piece.logprobs or ()), offsets.get((i, piece.choice), 0))
+        await writer.text(text_chunk(base, chat, piece.text, i * c.n + piece.choice, lp))
+
     try:
         if chat:
-            for i in range(len(lives)):
-                await writer.send(role_chunk(base, i))
+            for i, c in enumerate(lives):
+                for j in range(c.n):
+                    await writer.send(role_chunk(base, i * c.n + j))
         sent = [0] * len(lives)
         finished: list[Result | None] = [None] * len(lives)
         failed = False
@@ -123,8 +180,7 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
                 if t.done() and c.failure is None:
                     c.complete(t.result())
                 for piece in c.pieces[sent[i]:]:
-                    if piece.text:
-                        await writer.text(text_chunk(base, chat, piece.text, i))
+                    await send(i, piece)
                 sent[i] = len(c.pieces)
                 if c.failure is not None:
                     await writer.send(error_event(_indexed(ApiError(
@@ -139,7 +195,9 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
                                                                i, many)))
                         failed = True
                         break
-                    await writer.send(finish_chunk(base, chat, result, i))
+                    await start(i)  # an echo whose completion is empty
+                    for j in range(len(result.choices or ()) or 1):
+                        await writer.send(finish_chunk(base, chat, result, i * c.n + j, j))
                     finished[i] = result
             if not failed and not all(finished):
                 await _until(lives, tasks, [i for i, r in enumerate(finished) if r is None],

@@ -483,3 +483,180 @@ async def test_plain_responses_parse_strictly(stack) -> None:
         raw = await api.chat.completions.with_raw_response.create(
             model=stack.alias, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
         strict_chat(orjson.loads(raw.content))
+
+
+# ---- streamed sampling fields: the chunks concatenate to the non-streamed answer --------
+
+def _same_logprobs(got: Any, want: Any) -> None:
+    """Equal token texts, offsets and keys; logprobs equal to float noise (two runs of the
+    engine, the second maybe from the prefix cache)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (got, want)
+        for key in want:
+            _same_logprobs(got[key], want[key])
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), (got, want)
+        for g, w in zip(got, want):
+            _same_logprobs(g, w)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=1e-4)
+    else:
+        assert got == want
+
+
+def _completion_pieces(chunks: list[Completion]) -> tuple[dict[int, str], dict[int, dict],
+                                                          dict[int, str]]:
+    """Per choice index: the streamed text, the concatenated logprobs, the finish reason."""
+    texts: dict[int, str] = {}
+    lps: dict[int, dict[str, list]] = {}
+    finishes: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.logprobs is not None:
+                acc = lps.setdefault(choice.index, {k: [] for k in (
+                    "tokens", "token_logprobs", "top_logprobs", "text_offset")})
+                for key, values in acc.items():
+                    values += getattr(choice.logprobs, key)
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    return texts, lps, finishes
+
+
+async def _warm(api: openai.AsyncOpenAI, stack: Stack) -> None:
+    """A worker's first delta to a new stream topic waits for its metadata (and can come
+    after a short result): warm the path before counting chunks."""
+    [_ async for _ in await api.completions.create(model=stack.alias, prompt="x",
+                                                   max_tokens=2, stream=True)]
+
+
+async def test_streamed_logprobs_concatenate_to_the_answer(stack) -> None:
+    async with stack.client() as api:
+        await _warm(api, stack)
+        args: dict[str, Any] = {"model": stack.alias, "prompt": "The ship", "max_tokens": 12,
+                                "logprobs": 3}
+        plain = await api.completions.create(**args)
+        chunks = [c async for c in await api.completions.create(**args, stream=True)]
+        texts, lps, finishes = _completion_pieces(chunks)
+        assert texts == {0: plain.choices[0].text} and plain.choices[0].text
+        assert finishes == {0: plain.choices[0].finish_reason}
+        _same_logprobs(lps[0], plain.choices[0].logprobs.model_dump())
+        assert len(lps[0]["tokens"]) == plain.usage.completion_tokens
+        with_lp = [c for c in chunks if c.choices and c.choices[0].logprobs is not None]
+        assert len(with_lp) > 1  # per chunk, not once at the end
+
+        messages = [{"role": "user", "content": "Tell me about ships"}]
+        args = {"model": stack.alias, "messages": messages, "max_tokens": 12,
+                "logprobs": True, "top_logprobs": 2}
+        chat = await api.chat.completions.create(**args)
+        chunks = [c async for c in await api.chat.completions.create(**args, stream=True)]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks
+                       if c.choices) == chat.choices[0].message.content
+        content = [t.model_dump() for c in chunks if c.choices and c.choices[0].logprobs
+                   for t in c.choices[0].logprobs.content]
+        assert len(content) == chat.usage.completion_tokens > 1
+        _same_logprobs(content, [t.model_dump() for t in chat.choices[0].logprobs.content])
+        assert sum(1 for c in chunks if c.choices and c.choices[0].logprobs) > 1
+        no = [c async for c in await api.chat.completions.create(
+            model=stack.alias, messages=messages, max_tokens=4, stream=True)]
+        assert all(c.choices[0].logprobs is None for c in no if c.choices)
+
+
+async def test_streamed_n_choices_interleave_under_their_index(stack) -> None:
+    async with stack.client() as api:
+        await _warm(api, stack)
+        args: dict[str, Any] = {"model": stack.alias, "prompt": "The ship", "max_tokens": 10,
+                                "temperature": 1.0, "seed": 11, "n": 3, "logprobs": 1}
+        plain = await api.completions.create(**args)
+        assert len({c.text for c in plain.choices}) > 1  # samples that differ
+        chunks = [c async for c in await api.completions.create(
+            **args, stream=True, stream_options={"include_usage": True})]
+        texts, lps, finishes = _completion_pieces(chunks)
+        assert texts == {c.index: c.text for c in plain.choices}
+        assert finishes == {c.index: c.finish_reason for c in plain.choices}
+        for c in plain.choices:
+            _same_logprobs(lps[c.index], c.logprobs.model_dump())
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+        order = [c.choices[0].index for c in chunks if c.choices and c.choices[0].text]
+        assert order != sorted(order)  # interleaved as generated, not one choice after another
+        assert len({c.id for c in chunks}) == 1
+
+        messages = [{"role": "user", "content": "Hi"}]
+        args = {"model": stack.alias, "messages": messages, "max_tokens": 8,
+                "temperature": 1.0, "seed": 4, "n": 2}
+        chat = await api.chat.completions.create(**args)
+        chunks = [c async for c in await api.chat.completions.create(**args, stream=True)]
+        roles = [c.choices[0].index for c in chunks if c.choices[0].delta.role]
+        assert roles == [0, 1]
+        content: dict[int, str] = {}
+        for c in chunks:
+            content[c.choices[0].index] = (content.get(c.choices[0].index, "")
+                                           + (c.choices[0].delta.content or ""))
+        assert content == {c.index: c.message.content for c in chat.choices}
+        assert {c.choices[0].index: c.choices[0].finish_reason for c in chunks
+                if c.choices[0].finish_reason} == {c.index: c.finish_reason for c in chat.choices}
+
+        # A list of prompts with n: choice prompt_i * n + j, streamed as it is answered.
+        args = {"model": stack.alias, "prompt": ["The ship", "Hello"], "max_tokens": 6,
+                "temperature": 1.0, "seed": 3, "n": 2}
+        plain_many = await api.completions.create(**args)
+        many = [c async for c in await api.completions.create(**args, stream=True)]
+        assert _completion_pieces(many)[0] == {c.index: c.text for c in plain_many.choices}
+        assert sorted(c.index for c in plain_many.choices) == [0, 1, 2, 3]
+
+        # best_of = n streams the n samples; more than n cannot stream (as OpenAI).
+        same = [c async for c in await api.completions.create(
+            model=stack.alias, prompt="The ship", max_tokens=10, temperature=1.0, seed=11,
+            n=3, best_of=3, stream=True)]
+        assert _completion_pieces(same)[0] == texts
+        with pytest.raises(openai.BadRequestError) as info:
+            await api.completions.create(model=stack.alias, prompt="The ship", max_tokens=4,
+                                         n=2, best_of=3, stream=True)
+        assert info.value.body["param"] == "best_of"
+        assert (await api.completions.create(model=stack.alias, prompt="The ship",
+                                             max_tokens=4, n=2, best_of=3)).choices
+
+
+async def test_streamed_echo_sends_the_prompt_first(stack) -> None:
+    prompt = "The ship sailed"
+    ids = stack.engine.encode(prompt)
+    async with stack.client() as api:
+        for extra in ({}, {"logprobs": 2}, {"n": 2, "temperature": 1.0, "seed": 5}):
+            args: dict[str, Any] = {"model": stack.alias, "prompt": prompt, "max_tokens": 6,
+                                    "echo": True, **extra}
+            plain = await api.completions.create(**args)
+            chunks = [c async for c in await api.completions.create(**args, stream=True)]
+            texts, lps, _ = _completion_pieces(chunks)
+            assert texts == {c.index: c.text for c in plain.choices}, extra
+            firsts = {}
+            for c in chunks:
+                firsts.setdefault(c.choices[0].index, c.choices[0])
+            assert {i: f.text for i, f in firsts.items()} == {
+                c.index: prompt for c in plain.choices}
+            if "logprobs" in extra:
+                head = firsts[0].logprobs
+                assert len(head.tokens) == len(ids) and head.token_logprobs[0] is None
+                assert "".join(head.tokens) == prompt and head.text_offset[0] == 0
+                _same_logprobs(lps[0], plain.choices[0].logprobs.model_dump())
+            else:
+                assert not lps and all(c.logprobs is None for c in plain.choices)
+
+
+async def test_async_calls_with_samples(stack) -> None:
+    """An async call streams for its events endpoint: n samples do, best_of (picked at the
+    end) is answered whole."""
+    body = {"model": stack.alias, "prompt": "The ship", "max_tokens": 6, "temperature": 1.0,
+            "seed": 8, "async": True}
+    async with stack.client() as api:
+        want = await api.completions.create(model=stack.alias, prompt="The ship",
+                                            max_tokens=6, temperature=1.0, seed=8, n=2)
+    for extra in ({"n": 2}, {"n": 2, "best_of": 3}):
+        status, _, accepted = await raw_post(stack, "/v1/completions", {**body, **extra})
+        assert status == 202, accepted
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{stack.url}/v1/requests/{accepted['id']}?wait=30", headers=stack.auth) as resp:
+            got = strict_completion(await resp.json())
+        assert [c.index for c in got.choices] == [0, 1], extra
+        if "best_of" not in extra:
+            assert [c.text for c in got.choices] == [c.text for c in want.choices]

@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry
 
 from schemas import (
     DLQ_TOPIC, RESULTS_TOPIC, Delta, ErrorCode, Request, Result, decode, decode_delta,
-    decode_result, requests_topic,
+    decode_result, encode, requests_topic,
 )
+from schemas.messages import Choice, TokenLogprob
 from schemas.topics import API_KEY_HEADER, DELTAS_TOPIC, stream_topic_problem
 from streams.client import FerryClient
 from streams.deltas import Diverged, MergedStream
@@ -26,7 +27,9 @@ from tests.test_poison import dead_letters_for, end_offset, post_raw
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
 from workers.model_factory import build_tiny_checkpoint
-from workers.streaming import DeltaStream
+from workers.logprobs import records
+from workers.sampler import TokenLogprobs
+from workers.streaming import DeltaStream, RequestStream
 from workers.tokenizer import load_tokenizer
 from workers.topic_admin import ensure_topics
 from workers.worker import Worker
@@ -113,12 +116,75 @@ def test_merged_stream_resumes_agreeing_runs_and_refuses_others() -> None:
     assert merged.add(d("b", 0, [1], "x")) is None       # a re-run catching up: nothing new
     assert merged.add(d("b", 1, [2, 3], "yz")).text == "z"  # ...then only what is new
     assert merged.add(d("a", 5, [9], "q")) is None        # a gap: that run is ignored
-    final = merged.finish(Result(id="r", model="m", output_ids=[1, 2, 3, 4], text="xyzw"))
-    assert final is not None and (final.token_ids, final.text) == ([4], "w")
+    [final] = merged.finish(Result(id="r", model="m", output_ids=[1, 2, 3, 4], text="xyzw"))
+    assert (final.token_ids, final.text) == ([4], "w")
     other = MergedStream("r")
     other.add(d("a", 0, [1, 2], "xy"))
     with pytest.raises(Diverged):
         other.add(d("b", 0, [1, 7], "xq"))
+
+
+def test_deltas_carry_their_tokens_logprobs_and_plain_ones_stay_small(tiny_model: Path
+                                                                      ) -> None:
+    tok = load_tokenizer(tiny_model)
+    assert tok is not None
+    ids = tok.encode("Hello boat 🚢 ok", add_special_tokens=False)
+    entries = [TokenLogprobs(t, -0.5 - k, ((t, -0.5 - k), (1, -7.0))) for k, t in enumerate(ids)]
+    stream = DeltaStream("r", "m", "s", tok, logprobs=True)
+    deltas = [d for t, e in zip(ids, entries) if (d := stream.push([t], [e])) is not None]
+    assert len(deltas) > 1 and [t for d in deltas for t in d.token_ids] == ids
+    assert all(d.logprobs is not None and len(d.logprobs) == len(d.token_ids) for d in deltas)
+    assert [e for d in deltas for e in d.logprobs] == records(entries, tok)  # as the result's
+    assert stream.push([5]) is None  # a token without its logprob: the rest is the result's
+    plain = DeltaStream("r", "m", "s", tok).push(ids[:1])
+    assert plain is not None and set(plain.to_dict()) == {
+        "id", "model", "source", "seq", "index", "token_ids", "text", "schema_version"}
+    assert decode_delta(encode(deltas[0].to_dict())) == deltas[0]
+
+    # n > 1: each sample streams on its own; the prompt's logprobs come first, in a delta alone.
+    request = Request(id="r", model="m", prompt="x", n=2, logprobs=1, prompt_logprobs=1,
+                      stream_to=DELTAS_TOPIC)
+    per_request = RequestStream(request, "m", "s", tok)
+    first = per_request.prompt(entries[1:3])
+    assert first is not None and (first.seq, first.choice, first.token_ids) == (0, 0, [])
+    assert first.prompt_logprobs == [None, *records(entries[1:3], tok)]
+    one = per_request.push(1, ids[:1], entries[0])
+    assert one is not None and (one.choice, one.seq, one.index) == (1, 0, 0)
+    assert one.to_dict()["choice"] == 1 and one.logprobs == records(entries[:1], tok)
+    zero = per_request.push(0, ids[:1], entries[0])
+    assert zero is not None and (zero.choice, zero.seq) == (0, 1)
+    assert RequestStream(Request(id="r", model="m", prompt="x"), "m", "s", tok).prompt(
+        entries) is None
+
+
+def test_merged_choices_logprobs_and_prompt_complete_from_the_result() -> None:
+    lp = [TokenLogprob(t, -float(t)) for t in range(10)]
+    prompt = [None, TokenLogprob(7, -1.0)]
+
+    def d(choice: int, seq: int, ids: list[int], text: str, **kw: object) -> Delta:
+        return Delta("r", "m", "a", seq, 0, ids, text, choice=choice,
+                     logprobs=[lp[t] for t in ids], **kw)  # type: ignore[arg-type]
+
+    merged = MergedStream("r")
+    one = merged.add(d(1, 0, [3], "c"))  # choice 1 first: each choice is its own view
+    assert one is not None and (one.choice, one.index, one.logprobs) == (1, 0, [lp[3]])
+    head = merged.add(Delta("r", "m", "a", 0, 0, prompt_logprobs=prompt))
+    assert head is not None and head.prompt_logprobs == prompt and head.token_ids == []
+    assert merged.add(d(0, 1, [1, 2], "ab")).logprobs == [lp[1], lp[2]]
+    assert merged.add(Delta("r", "m", "b", 0, 0, prompt_logprobs=prompt)) is None  # shown once
+    result = Result(id="r", model="m", output_ids=[1, 2, 4], text="abd",
+                    logprobs=[lp[1], lp[2], lp[4]], prompt_logprobs=prompt, choices=[
+                        Choice(0, [1, 2, 4], "abd", "length", [lp[1], lp[2], lp[4]]),
+                        Choice(1, [3, 5], "ce", "stop", [lp[3], lp[5]])])
+    rest = merged.finish(result)
+    assert [(p.choice, p.token_ids, p.text, p.logprobs) for p in rest] == [
+        (0, [4], "d", [lp[4]]), (1, [5], "e", [lp[5]])]
+    # No delta came: the result alone gives the prompt first, then every choice.
+    alone = MergedStream("r").finish(result)
+    assert alone[0].prompt_logprobs == prompt and alone[0].choice == 0
+    assert [(p.choice, p.text) for p in alone] == [(0, "abd"), (1, "ce")]
+    with pytest.raises(Diverged):
+        merged.add(Delta("r", "m", "c", 0, 0, [9], "z", choice=1))
 
 
 # ---- on the broker ------------------------------------------------------------------------
@@ -145,11 +211,47 @@ async def test_deltas_arrive_before_the_result_and_add_up_to_it(
     results = await read_topic(client.reply_to, 1,
                                where=lambda m: m.key == request.id.encode())
     assert decode_delta(deltas[0].value).seq == 0
+    assert "logprobs" not in decode(deltas[0].value)  # not asked: not written
     assert decode_result(results[0].value).id == request.id
     assert deltas[0].timestamp < results[0].timestamp
     assert metric(worker, "ferry_deltas_total") >= len(pieces) - 1
     assert metric(worker, "ferry_time_per_output_token_seconds_count") >= 1
     assert metric(worker, "ferry_inter_token_latency_seconds_count") == 2 * 31
+
+
+async def test_samples_stream_with_their_choice_logprobs_and_prompt_first(
+        start_worker, client: FerryClient, read_topic, unique) -> None:
+    dep = unique("stream-n")
+    await start_worker(dep)
+    [_ async for _ in client.stream(Request(id=unique("w"), model=dep, prompt="x",
+                                            max_new_tokens=2))]  # the stream topic is warm
+    fields = {"model": dep, "prompt": "The ship", "max_new_tokens": 16, "temperature": 1.0,
+              "seed": 21, "n": 3, "logprobs": 2, "prompt_logprobs": 2}
+    request = Request(id=unique("n"), **fields)  # type: ignore[arg-type]
+    events = [e async for e in client.stream(request)]
+    result = events[-1]
+    assert isinstance(result, Result) and result.error is None and result.choices is not None
+    pieces = [e for e in events[:-1] if isinstance(e, Delta)]
+    assert pieces[0].prompt_logprobs == result.prompt_logprobs and pieces[0].choice == 0
+    assert all(p.prompt_logprobs is None for p in pieces[1:])
+    for choice in result.choices:
+        mine = [p for p in pieces if p.choice == choice.index]
+        assert "".join(p.text for p in mine) == choice.text
+        assert [t for p in mine for t in p.token_ids] == choice.output_ids
+        assert [e for p in mine for e in p.logprobs or []] == choice.logprobs
+    assert len({c.text for c in result.choices}) > 1
+    plain = await client.request(Request(id=unique("p"), **fields))  # type: ignore[arg-type]
+    assert [c.text for c in plain.choices or []] == [c.text for c in result.choices]
+    # On Kafka: deltas of every sample, the prompt's logprobs first, in a record of their own.
+    from_deltas = [p for p in pieces if p.source != "result"]
+    records = await read_topic(client.stream_to, len(from_deltas),
+                               where=lambda m: m.key == request.id.encode())
+    deltas = [decode_delta(m.value) for m in records]
+    assert deltas[0].prompt_logprobs is not None and deltas[0].token_ids == []
+    assert {d.choice for d in deltas[1:]} == {p.choice for p in from_deltas[1:]}
+    assert len({d.choice for d in deltas[1:]}) > 1
+    assert all(d.logprobs is not None and len(d.logprobs) == len(d.token_ids)
+               for d in deltas[1:])
 
 
 async def test_cancel_frees_the_row_and_still_answers(

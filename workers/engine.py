@@ -134,7 +134,11 @@ class StepOutput:
     earlier step already emitted: `Completion.output_ids` is the final word."""
 
     finished: list[Completion]
-    new_tokens: dict[str, list[int]]  # request id -> token ids emitted this step
+    new_tokens: dict[str, list[int]]  # row id (`sample_of`) -> token ids emitted this step
+    # Streaming's view of what the rows computed: the new token's logprobs (rows that compute
+    # them), and a request's prompt logprobs the step its first token is sampled.
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # row id ->
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # request id ->
 
 
 @dataclass(frozen=True)
@@ -539,6 +543,8 @@ class Engine:
         seq = self.scheduler.get(rid)
         if seq is not None:
             seq.prompt_logits = False  # the prompt is done: only the last position from now
+        if not req.ids and not req.index and p.prompt_logprobs is not None:
+            out.prompt_logprobs[rid] = req.prompt_logprobs
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             self._end(out, req, "stop")
             return
@@ -555,6 +561,8 @@ class Engine:
             self.scheduler.append(rid, token)
         if len(req.ids) == n:  # not cut by a stop string
             out.new_tokens[rid] = [token]
+            if logprob is not None:
+                out.logprobs[rid] = logprob
 
     def _cut_at_stop(self, req: _Request) -> bool:
         """If the completion now contains a stop string, cut text and ids before it.
@@ -657,6 +665,13 @@ class Engine:
                           (seq.num_cached or 0) if seq is not None else 0,
                           req.logprobs[:len(req.ids)] if p.logprobs is not None else None,
                           req.prompt_logprobs if p.prompt_logprobs is not None else None)
+
+
+def sample_of(row_id: str) -> tuple[str, int]:
+    """(request id, sample index) of a `StepOutput` row id: sample j > 0 of a request with
+    n > 1 runs as "<request id>\\x00<j>" (`Engine._fork`)."""
+    request_id, _, index = row_id.partition("\x00")
+    return request_id, int(index) if index else 0
 
 
 def sample_seed(seed: int, index: int) -> int:

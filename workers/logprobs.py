@@ -1,4 +1,5 @@
-"""A Completion's logprobs (each token's text added) and samples as the Result's fields."""
+"""A Completion's logprobs (each token's text added) and samples as the Result's fields, and
+a step's logprobs as a Delta's (`workers/streaming.py`)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from workers.sampler import TokenLogprobs
 from workers.tokenizer import Tokenizer
 
 
-def records(entries: list[TokenLogprobs], tokenizer: Tokenizer | None) -> list[TokenLogprob]:
-    """One TokenLogprob per entry; texts decoded one token at a time, each id once."""
-    texts: dict[int, str | None] = {}
+def records(entries: list[TokenLogprobs], tokenizer: Tokenizer | None,
+            texts: dict[int, str | None] | None = None) -> list[TokenLogprob]:
+    """One TokenLogprob per entry; texts decoded one token at a time, each id once (`texts`:
+    the decodings known already, kept across calls by a stream)."""
+    if texts is None:
+        texts = {}
 
     def text(token: int) -> str | None:
         if token not in texts:

@@ -169,7 +169,8 @@ class Publisher:
                     self.topics_ready.add(topic)
                 if delta is None:
                     return False
-                ack = await self.producer.send(topic, encode(delta), key=delta.id.encode())
+                ack = await self.producer.send(topic, encode(delta.to_dict()),
+                                               key=delta.id.encode())
         except (KafkaError, TimeoutError) as exc:
             log.warning("deltas to %r dropped for %gs: %r", topic, _BAD_STREAM_S, exc)
             self._bad_streams[topic] = time.monotonic() + _BAD_STREAM_S

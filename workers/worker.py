@@ -46,13 +46,15 @@ from schemas.topics import (
 from workers.admission import Refused, admit
 from workers.chat_template import deployment_template
 from workers.config import WorkerConfig
-from workers.engine import Completion, Engine, EngineDown, EngineRequest, StepOutput
+from workers.engine import (
+    Completion, Engine, EngineDown, EngineRequest, StepOutput, sample_of,
+)
 from workers.logprobs import completion_tokens, result_fields
 from workers.metrics import BacklogSampler, WorkerMetrics
 from workers.metrics_server import serve_metrics
 from workers.offsets import OffsetTracker
 from workers.publisher import Answer, Destination, Publisher
-from workers.streaming import DeltaStream
+from workers.streaming import RequestStream
 from workers.telemetry import TELEMETRY_PARTITIONS, TelemetrySender
 from workers.transactions import Answered, PartitionTransactions
 from workers.topic_admin import ensure_topics, pin_to_end, start_producer, topic_partitions
@@ -83,7 +85,7 @@ class Job:
     added: float = 0.0       # unix seconds it entered the engine
     first_token: float | None = None  # unix seconds its first token was sampled
     last_token: float | None = None   # unix seconds its latest token was sampled
-    stream: DeltaStream | None = None  # a streaming request's deltas (to request.stream_to)
+    stream: RequestStream | None = None  # a streaming request's deltas (to request.stream_to)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -332,9 +334,9 @@ class Worker:
         job = self._jobs[engine_id] = Job(tp, msg.offset, request, created, dest)
         # A shadow's answers never reach users: it streams nothing.
         if request.stream_to is not None and not self.config.shadow:
-            job.stream = DeltaStream(request.id, self.config.deployment,
-                                     f"{self._instance}:{next(self._runs)}",
-                                     self.engine.tokenizer, request.stop)
+            job.stream = RequestStream(request, self.config.deployment,
+                                       f"{self._instance}:{next(self._runs)}",
+                                       self.engine.tokenizer)
             if request.stream_to not in self._topics_ready:  # prepare it while prefilling
                 self._outbox.put_nowait((request.stream_to, None))
         self._new.append(admitted)
@@ -420,20 +422,29 @@ class Worker:
         finished row's result carries the rest)."""
         dep = self.config.deployment
         finished = {c.id for c in out.finished}
-        for eid, tokens in out.new_tokens.items():
+        for eid, entries in out.prompt_logprobs.items():  # before any sample's tokens
+            job = self._jobs.get(eid)
+            if job is not None and job.stream is not None and eid not in finished:
+                self._publish_delta(job, job.stream.prompt(entries))
+        for row, tokens in out.new_tokens.items():
+            eid, choice = sample_of(row)  # sample j > 0 of a request with n > 1: its own row
             job = self._jobs.get(eid)
             if job is None or not tokens:
                 continue
-            if job.first_token is None:
-                job.first_token = now
-                self.metrics.ttft.labels(dep).observe(now - job.created)
-            elif job.last_token is not None:
-                self.metrics.itl.labels(dep).observe(now - job.last_token)
-            job.last_token = now
+            if not choice:  # token timings follow the first sample
+                if job.first_token is None:
+                    job.first_token = now
+                    self.metrics.ttft.labels(dep).observe(now - job.created)
+                elif job.last_token is not None:
+                    self.metrics.itl.labels(dep).observe(now - job.last_token)
+                job.last_token = now
             if job.stream is not None and eid not in finished:
-                if (delta := job.stream.push(tokens)) is not None:
-                    assert job.request.stream_to is not None
-                    self._outbox.put_nowait((job.request.stream_to, delta))
+                self._publish_delta(job, job.stream.push(choice, tokens, out.logprobs.get(row)))
+
+    def _publish_delta(self, job: Job, delta: Delta | None) -> None:
+        if delta is not None:
+            assert job.request.stream_to is not None
+            self._outbox.put_nowait((job.request.stream_to, delta))
 
     def _step(self, new: list[EngineRequest], expired: list[str]
               ) -> tuple[StepOutput, list[tuple[str, str]]]:
