@@ -241,3 +241,20 @@ async def test_rebalance_churn(kafka_bootstrap, tiny_model, unique) -> None:
         return []
 
     check(await run("rebalance churn", kafka_bootstrap, tiny_model, unique, churn, n=90))
+
+
+# ---- router (its own rows: no workers, the forwarded requests are counted) -------------
+
+ROUTER_RECOVERY_BOUND_S = 15.0  # goal ~10 s: the broker's 6 s session timeout + a restart
+
+
+async def test_router_sigkill(kafka_bootstrap, unique, tmp_path) -> None:
+    """A router killed with SIGKILL mid-load and restarted at once: every request forwarded
+    exactly once (as a read_committed reader of the requests topic counts them), each charged
+    to its tenant's quota exactly once, and forwarding again within the bound."""
+    from tests.router_load import router_killed_mid_load
+
+    row = await router_killed_mid_load(kafka_bootstrap, tmp_path, unique, n=1200)
+    assert row.lost == 0 and row.duplicated == 0, str(row)
+    assert row.quota_lost == 0 and row.quota_duplicated == 0, str(row)
+    assert row.recovery_s <= ROUTER_RECOVERY_BOUND_S, str(row)
