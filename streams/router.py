@@ -35,7 +35,7 @@ from collections.abc import Iterable, Iterator
 from functools import partial
 
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -64,6 +64,9 @@ from workers.topic_admin import ensure_topics
 log = logging.getLogger("ferry.router")
 
 _REPLY_TIMEOUT_S = 10.0
+# An undeliverable record may be one too large to write anywhere: its dead letter keeps a
+# prefix of it (its topic, partition and offset name the whole).
+_UNDELIVERABLE_VALUE_CHARS = 64 * 1024
 
 
 class RouterMetrics:
@@ -157,12 +160,6 @@ class Router:
     shadows: ShadowTable
     registry: Registry
 
-    @property
-    def forwarding(self) -> asyncio.Event:
-        """Set once the router owns its first assignment (possibly none) and forwards."""
-        assert self._ingress is not None, "run() first"
-        return self._ingress.ready
-
     def stop(self) -> None:
         """Finish the transaction under way, leave the group, stop (`run` returns)."""
         self._stopping.set()
@@ -175,13 +172,13 @@ class Router:
                                              DLQ_TOPIC: INGRESS_PARTITIONS})
         try:
             await self._start_views()
-            self._ingress = TransactionalIngress(
-                self.bootstrap, self.app_id, self.ingress, self._on_record,
-                instance_id=self.instance_id,
-                writes_to=(self.ingress, self.quota_topic, DLQ_TOPIC),
-                on_assigned=self._adopt_buckets, on_revoked=self._forget_buckets)
             if self._stopping.is_set():
                 return
+            self._ingress = TransactionalIngress(
+                self.bootstrap, self.app_id, self.ingress, self._on_record,
+                undeliverable=self._undeliverable, instance_id=self.instance_id,
+                writes_to=(self.ingress, self.quota_topic, DLQ_TOPIC),
+                on_assigned=self._adopt_buckets, on_revoked=self._forget_buckets)
             serving = asyncio.create_task(self._ingress.run(), name="router ingress")
             ready = asyncio.create_task(self._ingress.ready.wait())
             await asyncio.wait([serving, ready], return_when=asyncio.FIRST_COMPLETED)
@@ -244,6 +241,23 @@ class Router:
             log.exception("router failed on %s[%d]@%d", record.topic, record.partition,
                           record.offset)
         self.metrics.handle.observe(time.perf_counter() - start)
+
+    async def _undeliverable(self, record: ConsumerRecord, exc: BaseException,
+                             sink: Sink) -> None:
+        """A record whose output the broker refuses every time (a forwarded request over a
+        requests topic's size limit, say): its dead letter is its answer."""
+        sink.on_commit(self.metrics.rejected.labels("undeliverable").inc)
+        reason = f"router: not deliverable: {exc!r}"
+        await self._dead_letter(sink, record, reason, "value", "undeliverable",
+                                max_value=_UNDELIVERABLE_VALUE_CHARS)
+        if (address := salvage_reply_address(record.value)) is not None:
+            rid, model, reply_to = address
+            tenant = self.keys.authenticate(_headers(record.headers).get(
+                API_KEY_HEADER, b"").decode(errors="replace"))
+            code = (ErrorCode.REQUEST_TOO_LARGE if isinstance(exc, MessageSizeTooLargeError)
+                    else ErrorCode.INTERNAL)
+            await self._reply(sink, reply_to, Result.failure(rid, model, code, reason),
+                              None if tenant is None else tenant.reply_prefix)
 
     async def handle(self, record: ConsumerRecord, sink: Sink) -> None:
         """Route one ingress record: everything it causes is written through `sink` (its
@@ -384,15 +398,16 @@ class Router:
             log.warning("error result %s not delivered to %r: %r", result.id, reply_to, exc)
 
     async def _dead_letter(self, sink: Sink, record: ConsumerRecord, reason: str,
-                           bad_field: str, kind: str) -> None:
+                           bad_field: str, kind: str, max_value: int | None = None) -> None:
         log.warning("refused %s[%d]@%d (%s): %s", record.topic, record.partition,
                     record.offset, kind, reason)
         key, value = record.key, record.value
+        text = value.decode(errors="replace") if value is not None else None
         letter = DeadLetter(
             reason=reason, bad_field=bad_field, source_topic=record.topic,
             partition=record.partition, offset=record.offset, component="router",
             key=key.decode(errors="replace") if key else None,
-            value=value.decode(errors="replace") if value is not None else None,
+            value=text if text is None or max_value is None else text[:max_value],
             timestamp=time.time())
         await sink.send(DLQ_TOPIC, key, encode(letter))
 

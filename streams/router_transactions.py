@@ -13,8 +13,9 @@ On assignment the new partitions' producers are started first (that fences their
 owner and ends its open transaction), then the committed offsets are read and the consumer
 is moved to them: records fetched from an older commit point are skipped by offset. A
 transaction that fails on a record (a topic that refuses it) is redone record by record,
-then without the record's best-effort writes (error replies); what still fails is the
-broker's fault and stops the router, which loses nothing: nothing of it was committed.
+then without the record's best-effort writes (error replies), then as the record's dead
+letter alone (`undeliverable`); what still fails is the broker's fault and stops the router,
+which loses nothing: nothing of it was committed.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Sink:
 
 
 Handler = Callable[[ConsumerRecord, Sink], Awaitable[None]]
+Undeliverable = Callable[[ConsumerRecord, BaseException, Sink], Awaitable[None]]
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -93,11 +95,12 @@ class TransactionalIngress:
     of its records), `on_revoked` after the revoked partitions' last transactions."""
 
     def __init__(self, bootstrap: str, group: str, topic: str, handle: Handler, *,
+                 undeliverable: Undeliverable | None = None,
                  instance_id: str | None = None, writes_to: tuple[str, ...] = (),
                  on_assigned: Callable[[set[TopicPartition]], Awaitable[None]] | None = None,
                  on_revoked: Callable[[set[TopicPartition]], None] | None = None) -> None:
         self.bootstrap, self.group, self.topic = bootstrap, group, topic
-        self._handle, self._writes_to = handle, writes_to
+        self._handle, self._undeliverable, self._writes_to = handle, undeliverable, writes_to
         self._on_assigned, self._on_revoked = on_assigned, on_revoked
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap, group_id=group, group_instance_id=instance_id,
@@ -165,26 +168,52 @@ class TransactionalIngress:
 
     async def _alone(self, producer: AIOKafkaProducer, tp: TopicPartition,
                      record: ConsumerRecord) -> None:
-        try:
-            await self._transaction(producer, tp, [record])
-            return
-        except FATAL:
-            raise
-        except KafkaError as exc:
-            log.warning("%s[%d]@%d: its transaction failed (%r); again without its error "
-                        "reply", tp.topic, tp.partition, record.offset, exc)
-        await self._transaction(producer, tp, [record], best_effort=False)  # else: the broker
+        """One record's transaction: as handled, then without its error reply; one that
+        fails every time would stop its partition for good, so then its dead letter (with,
+        then without, its error reply) is its answer. What fails after that is the broker."""
+        failure: BaseException | None = None
+
+        async def dead_letter(r: ConsumerRecord, sink: Sink) -> None:
+            assert self._undeliverable is not None and failure is not None
+            await self._undeliverable(r, failure, sink)
+
+        steps: list[tuple[Handler, bool]] = [(self._handle, True), (self._handle, False)]
+        if self._undeliverable is not None:
+            steps += [(dead_letter, True), (dead_letter, False)]
+        for i, (handle, best_effort) in enumerate(steps):
+            try:
+                await self._transaction(producer, tp, [record], best_effort, handle)
+                return
+            except FATAL:
+                raise
+            except KafkaError as exc:
+                if i == len(steps) - 1:
+                    raise
+                if handle is self._handle:
+                    failure = exc
+                log.warning("%s[%d]@%d: its transaction failed (%r); %s", tp.topic,
+                            tp.partition, record.offset, exc,
+                            "again without its error reply" if best_effort else
+                            "its dead letter instead")
 
     async def _transaction(self, producer: AIOKafkaProducer, tp: TopicPartition,
-                           records: list[ConsumerRecord], best_effort: bool = True) -> None:
+                           records: list[ConsumerRecord], best_effort: bool = True,
+                           handle: Handler | None = None) -> None:
         sink = Sink(producer, best_effort)
+        handle = handle or self._handle
         await producer.begin_transaction()
         try:
             for record in records:
-                await self._handle(record, sink)
-            await asyncio.gather(*sink.acks)
-            await producer.send_offsets_to_transaction(
-                {tp: OffsetAndMetadata(records[-1].offset + 1, "")}, self.group)
+                await handle(record, sink)
+            # The commit point goes in while the records are still being acknowledged (one
+            # round trip less); every ack is awaited before the commit: aiokafka would
+            # commit a transaction whose send failed.
+            outcomes = await asyncio.gather(*sink.acks, producer.send_offsets_to_transaction(
+                {tp: OffsetAndMetadata(records[-1].offset + 1, "")}, self.group),
+                return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
             await producer.commit_transaction()
         except BaseException:
             try:
@@ -243,9 +272,9 @@ class TransactionalIngress:
                 if point is not None and point.offset >= 0:
                     self._next[tp] = point.offset
                     self._consumer.seek(tp, point.offset)
-                else:  # nothing committed yet: from the beginning, as auto_offset_reset says
+                else:  # nothing committed: from the start (out of range: the earliest)
                     self._next[tp] = 0
-                    await self._consumer.seek_to_beginning(tp)
+                    self._consumer.seek(tp, 0)
         if self._on_assigned is not None:
             await self._on_assigned(assigned)
         log.info("router owns ingress partitions %s (%d fenced and taken over)",

@@ -436,3 +436,28 @@ async def test_sigterm_commits_and_leaves_the_group_at_once(client, unique, kafk
         await committed_at.close()
     assert {tp.partition: m.offset for tp, m in points.items()} == ends
     print(f"router stopped {stopped_in:.2f}s after SIGTERM, group empty, all committed")
+
+
+async def test_a_request_no_topic_accepts_is_dead_lettered_and_the_partition_moves_on(
+        router, client, unique, kafka_bootstrap, read_topic) -> None:
+    """A forwarded request its requests topic refuses (here: over the topic's size limit)
+    fails its transaction every time: it becomes a dead letter and an error result, and the
+    requests after it on the same partition are forwarded."""
+    dep, tenant = unique("small"), unique("big")
+    await ensure_topics(kafka_bootstrap, {requests_topic(dep): 1},
+                        configs={"max.message.bytes": "4000"})
+    api_key = await add_key(kafka_bootstrap, tenant)
+    big = await post_ingress(client, router.ingress, api_key, dep, tenant.encode(),
+                             prompt="x" * 6000)
+    after = [await post_ingress(client, router.ingress, api_key, dep, tenant.encode())
+             for _ in range(3)]
+    seen = await count_forwarded(kafka_bootstrap, [requests_topic(dep)], 3)
+    assert len(seen[requests_topic(dep)]) == 3
+    letters = await read_topic("ferry.dlq", 1, where=lambda m: m.key == tenant.encode()
+                               and b"not deliverable" in m.value)
+    letter = decode(letters[0].value)
+    assert letter["component"] == "router" and letter["source_topic"] == router.ingress
+    assert "MessageSizeTooLarge" in letter["reason"]
+    answer = await asyncio.wait_for(big, 30)
+    assert answer.error and answer.error.code is ErrorCode.REQUEST_TOO_LARGE
+    assert not any(f.done() for f in after)  # forwarded; no worker serves them
