@@ -95,8 +95,8 @@ class CompactedView:
         (the router calls it after fencing a partition's previous owner)."""
         assert self._consumer is not None, "start() first"
         ends = await self._consumer.end_offsets(list(self._consumer.assignment()))
-        if all(await self._consumer.position(tp) >= end for tp, end in ends.items()):
-            return  # read up to there already
+        if await self._read_up_to(ends):
+            return
         waiter: tuple[dict[TopicPartition, int], asyncio.Future[None]] = (
             ends, asyncio.get_running_loop().create_future())
         self._waiters.append(waiter)
@@ -139,10 +139,16 @@ class CompactedView:
                     del self._targets[tp]
             if not self._targets and not self._caught_up.is_set():
                 self._caught_up.set()
-            for waiter in list(self._waiters):
-                if all(await self._consumer.position(tp) >= end
-                       for tp, end in waiter[0].items()) and not waiter[1].done():
-                    waiter[1].set_result(None)
+            for ends, reached in list(self._waiters):
+                if not reached.done() and await self._read_up_to(ends):
+                    reached.set_result(None)
+
+    async def _read_up_to(self, ends: dict[TopicPartition, int]) -> bool:
+        assert self._consumer is not None
+        for tp, end in ends.items():
+            if await self._consumer.position(tp) < end:
+                return False
+        return True
 
     def _apply(self, raw_key: bytes | None, raw_value: bytes | None) -> None:
         if raw_key is None:

@@ -154,20 +154,33 @@ class TransactionalIngress:
         records = [r for r in records if r.offset >= self._next.get(tp, 0)]
         if not records:
             return
-        producer = self._producers[tp]
         try:
-            await self._transaction(producer, tp, records)
+            await self._transaction(self._producers[tp], tp, records)
         except FATAL:
             raise  # another router owns the partition now: stop, never forward twice
         except KafkaError as exc:
             log.warning("transaction of %d records of %s[%d] failed (%r): one by one",
                         len(records), tp.topic, tp.partition, exc)
+            await self._renew(tp)
             for record in records:
-                await self._alone(producer, tp, record)
+                await self._alone(tp, record)
         self._next[tp] = records[-1].offset + 1
 
-    async def _alone(self, producer: AIOKafkaProducer, tp: TopicPartition,
-                     record: ConsumerRecord) -> None:
+    async def _renew(self, tp: TopicPartition) -> None:
+        """A new producer for the same id after a failed transaction: aiokafka counted the
+        sequence numbers of the batches the broker refused, so the old one's next batch to
+        those partitions would be refused as out of order. (Its epoch is fenced by this.)"""
+        await self._producers.pop(tp).stop()
+        producer = self._producer(tp)
+        await start_producer(producer, self._writes_to)
+        self._producers[tp] = producer
+
+    def _producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
+            transactional_id=transactional_id(self.group, tp), **client_options())
+
+    async def _alone(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         """One record's transaction: as handled, then without its error reply; one that
         fails every time would stop its partition for good, so then its dead letter (with,
         then without, its error reply) is its answer. What fails after that is the broker."""
@@ -182,13 +195,15 @@ class TransactionalIngress:
             steps += [(dead_letter, True), (dead_letter, False)]
         for i, (handle, best_effort) in enumerate(steps):
             try:
-                await self._transaction(producer, tp, [record], best_effort, handle)
+                await self._transaction(self._producers[tp], tp, [record], best_effort,
+                                        handle)
                 return
             except FATAL:
                 raise
             except KafkaError as exc:
                 if i == len(steps) - 1:
                     raise
+                await self._renew(tp)
                 if handle is self._handle:
                     failure = exc
                 log.warning("%s[%d]@%d: its transaction failed (%r); %s", tp.topic,
@@ -257,10 +272,7 @@ class TransactionalIngress:
                 self._producers[tp] = producer
             else:
                 await producer.stop()
-        new = {tp: AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
-            transactional_id=transactional_id(self.group, tp), **client_options())
-            for tp in assigned - set(self._producers)}
+        new = {tp: self._producer(tp) for tp in assigned - set(self._producers)}
         # Starting one fences its id's previous holder and ends that one's open transaction.
         await asyncio.gather(*(start_producer(p, self._writes_to) for p in new.values()))
         self._producers.update(new)

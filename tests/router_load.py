@@ -94,15 +94,15 @@ def committed_records(bootstrap: str, topic: str) -> list[tuple[bytes | None, by
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         tps = [TopicPartition(topic, p, 0) for p in partitions]
         consumer.assign(tps)
-        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in tps}
+        marks = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10) for tp in tps}
         records = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             positions = {tp.partition: tp.offset for tp in consumer.position(
                 [TopicPartition(topic, p) for p in partitions])}
             # A read_committed position stops at the last stable offset: below the end
-            # only while a transaction is still open.
-            if all(positions[p] >= ends[p] for p in ends):
+            # only while a transaction is still open. Nothing read yet: no position.
+            if all(max(positions[p], low) >= end for p, (low, end) in marks.items()):
                 break
             msg = consumer.poll(0.2)
             if msg is None or msg.error():
@@ -138,8 +138,11 @@ async def until(condition: Callable[[], bool], timeout: float, what: str) -> Non
         await asyncio.sleep(0.05)
 
 
-def _start(app_id: str, ingress: str, log: Path, bootstrap: str) -> tuple[RouterProcess, float]:
+def _start(app_id: str, ingress: str, log: Path, bootstrap: str,
+           instance_id: str | None) -> tuple[RouterProcess, float]:
     proc = RouterProcess(app_id, ingress, free_port(), log)  # a fresh log: its own ready line
+    if instance_id is not None:
+        proc.args += ["--instance-id", instance_id]
     started = time.monotonic()
     proc.start(bootstrap)
     return proc, time.monotonic() - started
@@ -147,10 +150,12 @@ def _start(app_id: str, ingress: str, log: Path, bootstrap: str) -> tuple[Router
 
 async def router_killed_mid_load(bootstrap: str, tmp: Path, unique: Callable[[str], str],
                                  n: int, name: str = "router SIGKILL",
-                                 rate: float = 250.0) -> RouterRow:
+                                 rate: float = 250.0,
+                                 instance_id: str | None = None) -> RouterRow:
     """Post n requests (one in eight keyed by nobody, so re-keyed) at `rate` per second
     through a router process; kill it with SIGKILL a third of the way and start a new one at
-    once; then count what was forwarded and charged."""
+    once (with `instance_id`: the same static member); then count what was forwarded and
+    charged."""
     tag = uuid.uuid4().hex[:8]
     app_id, ingress = f"ferry-router-kill-{tag}", f"ferry.ingress.kill-{tag}"
     dep = unique("routed")
@@ -162,7 +167,7 @@ async def router_killed_mid_load(bootstrap: str, tmp: Path, unique: Callable[[st
     procs: list[RouterProcess] = []
     try:
         proc, _ = await asyncio.to_thread(_start, app_id, ingress, tmp / "router-1.log",
-                                          bootstrap)
+                                          bootstrap, instance_id)
         procs.append(proc)
         tenant_of: dict[str, str] = {}
         posted_at: dict[str, float] = {}
@@ -183,7 +188,7 @@ async def router_killed_mid_load(bootstrap: str, tmp: Path, unique: Callable[[st
                     killed_at = time.monotonic()
                     await asyncio.to_thread(procs[0].process.wait, 10)
                     restart = asyncio.create_task(asyncio.to_thread(
-                        _start, app_id, ingress, tmp / "router-2.log", bootstrap))
+                        _start, app_id, ingress, tmp / "router-2.log", bootstrap, instance_id))
                 await asyncio.sleep(1 / rate)  # pacing the load, not waiting for a condition
             assert killed_at is not None and restart is not None, "killed before any load"
             proc, restart_ready = await restart

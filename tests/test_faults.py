@@ -260,6 +260,19 @@ async def test_router_sigkill(kafka_bootstrap, unique, tmp_path) -> None:
     assert row.recovery_s <= ROUTER_RECOVERY_BOUND_S, str(row)
 
 
+async def test_router_sigkill_static_member(kafka_bootstrap, unique, tmp_path) -> None:
+    """The same with `--instance-id`: the restart is the same static member, so it takes its
+    partitions back without waiting for the killed one's session to expire."""
+    from tests.router_load import router_killed_mid_load
+
+    row = await router_killed_mid_load(kafka_bootstrap, tmp_path, unique, n=1200,
+                                       name="router SIGKILL (static)",
+                                       instance_id="router-0")
+    assert row.lost == 0 and row.duplicated == 0, str(row)
+    assert row.quota_lost == 0 and row.quota_duplicated == 0, str(row)
+    assert row.recovery_s <= ROUTER_RECOVERY_BOUND_S, str(row)
+
+
 async def test_gateway_retries_same_id(router, start_worker, start_gateway, http, unique,
                                        kafka_bootstrap) -> None:
     """Half the calls go first to a backend with no worker yet: the gateway times the attempt
