@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python -m tests.bench.bench_push
 	$(BIN)/python -m tests.bench.bench_tp
 	$(BIN)/python -m tests.bench.bench_gateway
+	$(BIN)/python -m tests.bench.bench_router
 	$(BIN)/python -m tests.bench.bench_shadow
 	$(BIN)/python -m tests.bench.bench_streaming
 	$(BIN)/python -m tests.bench.bench_metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from datetime import datetime, timezone
 from typing import Any
@@ -15,8 +16,13 @@ from workers.metrics_server import add_metrics_port
 def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
     router = sub.add_parser("router", help="the router stream: ingress -> auth, quota, route")
     router.add_argument("--app-id", default="ferry-router",
-                        help="faust app id (consumer group and quota changelog names)")
+                        help="app id: consumer group, transactional ids and quota topic")
     router.add_argument("--ingress", default=None, help="ingress topic (default ferry.ingress)")
+    router.add_argument("--instance-id", default=os.environ.get("FERRY_ROUTER_INSTANCE_ID"),
+                        help="static group membership: a name unique among the app's routers "
+                             "and kept across restarts (a StatefulSet pod name); its restart "
+                             "takes its partitions back without waiting for the session "
+                             "timeout ($FERRY_ROUTER_INSTANCE_ID; default none)")
     add_metrics_port(router, "router")
     router.add_argument("--log-level", default="WARNING")
     bootstrap_arg(router)
@@ -66,7 +72,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
         run_router(args.bootstrap or default_bootstrap(), app_id=args.app_id,
                    ingress=args.ingress or INGRESS_TOPIC, metrics_port=args.metrics_port,
-                   loglevel=args.log_level)
+                   loglevel=args.log_level, instance_id=args.instance_id)
         return 0
     if args.command == "keys":
         return run_command(_keys(args))

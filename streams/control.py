@@ -63,11 +63,15 @@ class CompactedView:
         self._reader: asyncio.Task | None = None
         self._caught_up = asyncio.Event()
         self._targets: dict[TopicPartition, int] = {}
+        self._waiters: list[tuple[dict[TopicPartition, int], asyncio.Future[None]]] = []
 
     async def start(self, timeout_s: float = 30.0) -> None:
         await ensure_control_topic(self.bootstrap, self.topic)
+        # read_committed: a table may be written in transactions (the router's quota
+        # buckets), and a record of an aborted one never happened.
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                          enable_auto_commit=False, fetch_max_wait_ms=100)
+                                          enable_auto_commit=False, fetch_max_wait_ms=100,
+                                          isolation_level="read_committed")
         await self._consumer.start()
         tps = await topic_partitions(self._consumer, self.topic)
         self._consumer.assign(tps)
@@ -85,6 +89,21 @@ class CompactedView:
             if self.failure is not None:
                 raise self.failure
             raise TimeoutError(f"{self.topic}: not read up to its end within {timeout_s:g}s")
+
+    async def sync(self, timeout_s: float = 30.0) -> None:
+        """Return once everything committed to the topic before this call has been read
+        (the router calls it after fencing a partition's previous owner)."""
+        assert self._consumer is not None, "start() first"
+        ends = await self._consumer.end_offsets(list(self._consumer.assignment()))
+        if await self._read_up_to(ends):
+            return
+        waiter: tuple[dict[TopicPartition, int], asyncio.Future[None]] = (
+            ends, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter[1]), timeout_s)
+        finally:
+            self._waiters.remove(waiter)
 
     @property
     def healthy(self) -> bool:
@@ -113,10 +132,23 @@ class CompactedView:
                     except Exception:  # one bad record (or callback) must not stop the table
                         log.exception("%s: record at offset %d not applied", self.topic,
                                       record.offset)
-                    if record.offset + 1 >= self._targets.get(tp, 0):
-                        self._targets.pop(tp, None)
+            # By position, not by record offsets: transaction markers take offsets too, and
+            # the last one written is never a record.
+            for tp, target in list(self._targets.items()):
+                if await self._consumer.position(tp) >= target:
+                    del self._targets[tp]
             if not self._targets and not self._caught_up.is_set():
                 self._caught_up.set()
+            for ends, reached in list(self._waiters):
+                if not reached.done() and await self._read_up_to(ends):
+                    reached.set_result(None)
+
+    async def _read_up_to(self, ends: dict[TopicPartition, int]) -> bool:
+        assert self._consumer is not None
+        for tp, end in ends.items():
+            if await self._consumer.position(tp) < end:
+                return False
+        return True
 
     def _apply(self, raw_key: bytes | None, raw_value: bytes | None) -> None:
         if raw_key is None:

@@ -1,23 +1,26 @@
 """The router stream: `ferry.ingress` -> auth -> quota -> route -> `ferry.requests.<deployment>`.
 
-A faust-streaming agent reads requests that producers (and the gateway) post with their API
-key in the `ferry-api-key` header. Per request it authenticates the key against the live
-key table, resolves the model alias to a deployment (or takes the one pinned by the
+The router reads requests that producers (and the gateway) post with their API key in the
+`ferry-api-key` header. Per request it authenticates the key against the live key table,
+resolves the model alias to a deployment (or takes the one pinned by the
 `ferry-deployment` header), charges the tenant's token buckets, and forwards the request
 with its batch key. A request it refuses gets an error result on its `reply_to` and a
 dead-letter record with the reason; nothing is dropped silently.
 
+Exactly once: everything the router writes because of one ingress record (the forwarded
+request, mirror copies, the quota bucket's new state, a dead letter, an error reply, a
+re-keyed re-post) goes into its ingress partition's transaction together with the
+partition's commit point (`streams/router_transactions.py`), so a router killed at any
+moment forwards nothing twice to `read_committed` readers (every Ferry reader is one) and
+charges no quota twice. (Not faust: its exactly-once mode derives transactional ids from
+output partitions, which fences nothing here.)
+
 Quotas are exact because one router owns each tenant: ingress is keyed by tenant, so one
 partition (one router) sees all of a tenant's requests. A message keyed otherwise (a
 producer that does not know its tenant) is re-posted keyed by its tenant first. Bucket
-state is written through to a compacted topic (`<app id>.quotas`) and read back on start,
-so it survives a restart. (Not a faust Table: with aiokafka 0.14, a restarted router whose
-table had a changelog to restore sometimes never fetched its ingress partition again; seen
-here in 1 of 3 restarts.) Retries (`ferry-attempt` > 1) are not charged again.
-
-Agent concurrency stays 1: faust-streaming's offset commit is unsafe with concurrency > 1,
-and one router handles thousands of requests a second; scale out with more routers (more
-ingress partitions).
+state is written to a compacted topic (`<app id>.quotas`) in the same transaction and read
+back on start and on every new partition, so it survives a restart and a hand-over.
+Retries (`ferry-attempt` > 1) are not charged again.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import asyncio
 import dataclasses
 import logging
 import math
+import signal
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any
+from functools import partial
 
-import faust
-from aiokafka.errors import KafkaError
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -50,6 +55,7 @@ from streams.control import CompactedView
 from streams.keys import KeyRing, Tenant
 from streams.quota import admit, estimate_tokens
 from streams.registry import Registry
+from streams.router_transactions import Sink, TransactionalIngress
 from streams.routes import RouteTable
 from streams.shadow import Shadow, ShadowTable
 from workers.metrics_server import BoundedLabel, serve_metrics
@@ -58,6 +64,9 @@ from workers.topic_admin import ensure_topics
 log = logging.getLogger("ferry.router")
 
 _REPLY_TIMEOUT_S = 10.0
+# An undeliverable record may be one too large to write anywhere: its dead letter keeps a
+# prefix of it (its topic, partition and offset name the whole).
+_UNDELIVERABLE_VALUE_CHARS = 64 * 1024
 
 
 class RouterMetrics:
@@ -124,41 +133,65 @@ class _Refusal(Exception):
 
 
 class Router:
-    """One router instance: a faust app with one agent; quota buckets in a compacted topic."""
+    """One router instance: a transactional ingress reader; quota buckets in a compacted
+    topic."""
 
     def __init__(self, bootstrap: str, *, app_id: str = "ferry-router",
-                 ingress: str = INGRESS_TOPIC, registry: CollectorRegistry | None = None) -> None:
-        self.bootstrap, self.ingress = bootstrap, ingress
+                 ingress: str = INGRESS_TOPIC, registry: CollectorRegistry | None = None,
+                 instance_id: str | None = None) -> None:
+        self.bootstrap, self.app_id, self.ingress = bootstrap, app_id, ingress
+        self.instance_id = instance_id
         self.quota_topic = f"{app_id}.quotas"
         registry = registry if registry is not None else CollectorRegistry()
         self.metrics = RouterMetrics(registry)
         registry.register(RouteGauges(self))
-        self.app = faust.App(
-            app_id, broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False,
-            topic_partitions=INGRESS_PARTITIONS, consumer_auto_offset_reset="earliest",
-            producer_acks=-1, stream_wait_empty=False, broker_commit_every=100,
-            broker_commit_interval=1.0,
-            # A killed router's partitions move to the others (or its restart) after the
-            # broker's minimum session timeout, not faust's default of a minute.
-            broker_session_timeout=6.0, broker_heartbeat_interval=1.0)
-        self.topic = self.app.topic(ingress, key_type=bytes, value_type=bytes,
-                                    key_serializer="raw", value_serializer="raw",
-                                    partitions=INGRESS_PARTITIONS)
-        self._ready = asyncio.Event()
-        self.app.task(self._start_views)
-        self.app.on_before_shutdown.connect(self._close_views)
-        self.app.on_partitions_revoked.connect(self._forget_buckets)
+        self._ready = asyncio.Event()  # the control tables are read
         self._buckets: dict[str, dict[str, float]] = {}  # tenants this router charged
         self._mirror_topics: set[str] = set()  # created already
         self._reply_topics: set[str] = set()  # created already
-        self.app.agent(self.topic, name="route")(self._route_stream)
+        self._ingress: TransactionalIngress | None = None
+        self._failure: BaseException | None = None
+        self._stopping = asyncio.Event()
 
-    keys: KeyRing  # built when the app starts: Kafka clients belong to faust's loop
+    keys: KeyRing  # built in run(): Kafka clients belong to the serving loop
     routes: RouteTable
     catalog: DeploymentCatalog
     quotas: CompactedView  # tenant -> bucket state
     shadows: ShadowTable
     registry: Registry
+
+    def stop(self) -> None:
+        """Finish the transaction under way, leave the group, stop (`run` returns)."""
+        self._stopping.set()
+        if self._ingress is not None:
+            self._ingress.stop()
+
+    async def run(self) -> None:
+        """Route until `stop()`; raise when a control table reader died (after stopping)."""
+        await ensure_topics(self.bootstrap, {self.ingress: INGRESS_PARTITIONS,
+                                             DLQ_TOPIC: INGRESS_PARTITIONS})
+        try:
+            await self._start_views()
+            if self._stopping.is_set():
+                return
+            self._ingress = TransactionalIngress(
+                self.bootstrap, self.app_id, self.ingress, self._on_record,
+                undeliverable=self._undeliverable, instance_id=self.instance_id,
+                writes_to=(self.ingress, self.quota_topic, DLQ_TOPIC),
+                on_assigned=self._adopt_buckets, on_revoked=self._forget_buckets)
+            serving = asyncio.create_task(self._ingress.run(), name="router ingress")
+            ready = asyncio.create_task(self._ingress.ready.wait())
+            await asyncio.wait([serving, ready], return_when=asyncio.FIRST_COMPLETED)
+            if ready.done():
+                log.info("router ready: ingress=%s, %d routes, %d keys", self.ingress,
+                         len(self.routes.aliases()), len(self.keys.listing()))
+            else:
+                ready.cancel()
+            await serving
+        finally:
+            await self._close_views()
+        if self._failure is not None:
+            raise self._failure
 
     async def _start_views(self) -> None:
         self.keys = KeyRing(self.bootstrap)
@@ -173,61 +206,85 @@ class Router:
         await asyncio.gather(self.keys.start(), self.routes.start(), self.catalog.start(),
                              self.quotas.start(), self.shadows.start(), self.registry.start())
         self._ready.set()
-        log.info("router ready: ingress=%s, %d routes, %d keys", self.ingress,
-                 len(self.routes.aliases()), len(self.keys.listing()))
 
     def _view_died(self, exc: BaseException) -> None:
         # Routing on a table that stopped following (revoked keys still valid, old routes)
         # is worse than not routing: stop, so the supervisor restarts a router that reads.
         log.error("router stopping: a control table reader died: %r", exc)
-        asyncio.ensure_future(self.app.crash(exc))
+        if self._failure is None:
+            self._failure = exc
+        self.stop()
 
-    async def _forget_buckets(self, *_: Any, **__: Any) -> None:
+    def _forget_buckets(self, _revoked: set[TopicPartition]) -> None:
         # Tenants may move to another router: from now on its writes (via the topic) count.
         self._buckets.clear()
 
-    async def _close_views(self, *_: Any, **__: Any) -> None:
+    async def _adopt_buckets(self, _assigned: set[TopicPartition]) -> None:
+        # The previous owners are fenced now: their last committed bucket states are final,
+        # and read before this router charges any of their tenants.
+        await self.quotas.sync()
+
+    async def _close_views(self) -> None:
         if self._ready.is_set():
             await asyncio.gather(self.keys.close(), self.routes.close(), self.catalog.close(),
                                  self.quotas.close(), self.shadows.close(),
                                  self.registry.close(),
                                  return_exceptions=True)
 
-    async def _route_stream(self, stream: Any) -> None:
-        await self._ready.wait()
-        async for event in stream.events():
-            start = time.perf_counter()
-            try:
-                await self.handle(event.key, event.value, _headers(event.headers), event.message)
-            except Exception:  # a bug or a broker failure: log it, never kill the agent
-                log.exception("router failed on %s[%d]@%d", event.message.topic,
-                              event.message.partition, event.message.offset)
-            self.metrics.handle.observe(time.perf_counter() - start)
+    async def _on_record(self, record: ConsumerRecord, sink: Sink) -> None:
+        start = time.perf_counter()
+        try:
+            await self.handle(record, sink)
+        except KafkaError:
+            raise  # the transaction's: redone, or the router stops
+        except Exception:  # a bug: log it, never stop routing the partition
+            log.exception("router failed on %s[%d]@%d", record.topic, record.partition,
+                          record.offset)
+        self.metrics.handle.observe(time.perf_counter() - start)
 
-    async def handle(self, key: bytes | None, value: bytes | None, headers: dict[str, bytes],
-                     message: Any) -> None:
+    async def _undeliverable(self, record: ConsumerRecord, exc: BaseException,
+                             sink: Sink) -> None:
+        """A record whose output the broker refuses every time (a forwarded request over a
+        requests topic's size limit, say): its dead letter is its answer."""
+        sink.on_commit(self.metrics.rejected.labels("undeliverable").inc)
+        reason = f"router: not deliverable: {exc!r}"
+        await self._dead_letter(sink, record, reason, "value", "undeliverable",
+                                max_value=_UNDELIVERABLE_VALUE_CHARS)
+        if (address := salvage_reply_address(record.value)) is not None:
+            rid, model, reply_to = address
+            tenant = self.keys.authenticate(_headers(record.headers).get(
+                API_KEY_HEADER, b"").decode(errors="replace"))
+            code = (ErrorCode.REQUEST_TOO_LARGE if isinstance(exc, MessageSizeTooLargeError)
+                    else ErrorCode.INTERNAL)
+            await self._reply(sink, reply_to, Result.failure(rid, model, code, reason),
+                              None if tenant is None else tenant.reply_prefix)
+
+    async def handle(self, record: ConsumerRecord, sink: Sink) -> None:
+        """Route one ingress record: everything it causes is written through `sink` (its
+        partition's transaction) and counted once that commits."""
+        value, headers = record.value, _headers(record.headers)
         try:
             request = decode_request(value)
         except SchemaError as exc:
-            await self._dead_letter(message, key, value, str(exc), exc.field, "invalid")
+            await self._dead_letter(sink, record, str(exc), exc.field, "invalid")
             if (address := salvage_reply_address(value)) is not None:
                 rid, model, reply_to = address
-                await self._reply(reply_to, Result.failure(
+                await self._reply(sink, reply_to, Result.failure(
                     rid, model, ErrorCode.INVALID_REQUEST, str(exc)), None)
             return
         tenant: Tenant | None = None
         try:
             tenant = self._authenticate(headers)
-            await self._forward(request, tenant, key, value, headers, message)
+            await self._forward(sink, request, tenant, record, headers)
         except _Refusal as refusal:
-            self.metrics.rejected.labels(refusal.code.value).inc()
+            sink.on_commit(self.metrics.rejected.labels(refusal.code.value).inc)
             if tenant is not None:
-                self.metrics.tenant_rejected.labels(self.metrics.tenant(tenant.name),
-                                                    refusal.code.value).inc()
-            await self._dead_letter(message, key, value, refusal.message, refusal.bad_field,
+                sink.on_commit(self.metrics.tenant_rejected.labels(
+                    self.metrics.tenant(tenant.name), refusal.code.value).inc)
+            await self._dead_letter(sink, record, refusal.message, refusal.bad_field,
                                     refusal.code.value)
             # Never on an internal topic; a known tenant only on its own reply topics.
-            await self._reply(request.reply_to, Result.failure(
+            await self._reply(sink, request.reply_to, Result.failure(
                 request.id, request.model, refusal.code, refusal.message, refusal.retry_after_s),
                 None if tenant is None else tenant.reply_prefix)
 
@@ -239,20 +296,20 @@ class Router:
                            API_KEY_HEADER)
         return tenant
 
-    async def _forward(self, request: Request, tenant: Tenant, key: bytes | None,
-                       value: bytes | None, headers: dict[str, bytes], message: Any) -> None:
+    async def _forward(self, sink: Sink, request: Request, tenant: Tenant,
+                       record: ConsumerRecord, headers: dict[str, bytes]) -> None:
         if (problem := reply_topic_problem(request.reply_to, tenant.reply_prefix)) is not None:
             raise _Refusal(ErrorCode.INVALID_REQUEST, problem, "reply_to")
         if request.stream_to is not None and (problem := stream_topic_problem(
                 request.stream_to, request.reply_to, tenant.reply_prefix)) is not None:
             raise _Refusal(ErrorCode.INVALID_REQUEST, problem, "stream_to")
-        if key != tenant.name.encode():
+        if record.key != tenant.name.encode():
             # Quota state lives with the tenant's partition: move the request there first.
-            self.metrics.rekeyed.inc()
-            await self.app.producer.send(self.ingress, tenant.name.encode(), value, None, None,
-                                         list(headers.items()))
+            sink.on_commit(self.metrics.rekeyed.inc)
+            await sink.send(self.ingress, tenant.name.encode(), record.value,
+                            list(headers.items()))
             return
-        posted = request.created_at or message.timestamp  # faust: seconds
+        posted = request.created_at or record.timestamp / 1000
         pinned = headers.get(DEPLOYMENT_HEADER, b"").decode(errors="replace")
         deployment = pinned or await self._pick(request, posted)
         if not deployment or not await self.catalog.exists(deployment, posted):
@@ -260,37 +317,41 @@ class Router:
                            f"model: {deployment or request.model!r} is not served by any "
                            "deployment", "model")
         if _attempt(headers) <= 1:
-            now = time.time()
-            state = self._buckets.get(tenant.name) or self.quotas.values.get(tenant.name)
-            text = request.prompt if request.messages is None else messages_text(
-                request.messages)  # rendered by the worker, a few tokens longer
-            charged = estimate_tokens(text, request.input_ids, request.max_new_tokens)
-            verdict = admit(state, tenant, charged, now)
-            if not verdict.allowed:
-                retry = None if math.isinf(verdict.retry_after_s) else round(
-                    verdict.retry_after_s, 3)
-                raise _Refusal(ErrorCode.QUOTA_EXCEEDED, f"quota: {verdict.reason}", "quota",
-                               retry)
-            # Kept here for the next request (the topic's copy arrives later, and older
-            # records may still be on their way); the topic keeps it for a restart (faust
-            # flushes it before the ingress offset is committed).
-            self._buckets[tenant.name] = verdict.state
-            await self.app.producer.send(self.quota_topic, tenant.name.encode(),
-                                         encode(verdict.state), None, None, None)
-            self.metrics.tenant_tokens.labels(self.metrics.tenant(tenant.name)).inc(charged)
+            await self._charge(sink, request, tenant)
         forwarded = dataclasses.replace(request, model=deployment, created_at=posted)
         shadow = self.shadows.get(request.model) if _attempt(headers) <= 1 else None
         if shadow is not None and not shadow.mirrors(request.id):
             shadow = None
         marks = [(MIRRORED_HEADER, ",".join(shadow.candidates).encode())] if shadow else None
-        await self.app.producer.send(
-            requests_topic(deployment), batch_key(forwarded, deployment).encode(),
-            encode(forwarded.to_dict()), None, None, marks)
-        self.metrics.routed.labels(request.model, deployment).inc()
-        self.metrics.tenant_requests.labels(self.metrics.tenant(tenant.name),
-                                            self.metrics.model(request.model)).inc()
+        await sink.send(requests_topic(deployment), batch_key(forwarded, deployment).encode(),
+                        encode(forwarded.to_dict()), marks)
+        sink.on_commit(self.metrics.routed.labels(request.model, deployment).inc)
+        sink.on_commit(self.metrics.tenant_requests.labels(
+            self.metrics.tenant(tenant.name), self.metrics.model(request.model)).inc)
         if shadow is not None:
-            await self._mirror(forwarded, shadow, deployment)
+            await self._mirror(sink, forwarded, shadow, deployment)
+
+    async def _charge(self, sink: Sink, request: Request, tenant: Tenant) -> None:
+        """Take the request from the tenant's buckets, or refuse it. The new state is kept
+        in the sink for the transaction's next requests, and in memory once committed (the
+        topic's copy arrives later); the topic keeps it for a restart."""
+        now = time.time()
+        state = (sink.staged.get(tenant.name) or self._buckets.get(tenant.name)
+                 or self.quotas.values.get(tenant.name))
+        text = request.prompt if request.messages is None else messages_text(
+            request.messages)  # rendered by the worker, a few tokens longer
+        charged = estimate_tokens(text, request.input_ids, request.max_new_tokens)
+        verdict = admit(state, tenant, charged, now)
+        if not verdict.allowed:
+            retry = None if math.isinf(verdict.retry_after_s) else round(
+                verdict.retry_after_s, 3)
+            raise _Refusal(ErrorCode.QUOTA_EXCEEDED, f"quota: {verdict.reason}", "quota",
+                           retry)
+        sink.staged[tenant.name] = verdict.state
+        sink.on_commit(partial(self._buckets.__setitem__, tenant.name, verdict.state))
+        await sink.send(self.quota_topic, tenant.name.encode(), encode(verdict.state))
+        sink.on_commit(partial(self.metrics.tenant_tokens.labels(
+            self.metrics.tenant(tenant.name)).inc, charged))
 
     async def _pick(self, request: Request, posted: float) -> str | None:
         """The routed backend that exists and takes new requests (deployed checkpoints do so
@@ -303,9 +364,10 @@ class Router:
             tried.add(deployment)
         return None
 
-    async def _mirror(self, forwarded: Request, shadow: Shadow, primary: str) -> None:
-        """Copy a request to each candidate's mirror topic: fire-and-forget, after the primary
-        is on its way, so a slow or absent candidate never delays the answer."""
+    async def _mirror(self, sink: Sink, forwarded: Request, shadow: Shadow,
+                      primary: str) -> None:
+        """Copy a request to each candidate's mirror topic (in the same transaction as the
+        primary; a slow or absent candidate never delays the answer: nobody waits for it)."""
         for candidate in shadow.candidates:
             if candidate == primary:
                 continue
@@ -314,12 +376,12 @@ class Router:
                 await ensure_topics(self.bootstrap, {topic: INGRESS_PARTITIONS})
                 self._mirror_topics.add(topic)
             copy = dataclasses.replace(forwarded, model=candidate)
-            await self.app.producer.send(topic, batch_key(copy, candidate).encode(),
-                                         encode(copy.to_dict()), None, None,
-                                         [(PRIMARY_HEADER, primary.encode())])
-            self.metrics.mirrored.labels(shadow.alias, candidate).inc()
+            await sink.send(topic, batch_key(copy, candidate).encode(), encode(copy.to_dict()),
+                            [(PRIMARY_HEADER, primary.encode())])
+            sink.on_commit(self.metrics.mirrored.labels(shadow.alias, candidate).inc)
 
-    async def _reply(self, reply_to: str, result: Result, prefix: str | None) -> None:
+    async def _reply(self, sink: Sink, reply_to: str, result: Result,
+                     prefix: str | None) -> None:
         """An error result on the caller's reply topic, if results may go there at all (the
         refusal's dead letter is the answer otherwise)."""
         if reply_topic_problem(reply_to, prefix) is not None:
@@ -331,27 +393,28 @@ class Router:
                     # topic) fails here at once instead of stalling the send.
                     await ensure_topics(self.bootstrap, {reply_to: INGRESS_PARTITIONS})
                     self._reply_topics.add(reply_to)
-                await self.app.producer.send(reply_to, result.id.encode(), encode(result), None,
-                                             None, None)
+                await sink.send(reply_to, result.id.encode(), encode(result), best_effort=True)
         except (KafkaError, TimeoutError) as exc:  # the dead letter is already written
             log.warning("error result %s not delivered to %r: %r", result.id, reply_to, exc)
 
-    async def _dead_letter(self, message: Any, key: bytes | None, value: bytes | None,
-                           reason: str, bad_field: str, kind: str) -> None:
-        log.warning("refused %s[%d]@%d (%s): %s", message.topic, message.partition,
-                    message.offset, kind, reason)
+    async def _dead_letter(self, sink: Sink, record: ConsumerRecord, reason: str,
+                           bad_field: str, kind: str, max_value: int | None = None) -> None:
+        log.warning("refused %s[%d]@%d (%s): %s", record.topic, record.partition,
+                    record.offset, kind, reason)
+        key, value = record.key, record.value
+        text = value.decode(errors="replace") if value is not None else None
         letter = DeadLetter(
-            reason=reason, bad_field=bad_field, source_topic=message.topic,
-            partition=message.partition, offset=message.offset, component="router",
+            reason=reason, bad_field=bad_field, source_topic=record.topic,
+            partition=record.partition, offset=record.offset, component="router",
             key=key.decode(errors="replace") if key else None,
-            value=value.decode(errors="replace") if value is not None else None,
+            value=text if text is None or max_value is None else text[:max_value],
             timestamp=time.time())
-        await self.app.producer.send(DLQ_TOPIC, key, encode(letter), None, None, None)
+        await sink.send(DLQ_TOPIC, key, encode(letter))
 
 
-def _headers(raw: Any) -> dict[str, bytes]:
-    items = raw.items() if isinstance(raw, dict) else (raw or [])
-    return {str(k).lower(): (v if isinstance(v, bytes) else str(v).encode()) for k, v in items}
+def _headers(raw: Iterable[tuple[str, bytes]] | None) -> dict[str, bytes]:
+    return {str(k).lower(): (v if isinstance(v, bytes) else str(v).encode())
+            for k, v in (raw or [])}
 
 
 def _attempt(headers: dict[str, bytes]) -> int:
@@ -362,12 +425,25 @@ def _attempt(headers: dict[str, bytes]) -> int:
 
 
 def run_router(bootstrap: str, *, app_id: str = "ferry-router", ingress: str = INGRESS_TOPIC,
-               metrics_port: int | None = None, loglevel: str = "WARNING") -> None:
-    """Run one router until SIGTERM/SIGINT (faust's worker owns the loop and the signals)."""
-    # The ingress topic exists before faust subscribes, with the partitions the table needs.
-    asyncio.run(ensure_topics(bootstrap, {ingress: INGRESS_PARTITIONS}))
+               metrics_port: int | None = None, loglevel: str = "WARNING",
+               instance_id: str | None = None) -> None:
+    """Run one router until SIGTERM/SIGINT (then it finishes the transaction under way and
+    leaves the group at once); exits 1 when a control table reader died."""
+    logging.getLogger().setLevel(loglevel.upper())
     registry = CollectorRegistry()
-    router = Router(bootstrap, app_id=app_id, ingress=ingress, registry=registry)
     serve_metrics(metrics_port, registry)
-    worker = faust.Worker(router.app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
+
+    async def serve() -> None:
+        router = Router(bootstrap, app_id=app_id, ingress=ingress, registry=registry,
+                        instance_id=instance_id)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, router.stop)
+        await router.run()
+        log.info("router stopped: ingress=%s", ingress)
+
+    try:
+        asyncio.run(serve())
+    except Exception as exc:
+        log.error("router failed: %r", exc)
+        raise SystemExit(1) from exc

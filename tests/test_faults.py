@@ -241,3 +241,101 @@ async def test_rebalance_churn(kafka_bootstrap, tiny_model, unique) -> None:
         return []
 
     check(await run("rebalance churn", kafka_bootstrap, tiny_model, unique, churn, n=90))
+
+
+# ---- router (its own rows: no workers, the forwarded requests are counted) -------------
+
+ROUTER_RECOVERY_BOUND_S = 15.0  # goal ~10 s: the broker's 6 s session timeout + a restart
+
+
+async def test_router_sigkill(kafka_bootstrap, unique, tmp_path) -> None:
+    """A router killed with SIGKILL mid-load and restarted at once: every request forwarded
+    exactly once (as a read_committed reader of the requests topic counts them), each charged
+    to its tenant's quota exactly once, and forwarding again within the bound."""
+    from tests.router_load import router_killed_mid_load
+
+    row = await router_killed_mid_load(kafka_bootstrap, tmp_path, unique, n=1200)
+    assert row.lost == 0 and row.duplicated == 0, str(row)
+    assert row.quota_lost == 0 and row.quota_duplicated == 0, str(row)
+    assert row.recovery_s <= ROUTER_RECOVERY_BOUND_S, str(row)
+
+
+async def test_router_sigkill_static_member(kafka_bootstrap, unique, tmp_path) -> None:
+    """The same with `--instance-id`: the restart is the same static member, so it takes its
+    partitions back without waiting for the killed one's session to expire."""
+    from tests.router_load import router_killed_mid_load
+
+    row = await router_killed_mid_load(kafka_bootstrap, tmp_path, unique, n=1200,
+                                       name="router SIGKILL (static)",
+                                       instance_id="router-0")
+    assert row.lost == 0 and row.duplicated == 0, str(row)
+    assert row.quota_lost == 0 and row.quota_duplicated == 0, str(row)
+    assert row.recovery_s <= ROUTER_RECOVERY_BOUND_S, str(row)
+
+
+async def test_gateway_retries_same_id(router, start_worker, start_gateway, http, unique,
+                                       kafka_bootstrap) -> None:
+    """Half the calls go first to a backend with no worker yet: the gateway times the attempt
+    out and retries the same request id on the other backend. Every caller gets exactly one
+    answer and every request is charged once (a retry is not charged again). On the raw reply
+    topic an id can still carry two results: the late backend's worker, started afterwards,
+    answers the first attempt too (its cancel was published before that worker read
+    `ferry.cancels`). The row counts them; they must be exactly the retries."""
+    from aiokafka import TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from schemas.topics import worker_group
+    from streams.gateway import GATEWAY
+    from streams.keys import add_key
+    from streams.routes import set_route
+    from tests.router_load import committed_records
+    from workers.topic_admin import ensure_topics
+
+    late, live, alias = unique("late"), unique("live"), unique("alias")
+    await ensure_topics(kafka_bootstrap, {f"ferry.requests.{late}": 1})
+    await start_worker(live)
+    await set_route(kafka_bootstrap, alias, {late: 50, live: 50})
+    tenant = unique("retry")
+    api_key = await add_key(kafka_bootstrap, tenant)
+    gw = await start_gateway(auth=True, ingress=router.ingress, attempt_timeout_s=3.0)
+    n = 24
+    auth = {"Authorization": f"Bearer {api_key}"}
+
+    async def call(i: int) -> dict:
+        async with http.post(f"{gw.url}/v1/completions", headers=auth,
+                             json={"model": alias, "prompt": f"call {i}",
+                                   "max_tokens": 3}) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+    answers = await asyncio.gather(*(call(i) for i in range(n)))
+    assert {a["model"] for a in answers} == {live}
+    retries = gw.registry.get_sample_value("ferry_gateway_retries_total", {"alias": alias})
+    assert retries and retries >= 1
+    await start_worker(late)  # serves the first attempts still queued for it
+    records = await asyncio.to_thread(committed_records, kafka_bootstrap,
+                                      f"ferry.requests.{late}")
+    ends = {TopicPartition(f"ferry.requests.{late}", p): max(
+        o for _, _, q, o in records if q == p) + 1 for _, _, p, _ in records}
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until the late worker has answered its whole queue (and committed)
+            done = await admin.list_consumer_group_offsets(worker_group(late))
+            if all(tp in done and done[tp].offset >= end for tp, end in ends.items()):
+                break
+            assert time.monotonic() < deadline, "the late worker never answered its queue"
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+    replies = Counter(orjson.loads(v)["id"] for _, v, _, _ in await asyncio.to_thread(
+        committed_records, kafka_bootstrap, gw.app[GATEWAY].reply_to))
+    charges = sum(1 for k, _, _, _ in await asyncio.to_thread(
+        committed_records, kafka_bootstrap, f"{router.app_id}.quotas") if k == tenant.encode())
+    twice = sum(1 for c in replies.values() if c > 1)
+    print(f"\n[faults] {'gateway retries same id':<28} N={n:<4} answers={len(answers)} "
+          f"retries={retries:.0f} charged={charges} ids with 2 results on the reply topic="
+          f"{twice} (max {max(replies.values())})")
+    assert len(replies) == n and charges == n
+    assert twice == retries and max(replies.values()) == 2

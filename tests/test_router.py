@@ -12,7 +12,8 @@ import uuid
 
 import openai
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from ferry.broker import free_port
 from schemas import ErrorCode, Request, Result, decode, decode_request, requests_topic
@@ -21,9 +22,11 @@ from streams.client import FerryClient
 from streams.gateway import GATEWAY
 from streams.keys import KeyRing, Tenant, add_key, revoke_key
 from streams.quota import admit, estimate_tokens
+from streams.router_transactions import Sink, TransactionalIngress
 from streams.routes import parse_weights, pick, set_route
 from tests.conftest import own_engine, wait_for
 from tests.harness import RouterProcess, post
+from tests.router_load import committed_records, router_killed_mid_load
 from workers.config import WorkerConfig
 from workers.engine import GenerationInput, SamplingParams
 from workers.topic_admin import ensure_topics
@@ -47,7 +50,8 @@ async def count_forwarded(bootstrap: str, topics: list[str], n: int,
                           timeout: float = 30.0) -> dict[str, list[Request]]:
     """Read requests from deployment topics until `n` in all (or the timeout)."""
     consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                isolation_level="read_committed")
     await consumer.start()
     seen: dict[str, list[Request]] = {t: [] for t in topics}
     try:
@@ -328,3 +332,132 @@ async def test_busy_deployment_gets_503_with_retry_after(start_gateway, http, un
     assert gw.registry.get_sample_value("ferry_gateway_rejections_total",
                                         {"reason": "overloaded"}) == 1
 
+
+
+# ---- exactly once, fail-over, graceful stop --------------------------------------------
+
+async def _read(bootstrap: str, topic: str, isolation: str, window_s: float) -> list[bytes]:
+    """Every value of `topic` a reader with `isolation` sees within `window_s`."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, isolation_level=isolation,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        deadline = time.monotonic() + window_s
+        while not values and time.monotonic() < deadline:
+            for msgs in (await consumer.getmany(timeout_ms=100)).values():
+                values += [m.value for m in msgs]
+    finally:
+        await consumer.stop()
+    return values
+
+
+async def test_forwarded_records_are_visible_only_once_committed(kafka_bootstrap,
+                                                                 unique) -> None:
+    """What the router writes for an ingress record is visible to read_committed readers
+    only when the record's transaction commits, and its commit point moves with it."""
+    source, out, group = unique("ingress"), unique("out"), unique("router")
+    await ensure_topics(kafka_bootstrap, {source: 1, out: 1})
+    handled, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(record, sink: Sink) -> None:
+        await sink.send(out, record.key, record.value)
+        handled.set()
+        await release.wait()  # the transaction stays open until the test says
+
+    ingress = TransactionalIngress(kafka_bootstrap, group, source, handle, writes_to=(out,))
+    task = asyncio.create_task(ingress.run())
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    await admin.start()
+    try:
+        await producer.send_and_wait(source, b"one", key=b"k")
+        await asyncio.wait_for(handled.wait(), 30)
+        assert await _read(kafka_bootstrap, out, "read_uncommitted", 10) == [b"one"]
+        assert await _read(kafka_bootstrap, out, "read_committed", 1) == []
+        assert not await admin.list_consumer_group_offsets(group)
+        release.set()
+        assert await _read(kafka_bootstrap, out, "read_committed", 10) == [b"one"]
+        committed = await admin.list_consumer_group_offsets(group)
+        assert committed[TopicPartition(source, 0)].offset == 1
+    finally:
+        release.set()
+        ingress.stop()
+        await asyncio.wait_for(task, 30)
+        await producer.stop()
+        await admin.close()
+
+
+async def test_router_killed_mid_load_forwards_each_request_once(kafka_bootstrap, unique,
+                                                                 tmp_path) -> None:
+    """SIGKILL mid-load, restarted at once (the fault suite's row, smaller)."""
+    row = await router_killed_mid_load(kafka_bootstrap, tmp_path, unique, n=400,
+                                       name="router SIGKILL (small)")
+    assert row.lost == 0 and row.duplicated == 0, str(row)
+    assert row.quota_lost == 0 and row.quota_duplicated == 0, str(row)
+    assert row.recovery_s <= 15, str(row)
+
+
+async def test_sigterm_commits_and_leaves_the_group_at_once(client, unique, kafka_bootstrap,
+                                                          tmp_path) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    tag = uuid.uuid4().hex[:8]
+    proc = RouterProcess(f"ferry-router-term-{tag}", f"ferry.ingress.term-{tag}", free_port(),
+                         tmp_path / "router.log")
+    dep, tenant = unique("dep"), unique("term")
+    await ensure_topics(kafka_bootstrap, {requests_topic(dep): 1})
+    api_key = await add_key(kafka_bootstrap, tenant)
+    await asyncio.to_thread(proc.start, kafka_bootstrap)
+    try:
+        for _ in range(20):
+            await post_ingress(client, proc.ingress, api_key, dep, tenant.encode())
+        seen = await count_forwarded(kafka_bootstrap, [requests_topic(dep)], 20)
+        assert len(seen[requests_topic(dep)]) == 20
+        assert proc.process is not None
+        stopping = time.monotonic()
+        proc.process.terminate()
+        assert await asyncio.to_thread(proc.process.wait, 20) == 0
+        stopped_in = time.monotonic() - stopping
+    finally:
+        await asyncio.to_thread(proc.stop)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    group = admin.describe_consumer_groups([proc.app_id])[proc.app_id].result(timeout=10)
+    assert not group.members, "the stopped router is still a member"  # left, not expired
+    assert str(group.state).endswith("EMPTY"), group.state
+    ends = {p: o + 1 for _, _, p, o in await asyncio.to_thread(
+        committed_records, kafka_bootstrap, proc.ingress)}
+    committed_at = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await committed_at.start()
+    try:
+        points = await committed_at.list_consumer_group_offsets(proc.app_id)
+    finally:
+        await committed_at.close()
+    assert {tp.partition: m.offset for tp, m in points.items()} == ends
+    print(f"router stopped {stopped_in:.2f}s after SIGTERM, group empty, all committed")
+
+
+async def test_a_request_no_topic_accepts_is_dead_lettered_and_the_partition_moves_on(
+        router, client, unique, kafka_bootstrap, read_topic) -> None:
+    """A forwarded request its requests topic refuses (here: over the topic's size limit)
+    fails its transaction every time: it becomes a dead letter and an error result, and the
+    requests after it on the same partition are forwarded."""
+    dep, tenant = unique("small"), unique("big")
+    await ensure_topics(kafka_bootstrap, {requests_topic(dep): 1},
+                        configs={"max.message.bytes": "4000"})
+    api_key = await add_key(kafka_bootstrap, tenant)
+    big = await post_ingress(client, router.ingress, api_key, dep, tenant.encode(),
+                             prompt="x" * 6000)
+    after = [await post_ingress(client, router.ingress, api_key, dep, tenant.encode())
+             for _ in range(3)]
+    seen = await count_forwarded(kafka_bootstrap, [requests_topic(dep)], 3)
+    assert len(seen[requests_topic(dep)]) == 3
+    letters = await read_topic("ferry.dlq", 1, where=lambda m: m.key == tenant.encode()
+                               and b"not deliverable" in m.value)
+    letter = decode(letters[0].value)
+    assert letter["component"] == "router" and letter["source_topic"] == router.ingress
+    assert "MessageSizeTooLarge" in letter["reason"]
+    answer = await asyncio.wait_for(big, 30)
+    assert answer.error and answer.error.code is ErrorCode.REQUEST_TOO_LARGE
+    assert not any(f.done() for f in after)  # forwarded; no worker serves them

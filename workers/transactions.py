@@ -19,12 +19,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import aiokafka.producer.sender as _aiokafka_sender
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import (
-    KafkaError, MessageSizeTooLargeError, ProducerFenced, TransactionalIdAuthorizationFailed,
-)
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Histogram
 
@@ -34,18 +31,10 @@ from workers.config import WorkerConfig
 from workers.offsets import OffsetTracker, answered_above
 from workers.publisher import Answer, Publisher
 from workers.topic_admin import start_producer
+from workers.transactional import FATAL as _FATAL
+from workers.transactional import transactional_id
 
 log = logging.getLogger("ferry.worker")
-
-# A transaction that follows another on the same producer is first answered
-# CONCURRENT_TRANSACTIONS (the broker is still writing the last one's markers, KAFKA-5477),
-# and aiokafka retries it after a fixed 20 ms: most of a back-to-back transaction's time on a
-# local broker (27 ms measured, 6 ms with 2 ms retries). Only that retry path reads it.
-if hasattr(_aiokafka_sender, "BACKOFF_OVERRIDE"):
-    _aiokafka_sender.BACKOFF_OVERRIDE = 0.002
-
-# Errors no retry can mend: this producer may never write again.
-_FATAL = (ProducerFenced, TransactionalIdAuthorizationFailed)
 
 
 @dataclass
@@ -65,10 +54,6 @@ class Answered:
 
     def __contains__(self, offset: int) -> bool:
         return offset < self.point or offset in self.above
-
-
-def transactional_id(group: str, tp: TopicPartition) -> str:
-    return f"{group}.{tp.topic}.{tp.partition}"
 
 
 class PartitionTransactions:
