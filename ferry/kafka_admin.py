@@ -106,13 +106,13 @@ def remove_tenant(bootstrap: str, admin: KafkaSecurity, tenant: str) -> bool:
     """Drop a tenant's credentials and ACLs (and the components' grants on its prefix);
     False when no such tenant has ACLs."""
     kafka_acls.check_tenant(tenant)
-    acls = list_acls(bootstrap, admin)
-    prefix = kafka_acls.tenant_prefixes(acls).get(tenant)
+    found = run_admin(bootstrap, admin, {"describe_acls": True, "describe_users": True})
+    prefix = kafka_acls.tenant_prefixes(found["acls"]).get(tenant)
     if prefix is None:
         return False
     answering = [b for b in kafka_acls.tenant_bindings(tenant, prefix)
                  if b["principal"] != f"User:{tenant}"]
-    users = run_admin(bootstrap, admin, {"describe_users": True}).get("users", [])
+    users = found.get("users", [])
     run_admin(bootstrap, admin, {
         "delete_scram": [{"user": tenant, "mechanism": MECHANISM}] if tenant in users else [],
         "delete_acls": [{"principal": f"User:{tenant}"}, *answering]})
