@@ -250,6 +250,8 @@ def _port_open(bootstrap: str) -> bool:
 
 async def _wait_ready(bootstrap: str, proc: subprocess.Popen, timeout: float,
                       options: dict | None = None) -> None:
+    """Wait until the broker answers metadata, connecting with `options` (aiokafka
+    security settings; plaintext when none)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -258,7 +260,7 @@ async def _wait_ready(bootstrap: str, proc: subprocess.Popen, timeout: float,
             await asyncio.sleep(0.2)
             continue
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000,
-                                    **(client_options() if options is None else options))
+                                    **(options or client_options(KafkaSecurity())))
         try:
             await admin.start()
             await admin.describe_cluster()
