@@ -12,22 +12,27 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import faust
 import pytest
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     GroupAuthorizationFailedError, KafkaConnectionError, TopicAuthorizationFailedError,
 )
+from prometheus_client import CollectorRegistry
 
 from ferry import kafka_acls
 from ferry.broker import SecureBroker, free_port
 from ferry.cli import main
 from schemas import Request, decode_result, encode, requests_topic
 from schemas.topics import INGRESS_TOPIC, KEYS_TOPIC, RESULTS_TOPIC, ROUTES_TOPIC
+from tests.harness import post
 from workers.kafka_clients import (
     KafkaSecurity, KafkaSecurityError, client_options, faust_options, security_from_env,
 )
@@ -300,42 +305,88 @@ def test_tenant_cli_prints_working_exports_and_remove_revokes(secure, capsys) ->
         asyncio.run(post())
 
 
-async def test_a_worker_serves_a_tenant_as_its_own_principal(
-        secure, tenants, tiny_model: Path, unique, tmp_path: Path) -> None:
-    """`ferry worker` with the ferry-worker principal's exports only: it creates its topics,
-    joins its group, answers in transactions on the tenant's reply topic; the tenant reads
-    the answer. The request is posted as the router would (its principal), since the router
-    takes its Kafka settings in another branch."""
-    deployment = unique("secure")
-    reply_to = f"acme.{unique('replies')}"
-    await create_topics(secure, tenants["acme"], reply_to)
-    async with producer_as(secure, secure.security(kafka_acls.ROUTER)) as router:
-        await create_topics(secure, secure.security(kafka_acls.WORKER), requests_topic(deployment))
-        await router.send_and_wait(requests_topic(deployment), encode(Request(
-            id="sec-1", model=deployment, prompt="Hello secure Ferry", max_new_tokens=5,
-            reply_to=reply_to)), key=b"k")
-    log = tmp_path / "worker.log"
+@dataclass
+class WorkerProcess:
+    deployment: str
+    process: subprocess.Popen
+    log: Path
+
+    def check(self) -> None:
+        assert self.process.poll() is None, f"worker exited:\n{self.log.read_text()[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def secure_worker(secure: SecureBroker, tiny_model: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """`ferry worker` with the ferry-worker principal's exports and nothing else: it creates
+    its topics, joins its group and answers in transactions as that principal."""
+    deployment = f"secure-{uuid.uuid4().hex[:8]}"
+    log = tmp_path_factory.mktemp("secure-worker") / "worker.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_KAFKA_")}
     with log.open("w") as out:
-        worker = subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-m", "ferry.cli", "worker", "--model", str(tiny_model),
              "--deployment", deployment, "--metrics-port", "off", "--partitions", "1"],
             env={**env, **secure.env(kafka_acls.WORKER), "PYTHONUNBUFFERED": "1"},
             stdout=out, stderr=subprocess.STDOUT)
     try:
-        records: list = []
-        deadline = time.monotonic() + 120
-        while not records and time.monotonic() < deadline:
-            assert worker.poll() is None, f"worker exited:\n{log.read_text()[-3000:]}"
-            records = await read_one(secure, tenants["acme"], reply_to, timeout_s=2,
-                                     isolation_level="read_committed")
-        assert records, f"no answer within 120s:\n{log.read_text()[-3000:]}"
-        result = decode_result(records[0].value)
-        assert result.id == "sec-1" and result.error is None and len(result.output_ids) == 5
+        yield WorkerProcess(deployment, process, log)
     finally:
-        worker.terminate()
+        process.terminate()
         try:
-            worker.wait(30)
+            process.wait(30)
         except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+            process.kill()
+            process.wait()
+
+
+async def test_a_worker_answers_a_tenant_as_its_own_principal(
+        secure, tenants, secure_worker: WorkerProcess, unique) -> None:
+    """The request is posted as the router would (its principal): the router takes its
+    Kafka settings in another branch. The tenant reads the answer on its own reply topic."""
+    deployment = secure_worker.deployment
+    reply_to = f"acme.{unique('replies')}"
+    await create_topics(secure, tenants["acme"], reply_to)
+    await create_topics(secure, secure.security(kafka_acls.WORKER), requests_topic(deployment))
+    async with producer_as(secure, secure.security(kafka_acls.ROUTER)) as router:
+        await router.send_and_wait(requests_topic(deployment), encode(Request(
+            id="sec-1", model=deployment, prompt="Hello secure Ferry", max_new_tokens=5,
+            reply_to=reply_to)), key=b"k")
+    records: list = []
+    deadline = time.monotonic() + 120
+    while not records and time.monotonic() < deadline:
+        secure_worker.check()
+        records = await read_one(secure, tenants["acme"], reply_to, timeout_s=2,
+                                 isolation_level="read_committed")
+    assert records, f"no answer within 120s:\n{secure_worker.log.read_text()[-3000:]}"
+    result = decode_result(records[0].value)
+    assert result.id == "sec-1" and result.error is None and len(result.output_ids) == 5
+
+
+async def test_the_gateway_serves_as_its_own_principal(
+        secure, secure_worker: WorkerProcess, monkeypatch, http) -> None:
+    """A gateway (direct mode) whose every Kafka client connects as ferry-gateway, through
+    the secure worker: the answer comes back over HTTP."""
+    from streams.gateway import GatewaySettings, create_app
+
+    for key, value in secure.security(kafka_acls.GATEWAY).env().items():
+        monkeypatch.setenv(key, value)
+    runner = web.AppRunner(create_app(secure.bootstrap, GatewaySettings(auth=False),
+                                      registry=CollectorRegistry()))
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        status, body = 0, {}
+        deadline = time.monotonic() + 120
+        while status != 200 and time.monotonic() < deadline:  # until the worker has joined
+            secure_worker.check()
+            status, body = await post(http, f"http://127.0.0.1:{port}/v1/completions",
+                                      {"model": secure_worker.deployment, "prompt": "Hi",
+                                       "max_tokens": 4})
+            if status != 200:
+                await asyncio.sleep(0.5)  # polling the condition, with the deadline above
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] == 4 and body["choices"][0]["text"]
+    finally:
+        await runner.cleanup()
