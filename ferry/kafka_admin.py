@@ -1,21 +1,24 @@
 """SCRAM users and ACLs on a secure cluster, through Kafka's Java Admin client.
 
-aiokafka has no ACL or SCRAM calls, so `compose/kafka/FerryKafkaAdmin.java` (run from
-source with the broker's jars) does them: the spec goes in on stdin, so no password is on a
+aiokafka has no ACL or SCRAM calls, so `compose/kafka/FerryKafkaAdmin.java` (compiled
+once against the broker's jars) does them: the spec goes in on stdin, so no password is on a
 command line. The principal these calls run as needs ALTER on the cluster (the broker's
 `admin`, a super user).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import secrets
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from ferry import kafka_acls
-from ferry.broker import fetch_jars
+from ferry.broker import fetch_jars, ferry_home, kafka_version
 from workers.kafka_clients import KafkaSecurity
 
 _HERE = Path(__file__).resolve().parents[1] / "compose" / "kafka"
@@ -51,6 +54,24 @@ def java_client_properties(security: KafkaSecurity) -> dict[str, str]:
     return props
 
 
+def _program(libs: Path) -> list[str]:
+    """How to run FerryKafkaAdmin: compiled once per source version into FERRY_HOME (javac),
+    else from source (a JDK's java compiles it on every run, seconds more)."""
+    if shutil.which("javac") is None:
+        return ["-cp", f"{libs}/*", str(SOURCE)]
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    classes = ferry_home() / "kafka-admin" / f"{kafka_version()}-{digest}"
+    if not (classes / "FerryKafkaAdmin.class").exists():
+        staging = classes.with_name(f"{classes.name}.partial-{os.getpid()}")
+        subprocess.run(["javac", "-nowarn", "-cp", f"{libs}/*", "-d", str(staging), str(SOURCE)],
+                       check=True, capture_output=True)
+        try:
+            staging.rename(classes)  # atomic: a half-compiled class is never taken for one
+        except OSError:  # another process got there first
+            shutil.rmtree(staging, ignore_errors=True)
+    return ["-cp", f"{libs}/*{os.pathsep}{classes}", "FerryKafkaAdmin"]
+
+
 def run_admin(bootstrap: str, security: KafkaSecurity, spec: dict[str, Any],
               timeout_s: float = 120.0) -> dict[str, Any]:
     """Run one FerryKafkaAdmin spec (see the Java file) as `security`'s principal."""
@@ -59,8 +80,8 @@ def run_admin(bootstrap: str, security: KafkaSecurity, spec: dict[str, Any],
                           **spec})
     try:
         done = subprocess.run(
-            ["java", "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={LOG4J}",
-             "-XX:TieredStopAtLevel=1", "-Xshare:auto", str(SOURCE)],
+            ["java", f"-Dlog4j2.configurationFile={LOG4J}", "-XX:TieredStopAtLevel=1",
+             "-Xshare:auto", *_program(libs)],
             input=payload, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise KafkaAdminError(f"kafka admin call to {bootstrap} took over {timeout_s:g}s") from None

@@ -291,6 +291,7 @@ def test_tenant_cli_prints_working_exports_and_remove_revokes(secure, capsys) ->
     security = security_from_env(env)
 
     async def post() -> None:
+        await create_topics(secure, secure.security(kafka_acls.ROUTER), INGRESS_TOPIC)
         async with producer_as(secure, security) as producer:
             await producer.send_and_wait(INGRESS_TOPIC, b"{}", key=b"initech")
 
