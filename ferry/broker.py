@@ -25,6 +25,8 @@ from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
 
+from workers.kafka_clients import KafkaSecurity, client_options
+
 log = logging.getLogger("ferry.broker")
 
 POM = Path(__file__).resolve().parents[1] / "compose" / "kafka" / "pom.xml"
@@ -164,7 +166,8 @@ class LocalBroker:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
                 ["java", "-cp", classpath, *self._jvm_flags(), "kafka.tools.StorageTool",
-                 "format", f"--cluster-id={cluster_id}", "-c", str(config)],
+                 "format", f"--cluster-id={cluster_id}", "-c", str(config),
+                 *self._format_args()],
                 check=True, stdout=subprocess.DEVNULL,
             )
         with open(self.log_file, "ab") as out:
@@ -177,7 +180,8 @@ class LocalBroker:
         self._proc = proc  # kept so `down` reaps it (an unreaped child warns on collection)
         self._state_file.write_text(json.dumps({"pid": proc.pid, "port": self.port}))
         try:
-            asyncio.run(_wait_ready(self.bootstrap, proc, timeout))
+            asyncio.run(_wait_ready(self.bootstrap, proc, timeout, self.client_options()))
+            self._set_up()
         except BaseException:
             self.down()
             raise
@@ -203,6 +207,16 @@ class LocalBroker:
             self._proc.wait(timeout=timeout)
             self._proc = None
         return True
+
+    def client_options(self) -> dict:
+        """aiokafka options for the broker's own checks (plaintext: none)."""
+        return client_options(KafkaSecurity())
+
+    def _format_args(self) -> list[str]:
+        return []
+
+    def _set_up(self) -> None:
+        """After the broker answers, before `up` returns (a secure broker's principals)."""
 
     def _jvm_flags(self) -> list[str]:
         log4j = self.data_dir / "log4j2.properties"
@@ -234,7 +248,10 @@ def _port_open(bootstrap: str) -> bool:
         return False
 
 
-async def _wait_ready(bootstrap: str, proc: subprocess.Popen, timeout: float) -> None:
+async def _wait_ready(bootstrap: str, proc: subprocess.Popen, timeout: float,
+                      options: dict | None = None) -> None:
+    """Wait until the broker answers metadata, connecting with `options` (aiokafka
+    security settings; plaintext when none)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -242,7 +259,8 @@ async def _wait_ready(bootstrap: str, proc: subprocess.Popen, timeout: float) ->
         if not _port_open(bootstrap):
             await asyncio.sleep(0.2)
             continue
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000,
+                                    **(options or client_options(KafkaSecurity())))
         try:
             await admin.start()
             await admin.describe_cluster()
@@ -261,3 +279,143 @@ def default_bootstrap() -> str:
     running = LocalBroker(default_data_dir()).state()
     port = running["port"] if running else DEFAULT_PORT
     return f"127.0.0.1:{port}"
+
+
+# ---- the secure broker: SASL/SCRAM and ACLs ---------------------------------------------
+
+DEFAULT_SECURE_PORT = 9094
+SCRAM = "SCRAM-SHA-512"
+
+
+def default_secure_data_dir() -> Path:
+    return ferry_home() / "broker-secure"
+
+
+# Appended to _SERVER_PROPERTIES: java.util.Properties keeps a key's last value, so these
+# lines replace the plaintext listeners above.
+_SECURE_PROPERTIES = """\
+listeners=SASL_PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=SASL_PLAINTEXT://127.0.0.1:{port}
+listener.security.protocol.map=SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT
+inter.broker.listener.name=SASL_PLAINTEXT
+sasl.enabled.mechanisms={scram}
+sasl.mechanism.inter.broker.protocol={scram}
+listener.name.sasl_plaintext.{scram_lower}.sasl.jaas.config=\
+org.apache.kafka.common.security.scram.ScramLoginModule required \
+username="{admin}" password="{password}";
+# The controller listener (loopback) takes the same admin with PLAIN: a controller cannot
+# check SCRAM, whose credentials live in the metadata it serves. No anonymous principal.
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.controller.sasl.enabled.mechanisms=PLAIN
+listener.name.controller.plain.sasl.jaas.config=\
+org.apache.kafka.common.security.plain.PlainLoginModule required \
+username="{admin}" password="{password}" user_{admin}="{password}";
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:{admin}
+"""
+
+
+@dataclass
+class SecureBroker(LocalBroker):
+    """A LocalBroker that authenticates every client (SASL/SCRAM-SHA-512) and authorizes it
+    (StandardAuthorizer, deny unless an ACL allows). The broker's `admin` (its only super
+    user) is bootstrapped into the storage at format time; on start, every component of
+    `ferry.kafka_acls` gets a SCRAM credential and its ACLs. Passwords are generated once
+    and kept in `credentials.json` in the data directory (mode 0600)."""
+
+    data_dir: Path = field(default_factory=default_secure_data_dir)
+    port: int = DEFAULT_SECURE_PORT
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.data_dir / "credentials.json"
+
+    def passwords(self) -> dict[str, str]:
+        """principal -> password of the admin and every component (made on first use)."""
+        from ferry import kafka_acls
+        from ferry.kafka_admin import new_password
+
+        try:
+            stored = json.loads(self.credentials_file.read_text())
+        except FileNotFoundError:
+            if (self.data_dir / "data" / "meta.properties").exists():
+                raise RuntimeError(f"{self.data_dir} holds a broker but no credentials.json: "
+                                   "remove the directory to start afresh") from None
+            stored = {}
+        wanted = [kafka_acls.ADMIN, *kafka_acls.COMPONENTS]
+        if missing := [p for p in wanted if p not in stored]:
+            stored.update({p: new_password() for p in missing})
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.credentials_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump(stored, out, indent=1)
+        return stored
+
+    def security(self, principal: str = "admin") -> KafkaSecurity:
+        """How `principal` (the admin or a component) connects."""
+        passwords = self.passwords()
+        if principal not in passwords:
+            raise ValueError(f"principal {principal!r}: not one of {', '.join(passwords)} "
+                             "(a tenant's password is shown once, by `ferry kafka tenant add`)")
+        return KafkaSecurity("SASL_PLAINTEXT", SCRAM, principal, passwords[principal])
+
+    def env(self, principal: str) -> dict[str, str]:
+        """Environment variables that make a Ferry process connect as `principal`."""
+        return {"KAFKA_BOOTSTRAP": self.bootstrap, **self.security(principal).env()}
+
+    def client_options(self) -> dict:
+        return client_options(self.security())
+
+    def add_tenant(self, tenant: str, reply_prefix: str | None = None) -> tuple[KafkaSecurity, str]:
+        """A tenant principal with its ACLs (`ferry.kafka_acls.tenant_grants`): its
+        credentials (the password exists only in this return value) and reply prefix."""
+        from ferry.kafka_admin import add_tenant
+
+        password, prefix = add_tenant(self._running(), self.security(), tenant, reply_prefix)
+        return KafkaSecurity("SASL_PLAINTEXT", SCRAM, tenant, password), prefix
+
+    def remove_tenant(self, tenant: str) -> bool:
+        from ferry.kafka_admin import remove_tenant
+
+        return remove_tenant(self._running(), self.security(), tenant)
+
+    def acls(self) -> list[dict[str, str]]:
+        from ferry.kafka_admin import list_acls
+
+        return list_acls(self._running(), self.security())
+
+    def _running(self) -> str:
+        running = self.state()
+        if running is None:
+            raise RuntimeError(f"no secure broker runs from {self.data_dir}: "
+                               "`ferry kafka up --secure` starts one")
+        self.port = running["port"]
+        return self.bootstrap
+
+    def _write_config(self) -> Path:
+        config = super()._write_config()
+        text = config.read_text()
+        controller_port = re.search(r"^controller\.quorum\.voters=1@127\.0\.0\.1:(\d+)$", text,
+                                    re.M).group(1)  # type: ignore[union-attr]
+        fd = os.open(config, os.O_WRONLY | os.O_TRUNC, 0o600)  # it holds the admin password
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text + _SECURE_PROPERTIES.format(
+                port=self.port, controller_port=controller_port, scram=SCRAM,
+                scram_lower=SCRAM.lower(), admin="admin", password=self.passwords()["admin"]))
+        return config
+
+    def _format_args(self) -> list[str]:
+        # Bootstrapped into the metadata log, so the broker can authenticate to itself.
+        return ["--add-scram", f"{SCRAM}=[name=admin,password={self.passwords()['admin']}]"]
+
+    def _set_up(self) -> None:
+        from ferry import kafka_acls
+        from ferry.kafka_admin import set_up_components
+
+        passwords = self.passwords()
+        set_up_components(self.bootstrap, self.security(),
+                          {p: passwords[p] for p in kafka_acls.COMPONENTS})
+        log.info("secure broker: %d component principals and their ACLs set up",
+                 len(kafka_acls.COMPONENTS))

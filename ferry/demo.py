@@ -32,6 +32,7 @@ from schemas import Request, requests_topic
 from schemas.topics import shadow_results_topic
 from streams.client import FerryClient
 from streams.shadow_report import format_table, read_comparisons, summarize
+from workers.kafka_clients import client_options
 
 DEPLOYMENT = "tiny"
 CANDIDATE = "tiny-candidate"  # the same checkpoint as a shadow candidate
@@ -221,7 +222,8 @@ async def _checkpoints(bootstrap: str, home: Path) -> None:
 
 
 async def _count(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0) -> int:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, **client_options(),
+                                auto_offset_reset="earliest",
                                 isolation_level="read_committed")
     await consumer.start()
     seen = 0
@@ -258,7 +260,7 @@ async def _traffic(bootstrap: str, n: int) -> None:
 
 
 async def _post_malformed(bootstrap: str) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **client_options())
     await producer.start()
     try:
         await producer.send_and_wait(requests_topic(DEPLOYMENT), b'{"id": "demo-bad", "model"')

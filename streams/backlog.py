@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.topics import requests_topic, worker_group
+from workers.kafka_clients import client_options
 from workers.topic_admin import topic_partitions
 
 
@@ -31,8 +32,9 @@ class Sample:
 
 class BacklogProbe:
     def __init__(self, bootstrap: str, ttl_s: float = 0.5) -> None:
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-        self._offsets = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options())
+        self._offsets = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client_options(),
+                                         enable_auto_commit=False)
         self._ttl_s = ttl_s
         self._samples: dict[str, Sample] = {}
         self._locks: dict[str, asyncio.Lock] = {}

@@ -31,6 +31,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from schemas import ErrorCode, SchemaError, decode
 from schemas.topics import TELEMETRY_TOPIC
 from streams.routes import NAME, read_routes, set_route
+from workers.kafka_clients import client_options
 from workers.telemetry import TELEMETRY_PARTITIONS
 from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions
 
@@ -163,7 +164,8 @@ class TelemetryWatch:
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client_options(),
+                                          enable_auto_commit=False,
                                           fetch_max_wait_ms=100)
         self._tps: list[TopicPartition] = []
 

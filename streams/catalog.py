@@ -8,6 +8,7 @@ import time
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.topics import REQUESTS_PREFIX
+from workers.kafka_clients import client_options
 
 
 class DeploymentCatalog:
@@ -21,7 +22,7 @@ class DeploymentCatalog:
     """
 
     def __init__(self, bootstrap: str, ttl_s: float = 30.0, min_refresh_s: float = 0.5) -> None:
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options())
         self._ttl_s, self._min_refresh_s = ttl_s, min_refresh_s
         self._names: set[str] = set()
         self._listed_at = float("-inf")  # monotonic

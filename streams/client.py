@@ -21,6 +21,7 @@ from schemas import (
 )
 from schemas.topics import CANCELS_PARTITIONS, CANCELS_TOPIC, DELTAS_TOPIC
 from streams.deltas import MergedStream
+from workers.kafka_clients import client_options
 from workers.topic_admin import (
     ensure_topics, pin_to_end, start_producer, topic_partitions, watch_reader,
 )
@@ -42,10 +43,12 @@ class FerryClient:
         self.max_message_bytes = max_message_bytes
         self._partitions = partitions
         self._waiting: dict[str, asyncio.Future[Result]] = {}
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1,
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **client_options(),
+                                          acks="all", linger_ms=1,
                                           max_request_size=max_message_bytes * 2)
         # Results may be written in transactions: only committed ones are answers.
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client_options(),
+                                          enable_auto_commit=False,
                                           isolation_level="read_committed")
         self._reader: asyncio.Task | None = None
         self.failure: BaseException | None = None  # why the result (or delta) reader died
@@ -90,7 +93,7 @@ class FerryClient:
             if self._deltas is not None:
                 return
             await ensure_topics(self.bootstrap, {self.stream_to: self._partitions})
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **client_options(),
                                         enable_auto_commit=False)
             await consumer.start()
             tps = await topic_partitions(consumer, self.stream_to)

@@ -54,6 +54,7 @@ from schemas.topics import (
     SHADOW_RESULTS_PREFIX, mirror_topic, shadow_results_topic,
 )
 from streams.shadow_report import summarize
+from workers.kafka_clients import faust_options
 from workers.metrics_server import serve_metrics
 from workers.topic_admin import ensure_topics
 
@@ -286,7 +287,7 @@ class Comparator:
         self.app = faust.App(
             app_id, broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False,
             consumer_auto_offset_reset="earliest", producer_acks=-1, stream_wait_empty=False,
-            broker_commit_every=100, broker_commit_interval=1.0)
+            broker_commit_every=100, broker_commit_interval=1.0, **faust_options())
         self.topic = self.app.topic(*self.topics(), key_type=bytes, value_type=bytes,
                                     key_serializer="raw", value_serializer="raw")
         self.app.agent(self.topic, name="compare")(self._stream)

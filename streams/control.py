@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import SchemaError, decode, encode
+from workers.kafka_clients import client_options
 from workers.topic_admin import ensure_topics, topic_partitions, watch_reader
 
 log = logging.getLogger("ferry.control")
@@ -33,7 +34,7 @@ async def ensure_control_topic(bootstrap: str, topic: str) -> None:
 async def put(bootstrap: str, topic: str, key: str, value: dict[str, Any] | None) -> None:
     """Write (or, with None, delete) one key of a control table and wait for the ack."""
     await ensure_control_topic(bootstrap, topic)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **client_options(), acks="all")
     try:  # start() inside: a write cancelled while connecting still closes its producer
         await producer.start()
         await producer.send_and_wait(topic, None if value is None else encode(value),
@@ -69,7 +70,7 @@ class CompactedView:
         await ensure_control_topic(self.bootstrap, self.topic)
         # read_committed: a table may be written in transactions (the router's quota
         # buckets), and a record of an aborted one never happened.
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **client_options(),
                                           enable_auto_commit=False, fetch_max_wait_ms=100,
                                           isolation_level="read_committed")
         await self._consumer.start()

@@ -39,6 +39,7 @@ from streams.routes import RouteTable, set_route
 from streams.shadow import set_shadow
 from workers import model_store
 from workers.checkpoints import check
+from workers.kafka_clients import client_options
 from workers.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.deployer")
@@ -146,7 +147,7 @@ class Deployer:
         return f"{self.model}@{version}" in self._mine
 
     async def _follow_events(self) -> None:
-        consumer = AIOKafkaConsumer(CHECKPOINTS_TOPIC, bootstrap_servers=self.bootstrap,
+        consumer = AIOKafkaConsumer(CHECKPOINTS_TOPIC, bootstrap_servers=self.bootstrap, **client_options(),
                                     group_id=f"ferry.deployer.{self.model}",
                                     # A new deployer also takes what was announced before
                                     # it started; a restarted one goes on from its commit,
@@ -336,7 +337,7 @@ async def announce_checkpoint(bootstrap: str, model: str, path: Path) -> None:
 
 async def _announce(bootstrap: str, event: dict[str, Any]) -> None:
     await ensure_topics(bootstrap, {CHECKPOINTS_TOPIC: 1})
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **client_options(), acks="all")
     try:
         await producer.start()
         await producer.send_and_wait(CHECKPOINTS_TOPIC, encode(event),

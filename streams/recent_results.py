@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer
 
 from schemas import RESULTS_TOPIC, Result, SchemaError, decode_result
+from workers.kafka_clients import client_options
 from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions, watch_reader
 
 log = logging.getLogger("ferry.results")
@@ -45,7 +46,7 @@ class RecentResults:
 
     async def start(self, partitions: int = 4) -> None:
         await ensure_topics(self.bootstrap, {self.topic: partitions})  # workers' default count
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **client_options(),
                                           enable_auto_commit=False,
                                           isolation_level="read_committed")
         await self._consumer.start()

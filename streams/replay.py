@@ -29,6 +29,7 @@ from schemas import SchemaError, batch_key, decode, decode_request, encode
 from schemas.topics import DEPLOYMENT_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, mirror_topic
 from streams.comparator import TOPIC_PARTITIONS
 from streams.shadow_report import read_range
+from workers.kafka_clients import client_options
 from workers.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.replay")
@@ -125,7 +126,7 @@ async def replay(bootstrap: str, candidate: str, entries: list[Entry],
     await ensure_topics(bootstrap, {mirror_topic(candidate): TOPIC_PARTITIONS,
                                     PRIMARY_RESULTS_TOPIC: TOPIC_PARTITIONS})
     pacer = Pacer(rate)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **client_options(), acks="all")
     await producer.start()
     sent = results = 0
     try:

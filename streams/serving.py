@@ -13,6 +13,7 @@ from aiokafka.protocol.admin import DescribeGroupsRequest_v2
 from aiokafka.protocol.api import Request
 
 from schemas.topics import worker_group
+from workers.kafka_clients import client_options
 
 
 class _DescribeGroups(Request[DescribeGroupsRequest_v2]):
@@ -34,7 +35,7 @@ class WorkerGroups:
     most `ttl_s` ago (one DescribeGroups per coordinator per interval)."""
 
     def __init__(self, bootstrap: str, ttl_s: float = 2.0) -> None:
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options())
         self._ttl_s = ttl_s
         self._members: dict[str, tuple[int, float]] = {}  # group -> (members, monotonic at)
         self._coordinators: dict[str, int] = {}

@@ -29,6 +29,7 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas import SchemaError, decode
 from schemas.topics import COMPARISONS_TOPIC
+from workers.kafka_clients import client_options
 from workers.topic_admin import topic_partitions
 
 _RELATIVE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(s|m|h|d)\s*")
@@ -52,7 +53,8 @@ async def read_range(bootstrap: str, topic: str, since: float | None = None,
                      until: float | None = None) -> list[ConsumerRecord]:
     """The records of `topic` with since <= timestamp <= until, as far as the topic's end when
     the call started (records appended later are not waited for). No consumer group."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client_options(),
+                                enable_auto_commit=False,
                                 fetch_max_wait_ms=100)
     await consumer.start()
     try:

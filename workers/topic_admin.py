@@ -10,6 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from workers.kafka_clients import client_options
 
 log = logging.getLogger("ferry.topics")
 
@@ -22,7 +23,7 @@ async def ensure_topics(bootstrap: str, partitions: dict[str, int],
                         configs: dict[str, str] | None = None) -> None:
     """Create each missing topic with the given partition count (and topic `configs`, e.g.
     compaction); existing ones are left as they are."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -45,7 +46,7 @@ async def ensure_topics(bootstrap: str, partitions: dict[str, int],
 
 
 async def list_topics(bootstrap: str) -> set[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options())
     await admin.start()
     try:
         return set(await admin.list_topics())

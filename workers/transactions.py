@@ -28,6 +28,7 @@ from prometheus_client import Histogram
 from schemas import encode
 
 from workers.config import WorkerConfig
+from workers.kafka_clients import client_options
 from workers.offsets import OffsetTracker, answered_above
 from workers.publisher import Answer, Publisher
 from workers.topic_admin import start_producer
@@ -70,7 +71,7 @@ class PartitionTransactions:
         self._parked: dict[TopicPartition, AIOKafkaProducer] = {}
         self._locks: dict[TopicPartition, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._forming: dict[TopicPartition, _Batch] = {}
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap)
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap, **client_options())
 
     async def start(self) -> None:
         await self._admin.start()
@@ -101,7 +102,8 @@ class PartitionTransactions:
                 await producer.stop()
         new = assigned - set(self._producers)
         producers = {tp: AIOKafkaProducer(
-            bootstrap_servers=self.config.bootstrap, acks="all", enable_idempotence=True,
+            bootstrap_servers=self.config.bootstrap, **client_options(),
+            acks="all", enable_idempotence=True,
             transactional_id=transactional_id(self.config.group, tp),
             max_request_size=self._max_request, linger_ms=2) for tp in new}
         # Starting one fences its id's previous holder and ends that one's open transaction,

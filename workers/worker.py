@@ -49,6 +49,7 @@ from workers.config import WorkerConfig
 from workers.engine import (
     Completion, Engine, EngineDown, EngineRequest, StepOutput, sample_of,
 )
+from workers.kafka_clients import client_options
 from workers.logprobs import completion_tokens, result_fields
 from workers.metrics import BacklogSampler, WorkerMetrics
 from workers.metrics_server import serve_metrics
@@ -148,10 +149,11 @@ class Worker:
         log.info("worker starting: %s", self.config.describe())
         serve_metrics(self.config.metrics_port, self.registry)
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=self.config.bootstrap, acks="all", enable_idempotence=True,
+            bootstrap_servers=self.config.bootstrap, **client_options(),
+            acks="all", enable_idempotence=True,
             max_request_size=self.config.max_message_bytes + _RECORD_OVERHEAD, linger_ms=2)
         self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.config.bootstrap, group_id=self.config.group,
+            bootstrap_servers=self.config.bootstrap, **client_options(), group_id=self.config.group,
             enable_auto_commit=False, auto_offset_reset="earliest",  # serve what came first
             max_poll_interval_ms=600_000, session_timeout_ms=self.config.session_timeout_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms,
@@ -193,7 +195,7 @@ class Worker:
         await start_producer(self._producer, [DLQ_TOPIC, RESULTS_TOPIC, PRIMARY_RESULTS_TOPIC,
                                               TELEMETRY_TOPIC, *answers_to])
         # Cancels: every partition, from now on (no group: every worker sees every cancel).
-        self._cancels = AIOKafkaConsumer(bootstrap_servers=self.config.bootstrap,
+        self._cancels = AIOKafkaConsumer(bootstrap_servers=self.config.bootstrap, **client_options(),
                                          enable_auto_commit=False)
         await self._cancels.start()
         cancel_tps = await topic_partitions(self._cancels, CANCELS_TOPIC)
