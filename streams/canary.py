@@ -30,6 +30,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import ErrorCode, SchemaError, decode
 from schemas.topics import TELEMETRY_TOPIC
+from streams.catalog import check_deployments
 from streams.routes import NAME, read_routes, set_route
 from workers.telemetry import TELEMETRY_PARTITIONS
 from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions
@@ -227,6 +228,9 @@ async def run_canary(bootstrap: str, alias: str, to: str, policy: CanaryPolicy,
     any failure, Ctrl-C included), so a canary never leaves a half-shifted route behind."""
     if not NAME.fullmatch(to):
         raise ValueError(f"deployment: {to!r} is not a valid name")
+    # A canary to a typo would pass every step unjudged (no telemetry) and end with all
+    # traffic on nothing.
+    await check_deployments(bootstrap, [to])
     route = (await read_routes(bootstrap)).get(alias)
     if route is None:
         raise ValueError(f"alias {alias!r} has no route (set one with `ferry route set`)")
