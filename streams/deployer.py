@@ -7,6 +7,9 @@ time: verify -> push to the model store (parallel, verified) -> registry `pendin
 create the request topic -> start replicas through the launcher (`loading`) -> a probe
 request answered through Kafka (weights loaded, partitions owned) -> `ready`. Only then do
 the gateway and the router send it traffic. The four durations are kept on the record.
+A launcher that only renders manifests (`runs_replicas` false) cannot say when someone
+applies them: its deployments are `rendered` instead of `loading`, and become `ready` when
+the probe is answered, however long that takes (never failed for the wait).
 
 Policy: keep the last `keep` checkpoints; older ones go `draining` (no new traffic; what is
 queued is still answered) and are `retired` once their worker group's lag is zero (their
@@ -28,7 +31,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from schemas import Request, SchemaError, decode, encode, requests_topic
+from schemas import Request, Result, SchemaError, decode, encode, requests_topic
 from schemas.topics import CHECKPOINTS_TOPIC
 from streams.backlog import BacklogProbe
 from streams.canary import split_weights
@@ -53,7 +56,7 @@ class Policy:
     shadow_percent: float = 100.0
     canary_of: str | None = None  # or give it this share of the alias's traffic
     canary_weight: int = 10
-    load_timeout_s: float = 300.0
+    load_timeout_s: float = 300.0  # for launchers that run replicas (not manifests)
 
 
 def version_order(version: str) -> tuple[int, str]:
@@ -75,6 +78,7 @@ class Deployer:
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._events: AIOKafkaConsumer | None = None  # checkpoint events, committed when acted on
         self._mine: dict[str, DeploymentRecord] = {}  # this model's records, latest state
+        self._applied: dict[str, asyncio.Task] = {}  # rendered deployments' probes, by id
         self.deployed = asyncio.Event()  # set after each deployment became ready (for tests)
 
     def record(self, version: str) -> DeploymentRecord | None:
@@ -98,6 +102,8 @@ class Deployer:
                 loops.append(self._watch_loop())
             await asyncio.gather(*loops)
         finally:
+            for task in self._applied.values():
+                task.cancel()
             await self.launcher.close()
             await asyncio.gather(*(p.close() for p in parts), return_exceptions=True)
 
@@ -107,14 +113,19 @@ class Deployer:
             if record.name != self.model or record.status == "pending":
                 continue  # a pending one was cut off mid-upload: it is deployed afresh (the
                 # push resumes) when the directory or its event is seen again
-            if record.status in ("loading", "ready"):  # ready again once it answers again
+            adopted = record.status in ("loading", "ready", "rendered")
+            if adopted:  # ready again once it answers again
                 log.info("adopting %s (%s)", record.id, record.status)
-                await self._set(record.moved("loading"))
-                self._queue.put_nowait(("probe", self._mine[record.id]))
+                await self._set(record.moved(
+                    "loading" if self.launcher.runs_replicas else "rendered"))
             else:
                 self._mine[record.id] = record
             if record.status in LIVE:
                 await self.launcher.start(self._mine[record.id])
+            if adopted and self.launcher.runs_replicas:
+                self._queue.put_nowait(("probe", self._mine[record.id]))
+            elif adopted:
+                self._await_applied(self._mine[record.id], {})
 
     # ---- inputs: the watched directory and the checkpoints topic -------------------------
 
@@ -180,6 +191,8 @@ class Deployer:
                     await self.deploy_checkpoint(item)
                 elif kind == "probe":
                     await self._bring_up(item, {})
+                elif kind == "applied":
+                    await self._answered_rendered(*item)
                 else:
                     event, tp, offset = item
                     try:
@@ -199,6 +212,12 @@ class Deployer:
             await self.deploy_stored(Path(event["store_path"]))
         elif action == "undeploy" and isinstance(event.get("id"), str):
             record = self._mine.get(event["id"])
+            if record is not None and record.status == "rendered":  # never served: no drain
+                if (task := self._applied.pop(record.id, None)) is not None:
+                    task.cancel()
+                await self.launcher.stop(record)
+                await self._set(record.moved("retired"))
+                return
             if record is None or record.status not in ("ready", "loading", "pending"):
                 log.warning("undeploy %s: not a live deployment of %s", event["id"], self.model)
                 return
@@ -235,27 +254,65 @@ class Deployer:
 
     async def _launch(self, record: DeploymentRecord, durations: dict[str, float]) -> None:
         await ensure_topics(self.bootstrap, {requests_topic(record.deployment): 4})
+        if not self.launcher.runs_replicas:
+            record = self._mine[record.id].moved("rendered")
+            await self._set(record)
+            await self.launcher.start(record)
+            log.info("%s rendered; ready once its manifests are applied and it answers",
+                     record.id)
+            self._await_applied(record, durations)
+            return
         record = self._mine[record.id].moved("loading")
         await self._set(record)
         await self.launcher.start(record)
         await self._bring_up(record, durations)
 
+    def _probe(self, record: DeploymentRecord) -> Request:
+        return Request(id=f"probe-{record.deployment}-{uuid.uuid4().hex[:8]}",
+                       model=record.deployment, prompt="ready?", max_new_tokens=1)
+
+    def _await_applied(self, record: DeploymentRecord, durations: dict[str, float]) -> None:
+        """Probe a rendered deployment without a deadline, in the background (actions go on
+        meanwhile); its answer is acted on in turn, through the queue."""
+        async def wait() -> None:
+            start = time.monotonic()
+            try:
+                result = await (await self.client.submit(self._probe(record)))
+            except Exception:  # the deployer's client failed: said once, here
+                log.exception("%s: probe of the rendered deployment failed", record.id)
+                return
+            self._queue.put_nowait(("applied", (record.id, result, {
+                **durations, "load_s": time.monotonic() - start})))
+
+        self._applied[record.id] = asyncio.create_task(wait(), name=f"probe {record.id}")
+
+    async def _answered_rendered(self, record_id: str, result: Result,
+                                 durations: dict[str, float]) -> None:
+        self._applied.pop(record_id, None)
+        record = self._mine.get(record_id)
+        if record is not None and record.status == "rendered":  # not undeployed meanwhile
+            await self._answered(record, result, durations)
+
     async def _bring_up(self, record: DeploymentRecord, durations: dict[str, float]) -> None:
         """Wait for a probe answered through Kafka, then mark the deployment ready."""
         start = time.monotonic()
-        probe = Request(id=f"probe-{record.deployment}-{uuid.uuid4().hex[:8]}",
-                        model=record.deployment, prompt="ready?", max_new_tokens=1)
         try:
-            result = await self.client.request(probe, timeout=self.policy.load_timeout_s)
+            result = await self.client.request(self._probe(record),
+                                               timeout=self.policy.load_timeout_s)
         except asyncio.TimeoutError:
             result = None
+        await self._answered(record, result, {**durations, "load_s": time.monotonic() - start})
+
+    async def _answered(self, record: DeploymentRecord, result: Result | None,
+                        durations: dict[str, float]) -> None:
+        """Ready when the probe was answered; failed (replicas stopped) when it was not, or
+        with an error."""
         if result is None or result.error is not None:
             reason = result.error.message if result and result.error else "no answer"
             await self.launcher.stop(record)
             await self._set(self._mine[record.id].moved("failed", error=f"probe: {reason}"))
             log.error("%s failed to come up: %s", record.id, reason)
             return
-        durations = {**durations, "load_s": time.monotonic() - start}
         await self._set(self._mine[record.id].moved("ready", durations=durations))
         log.info("%s ready at /v1/models/%s/versions/%s/completions: %s", record.id,
                  record.name, record.version,

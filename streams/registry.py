@@ -2,8 +2,9 @@
 
 A deployment `NAME@VERSION` (e.g. `tiny@checkpoint-1200`) serves the store version
 `STORE/NAME/VERSION` from the topic `ferry.requests.NAME-VERSION` (topic names have no `@`).
-Its status moves pending -> loading -> ready -> draining -> retired (or failed), each with
-the time it was entered, so `ferry deployments` and the measurements read one place. Only a
+Its status moves pending -> loading (or rendered) -> ready -> draining -> retired (or
+failed), each with the time it was entered, so `ferry deployments` and the measurements
+read one place. Only a
 `ready` deployment takes new requests from the gateway and the router; a `draining` one
 answers what is already queued for it.
 """
@@ -17,8 +18,10 @@ from typing import Any
 from schemas.topics import REGISTRY_TOPIC
 from streams.control import ControlTable, put
 
-STATUSES = ("pending", "loading", "ready", "draining", "retired", "failed")
-LIVE = ("pending", "loading", "ready", "draining")  # a worker runs (or is starting)
+# rendered: manifests written for someone else to apply (`--launcher manifests`); becomes
+# ready when a worker answers, like loading, but is never failed for taking long.
+STATUSES = ("pending", "loading", "rendered", "ready", "draining", "retired", "failed")
+LIVE = ("pending", "loading", "rendered", "ready", "draining")  # a worker runs (or may soon)
 
 
 def deployment_name(name: str, version: str) -> str:
