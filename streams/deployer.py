@@ -25,14 +25,16 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import Request, Result, SchemaError, decode, encode, requests_topic
-from schemas.topics import CHECKPOINTS_TOPIC
+from schemas.events import CheckpointEvent
+from schemas.fields import from_dict
+from schemas.topics import CHECKPOINTS_TOPIC, CONTROL_PARTITIONS, DEFAULT_PARTITIONS
 from streams.backlog import BacklogProbe
 from streams.canary import split_weights
 from streams.client import FerryClient
@@ -92,7 +94,7 @@ class Deployer:
                                   reply_to=f"ferry.replies.deployer-{uuid.uuid4().hex[:8]}")
         self.routes = RouteTable(self.bootstrap)
         self.backlog = BacklogProbe(self.bootstrap)
-        await ensure_topics(self.bootstrap, {CHECKPOINTS_TOPIC: 1})
+        await ensure_topics(self.bootstrap, {CHECKPOINTS_TOPIC: CONTROL_PARTITIONS})
         parts = [self.registry, self.client, self.routes, self.backlog]
         await asyncio.gather(*(p.start() for p in parts))
         try:
@@ -167,13 +169,13 @@ class Deployer:
         self._events = consumer
         try:
             async for message in consumer:
-                event: Any = None
+                event: CheckpointEvent | None = None
                 try:
-                    event = decode(message.value)
+                    event = from_dict(CheckpointEvent, decode(message.value))
                 except SchemaError as exc:
                     log.warning("unreadable checkpoint event at offset %d: %s",
                                 message.offset, exc)
-                if not (isinstance(event, dict) and event.get("model") == self.model):
+                if event is not None and event.model != self.model:
                     event = None  # not ours: only its offset goes through the queue, in order
                 tp = TopicPartition(message.topic, message.partition)
                 self._queue.put_nowait(("event", (event, tp, message.offset)))
@@ -204,14 +206,13 @@ class Deployer:
             except Exception as exc:  # one bad checkpoint must not stop the deployer
                 log.exception("deployer action %s %s failed: %s", kind, item, exc)
 
-    async def _handle_event(self, event: dict[str, Any]) -> None:
-        action = event.get("action")
-        if action == "deploy" and isinstance(event.get("path"), str):
-            await self.deploy_checkpoint(Path(event["path"]), event.get("version"))
-        elif action == "deploy" and isinstance(event.get("store_path"), str):
-            await self.deploy_stored(Path(event["store_path"]))
-        elif action == "undeploy" and isinstance(event.get("id"), str):
-            record = self._mine.get(event["id"])
+    async def _handle_event(self, event: CheckpointEvent) -> None:
+        if event.action == "deploy" and event.path is not None:
+            await self.deploy_checkpoint(Path(event.path), event.version)
+        elif event.action == "deploy" and event.store_path is not None:
+            await self.deploy_stored(Path(event.store_path))
+        elif event.action == "undeploy" and event.id is not None:
+            record = self._mine.get(event.id)
             if record is not None and record.status == "rendered":  # never served: no drain
                 if (task := self._applied.pop(record.id, None)) is not None:
                     task.cancel()
@@ -219,11 +220,9 @@ class Deployer:
                 await self._set(record.moved("retired"))
                 return
             if record is None or record.status not in ("ready", "loading", "pending"):
-                log.warning("undeploy %s: not a live deployment of %s", event["id"], self.model)
+                log.warning("undeploy %s: not a live deployment of %s", event.id, self.model)
                 return
             await self._set(record.moved("draining"))
-        else:
-            log.warning("ignored checkpoint event %r", event)
 
     async def deploy_checkpoint(self, src: Path, version: str | None = None) -> None:
         version = version or src.name
@@ -253,7 +252,7 @@ class Deployer:
         await self._launch(record, {"verify_s": time.monotonic() - start, "upload_s": 0.0})
 
     async def _launch(self, record: DeploymentRecord, durations: dict[str, float]) -> None:
-        await ensure_topics(self.bootstrap, {requests_topic(record.deployment): 4})
+        await ensure_topics(self.bootstrap, {requests_topic(record.deployment): DEFAULT_PARTITIONS})
         if not self.launcher.runs_replicas:
             record = self._mine[record.id].moved("rendered")
             await self._set(record)
@@ -363,8 +362,7 @@ class Deployer:
             await asyncio.sleep(self.poll_s)  # lag is sampled, not pushed
 
     async def _set(self, record: DeploymentRecord) -> None:
-        record = DeploymentRecord(**{**record.to_dict(),
-                                     "restarts": self.launcher.restarts(record.deployment)})
+        record = replace(record, restarts=self.launcher.restarts(record.deployment))
         await publish(self.bootstrap, record)
         self._mine[record.id] = record  # what others can read now
 
@@ -372,8 +370,8 @@ class Deployer:
 async def request_deploy(bootstrap: str, version_dir: Path) -> str:
     """`ferry deploy STORE/NAME/VERSION`: ask the model's deployer to deploy a stored version."""
     manifest = model_store.verify(version_dir, full=False)
-    await _announce(bootstrap, {"action": "deploy", "model": manifest.name,
-                                "store_path": str(version_dir.resolve())})
+    await _announce(bootstrap, CheckpointEvent("deploy", manifest.name,
+                                               store_path=str(version_dir.resolve())))
     return f"{manifest.name}@{manifest.version}"
 
 
@@ -381,23 +379,22 @@ async def request_undeploy(bootstrap: str, deployment_id: str) -> None:
     name, sep, version = deployment_id.partition("@")
     if not sep or not name or not version:
         raise ValueError(f"deployment: {deployment_id!r} is not NAME@VERSION")
-    await _announce(bootstrap, {"action": "undeploy", "model": name, "id": deployment_id})
+    await _announce(bootstrap, CheckpointEvent("undeploy", name, id=deployment_id))
 
 
 async def announce_checkpoint(bootstrap: str, model: str, path: Path) -> None:
     """Ask the deployer to deploy a finished checkpoint directory (a trainer outside Ferry
     may call it; Ferry's own trainer is found by the deployer watching its directory)."""
-    await _announce(bootstrap, {"action": "deploy", "model": model, "path": str(path.resolve()),
-                                "version": path.name})
+    await _announce(bootstrap, CheckpointEvent("deploy", model, path=str(path.resolve()),
+                                               version=path.name))
 
 
-async def _announce(bootstrap: str, event: dict[str, Any]) -> None:
-    await ensure_topics(bootstrap, {CHECKPOINTS_TOPIC: 1})
+async def _announce(bootstrap: str, event: CheckpointEvent) -> None:
+    await ensure_topics(bootstrap, {CHECKPOINTS_TOPIC: CONTROL_PARTITIONS})
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     try:
         await producer.start()
-        await producer.send_and_wait(CHECKPOINTS_TOPIC, encode(event),
-                                     key=str(event["model"]).encode())
+        await producer.send_and_wait(CHECKPOINTS_TOPIC, encode(event), key=event.model.encode())
     finally:
         await producer.stop()
 
