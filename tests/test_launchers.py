@@ -78,9 +78,9 @@ async def test_rendered_deployment_waits_for_whoever_applies_it(kafka_bootstrap,
         await request_undeploy(kafka_bootstrap, f"{model}@step-1")
         await wait_for(lambda: status("step-1") == "retired", 60, "step-1 retired")
         assert not list(out.iterdir())
-    finally:
+    finally:  # the deployer first: its clients close before the worker leaves
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
         if worker is not None and worker.returncode is None:
             worker.terminate()
             await asyncio.wait_for(worker.wait(), 60)
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
