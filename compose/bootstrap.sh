@@ -24,5 +24,6 @@ fi
 if ferry route show | grep -q "^$FERRY_ALIAS -> "; then
     echo "route $FERRY_ALIAS exists; left as it is"
 else
-    ferry route set "$FERRY_ALIAS" "$FERRY_DEPLOYMENT=100"
+    # --force: this job runs before the worker it routes to (the worker waits for the job).
+    ferry route set "$FERRY_ALIAS" "$FERRY_DEPLOYMENT=100" --force
 fi

@@ -211,7 +211,8 @@ def _parser() -> argparse.ArgumentParser:
 
     schemas = sub.add_parser("schemas", help="message contract")
     ssub = schemas.add_subparsers(dest="action", required=True)
-    export = ssub.add_parser("export", help="write the JSON Schema files")
+    export = ssub.add_parser("export", help="write the JSON Schema files and the AsyncAPI "
+                                           "document (schemas/json/)")
     export.add_argument("out", type=Path, nargs="?", default=None)
     return p
 

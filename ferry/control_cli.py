@@ -45,10 +45,13 @@ def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
     rsub = route.add_subparsers(dest="action", required=True)
     rset = rsub.add_parser("set", help="ferry route set ALIAS dep-a=90 dep-b=10")
     rset.add_argument("alias")
-    rset.add_argument("weights", nargs="+", metavar="DEPLOYMENT=WEIGHT")
-    rdel = rsub.add_parser("delete")
+    rset.add_argument("weights", nargs="+", metavar="DEPLOYMENT=WEIGHT",
+                      help="a deployment and its share (a bare name weighs 100; 0 attaches "
+                           "it without traffic)")
+    _force_arg(rset)
+    rdel = rsub.add_parser("delete", help="remove ALIAS's route")
     rdel.add_argument("alias")
-    for parser in (rset, rdel, rsub.add_parser("show")):
+    for parser in (rset, rdel, rsub.add_parser("show", help="every alias and its weights")):
         bootstrap_arg(parser)
 
 
@@ -56,12 +59,21 @@ def add_shadow_parsers(shadow_sub: Any, bootstrap_arg: Any) -> None:
     """`ferry shadow set|off|show` (next to `ferry shadow report`)."""
     sset = shadow_sub.add_parser("set", help="mirror a share of ALIAS's traffic to candidates")
     sset.add_argument("alias")
-    sset.add_argument("--candidate", action="append", required=True, dest="candidates")
-    sset.add_argument("--percent", type=float, default=100.0)
+    sset.add_argument("--candidate", action="append", required=True, dest="candidates",
+                      metavar="DEPLOYMENT", help="a candidate deployment (repeat for several)")
+    sset.add_argument("--percent", type=float, default=100.0,
+                      help="share of ALIAS's requests copied to every candidate")
+    _force_arg(sset)
     soff = shadow_sub.add_parser("off", help="stop mirroring ALIAS")
     soff.add_argument("alias")
-    for parser in (sset, soff, shadow_sub.add_parser("show")):
+    for parser in (sset, soff, shadow_sub.add_parser("show", help="every alias's candidates")):
         bootstrap_arg(parser)
+
+
+def _force_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true",
+                        help="name deployments that do not exist yet (one about to be "
+                             "deployed: a first route set before its workers start)")
 
 
 def dispatch(args: argparse.Namespace) -> int | None:
@@ -114,11 +126,15 @@ async def _keys(args: argparse.Namespace) -> None:
 
 
 async def _route(args: argparse.Namespace) -> None:
+    from streams.catalog import check_deployments
     from streams.routes import delete_route, parse_weights, read_routes, set_route
 
     bootstrap = args.bootstrap or default_bootstrap()
     if args.action == "set":
-        route = await set_route(bootstrap, args.alias, parse_weights(args.weights))
+        weights = parse_weights(args.weights)
+        if not args.force:
+            await check_deployments(bootstrap, weights)
+        route = await set_route(bootstrap, args.alias, weights)
         print(f"{route.alias} -> {_weights(route.weights)}")
     elif args.action == "delete":
         await delete_route(bootstrap, args.alias)
@@ -134,10 +150,15 @@ def _weights(weights: dict[str, int]) -> str:
 
 
 async def _shadow(args: argparse.Namespace) -> None:
+    from streams.catalog import check_deployments
+    from streams.routes import parse_weights
     from streams.shadow import read_shadows, set_shadow, shadow_off
 
     bootstrap = args.bootstrap or default_bootstrap()
     if args.action == "set":
+        parse_weights(args.candidates)  # valid names first, then whether they exist
+        if not args.force:
+            await check_deployments(bootstrap, args.candidates, candidates=True)
         shadow = await set_shadow(bootstrap, args.alias, args.candidates, args.percent)
         print(f"{shadow.alias}: {shadow.percent:g}% mirrored to {', '.join(shadow.candidates)}")
     elif args.action == "off":

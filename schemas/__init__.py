@@ -1,8 +1,11 @@
 """Ferry's message contract: typed, versioned, validated records that import no framework.
 
-Everything that crosses Kafka (requests, results, deltas, cancels, dead
-letters) is defined here and encoded
-through `schemas.codec`. `workers/` and `streams/` import this package; it imports neither.
+Everything that crosses Kafka is defined here and encoded through `schemas.codec`: the
+request path (`messages`: requests, results, deltas, cancels, dead letters), the control
+tables (`tables`: routes, shadow, keys and tenants, the registry, quota buckets) and events
+(`events`: checkpoint events, telemetry, comparisons). `topics` names every topic and header,
+`asyncapi` says what travels on each. `workers/` and `streams/` import this package; it
+imports neither.
 """
 
 from schemas.batch_key import batch_key

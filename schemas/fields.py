@@ -25,7 +25,9 @@ _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 
 def spec(description: str, **constraints: Any) -> dict[str, Any]:
-    """Field metadata: a description plus JSON Schema keywords (minimum, maxLength, pattern...)."""
+    """Field metadata: a description plus JSON Schema keywords (minimum, maxLength, pattern...;
+    `items` constrains a list's members, `propertyNames` and `additionalProperties` a dict's
+    keys and values)."""
     return {"description": description, "constraints": constraints}
 
 
@@ -48,7 +50,7 @@ def _json_kind(tp: Any) -> str:
         return "null"
     if get_origin(tp) is list:
         return "array"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or get_origin(tp) is dict:
         return "object"
     if tp in _JSON_TYPES:
         return _JSON_TYPES[tp]
@@ -108,6 +110,11 @@ def _convert(path: str, tp: Any, value: Any) -> Any:
         if item in (int, str) and all(type(v) is item for v in value):
             return value  # token ids and strings, the long lists: valid as they are
         return [_convert(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
+    if origin is dict:  # JSON object keys are strings; the values share one type
+        if not isinstance(value, dict):
+            raise SchemaError(path, f"must be an object, got {type(value).__name__}")
+        _, item = get_args(tp)
+        return {k: _convert(f"{path}.{k}", item, v) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, prefix=path + ".")
     if isinstance(tp, type) and issubclass(tp, Enum):
@@ -161,6 +168,12 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
             if isinstance(kwargs[name], list) and (items := constraints.get("items")):
                 for i, v in enumerate(kwargs[name]):
                     _check_constraints(f"{path}[{i}]", v, items)
+            if isinstance(kwargs[name], dict):
+                for k, v in kwargs[name].items():
+                    if keys := constraints.get("propertyNames"):
+                        _check_constraints(f"{path}.{k}", k, keys)
+                    if values := constraints.get("additionalProperties"):
+                        _check_constraints(f"{path}.{k}", v, values)
     try:
         return cls(**kwargs)
     except SchemaError as exc:  # a nested record's own checks name their field within it
@@ -181,6 +194,8 @@ def _type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
         return {"enum": list(get_args(tp))}
     if origin is list:
         return {"type": "array", "items": _type_schema(get_args(tp)[0], defs)}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _type_schema(get_args(tp)[1], defs)}
     if isinstance(tp, type) and issubclass(tp, Enum):
         return {"enum": [m.value for m in tp]}
     if dataclasses.is_dataclass(tp):
@@ -197,8 +212,9 @@ def _object_schema(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
         schema = _type_schema(hints[f.name], defs)
         constraints = dict(f.metadata.get("constraints", {}))
         target = schema["anyOf"][0] if "anyOf" in schema else schema  # the non-null branch
-        if "items" in constraints:
-            target["items"] = {**target["items"], **constraints.pop("items")}
+        for nested in ("items", "additionalProperties"):  # constraints on members
+            if nested in constraints:
+                target[nested] = {**target[nested], **constraints.pop(nested)}
         target.update(constraints)
         if "description" in f.metadata:
             schema["description"] = f.metadata["description"]

@@ -1,4 +1,6 @@
-"""Topic, consumer-group and header names: the one place that spells them."""
+"""Topic, consumer-group and header names, and the partition counts of the topics Ferry
+creates. What travels on each topic (key, value record, headers, who writes and reads it)
+is in `schemas/asyncapi.py`, exported as `schemas/json/asyncapi.json`."""
 
 import re
 
@@ -13,6 +15,9 @@ CANCELS_PARTITIONS = 4
 REPLIES_PREFIX = "ferry.replies."
 DLQ_TOPIC = "ferry.dlq"
 REQUESTS_PREFIX = "ferry.requests."
+# Partitions of a request topic (and of results, dead letters, ...) when Ferry creates it:
+# the most replicas one deployment's group can spread over.
+DEFAULT_PARTITIONS = 4
 WORKER_GROUP_PREFIX = "ferry.workers."
 
 # The router's input: requests from producers and the gateway, with an API key header.
@@ -27,10 +32,21 @@ REGISTRY_TOPIC = "ferry.registry"
 CHECKPOINTS_TOPIC = "ferry.checkpoints"
 # One record per worker batch (latencies, errors), for canaries and dashboards.
 TELEMETRY_TOPIC = "ferry.telemetry"
+# One record per batch is little traffic, and a single partition gives a reader one position
+# to pin ("only records from now on") and one global order across deployments.
+TELEMETRY_PARTITIONS = 1
+# Control tables and checkpoint events: tiny; one partition keeps one global order.
+CONTROL_PARTITIONS = 1
+# A router's quota buckets, `<app id>.quotas` (compacted, key = tenant).
+QUOTAS_SUFFIX = ".quotas"
 
 API_KEY_HEADER = "ferry-api-key"
 DEPLOYMENT_HEADER = "ferry-deployment"  # pins the backend (version routes, retries)
 ATTEMPT_HEADER = "ferry-attempt"  # 1 on first try; retries are not charged to quotas again
+# On the gateway's copies of results in ferry.results: the caller's tenant (only it may poll
+# the result) and whether the call was a chat one (the poll answers in that shape).
+TENANT_HEADER = "ferry-tenant"
+CHAT_HEADER = "ferry-chat"
 
 
 def requests_topic(deployment: str) -> str:
@@ -39,6 +55,10 @@ def requests_topic(deployment: str) -> str:
 
 def worker_group(deployment: str) -> str:
     return WORKER_GROUP_PREFIX + deployment
+
+
+def quotas_topic(app_id: str) -> str:
+    return app_id + QUOTAS_SUFFIX
 
 
 # ---- shadow traffic --------------------------------------------------------------------

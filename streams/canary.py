@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas import ErrorCode, SchemaError, decode
-from schemas.topics import TELEMETRY_TOPIC
+from schemas.events import Telemetry
+from schemas.fields import from_dict
+from schemas.topics import TELEMETRY_PARTITIONS, TELEMETRY_TOPIC
+from streams.catalog import check_deployments
 from streams.routes import NAME, read_routes, set_route
 from workers.kafka_clients import client_options
-from workers.telemetry import TELEMETRY_PARTITIONS
 from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions
 
 log = logging.getLogger("ferry.canary")
@@ -203,24 +205,11 @@ class TelemetryWatch:
 
 def _parse_record(raw: bytes | None) -> tuple[str, list[tuple[float, str | None]]] | None:
     try:
-        value = decode(raw)
-    except SchemaError:
-        value = None
-    if not isinstance(value, dict):
-        log.warning("unreadable telemetry record ignored")
+        record = from_dict(Telemetry, decode(raw))
+    except SchemaError as exc:
+        log.warning("telemetry record ignored: %s", exc)
         return None
-    deployment, latencies, errors = (value.get(k) for k in ("deployment", "latencies_ms",
-                                                            "errors"))
-    if (not isinstance(deployment, str) or not isinstance(latencies, list)
-            or not isinstance(errors, list) or len(latencies) != len(errors)):
-        log.warning("malformed telemetry record ignored: %.200s", value)
-        return None
-    try:
-        return deployment, [(float(lat), None if err is None else str(err))
-                            for lat, err in zip(latencies, errors)]
-    except (TypeError, ValueError):
-        log.warning("telemetry record with a non-numeric latency ignored: %.200s", value)
-        return None
+    return record.deployment, list(zip(record.latencies_ms, record.errors))
 
 
 async def run_canary(bootstrap: str, alias: str, to: str, policy: CanaryPolicy,
@@ -229,6 +218,9 @@ async def run_canary(bootstrap: str, alias: str, to: str, policy: CanaryPolicy,
     any failure, Ctrl-C included), so a canary never leaves a half-shifted route behind."""
     if not NAME.fullmatch(to):
         raise ValueError(f"deployment: {to!r} is not a valid name")
+    # A canary to a typo would pass every step unjudged (no telemetry) and end with all
+    # traffic on nothing.
+    await check_deployments(bootstrap, [to])
     route = (await read_routes(bootstrap)).get(alias)
     if route is None:
         raise ValueError(f"alias {alias!r} has no route (set one with `ferry route set`)")

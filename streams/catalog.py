@@ -1,14 +1,18 @@
-"""Which deployments exist: the `ferry.requests.*` topics, from a cached admin lookup."""
+"""Which deployments exist: the `ferry.requests.*` topics, from a cached admin lookup (the
+router and the gateway), or checked once (`check_deployments`, for the CLI)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from schemas.topics import REQUESTS_PREFIX
+from schemas.topics import MIRROR_PREFIX, REQUESTS_PREFIX
+from streams.registry import read_registry
 from workers.kafka_clients import client_options
+from workers.topic_admin import list_topics
 
 
 class DeploymentCatalog:
@@ -60,3 +64,32 @@ class DeploymentCatalog:
         topics = await self._admin.list_topics()
         self._names = {t[len(REQUESTS_PREFIX):] for t in topics if t.startswith(REQUESTS_PREFIX)}
         self._listed_at, self._listed_wall = time.monotonic(), time.time()
+
+
+class UnknownDeployment(ValueError):
+    """A command named deployments that do not exist (or no longer serve)."""
+
+
+async def check_deployments(bootstrap: str, names: Iterable[str], *,
+                            candidates: bool = False) -> None:
+    """Refuse names no deployment answers to, so a typo never becomes a route to nowhere.
+
+    A deployment exists when its request topic does (a worker or the deployer created it);
+    a shadow candidate (`candidates`) may instead have only its mirror topic (a `--shadow`
+    worker started by hand). One the deployer retired or saw fail is refused too: its topic
+    stays for replay, but nothing serves it."""
+    wanted = list(dict.fromkeys(names))
+    topics = await list_topics(bootstrap)
+    missing = [n for n in wanted if REQUESTS_PREFIX + n not in topics
+               and not (candidates and MIRROR_PREFIX + n in topics)]
+    if missing:
+        raise UnknownDeployment(
+            f"no deployment {', '.join(map(repr, missing))} (no topic "
+            f"{REQUESTS_PREFIX}{missing[0]}): `ferry deployments` lists the deployer's, "
+            "--force names one about to be deployed")
+    gone = {r.deployment: r.status for r in await read_registry(bootstrap)
+            if r.status in ("retired", "failed")}
+    if dead := [n for n in wanted if n in gone]:
+        raise UnknownDeployment(
+            f"deployment {dead[0]!r} is {gone[dead[0]]}: nothing serves it "
+            "(`ferry deploy` it again, or --force)")

@@ -40,7 +40,7 @@ import time
 from collections import Counter as Tally
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import faust
@@ -49,6 +49,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from schemas import (
     Request, Result, SchemaError, batch_key, decode_request, decode_result, encode,
 )
+from schemas.events import Comparison
 from schemas.topics import (
     COMPARISONS_TOPIC, DEPLOYMENT_HEADER, MIRROR_PREFIX, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC,
     SHADOW_RESULTS_PREFIX, mirror_topic, shadow_results_topic,
@@ -94,20 +95,18 @@ def compare(primary: Result, candidate: Result, primary_name: str, candidate_nam
     when both succeeded (else exact_match False, prefix 0, overlap 0)."""
     ok = primary.error is None and candidate.error is None
     p, c = primary.output_ids, candidate.output_ids
-    return {
-        "id": primary.id, "primary": primary_name, "candidate": candidate_name,
-        "exact_match": ok and p == c,
-        "common_prefix": common_prefix(p, c) if ok else 0,
-        "overlap": overlap(p, c) if ok else 0.0,
-        "length_diff": len(c) - len(p),
-        "primary_latency_ms": latency_ms(primary),
-        "candidate_latency_ms": latency_ms(candidate),
-        "latency_diff_ms": latency_ms(candidate) - latency_ms(primary),
-        "primary_error": primary.error.code.value if primary.error else None,
-        "candidate_error": candidate.error.code.value if candidate.error else None,
-        "candidate_logprob": logprob,
-        "at": at,
-    }
+    return asdict(Comparison(  # the record's fields, as the dict the stats read
+        id=primary.id, primary=primary_name, candidate=candidate_name,
+        exact_match=ok and p == c,
+        common_prefix=common_prefix(p, c) if ok else 0,
+        overlap=overlap(p, c) if ok else 0.0,
+        length_diff=len(c) - len(p),
+        primary_latency_ms=latency_ms(primary),
+        candidate_latency_ms=latency_ms(candidate),
+        latency_diff_ms=latency_ms(candidate) - latency_ms(primary),
+        primary_error=primary.error.code if primary.error else None,
+        candidate_error=candidate.error.code if candidate.error else None,
+        candidate_logprob=logprob, at=at))
 
 
 def score_request(request: Request, candidate: str, score_ids: list[int],

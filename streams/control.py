@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Self
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import SchemaError, decode, encode
+from schemas.topics import CONTROL_PARTITIONS
 from workers.kafka_clients import client_options
 from workers.topic_admin import ensure_topics, topic_partitions, watch_reader
 
@@ -24,15 +25,15 @@ log = logging.getLogger("ferry.control")
 
 COMPACTED = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0",
              "segment.ms": "3600000"}
-CONTROL_PARTITIONS = 1  # tiny tables; one partition keeps one global order of changes
 
 
 async def ensure_control_topic(bootstrap: str, topic: str) -> None:
     await ensure_topics(bootstrap, {topic: CONTROL_PARTITIONS}, configs=COMPACTED)
 
 
-async def put(bootstrap: str, topic: str, key: str, value: dict[str, Any] | None) -> None:
-    """Write (or, with None, delete) one key of a control table and wait for the ack."""
+async def put(bootstrap: str, topic: str, key: str, value: Any | None) -> None:
+    """Write (or, with None, delete) one key of a control table and wait for the ack; `value`
+    is a record of `schemas.tables` (a plain dict for tables without one)."""
     await ensure_control_topic(bootstrap, topic)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **client_options(), acks="all")
     try:  # start() inside: a write cancelled while connecting still closes its producer

@@ -7,6 +7,9 @@ time: verify -> push to the model store (parallel, verified) -> registry `pendin
 create the request topic -> start replicas through the launcher (`loading`) -> a probe
 request answered through Kafka (weights loaded, partitions owned) -> `ready`. Only then do
 the gateway and the router send it traffic. The four durations are kept on the record.
+A launcher that only renders manifests (`runs_replicas` false) cannot say when someone
+applies them: its deployments are `rendered` instead of `loading`, and become `ready` when
+the probe is answered, however long that takes (never failed for the wait).
 
 Policy: keep the last `keep` checkpoints; older ones go `draining` (no new traffic; what is
 queued is still answered) and are `retired` once their worker group's lag is zero (their
@@ -22,14 +25,16 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from schemas import Request, SchemaError, decode, encode, requests_topic
-from schemas.topics import CHECKPOINTS_TOPIC
+from schemas import Request, Result, SchemaError, decode, encode, requests_topic
+from schemas.events import CheckpointEvent
+from schemas.fields import from_dict
+from schemas.topics import CHECKPOINTS_TOPIC, CONTROL_PARTITIONS, DEFAULT_PARTITIONS
 from streams.backlog import BacklogProbe
 from streams.canary import split_weights
 from streams.client import FerryClient
@@ -54,7 +59,7 @@ class Policy:
     shadow_percent: float = 100.0
     canary_of: str | None = None  # or give it this share of the alias's traffic
     canary_weight: int = 10
-    load_timeout_s: float = 300.0
+    load_timeout_s: float = 300.0  # for launchers that run replicas (not manifests)
 
 
 def version_order(version: str) -> tuple[int, str]:
@@ -76,6 +81,7 @@ class Deployer:
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._events: AIOKafkaConsumer | None = None  # checkpoint events, committed when acted on
         self._mine: dict[str, DeploymentRecord] = {}  # this model's records, latest state
+        self._applied: dict[str, asyncio.Task] = {}  # rendered deployments' probes, by id
         self.deployed = asyncio.Event()  # set after each deployment became ready (for tests)
 
     def record(self, version: str) -> DeploymentRecord | None:
@@ -89,7 +95,7 @@ class Deployer:
                                   reply_to=f"ferry.replies.deployer-{uuid.uuid4().hex[:8]}")
         self.routes = RouteTable(self.bootstrap)
         self.backlog = BacklogProbe(self.bootstrap)
-        await ensure_topics(self.bootstrap, {CHECKPOINTS_TOPIC: 1})
+        await ensure_topics(self.bootstrap, {CHECKPOINTS_TOPIC: CONTROL_PARTITIONS})
         parts = [self.registry, self.client, self.routes, self.backlog]
         await asyncio.gather(*(p.start() for p in parts))
         try:
@@ -99,6 +105,8 @@ class Deployer:
                 loops.append(self._watch_loop())
             await asyncio.gather(*loops)
         finally:
+            for task in self._applied.values():
+                task.cancel()
             await self.launcher.close()
             await asyncio.gather(*(p.close() for p in parts), return_exceptions=True)
 
@@ -108,14 +116,19 @@ class Deployer:
             if record.name != self.model or record.status == "pending":
                 continue  # a pending one was cut off mid-upload: it is deployed afresh (the
                 # push resumes) when the directory or its event is seen again
-            if record.status in ("loading", "ready"):  # ready again once it answers again
+            adopted = record.status in ("loading", "ready", "rendered")
+            if adopted:  # ready again once it answers again
                 log.info("adopting %s (%s)", record.id, record.status)
-                await self._set(record.moved("loading"))
-                self._queue.put_nowait(("probe", self._mine[record.id]))
+                await self._set(record.moved(
+                    "loading" if self.launcher.runs_replicas else "rendered"))
             else:
                 self._mine[record.id] = record
             if record.status in LIVE:
                 await self.launcher.start(self._mine[record.id])
+            if adopted and self.launcher.runs_replicas:
+                self._queue.put_nowait(("probe", self._mine[record.id]))
+            elif adopted:
+                self._await_applied(self._mine[record.id], {})
 
     # ---- inputs: the watched directory and the checkpoints topic -------------------------
 
@@ -157,13 +170,13 @@ class Deployer:
         self._events = consumer
         try:
             async for message in consumer:
-                event: Any = None
+                event: CheckpointEvent | None = None
                 try:
-                    event = decode(message.value)
+                    event = from_dict(CheckpointEvent, decode(message.value))
                 except SchemaError as exc:
                     log.warning("unreadable checkpoint event at offset %d: %s",
                                 message.offset, exc)
-                if not (isinstance(event, dict) and event.get("model") == self.model):
+                if event is not None and event.model != self.model:
                     event = None  # not ours: only its offset goes through the queue, in order
                 tp = TopicPartition(message.topic, message.partition)
                 self._queue.put_nowait(("event", (event, tp, message.offset)))
@@ -181,6 +194,8 @@ class Deployer:
                     await self.deploy_checkpoint(item)
                 elif kind == "probe":
                     await self._bring_up(item, {})
+                elif kind == "applied":
+                    await self._answered_rendered(*item)
                 else:
                     event, tp, offset = item
                     try:
@@ -192,20 +207,23 @@ class Deployer:
             except Exception as exc:  # one bad checkpoint must not stop the deployer
                 log.exception("deployer action %s %s failed: %s", kind, item, exc)
 
-    async def _handle_event(self, event: dict[str, Any]) -> None:
-        action = event.get("action")
-        if action == "deploy" and isinstance(event.get("path"), str):
-            await self.deploy_checkpoint(Path(event["path"]), event.get("version"))
-        elif action == "deploy" and isinstance(event.get("store_path"), str):
-            await self.deploy_stored(Path(event["store_path"]))
-        elif action == "undeploy" and isinstance(event.get("id"), str):
-            record = self._mine.get(event["id"])
+    async def _handle_event(self, event: CheckpointEvent) -> None:
+        if event.action == "deploy" and event.path is not None:
+            await self.deploy_checkpoint(Path(event.path), event.version)
+        elif event.action == "deploy" and event.store_path is not None:
+            await self.deploy_stored(Path(event.store_path))
+        elif event.action == "undeploy" and event.id is not None:
+            record = self._mine.get(event.id)
+            if record is not None and record.status == "rendered":  # never served: no drain
+                if (task := self._applied.pop(record.id, None)) is not None:
+                    task.cancel()
+                await self.launcher.stop(record)
+                await self._set(record.moved("retired"))
+                return
             if record is None or record.status not in ("ready", "loading", "pending"):
-                log.warning("undeploy %s: not a live deployment of %s", event["id"], self.model)
+                log.warning("undeploy %s: not a live deployment of %s", event.id, self.model)
                 return
             await self._set(record.moved("draining"))
-        else:
-            log.warning("ignored checkpoint event %r", event)
 
     async def deploy_checkpoint(self, src: Path, version: str | None = None) -> None:
         version = version or src.name
@@ -235,28 +253,66 @@ class Deployer:
         await self._launch(record, {"verify_s": time.monotonic() - start, "upload_s": 0.0})
 
     async def _launch(self, record: DeploymentRecord, durations: dict[str, float]) -> None:
-        await ensure_topics(self.bootstrap, {requests_topic(record.deployment): 4})
+        await ensure_topics(self.bootstrap, {requests_topic(record.deployment): DEFAULT_PARTITIONS})
+        if not self.launcher.runs_replicas:
+            record = self._mine[record.id].moved("rendered")
+            await self._set(record)
+            await self.launcher.start(record)
+            log.info("%s rendered; ready once its manifests are applied and it answers",
+                     record.id)
+            self._await_applied(record, durations)
+            return
         record = self._mine[record.id].moved("loading")
         await self._set(record)
         await self.launcher.start(record)
         await self._bring_up(record, durations)
 
+    def _probe(self, record: DeploymentRecord) -> Request:
+        return Request(id=f"probe-{record.deployment}-{uuid.uuid4().hex[:8]}",
+                       model=record.deployment, prompt="ready?", max_new_tokens=1)
+
+    def _await_applied(self, record: DeploymentRecord, durations: dict[str, float]) -> None:
+        """Probe a rendered deployment without a deadline, in the background (actions go on
+        meanwhile); its answer is acted on in turn, through the queue."""
+        async def wait() -> None:
+            start = time.monotonic()
+            try:
+                result = await (await self.client.submit(self._probe(record)))
+            except Exception:  # the deployer's client failed: said once, here
+                log.exception("%s: probe of the rendered deployment failed", record.id)
+                return
+            self._queue.put_nowait(("applied", (record.id, result, {
+                **durations, "load_s": time.monotonic() - start})))
+
+        self._applied[record.id] = asyncio.create_task(wait(), name=f"probe {record.id}")
+
+    async def _answered_rendered(self, record_id: str, result: Result,
+                                 durations: dict[str, float]) -> None:
+        self._applied.pop(record_id, None)
+        record = self._mine.get(record_id)
+        if record is not None and record.status == "rendered":  # not undeployed meanwhile
+            await self._answered(record, result, durations)
+
     async def _bring_up(self, record: DeploymentRecord, durations: dict[str, float]) -> None:
         """Wait for a probe answered through Kafka, then mark the deployment ready."""
         start = time.monotonic()
-        probe = Request(id=f"probe-{record.deployment}-{uuid.uuid4().hex[:8]}",
-                        model=record.deployment, prompt="ready?", max_new_tokens=1)
         try:
-            result = await self.client.request(probe, timeout=self.policy.load_timeout_s)
+            result = await self.client.request(self._probe(record),
+                                               timeout=self.policy.load_timeout_s)
         except asyncio.TimeoutError:
             result = None
+        await self._answered(record, result, {**durations, "load_s": time.monotonic() - start})
+
+    async def _answered(self, record: DeploymentRecord, result: Result | None,
+                        durations: dict[str, float]) -> None:
+        """Ready when the probe was answered; failed (replicas stopped) when it was not, or
+        with an error."""
         if result is None or result.error is not None:
             reason = result.error.message if result and result.error else "no answer"
             await self.launcher.stop(record)
             await self._set(self._mine[record.id].moved("failed", error=f"probe: {reason}"))
             log.error("%s failed to come up: %s", record.id, reason)
             return
-        durations = {**durations, "load_s": time.monotonic() - start}
         await self._set(self._mine[record.id].moved("ready", durations=durations))
         log.info("%s ready at /v1/models/%s/versions/%s/completions: %s", record.id,
                  record.name, record.version,
@@ -307,8 +363,7 @@ class Deployer:
             await asyncio.sleep(self.poll_s)  # lag is sampled, not pushed
 
     async def _set(self, record: DeploymentRecord) -> None:
-        record = DeploymentRecord(**{**record.to_dict(),
-                                     "restarts": self.launcher.restarts(record.deployment)})
+        record = replace(record, restarts=self.launcher.restarts(record.deployment))
         await publish(self.bootstrap, record)
         self._mine[record.id] = record  # what others can read now
 
@@ -316,8 +371,8 @@ class Deployer:
 async def request_deploy(bootstrap: str, version_dir: Path) -> str:
     """`ferry deploy STORE/NAME/VERSION`: ask the model's deployer to deploy a stored version."""
     manifest = model_store.verify(version_dir, full=False)
-    await _announce(bootstrap, {"action": "deploy", "model": manifest.name,
-                                "store_path": str(version_dir.resolve())})
+    await _announce(bootstrap, CheckpointEvent("deploy", manifest.name,
+                                               store_path=str(version_dir.resolve())))
     return f"{manifest.name}@{manifest.version}"
 
 
@@ -325,23 +380,22 @@ async def request_undeploy(bootstrap: str, deployment_id: str) -> None:
     name, sep, version = deployment_id.partition("@")
     if not sep or not name or not version:
         raise ValueError(f"deployment: {deployment_id!r} is not NAME@VERSION")
-    await _announce(bootstrap, {"action": "undeploy", "model": name, "id": deployment_id})
+    await _announce(bootstrap, CheckpointEvent("undeploy", name, id=deployment_id))
 
 
 async def announce_checkpoint(bootstrap: str, model: str, path: Path) -> None:
     """Ask the deployer to deploy a finished checkpoint directory (a trainer outside Ferry
     may call it; Ferry's own trainer is found by the deployer watching its directory)."""
-    await _announce(bootstrap, {"action": "deploy", "model": model, "path": str(path.resolve()),
-                                "version": path.name})
+    await _announce(bootstrap, CheckpointEvent("deploy", model, path=str(path.resolve()),
+                                               version=path.name))
 
 
-async def _announce(bootstrap: str, event: dict[str, Any]) -> None:
-    await ensure_topics(bootstrap, {CHECKPOINTS_TOPIC: 1})
+async def _announce(bootstrap: str, event: CheckpointEvent) -> None:
+    await ensure_topics(bootstrap, {CHECKPOINTS_TOPIC: CONTROL_PARTITIONS})
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **client_options(), acks="all")
     try:
         await producer.start()
-        await producer.send_and_wait(CHECKPOINTS_TOPIC, encode(event),
-                                     key=str(event["model"]).encode())
+        await producer.send_and_wait(CHECKPOINTS_TOPIC, encode(event), key=event.model.encode())
     finally:
         await producer.stop()
 

@@ -3,25 +3,30 @@
 A key is `fk_<id>_<secret>`: the id (public) finds the record, the SHA-256 of the whole key
 is what is stored and compared, in constant time. Keys are 190 bits of randomness, so a
 plain hash is enough; a slow password hash would only slow every request down.
-Records: `key:<id>` -> {tenant, sha256, created_at}; `tenant:<name>` -> {rpm, tpm,
-reply_prefix}.
+Rows: `key:<id>` -> `schemas.tables.ApiKeyRecord`; `tenant:<name>` -> `TenantRecord`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
-import time
 from dataclasses import dataclass
+from typing import TypeVar
 
+from schemas import SchemaError
+from schemas.fields import from_dict
+from schemas.tables import ApiKeyRecord, TenantRecord
 from schemas.topics import KEYS_TOPIC
 from streams.control import ControlTable, put
 
 KEY_FORMAT = re.compile(r"^fk_([0-9a-f]{12})_([A-Za-z0-9_-]{32})$")
 TENANT = re.compile(r"^[a-zA-Z0-9._-]{1,100}$")
 _DUMMY = hashlib.sha256(b"no such key").hexdigest()
+T = TypeVar("T")
+log = logging.getLogger("ferry.keys")
 
 
 @dataclass(frozen=True)
@@ -48,36 +53,40 @@ class KeyRing(ControlTable):
 
     topic = KEYS_TOPIC
 
+    def _row(self, cls: type[T], key: str) -> T | None:
+        """The row `key` validated as `cls`; None when absent or when it does not fit (a key
+        that does not fit authenticates nobody; limits that do not fit limit nothing)."""
+        value = self.view.values.get(key)
+        if value is None:
+            return None
+        try:
+            return from_dict(cls, value)
+        except SchemaError as exc:
+            log.warning("%s: row %r ignored: %s", KEYS_TOPIC, key, exc)
+            return None
+
     def authenticate(self, api_key: str | None) -> Tenant | None:
         kid = key_id(api_key or "")
-        record = self.view.values.get(f"key:{kid}") if kid else None
-        stored = record.get("sha256") if record else None
+        record = self._row(ApiKeyRecord, f"key:{kid}") if kid else None
         # Compare even when the id is unknown, so timing tells nothing about which ids exist.
-        ok = hmac.compare_digest(_digest(api_key or ""), stored if isinstance(stored, str)
-                                 else _DUMMY)
+        ok = hmac.compare_digest(_digest(api_key or ""), record.sha256 if record else _DUMMY)
         if not ok or record is None:
             return None
-        return self.tenant(str(record.get("tenant")))
+        return self.tenant(record.tenant)
 
     def tenant(self, name: str) -> Tenant:
-        limits = self.view.values.get(f"tenant:{name}") or {}
-        prefix = limits.get("reply_prefix")
-        return Tenant(name, _limit(limits.get("rpm")), _limit(limits.get("tpm")),
-                      prefix if isinstance(prefix, str) and prefix else None)
+        limits = self._row(TenantRecord, f"tenant:{name}") or TenantRecord()
+        return Tenant(name, limits.rpm, limits.tpm, limits.reply_prefix or None)
 
     def listing(self) -> list[dict[str, object]]:
         """Every key (id, tenant, created) with its tenant's limits; never a secret."""
         rows = []
-        for name, record in sorted(self.view.values.items()):
-            if name.startswith("key:"):
-                tenant = self.tenant(str(record.get("tenant")))
+        for name in sorted(self.view.values):
+            if name.startswith("key:") and (record := self._row(ApiKeyRecord, name)):
+                tenant = self.tenant(record.tenant)
                 rows.append({"id": name[4:], "tenant": tenant.name, "rpm": tenant.rpm,
-                             "tpm": tenant.tpm, "created_at": record.get("created_at")})
+                             "tpm": tenant.tpm, "created_at": record.created_at})
         return rows
-
-
-def _limit(value: object) -> int | None:
-    return value if isinstance(value, int) and value > 0 else None
 
 
 async def add_key(bootstrap: str, tenant: str, rpm: int | None = None,
@@ -94,16 +103,13 @@ async def add_key(bootstrap: str, tenant: str, rpm: int | None = None,
         raise ValueError(f"reply_prefix: {reply_prefix!r} must match {TENANT.pattern}")
     if rpm is not None or tpm is not None or reply_prefix is not None:
         await set_limits(bootstrap, tenant, rpm, tpm, reply_prefix)
-    await put(bootstrap, KEYS_TOPIC, f"key:{kid}",
-              {"tenant": tenant, "sha256": _digest(api_key), "created_at": time.time()})
+    await put(bootstrap, KEYS_TOPIC, f"key:{kid}", ApiKeyRecord(tenant, _digest(api_key)))
     return api_key
 
 
 async def set_limits(bootstrap: str, tenant: str, rpm: int | None, tpm: int | None,
                      reply_prefix: str | None = None) -> None:
-    await put(bootstrap, KEYS_TOPIC, f"tenant:{tenant}",
-              {"rpm": rpm, "tpm": tpm, "reply_prefix": reply_prefix,
-               "updated_at": time.time()})
+    await put(bootstrap, KEYS_TOPIC, f"tenant:{tenant}", TenantRecord(rpm, tpm, reply_prefix))
 
 
 async def revoke_key(bootstrap: str, key_or_id: str) -> str:

@@ -4,8 +4,11 @@ One small interface, so a Kubernetes operator can replace the local launcher lat
 - `LocalLauncher` (the default) runs `ferry worker` processes on this machine and supervises
   them: a replica that exits unasked is restarted with exponential backoff.
 - `ManifestLauncher` renders a compose service and a Kubernetes Deployment per deployment
-  into a directory: files to apply (the deployer pod of compose/k8s applies them itself),
-  not a running cluster.
+  into a directory and runs nothing: whoever reads the directory applies them (the `apply`
+  sidecar of the deployer pod in compose/k8s, or an operator: `kubectl apply -f DIR`,
+  `docker compose -f compose/docker-compose.yml -f DIR/X.compose.yml up -d`). It says so
+  (`runs_replicas` false), and the deployer records such a deployment as `rendered`: ready
+  when a replica answers its probe, never failed for waiting.
 
 What every replica gets besides its model (image, device, GPUs, resources, where the model
 store is mounted from) is a `WorkerTemplate`, read from the deployer's environment: the
@@ -37,6 +40,10 @@ log = logging.getLogger("ferry.launcher")
 
 
 class Launcher(Protocol):
+    # True when `start` makes replicas run (so the deployer may time their loading out);
+    # False when it only writes what someone else applies.
+    runs_replicas: bool
+
     async def start(self, record: DeploymentRecord) -> None: ...
     async def stop(self, record: DeploymentRecord) -> None: ...
     def restarts(self, deployment: str) -> int: ...
@@ -99,6 +106,8 @@ def worker_args(record: DeploymentRecord, bootstrap: str | None = None) -> list[
 
 class LocalLauncher:
     """Worker processes on this machine, restarted on crash (backoff 1 s doubling to 30 s)."""
+
+    runs_replicas = True
 
     def __init__(self, bootstrap: str, log_dir: Path, extra_args: tuple[str, ...] | None = None,
                  backoff_s: tuple[float, float] = (1.0, 30.0)) -> None:
@@ -292,7 +301,10 @@ def is_loopback(bootstrap: str) -> bool:
 
 
 class ManifestLauncher:
-    """Writes `DEPLOYMENT.compose.yml` and `DEPLOYMENT.k8s.yaml` into a directory."""
+    """Writes `DEPLOYMENT.compose.yml` and `DEPLOYMENT.k8s.yaml` into a directory, and
+    deletes them when the deployment stops; applying them is someone else's job."""
+
+    runs_replicas = False
 
     def __init__(self, bootstrap: str, out_dir: Path,
                  template: WorkerTemplate | None = None) -> None:

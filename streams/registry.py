@@ -2,68 +2,32 @@
 
 A deployment `NAME@VERSION` (e.g. `tiny@checkpoint-1200`) serves the store version
 `STORE/NAME/VERSION` from the topic `ferry.requests.NAME-VERSION` (topic names have no `@`).
-Its status moves pending -> loading -> ready -> draining -> retired (or failed), each with
-the time it was entered, so `ferry deployments` and the measurements read one place. Only a
+Its status moves pending -> loading (or rendered) -> ready -> draining -> retired (or
+failed), each with the time it was entered, so `ferry deployments` and the measurements
+read one place. Only a
 `ready` deployment takes new requests from the gateway and the router; a `draining` one
 answers what is already queued for it.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict, dataclass, field, replace
+import logging
 from typing import Any
 
+from schemas import SchemaError
+from schemas.fields import from_dict
+from schemas.tables import LIVE, STATUSES, DeploymentRecord, deployment_name
 from schemas.topics import REGISTRY_TOPIC
 from streams.control import ControlTable, put
 
-STATUSES = ("pending", "loading", "ready", "draining", "retired", "failed")
-LIVE = ("pending", "loading", "ready", "draining")  # a worker runs (or is starting)
+__all__ = ["LIVE", "STATUSES", "DeploymentRecord", "Registry", "deployment_name", "publish",
+           "read_registry"]
 
-
-def deployment_name(name: str, version: str) -> str:
-    """The topic-safe name of NAME@VERSION; also what version paths resolve to."""
-    return f"{name}-{version}"
-
-
-@dataclass(frozen=True)
-class DeploymentRecord:
-    name: str
-    version: str
-    store_path: str
-    status: str = "pending"
-    replicas: int = 1
-    times: dict[str, float] = field(default_factory=dict)  # status -> unix time entered
-    durations: dict[str, float] = field(default_factory=dict)  # verify/upload/load/ready s
-    restarts: int = 0
-    error: str | None = None
-
-    @property
-    def id(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    @property
-    def deployment(self) -> str:
-        return deployment_name(self.name, self.version)
-
-    def moved(self, status: str, **changes: Any) -> DeploymentRecord:
-        assert status in STATUSES, status
-        return replace(self, status=status, times={**self.times, status: time.time()},
-                       **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DeploymentRecord | None:
-        try:
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        except TypeError:
-            return None
+log = logging.getLogger("ferry.registry")
 
 
 async def publish(bootstrap: str, record: DeploymentRecord) -> None:
-    await put(bootstrap, REGISTRY_TOPIC, record.id, record.to_dict())
+    await put(bootstrap, REGISTRY_TOPIC, record.id, record)
 
 
 class Registry(ControlTable):
@@ -79,7 +43,12 @@ class Registry(ControlTable):
 
     def _changed(self, key: str, value: dict[str, Any] | None) -> None:
         name, _, version = key.partition("@")
-        record = DeploymentRecord.from_dict(value) if value is not None else None
+        record = None
+        if value is not None:
+            try:
+                record = from_dict(DeploymentRecord, value)
+            except SchemaError as exc:  # a row that does not fit: skipped, said once
+                log.warning("%s: record for %r ignored: %s", REGISTRY_TOPIC, key, exc)
         if record is None:
             self._records.pop(deployment_name(name, version), None)
         else:

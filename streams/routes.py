@@ -8,17 +8,22 @@ the same request to the same deployment, a retry can exclude backends already tr
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
-import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from schemas import SchemaError
+from schemas.fields import from_dict
 from schemas.messages import TOPIC_PATTERN
+from schemas.tables import NAME_PATTERN, RouteRecord
 from schemas.topics import ROUTES_TOPIC
 from streams.control import ControlTable, put
 from streams.registry import deployment_name
 
-NAME = re.compile(r"^[a-zA-Z0-9._@-]{1,200}$")
+NAME = re.compile(NAME_PATTERN)
+log = logging.getLogger("ferry.routes")
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,8 @@ class Route:
     def backends(self) -> list[str]:
         return [d for d, w in self.weights.items() if w > 0]
 
-    def to_dict(self) -> dict[str, object]:
-        return {"alias": self.alias, "weights": self.weights, "updated_at": time.time()}
+    def record(self) -> RouteRecord:
+        return RouteRecord(alias=self.alias, weights=dict(self.weights))
 
 
 def parse_weights(items: Collection[str]) -> dict[str, int]:
@@ -78,16 +83,24 @@ class RouteTable(ControlTable):
 
     topic = ROUTES_TOPIC
 
+    def __init__(self, bootstrap: str) -> None:
+        super().__init__(bootstrap)
+        self._routes: dict[str, Route] = {}  # validated once per change, read per request
+        self.view.on_change.append(self._changed)
+
+    def _changed(self, alias: str, value: dict[str, Any] | None) -> None:
+        self._routes.pop(alias, None)
+        if value is not None:
+            try:
+                self._routes[alias] = Route(alias, from_dict(RouteRecord, value).weights)
+            except SchemaError as exc:  # a row that does not fit: no route, said once
+                log.warning("%s: route %r ignored: %s", ROUTES_TOPIC, alias, exc)
+
     def get(self, alias: str) -> Route | None:
-        value = self.view.values.get(alias)
-        weights = value.get("weights") if value else None
-        if not isinstance(weights, dict):
-            return None
-        return Route(alias, {str(d): int(w) for d, w in weights.items()
-                             if isinstance(w, int) and w >= 0})
+        return self._routes.get(alias)
 
     def aliases(self) -> dict[str, Route]:
-        return {a: r for a in list(self.view.values) if (r := self.get(a)) is not None}
+        return dict(self._routes)
 
     def resolve(self, model: str, request_id: str, exclude: Collection[str] = ()) -> str | None:
         """The deployment to serve `model`: by its route when it is an alias, else the name
@@ -104,7 +117,7 @@ async def set_route(bootstrap: str, alias: str, weights: dict[str, int]) -> Rout
     if not NAME.fullmatch(alias):
         raise ValueError(f"alias: {alias!r} is not a valid name")
     route = Route(alias, dict(weights))
-    await put(bootstrap, ROUTES_TOPIC, alias, route.to_dict())
+    await put(bootstrap, ROUTES_TOPIC, alias, route.record())
     return route
 
 

@@ -7,12 +7,18 @@ instance mirrors the same requests, and independent of the A/B split (another sa
 
 from __future__ import annotations
 
-import time
+import logging
 from dataclasses import dataclass
+from typing import Any
 
+from schemas import SchemaError
+from schemas.fields import from_dict
+from schemas.tables import ShadowRecord
 from schemas.topics import SHADOW_TOPIC
 from streams.control import ControlTable, put
 from streams.routes import NAME, parse_weights, point
+
+log = logging.getLogger("ferry.shadow")
 
 
 @dataclass(frozen=True)
@@ -28,18 +34,26 @@ class Shadow:
 class ShadowTable(ControlTable):
     topic = SHADOW_TOPIC
 
+    def __init__(self, bootstrap: str) -> None:
+        super().__init__(bootstrap)
+        self._shadows: dict[str, Shadow] = {}  # validated once per change, read per request
+        self.view.on_change.append(self._changed)
+
+    def _changed(self, alias: str, value: dict[str, Any] | None) -> None:
+        self._shadows.pop(alias, None)
+        if value is not None:
+            try:
+                record = from_dict(ShadowRecord, value)
+            except SchemaError as exc:  # a row that does not fit: no mirroring, said once
+                log.warning("%s: shadow of %r ignored: %s", SHADOW_TOPIC, alias, exc)
+                return
+            self._shadows[alias] = Shadow(alias, tuple(record.candidates), record.percent)
+
     def get(self, alias: str) -> Shadow | None:
-        value = self.view.values.get(alias)
-        if not value:
-            return None
-        candidates = value.get("candidates")
-        percent = value.get("percent")
-        if not isinstance(candidates, list) or not isinstance(percent, (int, float)):
-            return None
-        return Shadow(alias, tuple(str(c) for c in candidates), float(percent))
+        return self._shadows.get(alias)
 
     def all(self) -> dict[str, Shadow]:
-        return {a: s for a in list(self.view.values) if (s := self.get(a)) is not None}
+        return dict(self._shadows)
 
 
 async def set_shadow(bootstrap: str, alias: str, candidates: list[str],
@@ -52,8 +66,7 @@ async def set_shadow(bootstrap: str, alias: str, candidates: list[str],
     if not 0 < percent <= 100:
         raise ValueError(f"percent: must be in (0, 100], got {percent:g}")
     shadow = Shadow(alias, tuple(candidates), percent)
-    await put(bootstrap, SHADOW_TOPIC, alias, {"candidates": list(candidates),
-                                               "percent": percent, "updated_at": time.time()})
+    await put(bootstrap, SHADOW_TOPIC, alias, ShadowRecord(list(candidates), percent))
     return shadow
 
 

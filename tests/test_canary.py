@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from ferry.cli import main
-from schemas import Request, decode, encode
+from schemas import Request, decode, encode, requests_topic
 from schemas.topics import TELEMETRY_TOPIC
 from streams.canary import (
     CanaryOutcome, CanaryPolicy, WindowStats, judge, parse_seconds, run_canary, split_weights,
@@ -19,6 +19,7 @@ from streams.canary import (
 from streams.routes import RouteTable, pick, read_routes, set_route
 from tests.conftest import wait_for
 from workers.telemetry import telemetry_record
+from workers.topic_admin import ensure_topics
 
 POLICY = CanaryPolicy(steps=[50, 100], every_s=1.0, min_requests=10)
 
@@ -116,6 +117,7 @@ async def _canary_with(kafka_bootstrap: str, routes: RouteTable, alias: str, to:
                        policy: CanaryPolicy, at_first_step: Callable[[], Awaitable[None]]
                        ) -> CanaryOutcome:
     """Run a canary; once its first step is on the route, call `at_first_step`."""
+    await ensure_topics(kafka_bootstrap, {requests_topic(to): 1})  # `to` exists, as canaries ask
     canary = asyncio.create_task(run_canary(kafka_bootstrap, alias, to, policy))
     first = policy.steps[0]
     await wait_for(lambda: (r := routes.get(alias)) is not None and r.weights.get(to) == first,
@@ -227,6 +229,10 @@ def test_cli_canary_on_idle_alias_completes_and_missing_alias_fails(kafka_bootst
     alias, old, new = unique("alias"), unique("old"), unique("new")
     asyncio.run(set_route(kafka_bootstrap, alias, {old: 100}))
     base = ["--to", new, "--steps", "50,100", "--every", "0.3s", "--bootstrap", kafka_bootstrap]
+    assert main(["canary", alias, *base]) == 2  # no such deployment: refused, route unchanged
+    assert f"no deployment {new!r}" in capsys.readouterr().err
+    assert asyncio.run(read_routes(kafka_bootstrap))[alias].weights == {old: 100}
+    asyncio.run(ensure_topics(kafka_bootstrap, {requests_topic(new): 1}))
     assert main(["canary", alias, *base]) == 0  # no traffic: steps pass unjudged
     assert asyncio.run(read_routes(kafka_bootstrap))[alias].weights == {new: 100}
     assert "not judged" in capsys.readouterr().out

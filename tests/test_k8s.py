@@ -495,5 +495,5 @@ def test_kafka_statefulset_and_bootstrap() -> None:
     worker = _container(objects, "ferry-worker")
     served = parse_ferry(ferry_commands(worker, environment(worker, maps, []))[0])
     assert ["route", "set", maps["ferry-config"]["FERRY_ALIAS"],
-            f"{served.deployment}=100"] in commands
+            f"{served.deployment}=100", "--force"] in commands
     assert ["keys", "add", maps["ferry-config"]["FERRY_TENANT"]] in commands

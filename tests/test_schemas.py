@@ -1,4 +1,5 @@
-"""The message contract: validation names the field, encoding round-trips, export is in sync."""
+"""The message contract: validation names the field, encoding round-trips, the JSON Schemas
+and the AsyncAPI document are in sync with the code."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from schemas import (
     ErrorCode, Request, Result, SchemaError, Timings, Usage, batch_key, decode_request,
     decode_result, encode, salvage_reply_address,
 )
-from schemas.export import JSON_DIR, schema_files
+from schemas import topics
+from schemas.export import ASYNCAPI_FILE, JSON_DIR, RECORDS, schema_files
+from schemas.fields import from_dict
 
 
 def test_request_round_trip_and_defaults() -> None:
@@ -187,3 +190,145 @@ def test_batch_key_of_chats_follows_the_conversation_start() -> None:
         chat(system, {"role": "user", "content": "other"})).messages)
     c = Request(id="3", model="m", messages=decode_request(chat(USER)).messages)
     assert batch_key(a, "d") == batch_key(b, "d") != batch_key(c, "d")
+
+
+# ---- every other record: both validators refuse the same bad values ----------------------
+
+GOOD: dict[str, dict] = {
+    "route": {"alias": "chat", "weights": {"a": 90, "b": 0}, "updated_at": 1.0},
+    "shadow": {"candidates": ["c"], "percent": 25},
+    "api_key": {"tenant": "acme", "sha256": "0" * 64, "created_at": 1.0},
+    "tenant": {"rpm": 5, "tpm": None},
+    "deployment": {"name": "llm", "version": "step-1", "store_path": "/m/llm/step-1",
+                   "status": "rendered", "times": {"pending": 1.0, "rendered": 2}},
+    "quota_state": {"at": 1.0, "r": 4.5},
+    "checkpoint_event": {"action": "deploy", "model": "llm", "path": "/run/step-1"},
+    "telemetry": {"deployment": "d", "at": 1.0, "latencies_ms": [1.5, 2],
+                  "errors": [None, "internal"]},
+    "comparison": {"id": "r", "primary": "a", "candidate": "b", "exact_match": False,
+                   "common_prefix": 2, "overlap": 0.5, "length_diff": -1,
+                   "primary_latency_ms": 3.0, "candidate_latency_ms": 4.0,
+                   "latency_diff_ms": 1.0, "at": 1.0, "candidate_error": "internal"},
+}
+DROP = object()  # a field left out
+BAD_RECORDS = [
+    ("route", {"weights": {"a": -1}}, "weights.a"),
+    ("route", {"weights": {"a b": 1}}, "weights.a b"),
+    ("route", {"weights": {"a": True}}, "weights.a"),
+    ("route", {"weights": {}}, "weights"),
+    ("route", {"alias": ""}, "alias"),
+    ("shadow", {"candidates": []}, "candidates"),
+    ("shadow", {"candidates": ["a@b"]}, "candidates[0]"),
+    ("shadow", {"percent": 0}, "percent"),
+    ("shadow", {"percent": 100.5}, "percent"),
+    ("api_key", {"sha256": "not hex"}, "sha256"),
+    ("api_key", {"tenant": DROP}, "tenant"),
+    ("tenant", {"rpm": 0}, "rpm"),
+    ("tenant", {"reply_prefix": "a b"}, "reply_prefix"),
+    ("deployment", {"status": "gone"}, "status"),
+    ("deployment", {"times": {"ready": "now"}}, "times.ready"),
+    ("deployment", {"replicas": 0}, "replicas"),
+    ("quota_state", {"at": "x"}, "at"),
+    ("checkpoint_event", {"action": "retrain"}, "action"),
+    ("checkpoint_event", {"path": DROP}, "path"),  # deploy what?
+    ("checkpoint_event", {"store_path": "/s/llm/v"}, "path"),  # both
+    ("checkpoint_event", {"action": "undeploy", "path": DROP}, "id"),
+    ("checkpoint_event", {"action": "undeploy", "path": DROP, "id": "llm"}, "id"),
+    ("telemetry", {"latencies_ms": [-1.0, 2.0]}, "latencies_ms[0]"),
+    ("telemetry", {"errors": [None, 5]}, "errors[1]"),
+    ("comparison", {"overlap": 1.5}, "overlap"),
+    ("comparison", {"primary_error": "oops"}, "primary_error"),
+    ("comparison", {"exact_match": DROP}, "exact_match"),
+    *((name, {"extra": 1}, "extra") for name in GOOD),
+]
+
+
+def _with(name: str, changes: dict) -> dict:
+    value = {**GOOD[name], **changes}
+    return {k: v for k, v in value.items() if v is not DROP}
+
+
+def _schema(name: str) -> dict:
+    return orjson.loads((JSON_DIR / f"{name}.schema.json").read_bytes())
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_record_round_trips_and_its_schema_accepts_it(name: str) -> None:
+    record = from_dict(RECORDS[name], GOOD[name])
+    assert from_dict(RECORDS[name], orjson.loads(encode(record))) == record
+    jsonschema.validate(orjson.loads(encode(record)), _schema(name))
+    jsonschema.validate(GOOD[name], _schema(name))
+
+
+@pytest.mark.parametrize("name, changes, field", BAD_RECORDS)
+def test_schema_and_validator_refuse_the_same_values(name: str, changes: dict,
+                                                     field: str) -> None:
+    bad = _with(name, changes)
+    with pytest.raises(SchemaError) as err:
+        from_dict(RECORDS[name], bad)
+    assert err.value.field == field, err.value
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, _schema(name))
+
+
+def test_telemetry_needs_one_error_per_latency() -> None:
+    """The one rule JSON Schema cannot say (equal lengths); its description says it."""
+    with pytest.raises(SchemaError, match="one entry per latency"):
+        from_dict(RECORDS["telemetry"], _with("telemetry", {"errors": [None]}))
+    assert "latencies_ms[i] and errors[i]" in _schema("telemetry")["description"]
+
+
+def test_every_record_is_exported_and_nothing_else() -> None:
+    on_disk = {p.name for p in JSON_DIR.iterdir()}
+    assert on_disk == set(schema_files()), "run `ferry schemas export` (and delete leftovers)"
+    assert set(GOOD) | {"request", "result", "delta", "cancel", "dead_letter"} == set(RECORDS)
+
+
+# ---- the AsyncAPI document ---------------------------------------------------------------
+
+def _topic_names() -> dict[str, str]:
+    """Every topic, topic family and topic suffix schemas/topics.py spells."""
+    return {name: value for name, value in vars(topics).items()
+            if isinstance(value, str) and name.endswith(("_TOPIC", "_PREFIX", "_SUFFIX"))
+            and "GROUP" not in name}
+
+
+def _spells(address: str, value: str) -> bool:
+    return address == value or address.startswith(value + "{") or address.endswith("}" + value)
+
+
+def test_asyncapi_has_a_channel_for_every_topic_and_no_other() -> None:
+    doc = orjson.loads((JSON_DIR / ASYNCAPI_FILE).read_bytes())
+    assert doc["asyncapi"] == "3.0.0"
+    addresses = [c["address"] for c in doc["channels"].values()]
+    names = _topic_names()
+    for name, value in names.items():
+        assert any(_spells(a, value) for a in addresses), f"topics.{name} has no channel"
+    for address in addresses:
+        assert any(_spells(address, v) for v in names.values()), f"{address}: not in topics"
+
+
+def test_asyncapi_messages_headers_and_operations_resolve() -> None:
+    doc = orjson.loads((JSON_DIR / ASYNCAPI_FILE).read_bytes())
+    headers = {v for k, v in vars(topics).items() if k.endswith("_HEADER")}
+    seen: set[str] = set()
+    for name, channel in doc["channels"].items():
+        kafka = channel["bindings"]["kafka"]
+        assert kafka["topicConfiguration"]["cleanup.policy"] in (["compact"], ["delete"])
+        assert isinstance(kafka.get("partitions"), int), name
+        for message in channel["messages"].values():
+            assert (JSON_DIR / message["payload"]["$ref"]).is_file()
+            assert message["bindings"]["kafka"]["key"]["description"]
+            seen.update(message.get("headers", {}).get("properties", {}))
+    assert seen == headers  # every header is documented where it travels, and only those
+    for op_id, op in doc["operations"].items():
+        assert op["action"] in ("send", "receive"), op_id
+        _, channels, channel, *rest = op["channel"]["$ref"].split("/")
+        assert channels == "channels" and channel in doc["channels"] and not rest
+        for ref in op["messages"]:
+            *_, message = ref["$ref"].split("/")
+            assert message in doc["channels"][channel]["messages"]
+    # What reads ferry.telemetry and who writes ferry.routes, for instance.
+    assert {"canary_receive_telemetry", "ferry_route_send_routes",
+            "deployer_receive_checkpoints"} <= set(doc["operations"])
+

@@ -13,19 +13,19 @@ import time
 from aiokafka import AIOKafkaProducer
 
 from schemas import encode
-from schemas.topics import TELEMETRY_TOPIC
+from schemas.events import Telemetry
+from schemas.topics import TELEMETRY_PARTITIONS, TELEMETRY_TOPIC
+
+__all__ = ["TELEMETRY_PARTITIONS", "TelemetrySender", "telemetry_record"]
 
 log = logging.getLogger("ferry.telemetry")
 
-# One record per batch is little traffic, and a single partition gives a reader one position
-# to pin ("only records from now on") and one global order across deployments.
-TELEMETRY_PARTITIONS = 1
-
 
 def telemetry_record(deployment: str, latencies_ms: list[float],
-                     errors: list[str | None], at: float) -> dict[str, object]:
-    """The record's contract: one latency and one error code (or None) per result, in order."""
-    return {"deployment": deployment, "at": at, "latencies_ms": latencies_ms, "errors": errors}
+                     errors: list[str | None], at: float) -> Telemetry:
+    """The record (`schemas.events.Telemetry`): one latency and one error code (or None) per
+    result, in order."""
+    return Telemetry(deployment=deployment, at=at, latencies_ms=latencies_ms, errors=errors)
 
 
 class TelemetrySender:
