@@ -40,6 +40,8 @@ from schemas.topics import (
     RESULTS_TOPIC,
     ROUTES_TOPIC,
 )
+from streams.launchers import LocalLauncher, ManifestLauncher, worker_kafka_env
+from streams.registry import DeploymentRecord
 from tests.harness import post
 from workers.engine import Engine, GenerationInput, SamplingParams
 from workers.kafka_clients import (
@@ -491,3 +493,51 @@ async def test_a_tenant_is_served_through_the_router_every_part_its_own_principa
     expected = alone(engine, "Through the front door", 5)
     for result in results.values():
         assert result.error is None and result.output_ids == expected, result
+
+
+# ---- launched workers connect as the worker (no broker) -------------------------------------
+
+
+DEPLOYER_ENV = {"FERRY_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                "FERRY_KAFKA_USERNAME": "ferry-deployer", "FERRY_KAFKA_PASSWORD": "deployer-pw"}
+
+
+def test_local_workers_get_the_workers_credentials_not_the_deployers(
+        monkeypatch, tmp_path: Path) -> None:
+    for key, value in {**DEPLOYER_ENV, "FERRY_WORKER_KAFKA_USERNAME": "ferry-worker",
+                       "FERRY_WORKER_KAFKA_PASSWORD": "worker-pw"}.items():
+        monkeypatch.setenv(key, value)
+    env = LocalLauncher("127.0.0.1:1", tmp_path).env
+    assert security_from_env(env) == KafkaSecurity("SASL_PLAINTEXT", "SCRAM-SHA-512",
+                                                   "ferry-worker", "worker-pw")
+    assert "deployer-pw" not in env.values() and not any(
+        k.startswith("FERRY_WORKER_KAFKA_") for k in env)
+    assert env["PATH"] == os.environ["PATH"]  # the rest of the deployer's environment
+    # Without the worker's own credentials the deployer refuses to launch, naming them.
+    monkeypatch.delenv("FERRY_WORKER_KAFKA_PASSWORD")
+    with pytest.raises(KafkaSecurityError, match="FERRY_WORKER_KAFKA_PASSWORD"):
+        LocalLauncher("127.0.0.1:1", tmp_path)
+    # On a plaintext cluster nothing is asked for.
+    assert worker_kafka_env({}) == {}
+
+
+async def test_rendered_replicas_take_credentials_from_compose_env_or_a_secret(
+        monkeypatch, tmp_path: Path) -> None:
+    import yaml
+
+    for key, value in DEPLOYER_ENV.items():  # the manifest launcher needs no worker password
+        monkeypatch.setenv(key, value)
+    launcher = ManifestLauncher("kafka:9092", tmp_path)
+    record = DeploymentRecord("llm", "step-1", "/models/llm/step-1")
+    await launcher.start(record)
+    service = yaml.safe_load((tmp_path / f"{record.deployment}.compose.yml").read_text())
+    [compose] = service["services"].values()
+    assert compose["environment"] == {
+        "KAFKA_BOOTSTRAP": "kafka:9092", "FERRY_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "FERRY_KAFKA_USERNAME": "${FERRY_WORKER_KAFKA_USERNAME:?set FERRY_WORKER_KAFKA_USERNAME}",
+        "FERRY_KAFKA_PASSWORD": "${FERRY_WORKER_KAFKA_PASSWORD:?set FERRY_WORKER_KAFKA_PASSWORD}"}
+    deployment = yaml.safe_load((tmp_path / f"{record.deployment}.k8s.yaml").read_text())
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": "ferry-worker-kafka",
+                                                   "optional": True}}]
+    assert "deployer-pw" not in str(service) + str(deployment)
