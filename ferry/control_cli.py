@@ -16,7 +16,8 @@ from workers.metrics_server import add_metrics_port
 def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
     router = sub.add_parser("router", help="the router stream: ingress -> auth, quota, route")
     router.add_argument("--app-id", default="ferry-router",
-                        help="app id: consumer group, transactional ids and quota topic")
+                        help="app id: consumer group, transactional ids and quota topic (on a secure "
+                             "cluster it must start with ferry-router: its ACLs' prefix)")
     router.add_argument("--ingress", default=None, help="ingress topic (default ferry.ingress)")
     router.add_argument("--instance-id", default=os.environ.get("FERRY_ROUTER_INSTANCE_ID"),
                         help="static group membership: a name unique among the app's routers "

@@ -75,6 +75,15 @@ def _app(app_id: str) -> list[Grant]:
     return [Grant("GROUP", app_id, READ), topics(app_id, ALL)]
 
 
+def _router_app() -> list[Grant]:
+    """streams/router_transactions.py: the app id is the consumer group, the prefix of the
+    transactional ids (`<id>.ferry.ingress.<partition>`) and of the quota topic
+    (`<id>.quotas`). Prefixed by `ferry-router`, so any app id starting with it is covered
+    (`ferry router --app-id ferry-router-eu`); a tenant name or prefix never starts so."""
+    return [groups(ROUTER), Grant("TRANSACTIONAL_ID", ROUTER, WRITE, prefixed=True),
+            topics(ROUTER, (*READ_C, "WRITE"))]
+
+
 def _tables(ops: tuple[str, ...]) -> list[Grant]:
     return [topic(t, ops) for t in CONTROL_TABLES]
 
@@ -87,7 +96,7 @@ COMPONENTS: dict[str, list[Grant]] = {
         topic(INGRESS_TOPIC, (*READ_C, "WRITE")), *_tables(READ_C),
         topics(REQUESTS_PREFIX, WRITE_C), topics(MIRROR_PREFIX, WRITE_C),
         topic(DLQ_TOPIC, WRITE_C), topic(RESULTS_TOPIC, WRITE_C),
-        topics(REPLIES_PREFIX, WRITE_C), *_app(ROUTER),
+        topics(REPLIES_PREFIX, WRITE_C), *_router_app(),
     ],
     # workers/worker.py, publisher.py, transactions.py: a deployment's requests (or mirror
     # copies for a shadow) in, one transactional producer per partition, answers out.

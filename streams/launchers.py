@@ -13,6 +13,13 @@ One small interface, so a Kubernetes operator can replace the local launcher lat
 What every replica gets besides its model (image, device, GPUs, resources, where the model
 store is mounted from) is a `WorkerTemplate`, read from the deployer's environment: the
 compose file's `environment`, the `ferry-config` ConfigMap in Kubernetes.
+
+A replica connects to Kafka as the worker's principal, never as the deployer's: local ones
+get the deployer's FERRY_KAFKA_* settings with each FERRY_WORKER_KAFKA_* in its place
+(`worker_kafka_env`); rendered compose services get the same settings, username and password
+as `${FERRY_WORKER_KAFKA_USERNAME}`/`${FERRY_WORKER_KAFKA_PASSWORD}` for compose to fill in;
+Kubernetes ones take theirs from the `ferry-worker-kafka` Secret (optional: a plaintext
+cluster has none).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from streams.registry import DeploymentRecord
+from workers.kafka_clients import KafkaSecurityError, security_from_env
 from workers.metrics_server import free_port
 
 log = logging.getLogger("ferry.launcher")
@@ -74,6 +82,9 @@ class WorkerTemplate:
     config_map: str = field(default="ferry-config", metadata={"env": "FERRY_CONFIG_MAP"})
     # Kafka for rendered compose replicas (Kubernetes ones read the ConfigMap).
     bootstrap: str = field(default="", metadata={"env": "FERRY_WORKER_BOOTSTRAP"})
+    # FERRY_KAFKA_* of Kubernetes replicas (the worker's SCRAM principal, say).
+    kafka_secret: str = field(default="ferry-worker-kafka",
+                              metadata={"env": "FERRY_WORKER_SECRET"})
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerTemplate:
@@ -89,6 +100,50 @@ class WorkerTemplate:
     def worker_flags(self) -> list[str]:
         """The `ferry worker` flags every replica gets."""
         return [*(["--device", self.device] if self.device else []), *self.args]
+
+
+KAFKA_ENV, WORKER_KAFKA_ENV = "FERRY_KAFKA_", "FERRY_WORKER_KAFKA_"
+
+
+def _merged_kafka_env(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The deployer's FERRY_KAFKA_* with each FERRY_WORKER_KAFKA_* in its place, and those."""
+    own = {k: v for k, v in env.items() if k.startswith(KAFKA_ENV)}
+    worker = {KAFKA_ENV + k.removeprefix(WORKER_KAFKA_ENV): v for k, v in env.items()
+              if k.startswith(WORKER_KAFKA_ENV)}
+    return {**own, **worker}, worker
+
+
+def worker_kafka_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The FERRY_KAFKA_* settings a local worker connects with: the deployer's own, each
+    replaced by its FERRY_WORKER_KAFKA_* (`FERRY_WORKER_KAFKA_USERNAME` for
+    `FERRY_KAFKA_USERNAME`...). With SASL the worker's username and password must be given
+    that way: a worker never connects as the deployer (whose ACLs are not a worker's)."""
+    merged, worker = _merged_kafka_env(os.environ if env is None else env)
+    if merged.get(f"{KAFKA_ENV}SECURITY_PROTOCOL", "").strip().upper().startswith("SASL_"):
+        missing = [f"{WORKER_KAFKA_ENV}{name}" for name in ("USERNAME", "PASSWORD")
+                   if not worker.get(KAFKA_ENV + name)]
+        if missing:
+            raise KafkaSecurityError(
+                f"the deployer connects with SASL: set {' and '.join(missing)} for the "
+                "workers it launches (the ferry-worker principal: `ferry kafka env "
+                "ferry-worker`)")
+    security_from_env(merged)  # usable: one error now rather than a crash-looping worker
+    return merged
+
+
+def compose_kafka_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """FERRY_KAFKA_* of a rendered compose replica: the settings of `worker_kafka_env`, the
+    username and password as interpolations that `docker compose` fills in from its own
+    FERRY_WORKER_KAFKA_USERNAME/PASSWORD: no credentials in the file (nor needed here)."""
+    merged, _ = _merged_kafka_env(os.environ if env is None else env)
+    settings = {k: v.replace("$", "$$") for k, v in merged.items()
+                if k not in (f"{KAFKA_ENV}USERNAME", f"{KAFKA_ENV}PASSWORD")}
+    protocol = merged.get(f"{KAFKA_ENV}SECURITY_PROTOCOL", "").strip().upper()
+    if protocol.startswith("SASL_"):
+        for name in ("USERNAME", "PASSWORD"):
+            variable = f"{WORKER_KAFKA_ENV}{name}"
+            settings[f"{KAFKA_ENV}{name}"] = f"${{{variable}:?set {variable}}}"
+    return settings
 
 
 def store_dir(record: DeploymentRecord) -> str:
@@ -117,6 +172,10 @@ class LocalLauncher:
         self.extra_args = (tuple(WorkerTemplate.from_env().worker_flags())
                            if extra_args is None else extra_args)
         self.backoff_s = backoff_s
+        # The deployer's environment, its Kafka principal swapped for the worker's.
+        self.env = {**{k: v for k, v in os.environ.items()
+                       if not k.startswith((KAFKA_ENV, WORKER_KAFKA_ENV))},
+                    **worker_kafka_env()}
         self._replicas: dict[str, list[_Replica]] = {}
 
     async def start(self, record: DeploymentRecord) -> None:
@@ -124,7 +183,8 @@ class LocalLauncher:
         cmd = [sys.executable, "-m", "ferry.cli", *worker_args(record, self.bootstrap),
                *self.extra_args]
         replicas = [_Replica([*cmd, "--metrics-port", str(free_port())],
-                             self.log_dir / f"{record.deployment}.{i}.log", self.backoff_s)
+                             self.log_dir / f"{record.deployment}.{i}.log", self.backoff_s,
+                             self.env)
                     for i in range(record.replicas)]
         log.info("%s: replicas' metrics on ports %s", record.deployment,
                  [r.metrics_port for r in replicas])
@@ -152,8 +212,9 @@ class LocalLauncher:
 
 
 class _Replica:
-    def __init__(self, cmd: list[str], log_file: Path, backoff_s: tuple[float, float]) -> None:
-        self.cmd, self.log_file, self.backoff_s = cmd, log_file, backoff_s
+    def __init__(self, cmd: list[str], log_file: Path, backoff_s: tuple[float, float],
+                 env: dict[str, str] | None = None) -> None:
+        self.cmd, self.log_file, self.backoff_s, self.env = cmd, log_file, backoff_s, env
         self.process: asyncio.subprocess.Process | None = None
         self.task: asyncio.Task | None = None
         self.restarts = 0
@@ -169,7 +230,7 @@ class _Replica:
             started = time.monotonic()
             with self.log_file.open("ab") as out:
                 self.process = await asyncio.create_subprocess_exec(
-                    *self.cmd, stdout=out, stderr=asyncio.subprocess.STDOUT)
+                    *self.cmd, stdout=out, stderr=asyncio.subprocess.STDOUT, env=self.env)
             code = await self.process.wait()
             if self._stopping:
                 return
@@ -188,7 +249,7 @@ class _Replica:
             self.process.terminate()  # the worker stops cleanly: uncommitted work is re-served
             try:
                 await asyncio.wait_for(self.process.wait(), timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
         if self.task is not None:
@@ -234,6 +295,8 @@ def kubernetes_deployment(record: DeploymentRecord, t: WorkerTemplate) -> dict[s
         "args": [*worker_args(record), "--metrics-port", str(port), *t.worker_flags()],
         "env": [{"name": "KAFKA_BOOTSTRAP", "valueFrom": {
             "configMapKeyRef": {"name": t.config_map, "key": "KAFKA_BOOTSTRAP"}}}],
+        # FERRY_KAFKA_* (the worker's principal) when the cluster has the Secret.
+        "envFrom": [{"secretRef": {"name": t.kafka_secret, "optional": True}}],
         "ports": [{"name": "metrics", "containerPort": port}],
         "resources": {"requests": {"cpu": t.cpu, "memory": t.memory}, "limits": limits},
         # The metrics port opens once the weights are loaded: startup allows a long load.
@@ -263,9 +326,10 @@ def kubernetes_deployment(record: DeploymentRecord, t: WorkerTemplate) -> dict[s
                      "prometheus.io/path": "/metrics"}}, "spec": pod}}}
 
 
-def compose_service(record: DeploymentRecord, t: WorkerTemplate,
-                    bootstrap: str) -> dict[str, Any]:
-    """A service to add to compose/docker-compose.yml's project (same network, same store)."""
+def compose_service(record: DeploymentRecord, t: WorkerTemplate, bootstrap: str,
+                    kafka_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A service to add to compose/docker-compose.yml's project (same network, same store);
+    `kafka_env` (`compose_kafka_env`) is its Kafka security."""
     port = t.metrics_port
     deploy: dict[str, Any] = {"replicas": record.replicas}
     if t.gpus:
@@ -274,7 +338,7 @@ def compose_service(record: DeploymentRecord, t: WorkerTemplate,
     service = {
         "image": t.image,  # its ENTRYPOINT is `ferry`
         "command": [*worker_args(record), "--metrics-port", str(port), *t.worker_flags()],
-        "environment": {"KAFKA_BOOTSTRAP": bootstrap},
+        "environment": {"KAFKA_BOOTSTRAP": bootstrap, **(kafka_env or {})},
         "volumes": [f"{t.models_volume}:{store_dir(record)}:ro"],
         "labels": {"ferry.id": record.id},
         "restart": "unless-stopped",
@@ -313,12 +377,13 @@ class ManifestLauncher:
         # A replica never gets the deployer's own loopback address: it would be its own.
         self.compose_bootstrap = self.template.bootstrap or (
             "kafka:9092" if is_loopback(bootstrap) else bootstrap)
+        self.kafka_env = compose_kafka_env()
 
     async def start(self, record: DeploymentRecord) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         header = f"# Rendered by the Ferry deployer for {record.id}; deleted when it retires.\n"
         self._write(record, "compose.yml", header + to_yaml(
-            compose_service(record, self.template, self.compose_bootstrap)))
+            compose_service(record, self.template, self.compose_bootstrap, self.kafka_env)))
         self._write(record, "k8s.yaml", header + to_yaml(
             kubernetes_deployment(record, self.template)))
 

@@ -167,6 +167,8 @@ def environment(container: dict[str, Any], maps: dict[str, dict[str, str]],
     """The container's environment as the kubelet builds it (fieldRefs as placeholders)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
+        if "secretRef" in source:  # credentials: the cluster's, not in the manifests
+            continue
         ref = source["configMapRef"]["name"]
         if ref not in maps:
             problems.append(f"{container['name']}: envFrom unknown ConfigMap {ref}")

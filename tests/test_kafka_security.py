@@ -23,7 +23,9 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
-    GroupAuthorizationFailedError, KafkaConnectionError, TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    TopicAuthorizationFailedError,
 )
 from prometheus_client import CollectorRegistry
 
@@ -31,11 +33,23 @@ from ferry import kafka_acls
 from ferry.broker import SecureBroker, free_port
 from ferry.cli import main
 from schemas import Request, decode_result, encode, requests_topic
-from schemas.topics import INGRESS_TOPIC, KEYS_TOPIC, RESULTS_TOPIC, ROUTES_TOPIC
+from schemas.topics import (
+    API_KEY_HEADER,
+    INGRESS_TOPIC,
+    KEYS_TOPIC,
+    RESULTS_TOPIC,
+    ROUTES_TOPIC,
+)
+from streams.launchers import LocalLauncher, ManifestLauncher, worker_kafka_env
+from streams.registry import DeploymentRecord
 from tests.harness import post
 from workers.engine import Engine, GenerationInput, SamplingParams
 from workers.kafka_clients import (
-    KafkaSecurity, KafkaSecurityError, client_options, faust_options, security_from_env,
+    KafkaSecurity,
+    KafkaSecurityError,
+    client_options,
+    faust_options,
+    security_from_env,
 )
 
 # ---- client options from the environment (no broker) -------------------------------------
@@ -113,6 +127,14 @@ def test_only_operators_and_the_deployer_write_control_tables() -> None:
     assert _allowed(bindings, kafka_acls.WORKER, "READ", requests_topic("llama"))
     assert not _allowed(bindings, kafka_acls.WORKER, "READ", KEYS_TOPIC)
     assert not _allowed(bindings, kafka_acls.ROUTER, "WRITE", "ferry.telemetry")
+    # The router's group, transactional ids and quota topic: any app id `ferry-router…`.
+    mine = [b for b in bindings if b["principal"] == f"User:{kafka_acls.ROUTER}"
+            and b["resource_type"] in ("GROUP", "TRANSACTIONAL_ID")]
+    assert {(b["resource_type"], b["name"], b["pattern"]) for b in mine} == {
+        ("GROUP", "ferry-router", "PREFIXED"), ("TRANSACTIONAL_ID", "ferry-router", "PREFIXED")}
+    assert _allowed(bindings, kafka_acls.ROUTER, "WRITE", "ferry-router-eu.quotas")
+    assert not any(b["operation"] == "ALL" for b in bindings
+                   if b["principal"] == f"User:{kafka_acls.ROUTER}")
     assert kafka_acls.tenant_prefixes(
         bindings + kafka_acls.tenant_bindings("acme", "acme.")) == {"acme": "acme."}
 
@@ -315,31 +337,29 @@ def alone(engine: Engine, prompt: str, max_new_tokens: int) -> list[int]:
 
 
 @dataclass
-class WorkerProcess:
-    deployment: str
+class FerryProcess:
+    """A `ferry` subprocess connecting as one principal, with its log."""
+
+    name: str  # the worker's deployment, the router's app id
     process: subprocess.Popen
     log: Path
 
     def check(self) -> None:
-        assert self.process.poll() is None, f"worker exited:\n{self.log.read_text()[-3000:]}"
+        assert self.process.poll() is None, f"exited:\n{self.log.read_text()[-3000:]}"
 
 
-@pytest.fixture(scope="module")
-def secure_worker(secure: SecureBroker, tiny_model: Path,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
-    """`ferry worker` with the ferry-worker principal's exports and nothing else: it creates
-    its topics, joins its group and answers in transactions as that principal."""
-    deployment = f"secure-{uuid.uuid4().hex[:8]}"
-    log = tmp_path_factory.mktemp("secure-worker") / "worker.log"
+@contextlib.contextmanager
+def ferry_as(secure: SecureBroker, principal: str, name: str, args: list[str],
+             log: Path) -> Iterator[FerryProcess]:
+    """`ferry ARGS` with `principal`'s exports and no other FERRY_KAFKA_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_KAFKA_")}
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "ferry.cli", "worker", "--model", str(tiny_model),
-             "--deployment", deployment, "--metrics-port", "off", "--partitions", "1"],
-            env={**env, **secure.env(kafka_acls.WORKER), "PYTHONUNBUFFERED": "1"},
+            [sys.executable, "-m", "ferry.cli", *args, "--metrics-port", "off"],
+            env={**env, **secure.env(principal), "PYTHONUNBUFFERED": "1"},
             stdout=out, stderr=subprocess.STDOUT)
     try:
-        yield WorkerProcess(deployment, process, log)
+        yield FerryProcess(name, process, log)
     finally:
         process.terminate()
         try:
@@ -349,11 +369,24 @@ def secure_worker(secure: SecureBroker, tiny_model: Path,
             process.wait()
 
 
+@pytest.fixture(scope="module")
+def secure_worker(secure: SecureBroker, tiny_model: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[FerryProcess]:
+    """`ferry worker` with the ferry-worker principal's exports and nothing else: it creates
+    its topics, joins its group and answers in transactions as that principal."""
+    deployment = f"secure-{uuid.uuid4().hex[:8]}"
+    log = tmp_path_factory.mktemp("secure-worker") / "worker.log"
+    with ferry_as(secure, kafka_acls.WORKER, deployment,
+                  ["worker", "--model", str(tiny_model), "--deployment", deployment,
+                   "--partitions", "1"], log) as worker:
+        yield worker
+
+
 async def test_a_worker_answers_a_tenant_as_its_own_principal(
-        secure, tenants, secure_worker: WorkerProcess, engine: Engine, unique) -> None:
-    """The request is posted as the router would (its principal): the router takes its
-    Kafka settings in another branch. The tenant reads the answer on its own reply topic."""
-    deployment = secure_worker.deployment
+        secure, tenants, secure_worker: FerryProcess, engine: Engine, unique) -> None:
+    """The request is posted as the router would (its principal), to the deployment's
+    topic. The tenant reads the answer on its own reply topic."""
+    deployment = secure_worker.name
     reply_to = f"acme.{unique('replies')}"
     await create_topics(secure, tenants["acme"], reply_to)
     await create_topics(secure, secure.security(kafka_acls.WORKER), requests_topic(deployment))
@@ -374,7 +407,7 @@ async def test_a_worker_answers_a_tenant_as_its_own_principal(
 
 
 async def test_the_gateway_serves_as_its_own_principal(
-        secure, secure_worker: WorkerProcess, engine: Engine, monkeypatch, http) -> None:
+        secure, secure_worker: FerryProcess, engine: Engine, monkeypatch, http) -> None:
     """A gateway (direct mode) whose every Kafka client connects as ferry-gateway, through
     the secure worker: the answer comes back over HTTP."""
     from streams.gateway import GatewaySettings, create_app
@@ -392,7 +425,7 @@ async def test_the_gateway_serves_as_its_own_principal(
         while status != 200 and time.monotonic() < deadline:  # until the worker has joined
             secure_worker.check()
             status, body = await post(http, f"http://127.0.0.1:{port}/v1/completions",
-                                      {"model": secure_worker.deployment, "prompt": "Hi",
+                                      {"model": secure_worker.name, "prompt": "Hi",
                                        "max_tokens": 4})
             if status != 200:
                 await asyncio.sleep(0.5)  # polling the condition, with the deadline above
@@ -400,3 +433,111 @@ async def test_the_gateway_serves_as_its_own_principal(
         assert body["usage"]["completion_tokens"] == len(alone(engine, "Hi", 4)) > 0
     finally:
         await runner.cleanup()
+
+
+async def answers_on(secure: SecureBroker, security: KafkaSecurity, topic: str, count: int,
+                     processes: list[FerryProcess], timeout_s: float = 120.0) -> list:
+    """`count` committed records on `topic` (partition 0), while `processes` keep running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for process in processes:
+            process.check()
+        records = await read_one(secure, security, topic, timeout_s=2,
+                                 isolation_level="read_committed")
+        if len(records) >= count:
+            return records
+    logs = "\n".join(f"{p.name}:\n{p.log.read_text()[-3000:]}" for p in processes)
+    raise AssertionError(f"no answer on {topic} within {timeout_s}s:\n{logs}")
+
+
+async def test_a_tenant_is_served_through_the_router_every_part_its_own_principal(
+        secure, secure_worker: FerryProcess, engine: Engine, tmp_path: Path, unique) -> None:
+    """The front door on the secure broker: a tenant (its own SCRAM principal and an API key
+    the operator made as ferry-control) posts to ferry.ingress; `ferry router` as
+    ferry-router (an app id other than the default) authenticates, charges and forwards it in
+    its transactions; the worker as ferry-worker answers on the tenant's reply topic."""
+    tenant, prefix = secure.add_tenant("hooli")
+    made = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "ferry.cli", "keys", "add", "hooli",
+                         "--reply-prefix", prefix, "--rpm", "100"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("FERRY_KAFKA_")},
+             **secure.env(kafka_acls.CONTROL)}, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    api_key = made.stdout.strip()
+    reply_to = f"{prefix}{unique('replies')}"
+    await create_topics(secure, tenant, reply_to)
+    # The worker's topic exists before the router looks the deployment up.
+    await create_topics(secure, secure.security(kafka_acls.WORKER),
+                        requests_topic(secure_worker.name))
+    app_id = unique("ferry-router-sec")
+    with ferry_as(secure, kafka_acls.ROUTER, app_id,
+                  ["router", "--app-id", app_id, "--log-level", "INFO"],
+                  tmp_path / "router.log") as router:
+        # It creates ferry.ingress (a tenant may not) and joins its group first.
+        deadline = time.monotonic() + 120
+        while "router ready" not in router.log.read_text() and time.monotonic() < deadline:
+            router.check()
+            await asyncio.sleep(0.2)  # polling the log, with the deadline above
+        assert "router ready" in router.log.read_text(), router.log.read_text()[-3000:]
+        async with producer_as(secure, tenant) as producer:
+            # Keyed by its tenant, and not keyed: the router re-posts that one to ingress
+            # keyed by the tenant (its quota's partition) before forwarding it.
+            for rid, key in (("front-1", b"hooli"), ("front-2", None)):
+                await producer.send_and_wait(INGRESS_TOPIC, encode(Request(
+                    id=rid, model=secure_worker.name, prompt="Through the front door",
+                    max_new_tokens=5, reply_to=reply_to)), key=key,
+                    headers=[(API_KEY_HEADER, api_key.encode())])
+        records = await answers_on(secure, tenant, reply_to, 2, [router, secure_worker])
+    results = {r.id: r for r in map(decode_result, (rec.value for rec in records))}
+    assert set(results) == {"front-1", "front-2"}, results
+    expected = alone(engine, "Through the front door", 5)
+    for result in results.values():
+        assert result.error is None and result.output_ids == expected, result
+
+
+# ---- launched workers connect as the worker (no broker) -------------------------------------
+
+
+DEPLOYER_ENV = {"FERRY_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+                "FERRY_KAFKA_USERNAME": "ferry-deployer", "FERRY_KAFKA_PASSWORD": "deployer-pw"}
+
+
+def test_local_workers_get_the_workers_credentials_not_the_deployers(
+        monkeypatch, tmp_path: Path) -> None:
+    for key, value in {**DEPLOYER_ENV, "FERRY_WORKER_KAFKA_USERNAME": "ferry-worker",
+                       "FERRY_WORKER_KAFKA_PASSWORD": "worker-pw"}.items():
+        monkeypatch.setenv(key, value)
+    env = LocalLauncher("127.0.0.1:1", tmp_path).env
+    assert security_from_env(env) == KafkaSecurity("SASL_PLAINTEXT", "SCRAM-SHA-512",
+                                                   "ferry-worker", "worker-pw")
+    assert "deployer-pw" not in env.values() and not any(
+        k.startswith("FERRY_WORKER_KAFKA_") for k in env)
+    assert env["PATH"] == os.environ["PATH"]  # the rest of the deployer's environment
+    # Without the worker's own credentials the deployer refuses to launch, naming them.
+    monkeypatch.delenv("FERRY_WORKER_KAFKA_PASSWORD")
+    with pytest.raises(KafkaSecurityError, match="FERRY_WORKER_KAFKA_PASSWORD"):
+        LocalLauncher("127.0.0.1:1", tmp_path)
+    # On a plaintext cluster nothing is asked for.
+    assert worker_kafka_env({}) == {}
+
+
+async def test_rendered_replicas_take_credentials_from_compose_env_or_a_secret(
+        monkeypatch, tmp_path: Path) -> None:
+    import yaml
+
+    for key, value in DEPLOYER_ENV.items():  # the manifest launcher needs no worker password
+        monkeypatch.setenv(key, value)
+    launcher = ManifestLauncher("kafka:9092", tmp_path)
+    record = DeploymentRecord("llm", "step-1", "/models/llm/step-1")
+    await launcher.start(record)
+    service = yaml.safe_load((tmp_path / f"{record.deployment}.compose.yml").read_text())
+    [compose] = service["services"].values()
+    assert compose["environment"] == {
+        "KAFKA_BOOTSTRAP": "kafka:9092", "FERRY_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "FERRY_KAFKA_USERNAME": "${FERRY_WORKER_KAFKA_USERNAME:?set FERRY_WORKER_KAFKA_USERNAME}",
+        "FERRY_KAFKA_PASSWORD": "${FERRY_WORKER_KAFKA_PASSWORD:?set FERRY_WORKER_KAFKA_PASSWORD}"}
+    deployment = yaml.safe_load((tmp_path / f"{record.deployment}.k8s.yaml").read_text())
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": "ferry-worker-kafka",
+                                                   "optional": True}}]
+    assert "deployer-pw" not in str(service) + str(deployment)
