@@ -17,9 +17,12 @@ import logging
 import os
 import signal
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from aiokafka.admin import AIOKafkaAdminClient
 
 from ferry.broker import LocalBroker, _pid_alive, _wait_ready, fetch_jars, free_port
 
@@ -133,8 +136,22 @@ class LocalCluster:
                 start_new_session=True)
 
     async def wait_ready(self, timeout: float = 120.0, node_id: int | None = None) -> None:
+        """Each node (or `node_id`) answers metadata, and lists every node as a broker (a
+        topic with one replica per node cannot be created before)."""
         nodes = self.nodes if node_id is None else [self.node(node_id)]
         await asyncio.gather(*(_wait_ready(n.bootstrap, n.proc, timeout) for n in nodes))
+        deadline = time.monotonic() + timeout
+        while True:
+            admin = AIOKafkaAdminClient(bootstrap_servers=nodes[0].bootstrap)
+            try:
+                await admin.start()
+                if len((await admin.describe_cluster())["brokers"]) == self.size:
+                    return
+            finally:
+                await admin.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not every node of {self.bootstrap} registered in {timeout}s")
+            await asyncio.sleep(0.2)
 
     def kill(self, node_id: int) -> None:
         """SIGKILL one node (no controlled shutdown: its leaderships move when it is fenced)."""

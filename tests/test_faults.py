@@ -285,7 +285,7 @@ class Fleet:
             self.procs[slot] = subprocess.Popen(
                 [sys.executable, "-m", "ferry.cli", "worker", "--model", str(self.model),
                  "--deployment", self.dep, "--max-num-seqs", "16", "--metrics-port", "off",
-                 "--log-level", "INFO", *self.slots[slot]],
+                 *self.slots[slot]],
                 stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
@@ -384,8 +384,8 @@ async def serve_row(name: str, bootstrap: str, fleet: Fleet,
     return row, load, ids
 
 
-async def strike(load: Load, fault: Callable[[], None], after: int = 100,
-                 timeout: float = 180) -> tuple[float, set[int]]:
+async def strike(load: Load, fault: Callable[[], None], after: int = 100
+                 ) -> tuple[float, set[int]]:
     """Once `after` answers are in, run `fault`; (its time, the partitions then waiting)."""
     await until(lambda: load.answered() >= after, 240, f"{after} answers before the fault")
     waiting, fault_at = load.waiting_partitions(), time.monotonic()
