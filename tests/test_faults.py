@@ -381,6 +381,16 @@ async def serve_row(name: str, bootstrap: str, fleet: Fleet,
               recoveries=recoveries)
     print(f"\n[faults] {row} worker restarts={fleet.restarts} exits={fleet.exits} "
           f"logs={fleet.logs}")
+    if row.duplicated:  # where the second answers are: which partitions, when
+        twice = {r for r, c in ids.items() if c > 1}
+        copies = [(orjson.loads(m.value())["id"], m.partition(), m.offset(),
+                   m.timestamp()[1] / 1000) for m in
+                  await asyncio.to_thread(read_committed, bootstrap, replies)
+                  if orjson.loads(m.value())["id"] in twice]
+        for copy in sorted(copies)[:20]:
+            print(f"[faults]   twice: {copy[0]} partition {copy[1]} offset {copy[2]} "
+                  f"at {time.strftime('%H:%M:%S', time.localtime(copy[3]))}"
+                  f".{int(copy[3] * 1000) % 1000:03d}")
     return row, load, ids
 
 

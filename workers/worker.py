@@ -290,6 +290,11 @@ class Worker:
             if gone or lost:
                 log.info("partitions %s moved away, %d unanswered requests left for their "
                          "next owner", sorted(tp.partition for tp in lost), len(gone))
+            # Reading goes on where it was on partitions that stay: from their commit point it
+            # would read again what was answered since (and is not in the skip list below).
+            for tp in kept:
+                if (at := self._offsets.read_up_to(tp)) is not None:
+                    self._consumer.seek(tp, at)
             if self._txns is not None:
                 self._skip = await self._txns.adopt(assigned, keep_parked=straight_back)
         except Exception as exc:
@@ -308,7 +313,10 @@ class Worker:
                 continue
             records = await self._consumer.getmany(timeout_ms=200, max_records=room)
             if self._txns is not None:
+                fetched_in = self._generation()
                 await self._adopted.wait()
+                if fetched_in != self._generation():
+                    continue  # read before a rebalance: read again from the new positions
                 if self._adopt_error is not None:
                     raise self._adopt_error  # not fenced: answering could duplicate
                 owned = self._consumer.assignment()
@@ -326,8 +334,8 @@ class Worker:
         """Hand a valid request to the engine; return the answer for one that can't be served."""
         # The engine knows a request by its Kafka position: ids are the client's to choose.
         engine_id = f"{tp.topic}/{tp.partition}@{msg.offset}"
-        if engine_id in self._jobs:
-            return None  # fetched twice around a rebalance: it is running already
+        if engine_id in self._jobs or self._offsets.answered(tp, msg.offset):
+            return None  # fetched twice around a rebalance: it is running or answered already
         self._offsets.started(tp, msg.offset)
         if tp in self._skip and msg.offset in self._skip[tp]:  # answered, and committed
             self._offsets.finished(tp, msg.offset)
