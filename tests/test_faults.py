@@ -6,7 +6,10 @@ partition that had requests waiting at a fault must be answering again within th
 
 Each scenario prints one row: N, lost, duplicated, errors by code, recovery time (the
 slowest partition's wait, after the fault, for its next answer). The worker SIGKILL case at
-one kill also runs in the default suite (tests/test_crash.py).
+one kill also runs in the default suite (tests/test_crash.py), and what a rebalance keeps in
+tests/test_rebalance.py. The rows of 1,000 requests (broker kill in a 3-node cluster, network
+partition, transaction over its timeout, poison with a kill, TP rank kill, static membership)
+run on brokers started here, so they can be killed, cut off and configured for the fault.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from streams.client import FerryClient
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
 PARTITIONS = 4
-# Enforced today: the session timeout (6 s), eager rebalances as replacements join, fencing
-# and a model load, on a shared 2-core box. The goal (issue 14) is ~5 s.
-RECOVERY_BOUND_S = 90.0
+# Measured (shared 2-core box): 5.7-13.7 s on the default broker (6 s session floor, then
+# one eager rebalance, fencing); 2.7-7.5 s on the suite's brokers with 3 s sessions. The
+# bounds leave room for a loaded machine; the goal (issue 14) is ~5 s.
+RECOVERY_BOUND_S = 45.0
 
 
 @dataclass
@@ -195,9 +199,10 @@ async def test_worker_sigkill_three_times(kafka_bootstrap, tiny_model, unique) -
         recoveries = []
         for round_ in range(3):
             start = load.answered()
-            await until(lambda: load.answered() >= start + 3, 180, "answers before a kill")
+            await until(lambda: load.answered() >= min(start + 3, len(load.futures)), 180,
+                        "answers before a kill")
             if not load.waiting_partitions():
-                break
+                break  # all answered: faster recovery leaves no load for another kill
             victim = workers[round_ % 2]
             waiting, fault_at = load.waiting_partitions(), time.monotonic()
             victim.send_signal(signal.SIGKILL)
@@ -255,7 +260,7 @@ BIG = 1000          # good requests per row
 BIG_TOKENS = 4      # tokens each: rows are about faults, not decode speed
 # Shorter than the broker default's floor: these brokers allow it (group.min.session...).
 FAST_SESSION_MS = 3000
-FAST_RECOVERY_BOUND_S = 90.0
+FAST_RECOVERY_BOUND_S = 30.0
 
 
 @dataclass
