@@ -92,6 +92,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="one transaction per input partition for answers and the commit "
                         "point, so a crash cannot answer a request twice (read_committed "
                         "readers); --no-exactly-once: plain acked sends, at least once")
+    w.add_argument("--session-timeout-ms", type=int, default=6000,
+                   help="a dead worker's partitions move after this (the broker's "
+                        "group.min.session.timeout.ms, 6000 by default, is the floor)")
+    w.add_argument("--group-instance-id", default=os.environ.get("FERRY_GROUP_INSTANCE_ID"),
+                   help="static group membership: a worker restarted with the same id "
+                        "(e.g. a StatefulSet pod name) takes its partitions back with no "
+                        "rebalance (env FERRY_GROUP_INSTANCE_ID)")
+    w.add_argument("--transaction-timeout-ms", type=int, default=60_000,
+                   help="exactly-once: the broker aborts a transaction open longer")
     w.add_argument("--partitions", type=int, default=4)
     w.add_argument("--max-message-bytes", type=int, default=1_048_576)
     add_metrics_port(w, "worker")
@@ -314,6 +323,9 @@ def _worker(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gb=args.kv_cache_gb,
         prefix_caching=not args.no_prefix_caching, max_queued=args.max_queued,
         exactly_once=args.exactly_once,
+        session_timeout_ms=args.session_timeout_ms,
+        group_instance_id=args.group_instance_id,
+        transaction_timeout_ms=args.transaction_timeout_ms,
         partitions=args.partitions,
         max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
         device=args.device, dtype=args.dtype, shadow=args.shadow,

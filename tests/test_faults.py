@@ -6,13 +6,17 @@ partition that had requests waiting at a fault must be answering again within th
 
 Each scenario prints one row: N, lost, duplicated, errors by code, recovery time (the
 slowest partition's wait, after the fault, for its next answer). The worker SIGKILL case at
-one kill also runs in the default suite (tests/test_crash.py).
+one kill also runs in the default suite (tests/test_crash.py), and what a rebalance keeps in
+tests/test_rebalance.py. The rows of 1,000 requests (broker kill in a 3-node cluster, network
+partition, transaction over its timeout, poison with a kill, TP rank kill, static membership)
+run on brokers started here, so they can be killed, cut off and configured for the fault.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,9 +37,10 @@ from streams.client import FerryClient
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
 PARTITIONS = 4
-# Enforced today: the session timeout (6 s), eager rebalances as replacements join, fencing
-# and a model load, on a shared 2-core box. The goal (issue 14) is ~5 s.
-RECOVERY_BOUND_S = 90.0
+# Measured (shared 2-core box): 5.7-13.7 s on the default broker (6 s session floor, then
+# one eager rebalance, fencing); 2.7-7.5 s on the suite's brokers with 3 s sessions. The
+# bounds leave room for a loaded machine; the goal (issue 14) is ~5 s.
+RECOVERY_BOUND_S = 45.0
 
 
 @dataclass
@@ -99,10 +104,12 @@ def key_for(partition: int) -> str:
     raise AssertionError("no key found")
 
 
-async def post(client: FerryClient, deployment: str, n: int, tokens: int = 24) -> Load:
-    load = Load()
+async def post(client: FerryClient, deployment: str, n: int, tokens: int = 24,
+               load: Load | None = None, first: int = 0) -> Load:
+    """Requests first..first+n-1 (added to `load` when given)."""
+    load = load if load is not None else Load()
     keys = [key_for(p) for p in range(PARTITIONS)]
-    for i in range(n):
+    for i in range(first, first + n):
         rid = f"{deployment}-{i}"
         load.partition_of[rid] = i % PARTITIONS
         future = await client.submit(Request(id=rid, model=deployment, prompt=f"request {i}",
@@ -192,9 +199,10 @@ async def test_worker_sigkill_three_times(kafka_bootstrap, tiny_model, unique) -
         recoveries = []
         for round_ in range(3):
             start = load.answered()
-            await until(lambda: load.answered() >= start + 3, 180, "answers before a kill")
+            await until(lambda: load.answered() >= min(start + 3, len(load.futures)), 180,
+                        "answers before a kill")
             if not load.waiting_partitions():
-                break
+                break  # all answered: faster recovery leaves no load for another kill
             victim = workers[round_ % 2]
             waiting, fault_at = load.waiting_partitions(), time.monotonic()
             victim.send_signal(signal.SIGKILL)
@@ -339,3 +347,455 @@ async def test_gateway_retries_same_id(router, start_worker, start_gateway, http
           f"{twice} (max {max(replies.values())})")
     assert len(replies) == n and charges == n
     assert twice == retries and max(replies.values()) == 2
+
+
+# ---- rows of issue 14 item 6: >= 1,000 requests each, on brokers of the suite's own --------
+# Each runs on brokers started for it (never the dev broker), so they may be killed, cut off
+# and configured for the fault: a 3-node cluster (RF 3, min ISR 2), and one node whose
+# EXTERNAL listener is advertised through a TCP proxy the test cuts.
+
+BIG = 1000          # good requests per row
+BIG_TOKENS = 4      # tokens each: rows are about faults, not decode speed
+# Shorter than the broker default's floor: these brokers allow it (group.min.session...).
+FAST_SESSION_MS = 3000
+FAST_RECOVERY_BOUND_S = 30.0
+
+
+@dataclass
+class Fleet:
+    """The worker processes of one deployment. One that exits by itself is started again,
+    as a supervisor would (the deployer's local launcher, Kubernetes), and counted; one the
+    test kills is restarted by the test. Logs go to `logs/worker-N.log`."""
+
+    model: Path
+    dep: str
+    logs: Path
+    slots: list[list[str]]  # per worker: its flags (--bootstrap, ...)
+    procs: list[subprocess.Popen | None] = field(default_factory=list)
+    restarts: int = 0
+    exits: list[tuple[int, int]] = field(default_factory=list)  # (slot, return code)
+    exited_at: list[float] = field(default_factory=list)   # monotonic time of each exit
+    then: dict[int, list[str]] = field(default_factory=dict)  # slot -> flags once restarted
+    _watch: asyncio.Task | None = None
+
+    def start(self, slot: int, flags: list[str] | None = None) -> None:
+        if flags is not None:
+            self.slots[slot] = flags
+        while len(self.procs) <= slot:
+            self.procs.append(None)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with (self.logs / f"worker-{slot}.log").open("ab") as out:
+            self.procs[slot] = subprocess.Popen(
+                [sys.executable, "-m", "ferry.cli", "worker", "--model", str(self.model),
+                 "--deployment", self.dep, "--max-num-seqs", "16", "--metrics-port", "off",
+                 *self.slots[slot]],
+                stdout=out, stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+    def __enter__(self) -> Fleet:
+        for slot in range(len(self.slots)):
+            self.start(slot)
+        self._watch = asyncio.create_task(self._supervise())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def kill(self, slot: int) -> None:
+        """SIGKILL worker `slot` and start its replacement at once (not counted)."""
+        proc = self.procs[slot]
+        assert proc is not None and proc.poll() is None, f"worker {slot} is not running"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        self.start(slot)
+
+    def joined(self, slot: int) -> bool:
+        """Whether worker `slot` has been assigned partitions (its log says so)."""
+        text = (self.logs / f"worker-{slot}.log").read_text(errors="replace")
+        return re.search(r"assigned partitions \[\d", text) is not None
+
+    async def _supervise(self) -> None:
+        while True:  # polls exit codes, as a supervisor does; no test condition waits on it
+            for slot, proc in enumerate(self.procs):
+                if proc is not None and proc.poll() is not None:
+                    self.exits.append((slot, proc.returncode))
+                    self.exited_at.append(time.monotonic())
+                    self.restarts += 1
+                    self.start(slot, self.then.get(slot))
+            await asyncio.sleep(0.2)
+
+
+def read_committed(bootstrap: str, topic: str, timeout: float = 90.0) -> list:
+    """Every record of `topic` visible read_committed, to its end (confluent-kafka)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"checker-{uuid.uuid4()}",
+                         "isolation.level": "read_committed", "enable.auto.commit": False,
+                         "auto.offset.reset": "earliest"})
+    try:
+        parts = list(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in parts}
+        records, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            positions = {tp.partition: tp.offset for tp in consumer.position(
+                [TopicPartition(topic, p) for p in parts])}
+            if all(positions[p] >= ends[p] for p in parts):
+                break
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error():
+                records.append(msg)
+        return records
+    finally:
+        consumer.close()
+
+
+async def serve_row(name: str, bootstrap: str, fleet: Fleet,
+                    fault: Callable[[Load], Awaitable[list[float]]], replies: str,
+                    n: int = BIG, extra: Callable[[FerryClient], Awaitable[None]] | None = None,
+                    ready: Callable[[], bool] | None = None) -> tuple[Row, Load, Counter]:
+    """The fleet serves n requests (posted at once, spread over the partitions, once
+    `ready()`) while `fault` strikes; then the checker counts the answers on `replies`."""
+    with fleet:
+        if ready is not None:
+            await until(ready, 300, "the fleet to be ready")
+        async with FerryClient(bootstrap, reply_to=replies) as client:
+            load = await post(client, fleet.dep, n, tokens=BIG_TOKENS)
+            faulting = asyncio.create_task(fault(load))
+            if extra is not None:
+                await extra(client)
+            recoveries = await faulting
+            await asyncio.wait_for(asyncio.gather(*load.futures.values()), 400)
+    ids, errors = await asyncio.to_thread(count_answers, bootstrap, replies)
+    row = Row(name, n, lost=sum(1 for r in load.futures if ids[r] == 0),
+              duplicated=sum(c - 1 for c in ids.values() if c > 1), errors=errors,
+              recoveries=recoveries)
+    print(f"\n[faults] {row} worker restarts={fleet.restarts} exits={fleet.exits} "
+          f"logs={fleet.logs}")
+    if row.duplicated:  # where the second answers are: which partitions, when
+        twice = {r for r, c in ids.items() if c > 1}
+        copies = [(orjson.loads(m.value())["id"], m.partition(), m.offset(),
+                   m.timestamp()[1] / 1000) for m in
+                  await asyncio.to_thread(read_committed, bootstrap, replies)
+                  if orjson.loads(m.value())["id"] in twice]
+        for copy in sorted(copies)[:20]:
+            print(f"[faults]   twice: {copy[0]} partition {copy[1]} offset {copy[2]} "
+                  f"at {time.strftime('%H:%M:%S', time.localtime(copy[3]))}"
+                  f".{int(copy[3] * 1000) % 1000:03d}")
+    return row, load, ids
+
+
+async def strike(load: Load, fault: Callable[[], None], after: int = 100
+                 ) -> tuple[float, set[int]]:
+    """Once `after` answers are in, run `fault`; (its time, the partitions then waiting)."""
+    await until(lambda: load.answered() >= after, 240, f"{after} answers before the fault")
+    waiting, fault_at = load.waiting_partitions(), time.monotonic()
+    assert waiting, "the fault came too late to test anything"
+    fault()
+    return fault_at, waiting
+
+
+async def recovered(load: Load, fault_at: float, waiting: set[int],
+                    timeout: float = 180) -> float:
+    await until(lambda: load.recovery(fault_at, waiting) < float("inf"), timeout,
+                "every waiting partition to answer again")
+    return load.recovery(fault_at, waiting)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    from ferry.cluster import LocalCluster
+
+    nodes = LocalCluster(tmp_path_factory.mktemp("cluster"), size=3)
+    nodes.up()
+    yield nodes
+    nodes.down()
+
+
+@pytest.fixture(scope="module")
+def fault_node(tmp_path_factory: pytest.TempPathFactory):
+    """One node with a proxied EXTERNAL listener, short session timeouts allowed and timed-out
+    transactions aborted within 0.2 s (the default scan is every 10 s)."""
+    from ferry.broker import free_port
+    from ferry.cluster import LocalCluster
+
+    proxy_port = free_port()
+    node = LocalCluster(tmp_path_factory.mktemp("faultnode"), size=1,
+                        external={1: f"127.0.0.1:{proxy_port}"},
+                        extra="group.min.session.timeout.ms=1000\n"
+                              "transaction.abort.timed.out.transaction.cleanup.interval.ms=200\n")
+    node.up()
+    node.proxy_port = proxy_port  # type: ignore[attr-defined]
+    yield node
+    node.down()
+
+
+async def test_broker_sigkill_in_a_three_node_cluster(cluster, tiny_model, unique,
+                                                      tmp_path) -> None:
+    """RF 3, min ISR 2: the node coordinating the workers' group is killed -9 mid-load and
+    restarted once every partition answers again. Leaders, the group and the transaction
+    coordinators move; acks=all writes go on with two replicas."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    bootstrap = cluster.bootstrap
+    fleet = Fleet(tiny_model, unique("fault-rf3"), tmp_path / "logs",
+                  [["--bootstrap", bootstrap] for _ in range(2)])
+
+    async def kill_coordinator(load: Load) -> list[float]:
+        await until(lambda: load.answered() >= 50, 240, "answers before the kill")
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            victim = await admin.find_coordinator(f"ferry.workers.{fleet.dep}")
+            [topic] = await admin.describe_topics([f"ferry.requests.{fleet.dep}"])
+        finally:
+            await admin.close()
+        assert all(len(p["replicas"]) == 3 for p in topic["partitions"]), topic
+        fault_at, waiting = await strike(load, lambda: cluster.kill(victim), after=0)
+        recovery = await recovered(load, fault_at, waiting)
+        cluster.start(victim)
+        await cluster.wait_ready(node_id=victim)
+        print(f"\n[faults] killed node {victim}, restarted after {time.monotonic() - fault_at:.1f}s")
+        return [recovery]
+
+    row, _, _ = await serve_row("broker SIGKILL, RF 3", bootstrap, fleet, kill_coordinator,
+                                unique("fault-replies"))
+    check(row)
+
+
+async def test_network_partition_fences_the_cut_off_worker(fault_node, tiny_model, unique,
+                                                            tmp_path) -> None:
+    """Worker 0 reaches the broker only through a proxy; the proxy is cut for longer than
+    the session timeout (its partitions move to worker 1), then healed: the cut-off worker
+    comes back fenced (its transactions can commit nothing) and nothing is answered twice."""
+    from tests.tcp_proxy import TcpProxy
+
+    node = fault_node.node(1)
+    proxy = TcpProxy("127.0.0.1", node.external_port, fault_node.proxy_port)
+    await proxy.start()
+    session_ms = FAST_SESSION_MS
+    flags = ["--session-timeout-ms", str(session_ms)]
+    fleet = Fleet(tiny_model, unique("fault-cut"), tmp_path / "logs",
+                  [["--bootstrap", f"127.0.0.1:{fault_node.proxy_port}", *flags],
+                   ["--bootstrap", node.bootstrap, *flags]])
+
+    async def cut(load: Load) -> list[float]:
+        fault_at, waiting = await strike(load, proxy.cut)
+        recovery = await recovered(load, fault_at, waiting)
+        cut_for = session_ms / 1000 + 4
+        await until(lambda: time.monotonic() - fault_at > cut_for, cut_for + 5,
+                    "the cut to outlast the session timeout")
+        proxy.heal()
+        return [recovery]
+
+    try:
+        row, _, _ = await serve_row("network partition", node.bootstrap, fleet, cut,
+                                    unique("fault-replies"))
+    finally:
+        await proxy.close()
+    check(row)
+
+
+async def test_transaction_over_its_timeout(fault_node, tiny_model, unique, tmp_path) -> None:
+    """Worker 0's transactions may stay open 5 ms (the broker aborts any open longer, every
+    0.2 s): one is aborted under load, its producer fenced, the worker stops (it cannot tell
+    a timeout from a new owner) and is restarted; worker 1 has the default 60 s."""
+    node = fault_node.node(1)
+    base = ["--bootstrap", node.bootstrap, "--session-timeout-ms", str(FAST_SESSION_MS)]
+    fleet = Fleet(tiny_model, unique("fault-txn"), tmp_path / "logs",
+                  [[*base, "--transaction-timeout-ms", "5"], base])
+
+    fleet.then[0] = base  # restarted with the default timeout
+
+    async def time_out(load: Load) -> list[float]:
+        await until(lambda: load.answered() >= 50, 240, "answers before the timeout")
+        await until(lambda: fleet.restarts >= 1, 120, "a transaction over its timeout")
+        fault_at, waiting = fleet.exited_at[0], load.waiting_partitions()
+        return [await recovered(load, fault_at, waiting)] if waiting else []
+
+    row, _, _ = await serve_row("transaction over timeout", node.bootstrap, fleet, time_out,
+                                unique("fault-replies"))
+    assert fleet.restarts >= 1 and "ProducerFenced" in (
+        tmp_path / "logs" / "worker-0.log").read_text(errors="replace")
+    check(row)
+
+
+async def test_worker_sigkill_static_membership(fault_node, tiny_model, unique,
+                                                tmp_path) -> None:
+    """Fast failover: each worker has a static group instance id and a 3 s session; a
+    replacement started with the killed worker's id takes its partitions back with no
+    rebalance (the other worker never stops), or, if it is slower than the session, the
+    other worker takes them over after 3 s."""
+    node = fault_node.node(1)
+    fleet = Fleet(tiny_model, unique("fault-static"), tmp_path / "logs",
+                  [["--bootstrap", node.bootstrap, "--session-timeout-ms", str(FAST_SESSION_MS),
+                    "--group-instance-id", f"w{i}"] for i in range(2)])
+
+    async def kill_three(load: Load) -> list[float]:
+        recoveries = []
+        for round_ in range(3):
+            start = load.answered()
+            await until(lambda: load.answered() >= min(start + 50, len(load.futures)), 240,
+                        "answers before a kill")
+            if len(load.waiting_partitions()) < PARTITIONS:
+                break  # too late for a kill that tests anything
+            fault_at, waiting = await strike(load, lambda: fleet.kill(round_ % 2), after=0)
+            recoveries.append(await recovered(load, fault_at, waiting))
+        return recoveries
+
+    row, _, _ = await serve_row("worker SIGKILL, static ids", node.bootstrap, fleet, kill_three,
+                                unique("fault-replies"))
+    check(row)
+    assert row.recovery_s <= FAST_RECOVERY_BOUND_S, str(row)
+
+
+async def test_tp_rank_sigkill(fault_node, tiny_model, unique, tmp_path) -> None:
+    """A TP=2 replica loses its rank 1 to SIGKILL: the replica stops (rank 0 sees the broken
+    process group within --tp-timeout) unanswered, the plain replica takes its partitions,
+    and the replica is restarted; every request is answered once."""
+    from tests.test_tp_serving import rank_pids
+
+    node = fault_node.node(1)
+    base = ["--bootstrap", node.bootstrap, "--session-timeout-ms", str(FAST_SESSION_MS)]
+    fleet = Fleet(tiny_model, unique("fault-tp"), tmp_path / "logs",
+                  [[*base, "--tp", "2", "--tp-timeout", "10"], base])
+
+    async def kill_rank(load: Load) -> list[float]:
+        ranks = rank_pids(fleet.procs[0])  # type: ignore[arg-type]
+        assert len(ranks) == 2, ranks
+        fault_at, waiting = await strike(load, lambda: os.kill(ranks[1], signal.SIGKILL),
+                                         after=20)
+        recovery = await recovered(load, fault_at, waiting)
+        await until(lambda: fleet.restarts >= 1, 60, "the broken replica to stop")
+        return [recovery]
+
+    row, _, _ = await serve_row("TP rank SIGKILL", node.bootstrap, fleet, kill_rank,
+                                unique("fault-replies"),
+                                ready=lambda: fleet.joined(0) and fleet.joined(1))
+    assert fleet.exits and fleet.exits[0][0] == 0 and fleet.exits[0][1] != 0, fleet.exits
+    check(row)
+
+
+def poison(dep: str, replies: str, taken: str) -> list[tuple[str, dict | bytes | None, dict]]:
+    """Every kind of hostile record the fault report found, as (kind, value, how it must
+    end): `answer` (an error code, or None for a normal answer) and/or `dlq`."""
+    def req(**fields: object) -> dict:
+        return {"id": f"poison-{uuid.uuid4().hex[:12]}", "model": dep, "prompt": "poison",
+                "max_new_tokens": BIG_TOKENS, "reply_to": replies, **fields}
+
+    return [
+        ("not JSON", b"{not json", {"dlq": True}),
+        ("empty value", None, {"dlq": True}),
+        ("not an object", b"[1, 2, 3]", {"dlq": True}),
+        ("no id", {"model": dep, "prompt": "x", "reply_to": replies}, {"dlq": True}),
+        ("wrong field type", req(max_new_tokens="many"),
+         {"dlq": True, "answer": "invalid_request"}),
+        ("negative max_new_tokens", req(max_new_tokens=-1),
+         {"dlq": True, "answer": "invalid_request"}),
+        ("control-table reply_to", req(reply_to="ferry.keys"), {"dlq": True}),
+        ("control reply_to with _", req(reply_to="ferry_routes"), {"dlq": True}),
+        ("Kafka-internal reply_to", req(reply_to="__consumer_offsets"), {"dlq": True}),
+        ("request-topic reply_to", req(reply_to=f"ferry.requests.{dep}"), {"dlq": True}),
+        ("illegal reply_to", req(reply_to="a b/c"), {"dlq": True}),
+        ("colliding reply_to", req(reply_to=f"{taken}_replies"), {"dlq": True}),
+        ("stream_to = reply_to", req(stream_to=replies),
+         {"dlq": True, "answer": "invalid_request"}),
+        ("temperature 1e-300", req(temperature=1e-300), {"answer": None}),
+        ("temperature 100", req(temperature=100.0, seed=1), {"answer": None}),
+        ("top_p 1e-300", req(temperature=1.0, top_p=1e-300), {"answer": None}),
+        ("non-UTF-8 headers", req(), {"answer": None,
+                                      "headers": [("ferry-mirrored", b"\xff\xfe"),
+                                                  ("ferry-primary", b"\xc3\x28"),
+                                                  ("x-\u00e9", b"\x80")]}),
+        ("non-UTF-8 key", req(), {"answer": None, "key": b"\xff\xfe\xfd"}),
+        ("unknown model", req(model=f"{dep}-nobody"), {"answer": "unknown_model"}),
+        ("prompt too long", req(prompt="word " * 4000), {"answer": "prompt_too_long"}),
+        ("deadline passed", req(deadline=time.time() - 60), {"answer": "deadline_exceeded"}),
+    ]
+
+
+async def test_poison_mixed_into_load_with_a_sigkill(fault_node, tiny_model, unique,
+                                                     tmp_path) -> None:
+    """1,000 good requests with every kind of poison among them (3 of each), and a worker
+    SIGKILLed mid-way: every good request answered once without error, every poison answered
+    with its error (or normally, for odd but valid values) and/or dead-lettered, once."""
+    from aiokafka import AIOKafkaProducer
+
+    from schemas import DLQ_TOPIC, encode, requests_topic
+    from workers.topic_admin import ensure_topics
+
+    node = fault_node.node(1)
+    bootstrap = node.bootstrap
+    dep, replies, taken = unique("fault-poison"), unique("fault-replies"), unique("fault-taken")
+    await ensure_topics(bootstrap, {f"{taken}.replies": 1})
+    fleet = Fleet(tiny_model, dep, tmp_path / "logs",
+                  [["--bootstrap", bootstrap, "--session-timeout-ms", str(FAST_SESSION_MS)]
+                   for _ in range(2)])
+    posted: list[tuple[str, dict | bytes | None, dict, int, int]] = []  # + partition, offset
+
+    async def post_poison() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            for copy in range(3):
+                for i, (kind, value, fate) in enumerate(poison(dep, replies, taken)):
+                    raw = value if value is None or isinstance(value, bytes) else encode(value)
+                    key = fate.get("key", key_for((copy + i) % PARTITIONS).encode())
+                    meta = await producer.send_and_wait(requests_topic(dep), raw, key=key,
+                                                        headers=fate.get("headers"))
+                    posted.append((kind, value, fate, meta.partition, meta.offset))
+        finally:
+            await producer.stop()
+
+    good = BIG
+    with fleet:
+        async with FerryClient(bootstrap, reply_to=replies) as client:
+            load = await post(client, dep, good // 2, tokens=BIG_TOKENS)
+            await post_poison()
+            await post(client, dep, good - good // 2, tokens=BIG_TOKENS, load=load,
+                       first=good // 2)
+            fault_at, waiting = await strike(load, lambda: fleet.kill(0), after=150)
+            recovery = await recovered(load, fault_at, waiting)
+            await asyncio.wait_for(asyncio.gather(*load.futures.values()), 400)
+    ids, errors = await asyncio.to_thread(count_answers, bootstrap, replies)
+    results = {orjson.loads(m.value())["id"]: orjson.loads(m.value()) for m in
+               await asyncio.to_thread(read_committed, bootstrap, replies)}
+    letters = Counter(
+        (letter["partition"], letter["offset"]) for letter in
+        (orjson.loads(m.value()) for m in await asyncio.to_thread(read_committed, bootstrap,
+                                                                   DLQ_TOPIC))
+        if letter.get("source_topic") == requests_topic(dep))
+    wrong = []
+    for kind, value, fate, partition, offset in posted:
+        rid = value.get("id") if isinstance(value, dict) else None
+        answers = ids[rid] if rid else 0
+        want_answers = 1 if "answer" in fate else 0
+        code = ((results.get(rid) or {}).get("error") or {}).get("code") if rid else None
+        if (answers != want_answers or letters[(partition, offset)] != int("dlq" in fate)
+                or ("answer" in fate and code != fate["answer"])):
+            wrong.append((kind, answers, letters[(partition, offset)], code))
+    good_errors = sum(1 for r in load.futures if (results.get(r) or {}).get("error"))
+    row = Row("poison + worker SIGKILL", good + len(posted),
+              lost=sum(1 for r in load.futures if ids[r] == 0),
+              duplicated=sum(c - 1 for c in ids.values() if c > 1), errors=errors,
+              recoveries=[recovery])
+    print(f"\n[faults] {row} poison={len(posted)} dead-lettered={sum(letters.values())} "
+          f"worker restarts={fleet.restarts}")
+    assert row.lost == 0 and row.duplicated == 0 and good_errors == 0, str(row)
+    assert not wrong, f"poison that did not end as it must: {wrong}"
+    assert sum(letters.values()) == sum(1 for p in posted if "dlq" in p[2])
+    assert row.recovery_s <= RECOVERY_BOUND_S, str(row)

@@ -20,9 +20,17 @@ class WorkerConfig:
     prefix_caching: bool = True    # share KV blocks of equal prompt prefixes
     max_queued: int = 256          # admitted requests held before consuming pauses
     # A killed member's partitions move to the others after the session timeout (6 s is
-    # the broker's minimum by default); heartbeats tell live members of a rebalance.
+    # the broker's minimum by default: group.min.session.timeout.ms); heartbeats tell live
+    # members of a rebalance, so a short interval ends one sooner.
     session_timeout_ms: int = 6000
-    heartbeat_interval_ms: int = 1000
+    heartbeat_interval_ms: int = 500
+    # Static group membership (KIP-345): a member restarted with the same id within the
+    # session timeout gets its partitions back with no rebalance. Such a member does not
+    # leave the group when it stops: its partitions wait for the session timeout.
+    group_instance_id: str | None = None
+    # How long a transaction may stay open before the broker aborts it (and fences its
+    # producer); ours last one batch's sends and commit, milliseconds.
+    transaction_timeout_ms: int = 60_000
     partitions: int = 4            # partitions of the request topic if the worker creates it
     max_message_bytes: int = 1_048_576  # results above this become result_too_large errors
     metrics_port: int | None = None     # None: no HTTP endpoint (the registry still counts)

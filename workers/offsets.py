@@ -35,6 +35,14 @@ class OffsetTracker:
     def finished(self, tp: TopicPartition, offset: int) -> None:
         self._in_flight[tp].discard(offset)
 
+    def read_up_to(self, tp: TopicPartition) -> int | None:
+        """One past the highest offset started on `tp` (where reading goes on), or None."""
+        return self._next.get(tp)
+
+    def answered(self, tp: TopicPartition, offset: int) -> bool:
+        """Started and finished here already (a record read again after a rebalance)."""
+        return offset < self._next.get(tp, 0) and offset not in self._in_flight[tp]
+
     def in_flight(self) -> int:
         return sum(len(s) for s in self._in_flight.values())
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from workers.kafka_clients import client_options
 
@@ -22,14 +24,17 @@ class TopicCreationError(KafkaError):
 async def ensure_topics(bootstrap: str, partitions: dict[str, int],
                         configs: dict[str, str] | None = None) -> None:
     """Create each missing topic with the given partition count (and topic `configs`, e.g.
-    compaction); existing ones are left as they are."""
+    compaction); existing ones are left as they are. Replicas: FERRY_KAFKA_REPLICATION_FACTOR,
+    else the cluster's `default.replication.factor` (min.insync.replicas is the cluster's too)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(name, n, 1, topic_configs=dict(configs or {}))
-                   for name, n in partitions.items() if name not in existing]
-        if missing:
+        names = [name for name in partitions if name not in existing]
+        if names:
+            replicas = await replication_factor(admin)
+            missing = [NewTopic(name, partitions[name], replicas,
+                                topic_configs=dict(configs or {})) for name in names]
             try:
                 response = await admin.create_topics(missing)
             except TopicAlreadyExistsError:
@@ -39,10 +44,27 @@ async def ensure_topics(bootstrap: str, partitions: dict[str, int],
                 if code not in (0, TopicAlreadyExistsError.errno):
                     detail = message[0] if message and message[0] else for_code(code).__name__
                     raise TopicCreationError(f"topic {name!r} not created: {detail}")
-            log.info("created topics %s", ", ".join(t.name for t in missing))
+            log.info("created topics %s (replication factor %d)",
+                     ", ".join(t.name for t in missing), replicas)
             await _wait_for_leaders(admin, [t.name for t in missing])
     finally:
         await admin.close()
+
+
+async def replication_factor(admin: AIOKafkaAdminClient) -> int:
+    """FERRY_KAFKA_REPLICATION_FACTOR, else the broker's `default.replication.factor`.
+    (aiokafka's CreateTopics predates KIP-464's -1 for "the broker's default": ask for it.)"""
+    if env := os.environ.get("FERRY_KAFKA_REPLICATION_FACTOR"):
+        return int(env)
+    metadata = await admin.describe_cluster()
+    broker = ConfigResource(ConfigResourceType.BROKER, str(metadata["brokers"][0]["node_id"]),
+                            configs={"default.replication.factor": None})
+    [response] = await admin.describe_configs([broker])
+    for resource in response.resources:
+        for name, value, *_ in resource[4]:
+            if name == "default.replication.factor":
+                return int(value)
+    return 1
 
 
 async def list_topics(bootstrap: str) -> set[str]:

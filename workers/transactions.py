@@ -89,14 +89,17 @@ class PartitionTransactions:
         for tp in revoked & set(self._producers):
             self._parked[tp] = self._producers.pop(tp)
 
-    async def adopt(self, assigned: set[TopicPartition]) -> dict[TopicPartition, Answered]:
+    async def adopt(self, assigned: set[TopicPartition], keep_parked: bool = True
+                    ) -> dict[TopicPartition, Answered]:
         """Take over `assigned` (this member's whole new assignment): fence earlier owners
         of the partitions new to it, then read what they committed. The consumer may
         already be reading from an older commit point (it reads them before the fence), so
-        the caller skips what is `Answered`."""
+        the caller skips what is `Answered`. `keep_parked`: the revoked partitions' producers
+        serve those that came straight back (False when another member may have owned them
+        in between: their producers may be fenced)."""
         for tp in set(self._parked):
             producer = self._parked.pop(tp)
-            if tp in assigned:
+            if tp in assigned and keep_parked:
                 self._producers[tp] = producer
             else:
                 await producer.stop()
@@ -105,6 +108,7 @@ class PartitionTransactions:
             bootstrap_servers=self.config.bootstrap, **client_options(),
             acks="all", enable_idempotence=True,
             transactional_id=transactional_id(self.config.group, tp),
+            transaction_timeout_ms=self.config.transaction_timeout_ms,
             max_request_size=self._max_request, linger_ms=2) for tp in new}
         # Starting one fences its id's previous holder and ends that one's open transaction,
         # so the commit points read below are final.

@@ -95,12 +95,17 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         self._worker._adopted.clear()
+        self._worker._revoked_in = self._worker._generation()
         if revoked:
             await self._worker._release(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
-        await self._worker._adopt(set(assigned))
+        # The very next generation: nobody else owned this member's returning partitions in
+        # between. A member dropped mid-rebalance rejoins generations later: start afresh.
+        revoked_in, self._worker._revoked_in = self._worker._revoked_in, None
+        straight_back = revoked_in is not None and self._worker._generation() == revoked_in + 1
+        await self._worker._adopt(set(assigned), straight_back)
 
 
 class Worker:
@@ -135,6 +140,8 @@ class Worker:
         # (aiokafka starts fetching before the rebalance listener has run).
         self._adopted = asyncio.Event()
         self._adopt_error: BaseException | None = None
+        self._held: set[TopicPartition] = set()  # partitions whose requests the engine has
+        self._revoked_in: int | None = None  # group generation whose partitions were revoked
         # request id -> (unix time, reason) of recent cancels, oldest first
         self._cancelled: OrderedDict[str, tuple[float, str]] = OrderedDict()
         # (stream topic, delta), published in the order they were made; None prepares a topic
@@ -156,7 +163,11 @@ class Worker:
             bootstrap_servers=self.config.bootstrap, **client_options(), group_id=self.config.group,
             enable_auto_commit=False, auto_offset_reset="earliest",  # serve what came first
             max_poll_interval_ms=600_000, session_timeout_ms=self.config.session_timeout_ms,
-            heartbeat_interval_ms=self.config.heartbeat_interval_ms,
+            heartbeat_interval_ms=min(self.config.heartbeat_interval_ms,
+                                      self.config.session_timeout_ms // 3),
+            # Static membership: a restarted worker with the same instance id takes its
+            # partitions back without a rebalance (the others never stop).
+            group_instance_id=self.config.group_instance_id,
             rebalance_timeout_ms=30_000, isolation_level="read_committed")
         # Everything from here on is inside the try: a worker stopped while it is still
         # starting leaves the group at once instead of lingering until its session expires.
@@ -245,31 +256,51 @@ class Worker:
             log.info("worker stopped: deployment=%s", self.config.deployment)
 
     async def _release(self, revoked: set[TopicPartition]) -> None:
-        """Partitions lost in a rebalance: their unanswered requests leave the engine (the new
-        owner serves them from the last commit); what was answered is committed first."""
+        """A rebalance began (eager: every partition is revoked): what was answered is
+        delivered and committed, and the engine pauses (the serve loop waits for `_adopted`).
+        Unanswered requests stay in the engine until the new assignment is known: most
+        partitions come straight back, and their rows then continue where they were."""
         async with self._engine_lock:  # between two steps
-            gone = [eid for eid, job in self._jobs.items() if job.tp in revoked]
-            self._new = [r for r in self._new if r.id not in gone]
-            for eid in gone:
-                self.engine.abort(eid)
-                del self._jobs[eid]
+            pass
         await self._delivered()
         await self._commit()
         if self._txns is not None:
             self._txns.revoke(revoked)
-        self._offsets.forget(revoked)
-        for tp in revoked:
-            self._skip.pop(tp, None)
-        self._gauges()
-        log.info("revoked partitions %s, %d unanswered requests left for their next owner",
-                 sorted(tp.partition for tp in revoked), len(gone))
+        log.info("revoked partitions %s (rebalance), %d requests held until it ends",
+                 sorted(tp.partition for tp in revoked), len(self._jobs))
 
-    async def _adopt(self, assigned: set[TopicPartition]) -> None:
-        """Exactly-once: fence the previous owners of new partitions and skip what they
-        answered. aiokafka logs and swallows a listener's exception: keep it to raise."""
+    def _generation(self) -> int:
+        assert self._consumer is not None
+        return self._consumer._coordinator.generation  # no public accessor in aiokafka
+
+    async def _adopt(self, assigned: set[TopicPartition], straight_back: bool = False) -> None:
+        """The rebalance ended: requests of partitions now owned elsewhere leave the engine
+        (their new owner serves them from the last commit); exactly-once, fence the previous
+        owners of new partitions and skip what they answered. Nobody else can have owned a
+        partition that came straight back, so its rows go on. aiokafka logs and swallows a
+        listener's exception: keep it to raise."""
         try:
+            kept = assigned if straight_back else set()
+            async with self._engine_lock:  # between two steps
+                gone = [eid for eid, job in self._jobs.items() if job.tp not in kept]
+                self._new = [r for r in self._new if r.id not in gone]
+                for eid in gone:
+                    self.engine.abort(eid)
+                    del self._jobs[eid]
+            lost = self._held - kept
+            self._offsets.forget(lost)
+            self._held = set(assigned)
+            self._gauges()
+            if gone or lost:
+                log.info("partitions %s moved away, %d unanswered requests left for their "
+                         "next owner", sorted(tp.partition for tp in lost), len(gone))
+            # Reading goes on where it was on partitions that stay: from their commit point it
+            # would read again what was answered since (and is not in the skip list below).
+            for tp in kept:
+                if (at := self._offsets.read_up_to(tp)) is not None:
+                    self._consumer.seek(tp, at)
             if self._txns is not None:
-                self._skip = await self._txns.adopt(assigned)
+                self._skip = await self._txns.adopt(assigned, keep_parked=straight_back)
         except Exception as exc:
             self._adopt_error = exc
         self._adopted.set()
@@ -286,7 +317,10 @@ class Worker:
                 continue
             records = await self._consumer.getmany(timeout_ms=200, max_records=room)
             if self._txns is not None:
+                fetched_in = self._generation()
                 await self._adopted.wait()
+                if fetched_in != self._generation():
+                    continue  # read before a rebalance: read again from the new positions
                 if self._adopt_error is not None:
                     raise self._adopt_error  # not fenced: answering could duplicate
                 owned = self._consumer.assignment()
@@ -304,8 +338,8 @@ class Worker:
         """Hand a valid request to the engine; return the answer for one that can't be served."""
         # The engine knows a request by its Kafka position: ids are the client's to choose.
         engine_id = f"{tp.topic}/{tp.partition}@{msg.offset}"
-        if engine_id in self._jobs:
-            return None  # fetched twice around a rebalance: it is running already
+        if engine_id in self._jobs or self._offsets.answered(tp, msg.offset):
+            return None  # fetched twice around a rebalance: it is running or answered already
         self._offsets.started(tp, msg.offset)
         if tp in self._skip and msg.offset in self._skip[tp]:  # answered, and committed
             self._offsets.finished(tp, msg.offset)
@@ -393,7 +427,15 @@ class Worker:
                 except TimeoutError:
                     pass
                 continue
+            if not self._adopted.is_set():  # a rebalance is under way: hold the rows
+                try:
+                    await asyncio.wait_for(self._adopted.wait(), _HEALTH_EVERY_S)
+                except TimeoutError:
+                    pass
+                continue
             async with self._engine_lock:
+                if not self._adopted.is_set():
+                    continue
                 new, self._new = self._new, []
                 expired = self._expired()
                 start = time.time()
