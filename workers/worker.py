@@ -248,11 +248,21 @@ class Worker:
             except TimeoutError:
                 log.warning("shutdown: leaving the group took over %gs; the broker expires "
                             "this member instead", _SHUTDOWN_STEP_S)
-            if self._cancels is not None:
-                await self._cancels.stop()
-            if self._txns is not None:
-                await self._txns.close()
-            await self._producer.stop()
+            # Each bounded too: a stop must end even when a client hangs on the broker.
+            closes = [("cancels reader", self._cancels and self._cancels.stop),
+                      ("transactional producers", self._txns and self._txns.close),
+                      ("producer", self._producer.stop)]
+            for what, close in closes:
+                if close is None:
+                    continue
+                try:
+                    async with asyncio.timeout(_SHUTDOWN_STEP_S):
+                        await close()
+                except TimeoutError:
+                    log.warning("shutdown: closing the %s took over %gs; left to the broker",
+                                what, _SHUTDOWN_STEP_S)
+                except Exception as exc:  # the rest still closes
+                    log.warning("shutdown: closing the %s failed: %r", what, exc)
             log.info("worker stopped: deployment=%s", self.config.deployment)
 
     async def _release(self, revoked: set[TopicPartition]) -> None:
