@@ -38,6 +38,7 @@ class WorkerMetrics:
     batch_size: Histogram
     queue_wait: Histogram
     inference: Histogram
+    engine_step: Histogram
     tokens_generated: Counter
     prompt_tokens: Counter
     results: Counter
@@ -66,8 +67,15 @@ class WorkerMetrics:
             queue_wait=Histogram("ferry_queue_wait_seconds",
                                  "From request creation to its entry into the engine", dep,
                                  buckets=_SECONDS, registry=registry),
-            inference=Histogram("ferry_inference_seconds", "Time per engine step", dep,
+            inference=Histogram("ferry_inference_seconds",
+                                "Time per engine step as the serve loop sees it (hand-off to "
+                                "the engine thread and back included)", dep,
                                 buckets=_SECONDS, registry=registry),
+            # Beside ferry_inference_seconds: the difference is what the worker's own loop
+            # (thread hand-off, the GIL, the event loop's work) costs per step.
+            engine_step=Histogram("ferry_engine_step_seconds",
+                                  "Engine compute per step, timed in the engine's thread", dep,
+                                  buckets=_SECONDS, registry=registry),
             tokens_generated=Counter("ferry_tokens_generated_total", "Completion tokens", dep,
                                      registry=registry),
             prompt_tokens=Counter("ferry_prompt_tokens_total", "Prompt tokens processed", dep,

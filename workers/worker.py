@@ -512,7 +512,11 @@ class Worker:
                 refused.append((request.id, str(exc)))
         for eid in expired:
             self.engine.abort(eid)
-        return self.engine.step(), refused
+        start = time.perf_counter()
+        out = self.engine.step()
+        self.metrics.engine_step.labels(self.config.deployment).observe(
+            time.perf_counter() - start)
+        return out, refused
 
     def _expired(self) -> list[str]:
         """Engine ids whose deadline passed (checked before every step, not once per batch)."""

@@ -37,7 +37,9 @@ Knobs (env): BENCH_HIDDEN (512), BENCH_LAYERS (8), BENCH_VOCAB (32000), BENCH_DT
 fp32), BENCH_ROUNDS (3), BENCH_SEQUENTIAL (10 requests per system per round at 1 client),
 BENCH_CONCURRENCY (32), BENCH_CONCURRENT (64 requests per run at saturation),
 BENCH_MAX_TOKENS (32), BENCH_PROMPT_TOKENS (64), BENCH_VLLM (1; 0 skips it),
-BENCH_VLLM_START_S (300). KAFKA_BOOTSTRAP: use that broker instead of starting one.
+BENCH_VLLM_START_S (300), BENCH_WORKER_CPUS (e.g. "1": the worker alone on those cores, see
+WORKER_CPUS below). KAFKA_BOOTSTRAP: use that broker instead of starting one (the run
+starts its own otherwise, on the non-worker cores when pinned).
 
 Run: `.venv/bin/python -m tests.bench.bench_streaming` (or `make bench`). Results go to
 tests/bench/results/streaming.json; the logs of the processes to ~/.ferry/bench-logs/streaming/.
@@ -65,7 +67,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-THREADS = 2
+# BENCH_WORKER_CPUS="1": the worker process alone on those cores (torch threads = their
+# count), this process, the gateway, the router (and the broker, when this run starts it) on
+# the others; the in-process engine gets as many threads as the worker. As a deployment
+# separates them: on a shared 2-core box, every delta's broker/gateway/client work otherwise
+# preempts a torch thread mid-step (measured: a 30% duty neighbour adds ~4 ms to a 13 ms
+# decode step).
+WORKER_CPUS = {int(c) for c in os.environ.get("BENCH_WORKER_CPUS", "").split(",") if c.strip()}
+OTHER_CPUS = (os.sched_getaffinity(0) - WORKER_CPUS) if WORKER_CPUS else set()
+THREADS = len(WORKER_CPUS) if WORKER_CPUS else 2
+if WORKER_CPUS and "--gateway-child" not in sys.argv:
+    os.sched_setaffinity(0, OTHER_CPUS)  # children inherit it; the worker is moved below
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # before torch loads, here and in children
     os.environ.setdefault(_var, str(THREADS))
 
@@ -469,9 +481,11 @@ class WorkerProcess:
                "--no-prefix-caching", "--max-num-seqs", str(ENGINE_BUDGETS["max_num_seqs"]),
                "--max-num-batched-tokens", str(ENGINE_BUDGETS["max_num_batched_tokens"])]
         with log.open("w") as out:
-            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                            cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                                           "FERRY_LOG_LEVEL": "INFO"})
+            self.process = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "FERRY_LOG_LEVEL": "INFO"},
+                preexec_fn=(lambda: os.sched_setaffinity(0, WORKER_CPUS)) if WORKER_CPUS
+                else None)
         deadline = time.monotonic() + 300
         while "assigned partitions" not in log.read_text(errors="replace"):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -539,7 +553,8 @@ def gateway_child(argv: list[str]) -> None:
 # Histograms the Ferry processes keep, read before and after each Ferry run (sum and count
 # deltas give means: where the path's time goes, server-side).
 SERVER_METRICS = {
-    "worker": ["ferry_inference_seconds", "ferry_inter_token_latency_seconds",
+    "worker": ["ferry_inference_seconds", "ferry_engine_step_seconds",
+               "ferry_inter_token_latency_seconds",
                "ferry_time_to_first_token_seconds", "ferry_queue_wait_seconds"],
     "gateway": ["ferry_gateway_time_to_first_token_seconds",
                 "ferry_gateway_inter_token_latency_seconds"],
@@ -712,6 +727,7 @@ def summarize(runs: list[Run]) -> list[dict]:
 def server_means(group: list[Run]) -> dict[str, float]:
     """Means (ms) of the Ferry processes' own histograms over a group's runs."""
     names = {"ferry_inference_seconds": "worker_step_mean_ms",
+             "ferry_engine_step_seconds": "worker_engine_compute_mean_ms",
              "ferry_inter_token_latency_seconds": "worker_itl_mean_ms",
              "ferry_time_to_first_token_seconds": "worker_ttft_from_created_mean_ms",
              "ferry_queue_wait_seconds": "worker_queue_wait_mean_ms",
@@ -813,7 +829,7 @@ def print_tables(rows: list[dict], comparisons: list[dict], info: dict) -> None:
           "the same runs)")
     print(f"{'phase':<12}{'system':<16}{'TTFT:':>6}{'client':>8}{'gateway':>8}{'worker':>8}"
           f"{'engine':>8}{'ITL:':>6}{'client':>8}{'gateway':>8}{'worker':>8}{'engine':>8}"
-          f"{'step:':>7}{'worker':>8}{'engine@C':>9}")
+          f"{'step:':>7}{'worker':>8}{'compute':>8}{'engine@C':>9}")
     for r in rows:
         if not r["system"].startswith("ferry"):
             continue
@@ -823,10 +839,12 @@ def print_tables(rows: list[dict], comparisons: list[dict], info: dict) -> None:
               f"{f(eng['ttft_mean_ms'])}{'':>6}{f(r['itl_mean_ms'])}"
               f"{f(r.get('gateway_itl_mean_ms'))}{f(r.get('worker_itl_mean_ms'))}"
               f"{f(eng['itl_mean_ms'])}{'':>7}{f(r.get('worker_step_mean_ms'))}"
+              f"{f(r.get('worker_engine_compute_mean_ms'))}"
               f"{f(eng['pure_decode_step_p50_ms'], 9)}")
     print("(client: request sent -> first text chunk read; gateway: body read -> first text "
           "written; worker: request created -> first token sampled; engine: in-process. "
-          "worker step: every engine step in the worker, prefills included; engine@C: "
+          "worker step: every engine step in the worker, prefills included, as its loop sees "
+          "it; compute: the same steps timed in the engine thread; engine@C: "
           "in-process steps with all C rows decoding, p50)")
 
 
@@ -845,7 +863,9 @@ def main() -> None:
                 f"{ROUNDS} rounds; 1 client: {SEQUENTIAL} sequential requests, "
                 f"{CONCURRENCY} clients: {CONCURRENT} requests, per system per round; "
                 f"prompts ~{PROMPT_TOKENS} tokens, {MAX_TOKENS} completion tokens; torch "
-                f"threads {THREADS}; {os.cpu_count()} cores")
+                f"threads {THREADS}; {os.cpu_count()} cores"
+                + (f"; worker pinned to cpus {sorted(WORKER_CPUS)}, the rest to "
+                   f"{sorted(OTHER_CPUS)}" if WORKER_CPUS else ""))
     print(describe, flush=True)
     model_dir = ensure_checkpoint()
     vllm = Vllm(model_dir, LOGS / "vllm.log") if VLLM else None
