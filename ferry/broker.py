@@ -25,7 +25,7 @@ from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from workers.kafka_clients import KafkaSecurity, client_options
+from edge.kafka_clients import KafkaSecurity, client_options
 
 log = logging.getLogger("ferry.broker")
 

@@ -22,7 +22,7 @@ from ferry.broker import (
     default_data_dir, default_secure_data_dir,
 )
 from schemas.topics import INGRESS_TOPIC
-from workers.metrics_server import MetricsPortError, add_metrics_port
+from edge.metrics_server import MetricsPortError, add_metrics_port
 
 if TYPE_CHECKING:
     from workers.config import WorkerConfig
@@ -202,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     deploy_cli.add_parsers(sub, _bootstrap_arg)
     control_cli.add_shadow_parsers(shadow_cli.add_parsers(sub, _bootstrap_arg), _bootstrap_arg)
 
-    # Listed for --help; `main` hands its arguments to workers.trainer unparsed.
+    # Listed for --help; `main` hands its arguments to models.trainer unparsed.
     sub.add_parser("train", help="train a tiny model, writing a checkpoint every N steps "
                                  "(ferry train OUT --steps 300 --every 100; --help for more)")
 
@@ -309,7 +309,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     model_dir = args.model
     if args.store is not None:
-        from workers.model_store import StoreError, open_version
+        from models.store import StoreError, open_version
 
         name, _, version = str(args.model).partition("/")
         try:
@@ -440,7 +440,7 @@ def _canary(args: argparse.Namespace) -> int:
 def _send(args: argparse.Namespace) -> int:
     from streams.client import FerryClient
     from schemas import Delta, Request, encode, requests_topic
-    from workers.topic_admin import list_topics
+    from edge.topic_admin import list_topics
 
     bootstrap = args.bootstrap or default_bootstrap()
 
@@ -481,11 +481,11 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
-    from workers.model_store import StoreError, parse_target, push, verify
+    from models.store import StoreError, parse_target, push, verify
 
     try:
         if args.action == "tiny":
-            from workers.model_factory import build_tiny_checkpoint
+            from models.factory import build_tiny_checkpoint
 
             print(build_tiny_checkpoint(args.out, seed=args.seed, num_hidden_layers=args.layers,
                                         hidden_size=args.hidden))
@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
-        from workers.trainer import main as train_main
+        from models.trainer import main as train_main
 
         return train_main(argv[1:])
     args = _parser().parse_args(argv)

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ferry.broker import default_bootstrap
-from workers.metrics_server import add_metrics_port
+from edge.metrics_server import add_metrics_port
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> None:

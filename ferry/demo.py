@@ -32,7 +32,7 @@ from schemas import Request, requests_topic
 from schemas.topics import shadow_results_topic
 from streams.client import FerryClient
 from streams.shadow_report import format_table, read_comparisons, summarize
-from workers.kafka_clients import client_options
+from edge.kafka_clients import client_options
 
 DEPLOYMENT = "tiny"
 CANDIDATE = "tiny-candidate"  # the same checkpoint as a shadow candidate
@@ -44,7 +44,7 @@ def run_demo(n_requests: int = 8) -> int:
     home = ferry_home() / "demo"
     model_dir = home / "model"
     if not (model_dir / "config.json").exists():
-        from workers.model_factory import build_tiny_checkpoint
+        from models.factory import build_tiny_checkpoint
 
         build_tiny_checkpoint(model_dir, seed=0)
     broker = LocalBroker(home / "broker", port=free_port())

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.broker import default_bootstrap
-from workers.metrics_server import add_metrics_port
+from edge.metrics_server import add_metrics_port
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
@@ -71,7 +71,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
 async def _deployer(args: argparse.Namespace, bootstrap: str) -> None:
     from streams.deployer import Deployer, Policy
     from streams.deployer_metrics import deployer_registry
-    from workers.metrics_server import serve_metrics
+    from edge.metrics_server import serve_metrics
     from streams.launchers import Launcher, LocalLauncher, ManifestLauncher
 
     launcher: Launcher = (ManifestLauncher(bootstrap, args.manifests)

@@ -36,7 +36,7 @@ TENANT_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,100}$")  # = streams.keys.TENANT
 
 READ = ("READ", "DESCRIBE")
 WRITE = ("WRITE", "DESCRIBE")
-# Components create the topics they use when missing (workers.topic_admin.ensure_topics).
+# Components create the topics they use when missing (edge.topic_admin.ensure_topics).
 READ_C = (*READ, "CREATE")
 WRITE_C = (*WRITE, "CREATE")
 ALL = ("ALL",)

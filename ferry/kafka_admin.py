@@ -19,7 +19,7 @@ from typing import Any
 
 from ferry import kafka_acls
 from ferry.broker import fetch_jars, ferry_home, kafka_version
-from workers.kafka_clients import KafkaSecurity
+from edge.kafka_clients import KafkaSecurity
 
 _HERE = Path(__file__).resolve().parents[1] / "compose" / "kafka"
 SOURCE = _HERE / "FerryKafkaAdmin.java"

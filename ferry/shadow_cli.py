@@ -8,7 +8,7 @@ from typing import Any
 
 from ferry.broker import default_bootstrap
 from ferry.control_cli import run_command
-from workers.metrics_server import add_metrics_port
+from edge.metrics_server import add_metrics_port
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> Any:

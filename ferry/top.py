@@ -27,7 +27,7 @@ from streams.backlog import BacklogProbe
 from streams.registry import read_registry
 from streams.routes import read_routes
 from streams.shadow import read_shadows
-from workers.metrics_server import DEFAULT_PORTS
+from edge.metrics_server import DEFAULT_PORTS
 
 DEFAULT_METRICS = [f"http://127.0.0.1:{DEFAULT_PORTS[c]}/metrics"
                    for c in ("worker", "router", "gateway")]

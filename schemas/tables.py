@@ -1,7 +1,7 @@
 """Values of the compacted control tables: routes, shadow, API keys and tenants, the
 deployment registry, quota buckets.
 
-Each table is a compacted topic read whole by every router and gateway (`streams/control.py`);
+Each table is a compacted topic read whole by every router and gateway (`edge/tables.py`);
 the key names the row, a record without a value deletes it. Writers build these records,
 readers validate them (`schemas.fields.from_dict`) and skip (logging) a row that does not fit.
 """

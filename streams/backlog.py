@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.topics import requests_topic, worker_group
-from workers.kafka_clients import client_options
-from workers.topic_admin import topic_partitions
+from edge.kafka_clients import client_options
+from edge.topic_admin import topic_partitions
 
 
 @dataclass

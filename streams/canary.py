@@ -34,8 +34,8 @@ from schemas.fields import from_dict
 from schemas.topics import TELEMETRY_PARTITIONS, TELEMETRY_TOPIC
 from streams.catalog import check_deployments
 from streams.routes import NAME, read_routes, set_route
-from workers.kafka_clients import client_options
-from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions
+from edge.kafka_clients import client_options
+from edge.topic_admin import ensure_topics, pin_to_end, topic_partitions
 
 log = logging.getLogger("ferry.canary")
 

@@ -11,8 +11,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas.topics import MIRROR_PREFIX, REQUESTS_PREFIX
 from streams.registry import read_registry
-from workers.kafka_clients import client_options
-from workers.topic_admin import list_topics
+from edge.kafka_clients import client_options
+from edge.topic_admin import list_topics
 
 
 class DeploymentCatalog:

@@ -21,8 +21,8 @@ from schemas import (
 )
 from schemas.topics import CANCELS_PARTITIONS, CANCELS_TOPIC, DELTAS_TOPIC
 from streams.deltas import MergedStream
-from workers.kafka_clients import client_options
-from workers.topic_admin import (
+from edge.kafka_clients import client_options
+from edge.topic_admin import (
     ensure_topics, pin_to_end, start_producer, topic_partitions, watch_reader,
 )
 

@@ -55,9 +55,9 @@ from schemas.topics import (
     SHADOW_RESULTS_PREFIX, mirror_topic, shadow_results_topic,
 )
 from streams.shadow_report import summarize
-from workers.kafka_clients import faust_options
-from workers.metrics_server import serve_metrics
-from workers.topic_admin import ensure_topics
+from edge.kafka_clients import faust_options
+from edge.metrics_server import serve_metrics
+from edge.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.comparator")
 

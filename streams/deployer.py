@@ -1,7 +1,7 @@
 """The deployer: every finished training checkpoint becomes a deployment with its own endpoint.
 
 It follows a training run's output directory (a new `checkpoint-*` directory counts once it
-is complete, see `workers.checkpoints`) and the `ferry.checkpoints` topic (trainers that
+is complete, see `models.judge`) and the `ferry.checkpoints` topic (trainers that
 announce checkpoints, `ferry deploy`, `ferry undeploy`). For each new checkpoint, one at a
 time: verify -> push to the model store (parallel, verified) -> registry `pending` ->
 create the request topic -> start replicas through the launcher (`loading`) -> a probe
@@ -42,10 +42,10 @@ from streams.launchers import Launcher
 from streams.registry import LIVE, DeploymentRecord, Registry, publish
 from streams.routes import RouteTable, set_route
 from streams.shadow import set_shadow
-from workers import model_store
-from workers.checkpoints import check
-from workers.kafka_clients import client_options
-from workers.topic_admin import ensure_topics
+from models import store as model_store
+from models.judge import check
+from edge.kafka_clients import client_options
+from edge.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.deployer")
 

@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 
 from streams.deployer import Deployer
 from streams.registry import STATUSES
-from workers.metrics_server import with_process_metrics
+from edge.metrics_server import with_process_metrics
 
 
 class DeployerCollector(Collector):

@@ -77,7 +77,7 @@ from streams.registry import Registry
 from streams.routes import RouteTable
 from streams.serving import WorkerGroups
 from streams.sse import DISCONNECT_POLL_S, Disconnected, LiveCall, gone, send_events
-from workers.metrics_server import serve_metrics
+from edge.metrics_server import serve_metrics
 
 log = logging.getLogger("ferry.gateway")
 

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from streams.registry import DeploymentRecord
-from workers.kafka_clients import KafkaSecurityError, security_from_env
-from workers.metrics_server import free_port
+from edge.kafka_clients import KafkaSecurityError, security_from_env
+from edge.metrics_server import free_port
 
 log = logging.getLogger("ferry.launcher")
 

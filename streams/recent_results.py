@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaConsumer
 
 from schemas import RESULTS_TOPIC, Result, SchemaError, decode_result
 from schemas.topics import CHAT_HEADER, TENANT_HEADER
-from workers.kafka_clients import client_options
-from workers.topic_admin import ensure_topics, pin_to_end, topic_partitions, watch_reader
+from edge.kafka_clients import client_options
+from edge.topic_admin import ensure_topics, pin_to_end, topic_partitions, watch_reader
 
 log = logging.getLogger("ferry.results")
 

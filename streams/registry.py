@@ -18,7 +18,7 @@ from schemas import SchemaError
 from schemas.fields import from_dict
 from schemas.tables import LIVE, STATUSES, DeploymentRecord, deployment_name
 from schemas.topics import REGISTRY_TOPIC
-from streams.control import ControlTable, put
+from edge.tables import ControlTable, put
 
 __all__ = ["LIVE", "STATUSES", "DeploymentRecord", "Registry", "deployment_name", "publish",
            "read_registry"]

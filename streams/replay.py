@@ -29,8 +29,8 @@ from schemas import SchemaError, batch_key, decode, decode_request, encode
 from schemas.topics import DEPLOYMENT_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, mirror_topic
 from streams.comparator import TOPIC_PARTITIONS
 from streams.shadow_report import read_range
-from workers.kafka_clients import client_options
-from workers.topic_admin import ensure_topics
+from edge.kafka_clients import client_options
+from edge.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.replay")
 

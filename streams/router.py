@@ -51,15 +51,15 @@ from schemas.topics import (
     MIRRORED_HEADER, PRIMARY_HEADER, mirror_topic, reply_topic_problem, stream_topic_problem,
 )
 from streams.catalog import DeploymentCatalog
-from streams.control import CompactedView
+from edge.tables import CompactedView
 from streams.keys import KeyRing, Tenant
 from streams.quota import admit, estimate_tokens
 from streams.registry import Registry
 from streams.router_transactions import Sink, TransactionalIngress
 from streams.routes import RouteTable
 from streams.shadow import Shadow, ShadowTable
-from workers.metrics_server import BoundedLabel, serve_metrics
-from workers.topic_admin import ensure_topics
+from edge.metrics_server import BoundedLabel, serve_metrics
+from edge.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.router")
 

@@ -3,7 +3,7 @@ after them, in one transaction per ingress partition.
 
 The router reads ingress with a plain aiokafka consumer (group = the router's app id,
 `read_committed`, no auto commit) and owns one transactional producer per assigned
-partition, its id derived from the group, topic and partition (`workers/transactional.py`:
+partition, its id derived from the group, topic and partition (`edge/transactional.py`:
 aiokafka has no KIP-447, so the partition's next owner starting a producer with that id is
 what fences a zombie router). A partition is processed in order, so its commit point is
 simply the offset after the last record handled; everything one getmany fetched for a
@@ -30,9 +30,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
-from workers.kafka_clients import client_options
-from workers.topic_admin import start_producer
-from workers.transactional import FATAL, transactional_id
+from edge.kafka_clients import client_options
+from edge.topic_admin import start_producer
+from edge.transactional import FATAL, transactional_id
 
 log = logging.getLogger("ferry.router")
 

@@ -19,7 +19,7 @@ from schemas.fields import from_dict
 from schemas.messages import TOPIC_PATTERN
 from schemas.tables import NAME_PATTERN, RouteRecord
 from schemas.topics import ROUTES_TOPIC
-from streams.control import ControlTable, put
+from edge.tables import ControlTable, put
 from streams.registry import deployment_name
 
 NAME = re.compile(NAME_PATTERN)

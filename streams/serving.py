@@ -13,7 +13,7 @@ from aiokafka.protocol.admin import DescribeGroupsRequest_v2
 from aiokafka.protocol.api import Request
 
 from schemas.topics import worker_group
-from workers.kafka_clients import client_options
+from edge.kafka_clients import client_options
 
 
 class _DescribeGroups(Request[DescribeGroupsRequest_v2]):

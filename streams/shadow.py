@@ -15,7 +15,7 @@ from schemas import SchemaError
 from schemas.fields import from_dict
 from schemas.tables import ShadowRecord
 from schemas.topics import SHADOW_TOPIC
-from streams.control import ControlTable, put
+from edge.tables import ControlTable, put
 from streams.routes import NAME, parse_weights, point
 
 log = logging.getLogger("ferry.shadow")

@@ -29,8 +29,8 @@ from aiokafka.structs import ConsumerRecord
 
 from schemas import SchemaError, decode
 from schemas.topics import COMPARISONS_TOPIC
-from workers.kafka_clients import client_options
-from workers.topic_admin import topic_partitions
+from edge.kafka_clients import client_options
+from edge.topic_admin import topic_partitions
 
 _RELATIVE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(s|m|h|d)\s*")
 

@@ -17,7 +17,7 @@ from ferry.broker import LocalBroker, free_port
 from streams.client import FerryClient
 from workers.config import WorkerConfig
 from workers.engine import Engine
-from workers.model_factory import build_tiny_checkpoint
+from models.factory import build_tiny_checkpoint
 from workers.worker import Worker
 
 from tests.harness import http, router, start_gateway  # noqa: F401  (fixtures for all modules)

@@ -28,7 +28,7 @@ from schemas.topics import API_KEY_HEADER, INGRESS_PARTITIONS
 from streams.client import FerryClient
 from streams.keys import add_key
 from tests.harness import RouterProcess
-from workers.topic_admin import ensure_topics
+from edge.topic_admin import ensure_topics
 
 DEP_PARTITIONS = 4
 

@@ -19,7 +19,7 @@ from streams.canary import (
 from streams.routes import RouteTable, pick, read_routes, set_route
 from tests.conftest import wait_for
 from workers.telemetry import telemetry_record
-from workers.topic_admin import ensure_topics
+from edge.topic_admin import ensure_topics
 
 POLICY = CanaryPolicy(steps=[50, 100], every_s=1.0, min_requests=10)
 

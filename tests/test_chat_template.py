@@ -28,7 +28,7 @@ from workers.chat_template import (
 )
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
-from workers.model_factory import CORPUS, train_tokenizer
+from models.factory import CORPUS, train_tokenizer
 from workers.tokenizer import Tokenizer, load_tokenizer
 from workers.worker import Worker
 

@@ -13,7 +13,7 @@ from schemas.topics import mirror_topic
 from streams.registry import DeploymentRecord, publish
 from streams.routes import read_routes
 from streams.shadow import read_shadows
-from workers.topic_admin import ensure_topics, list_topics
+from edge.topic_admin import ensure_topics, list_topics
 
 
 def ferry(*args: str) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ from streams.comparator import PairWindow, ScoreAsk, compare, common_prefix, ove
 from streams.shadow_report import format_table, summarize, write_png
 from tests.conftest import wait_for
 from tests.harness import FerryProcess
-from workers.topic_admin import ensure_topics
+from edge.topic_admin import ensure_topics
 
 
 def _result(rid: str, model: str, ids: list[int], ms: float = 10.0) -> Result:

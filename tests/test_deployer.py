@@ -26,9 +26,9 @@ from streams.routes import read_routes, set_route
 from streams.shadow import read_shadows
 from tests.conftest import wait_for
 from tests.harness import post
-from workers.checkpoints import COMPLETE, check
-from workers.model_factory import build_tiny_checkpoint
-from workers.model_store import push
+from models.judge import COMPLETE, check
+from models.factory import build_tiny_checkpoint
+from models.store import push
 
 
 def make_checkpoint(directory: Path, seed: int = 0, complete: bool = True) -> Path:

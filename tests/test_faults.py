@@ -297,7 +297,7 @@ async def test_gateway_retries_same_id(router, start_worker, start_gateway, http
     from streams.keys import add_key
     from streams.routes import set_route
     from tests.router_load import committed_records
-    from workers.topic_admin import ensure_topics
+    from edge.topic_admin import ensure_topics
 
     late, live, alias = unique("late"), unique("live"), unique("alias")
     await ensure_topics(kafka_bootstrap, {f"ferry.requests.{late}": 1})
@@ -736,7 +736,7 @@ async def test_poison_mixed_into_load_with_a_sigkill(fault_node, tiny_model, uni
     from aiokafka import AIOKafkaProducer
 
     from schemas import DLQ_TOPIC, encode, requests_topic
-    from workers.topic_admin import ensure_topics
+    from edge.topic_admin import ensure_topics
 
     node = fault_node.node(1)
     bootstrap = node.bootstrap

@@ -22,7 +22,7 @@ from streams.openai_format import (
 )
 from tests.harness import post
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
-from workers.topic_admin import ensure_topics
+from edge.topic_admin import ensure_topics
 
 
 def alone(engine: Engine, prompt: str | list[int], **params: object) -> GenerationOutput:

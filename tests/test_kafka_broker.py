@@ -9,7 +9,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from ferry.broker import kafka_version
-from workers.topic_admin import ensure_topics, start_producer
+from edge.topic_admin import ensure_topics, start_producer
 
 
 def test_broker_is_kafka_4() -> None:

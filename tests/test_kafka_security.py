@@ -44,7 +44,7 @@ from streams.launchers import LocalLauncher, ManifestLauncher, worker_kafka_env
 from streams.registry import DeploymentRecord
 from tests.harness import post
 from workers.engine import Engine, GenerationInput, SamplingParams
-from workers.kafka_clients import (
+from edge.kafka_clients import (
     KafkaSecurity,
     KafkaSecurityError,
     client_options,

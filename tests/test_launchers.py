@@ -14,8 +14,8 @@ import yaml
 from streams.deployer import Deployer, Policy, announce_checkpoint, request_undeploy
 from streams.launchers import LocalLauncher, ManifestLauncher
 from tests.conftest import wait_for
-from workers.checkpoints import COMPLETE
-from workers.model_factory import build_tiny_checkpoint
+from models.judge import COMPLETE
+from models.factory import build_tiny_checkpoint
 
 
 def checkpoint(directory: Path, seed: int) -> Path:

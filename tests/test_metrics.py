@@ -15,7 +15,7 @@ from ferry.cli import _parser
 from schemas import Request
 from tests.conftest import wait_for
 from workers.metrics import WorkerMetrics
-from workers.metrics_server import (
+from edge.metrics_server import (
     DEFAULT_PORTS, BoundedLabel, MetricsPortError, parse_port, serve_metrics,
 )
 

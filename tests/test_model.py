@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
 from workers.loader import load_model
 from workers.model import ModelConfig, Transformer
-from workers.model_factory import build_tiny_checkpoint
+from models.factory import build_tiny_checkpoint
 from workers.tokenizer import load_tokenizer
 
 PROMPTS = ["The ship", "Kafka topics are partitioned by key", "Once upon a time there was a",

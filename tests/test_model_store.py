@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from workers import model_store
-from workers.model_factory import build_tiny_checkpoint
-from workers.model_store import (Manifest, StoreError, list_versions, open_version,
+from models import store as model_store
+from models.factory import build_tiny_checkpoint
+from models.store import (Manifest, StoreError, list_versions, open_version,
                                  parse_target, push, verify)
 
 SHARD = "model-00001-of-00002.safetensors"

@@ -32,7 +32,7 @@ from streams.routes import set_route
 from tests.conftest import own_engine
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
-from workers.topic_admin import ensure_topics
+from edge.topic_admin import ensure_topics
 from workers.worker import Worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

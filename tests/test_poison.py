@@ -16,11 +16,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from schemas import DLQ_TOPIC, RESULTS_TOPIC, Request, Result, decode, encode, requests_topic
 from schemas.topics import API_KEY_HEADER, reply_topic_problem
 from streams.client import FerryClient
-from streams.control import CompactedView, put
+from edge.tables import CompactedView, put
 from streams.keys import add_key
 from streams.recent_results import TENANT_HEADER, RecentResults
 from tests.conftest import own_engine, wait_for
-from workers.topic_admin import TopicCreationError, ensure_topics
+from edge.topic_admin import TopicCreationError, ensure_topics
 
 
 async def end_offset(bootstrap: str, topic: str) -> int:

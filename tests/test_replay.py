@@ -21,7 +21,7 @@ from schemas.topics import (
 )
 from streams.replay import Pacer, collect, read_entries, replay, retarget, write_entries
 from streams.shadow_report import parse_time
-from workers.topic_admin import ensure_topics
+from edge.topic_admin import ensure_topics
 
 
 def test_parse_time() -> None:

@@ -29,7 +29,7 @@ from tests.harness import RouterProcess, post
 from tests.router_load import committed_records, router_killed_mid_load
 from workers.config import WorkerConfig
 from workers.engine import GenerationInput, SamplingParams
-from workers.topic_admin import ensure_topics
+from edge.topic_admin import ensure_topics
 from workers.worker import Worker
 
 

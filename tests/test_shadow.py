@@ -17,7 +17,7 @@ from streams.client import FerryClient
 from streams.keys import add_key
 from streams.routes import set_route
 from streams.shadow import Shadow, set_shadow
-from workers.topic_admin import ensure_topics
+from edge.topic_admin import ensure_topics
 
 
 async def post(client: FerryClient, ingress: str, api_key: str, tenant: str, model: str,

@@ -10,7 +10,7 @@ import sys
 
 from schemas import Request
 from workers.engine import GenerationInput, SamplingParams
-from workers.model_store import push
+from models.store import push
 
 
 def test_worker_refuses_a_corrupted_version(tiny_model, tmp_path) -> None:

@@ -26,12 +26,12 @@ from tests.test_crash import spawn_worker
 from tests.test_poison import dead_letters_for, end_offset, post_raw
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
-from workers.model_factory import build_tiny_checkpoint
+from models.factory import build_tiny_checkpoint
 from workers.logprobs import records
 from workers.sampler import TokenLogprobs
 from workers.streaming import DeltaStream, RequestStream
 from workers.tokenizer import load_tokenizer
-from workers.topic_admin import ensure_topics
+from edge.topic_admin import ensure_topics
 from workers.worker import Worker
 
 # With the long model below, greedy decoding of this prompt runs to max_new_tokens (no eos

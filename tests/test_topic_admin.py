@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from workers.topic_admin import TopicCreationError, ensure_topics
+from edge.topic_admin import TopicCreationError, ensure_topics
 
 
 async def replicas(bootstrap: str, topic: str) -> list[int]:

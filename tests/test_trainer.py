@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from workers.engine import Engine, GenerationInput, SamplingParams
-from workers.trainer import COMPLETE, STATE_FILE, CheckpointInfo, train
+from models.trainer import COMPLETE, STATE_FILE, CheckpointInfo, train
 
 # Tiny enough to train in a second or two on the default (stdlib docstrings) corpus.
 TINY: dict[str, Any] = dict(seq_len=32, batch_size=8, vocab_size=512, hidden_size=32,

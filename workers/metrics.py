@@ -25,7 +25,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from workers.metrics_server import with_process_metrics
+from edge.metrics_server import with_process_metrics
 
 log = logging.getLogger("ferry.worker")
 

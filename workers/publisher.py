@@ -18,7 +18,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from schemas import DLQ_TOPIC, DeadLetter, Delta, ErrorCode, Result, encode
 from workers.config import WorkerConfig
 from workers.metrics import WorkerMetrics
-from workers.topic_admin import ensure_topics
+from edge.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.worker")
 

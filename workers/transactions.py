@@ -28,12 +28,12 @@ from prometheus_client import Histogram
 from schemas import encode
 
 from workers.config import WorkerConfig
-from workers.kafka_clients import client_options
+from edge.kafka_clients import client_options
 from workers.offsets import OffsetTracker, answered_above
 from workers.publisher import Answer, Publisher
-from workers.topic_admin import start_producer
-from workers.transactional import FATAL as _FATAL
-from workers.transactional import transactional_id
+from edge.topic_admin import start_producer
+from edge.transactional import FATAL as _FATAL
+from edge.transactional import transactional_id
 
 log = logging.getLogger("ferry.worker")
 

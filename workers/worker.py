@@ -49,16 +49,16 @@ from workers.config import WorkerConfig
 from workers.engine import (
     Completion, Engine, EngineDown, EngineRequest, StepOutput, sample_of,
 )
-from workers.kafka_clients import client_options
+from edge.kafka_clients import client_options
 from workers.logprobs import completion_tokens, result_fields
 from workers.metrics import BacklogSampler, WorkerMetrics
-from workers.metrics_server import serve_metrics
+from edge.metrics_server import serve_metrics
 from workers.offsets import OffsetTracker
 from workers.publisher import Answer, Destination, Publisher
 from workers.streaming import RequestStream
 from workers.telemetry import TELEMETRY_PARTITIONS, TelemetrySender
 from workers.transactions import Answered, PartitionTransactions
-from workers.topic_admin import ensure_topics, pin_to_end, start_producer, topic_partitions
+from edge.topic_admin import ensure_topics, pin_to_end, start_producer, topic_partitions
 
 log = logging.getLogger("ferry.worker")
 

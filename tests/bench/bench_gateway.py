@@ -45,7 +45,7 @@ from streams.routes import set_route
 from tests.bench.common import kafka_and_tmp, pct, router_process, write_results
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
-from workers.model_factory import build_tiny_checkpoint
+from models.factory import build_tiny_checkpoint
 from workers.worker import Worker
 
 SEQUENTIAL = int(os.environ.get("BENCH_SEQUENTIAL", "100"))  # per path

@@ -33,7 +33,7 @@ from tests.bench.common import kafka_and_tmp, write_results
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
 from workers.metrics import WorkerMetrics
-from workers.model_factory import build_tiny_checkpoint
+from models.factory import build_tiny_checkpoint
 from workers.worker import Worker
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))

@@ -28,8 +28,8 @@ from streams.client import FerryClient
 from tests.bench.common import kafka_and_tmp, pct, write_results
 from workers.config import WorkerConfig
 from workers.engine import Engine, EngineRequest, GenerationInput, SamplingParams
-from workers.model_factory import build_tiny_checkpoint
-from workers.topic_admin import ensure_topics
+from models.factory import build_tiny_checkpoint
+from edge.topic_admin import ensure_topics
 from workers.worker import Worker
 
 N_REQUESTS = int(os.environ.get("BENCH_REQUESTS", "96"))

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.bench.common import write_results
-from workers.model_store import push
+from models.store import push
 
 TOTAL_MB = int(os.environ.get("BENCH_PUSH_MB", "1024"))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "2"))

@@ -36,7 +36,7 @@ from schemas.topics import API_KEY_HEADER
 from streams.client import FerryClient
 from streams.keys import add_key
 from tests.bench.common import kafka_and_tmp, pct, write_results
-from workers.topic_admin import ensure_topics
+from edge.topic_admin import ensure_topics
 
 SEQUENTIAL = int(os.environ.get("BENCH_SEQUENTIAL", "100"))
 BURST = int(os.environ.get("BENCH_BURST", "2000"))

@@ -47,8 +47,8 @@ from tests.bench.common import kafka_and_tmp, pct, router_process, write_results
 from tests.harness import RouterProcess
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
-from workers.model_factory import build_tiny_checkpoint
-from workers.topic_admin import ensure_topics
+from models.factory import build_tiny_checkpoint
+from edge.topic_admin import ensure_topics
 from workers.worker import Worker
 
 SEQUENTIAL = int(os.environ.get("BENCH_SEQUENTIAL", "100"))    # per mode

@@ -142,7 +142,7 @@ def ensure_checkpoint() -> Path:
         print(f"checkpoint: reusing {out}")
         return out
     print(f"checkpoint: building {out}", flush=True)
-    from workers.model_factory import build_tiny_checkpoint
+    from models.factory import build_tiny_checkpoint
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -177,7 +177,7 @@ def pick_prompts(engine, n: int) -> tuple[list[str], dict]:
     completion of MAX_TOKENS tokens streams one text piece per token (no token that decodes
     to nothing or to half a character). Also warms the engine up on the real shapes."""
     from workers.engine import GenerationInput, SamplingParams
-    from workers.model_factory import CORPUS
+    from models.factory import CORPUS
     from workers.streaming import DeltaStream
 
     vocab = sorted({w.strip(".,!?:") for w in CORPUS.split()} - {""})

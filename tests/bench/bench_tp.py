@@ -29,7 +29,7 @@ import torch
 
 from workers.engine import GenerationInput, SamplingParams
 from workers.loader import load_model
-from workers.model_factory import build_tiny_checkpoint
+from models.factory import build_tiny_checkpoint
 from workers.ranks import launch_local, load_engine, wait_all
 from workers.reshard import load_rank, reshard
 from workers.tokenizer import load_tokenizer

@@ -11,7 +11,7 @@ fixed list of standard-library modules (identical for a given Python version). E
 chunk of the token stream is held out for validation. With the same seed, thread count and
 versions, the weights are identical.
 
-    python -m workers.trainer OUT --steps 300 --every 100
+    python -m models.trainer OUT --steps 300 --every 100
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from workers.loader import SINGLE_FILE, read_config
 from workers.model import Transformer
-from workers.model_factory import CORPUS, build_tiny_checkpoint, write_weights
+from models.factory import CORPUS, build_tiny_checkpoint, write_weights
 from workers.tokenizer import load_tokenizer
 
 DOC_MODULES = ("json", "asyncio", "collections", "functools", "itertools", "pathlib",
@@ -236,7 +236,7 @@ def write_checkpoint(model: Transformer, template: Path, info: CheckpointInfo,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workers.trainer", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m models.trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", type=Path)
     p.add_argument("--steps", type=int, default=300)

@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from schemas import SchemaError, decode, encode
 from schemas.topics import CONTROL_PARTITIONS
-from workers.kafka_clients import client_options
-from workers.topic_admin import ensure_topics, topic_partitions, watch_reader
+from edge.kafka_clients import client_options
+from edge.topic_admin import ensure_topics, topic_partitions, watch_reader
 
 log = logging.getLogger("ferry.control")
 
