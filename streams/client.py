@@ -43,8 +43,10 @@ class FerryClient:
         self.max_message_bytes = max_message_bytes
         self._partitions = partitions
         self._waiting: dict[str, asyncio.Future[Result]] = {}
+        # Idempotent: a send retried after a lost ack is written once, so a network blip
+        # never posts a request (or a cancel) twice.
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **client_options(),
-                                          acks="all", linger_ms=1,
+                                          acks="all", linger_ms=1, enable_idempotence=True,
                                           max_request_size=max_message_bytes * 2)
         # Results may be written in transactions: only committed ones are answers.
         self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client_options(),

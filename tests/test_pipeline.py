@@ -8,7 +8,7 @@ import time
 import urllib.request
 
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from ferry.broker import free_port
 from schemas import DLQ_TOPIC, ErrorCode, Request, requests_topic
@@ -152,3 +152,17 @@ async def test_sampling_params_reach_the_engine(start_worker, client, engine, un
         Request(id="stopped", model=dep, prompt="Once", max_new_tokens=10), stop=[stop]))
     assert stopped.finish_reason == "stop"
     assert stopped.text == base.text[: base.text.index(stop)]
+
+
+async def test_client_producer_is_idempotent(start_worker, client, unique) -> None:
+    """The client's sends carry a broker-assigned producer id and sequence numbers, so a send
+    retried after a lost ack is written once (the broker drops the repeat), not posted twice."""
+    dep = unique("idem")
+    await start_worker(dep)
+    result = await client.request(Request(id="i1", model=dep, prompt="Hello", max_new_tokens=2))
+    assert result.error is None
+    txn = client._producer._txn_manager  # aiokafka keeps the idempotence state here
+    assert txn is not None and txn.producer_id >= 0, "the broker gave the client no producer id"
+    # One record sent: one sequence number used, on the partition it went to.
+    assert sum(txn.sequence_number(TopicPartition(requests_topic(dep), p))
+               for p in range(4)) == 1
