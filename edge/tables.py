@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, ClassVar, Self
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from schemas import SchemaError, decode, encode
 from schemas.topics import CONTROL_PARTITIONS
 from edge.kafka_clients import client_options
-from edge.topic_admin import ensure_topics, topic_partitions, watch_reader
+from edge.reader import TopicReader
+from edge.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.control")
 
@@ -59,44 +60,51 @@ class CompactedView:
         self.bootstrap, self.topic = bootstrap, topic
         self.values: dict[str, dict[str, Any]] = {}
         self.on_change: list[Callable[[str, dict[str, Any] | None], None]] = []
-        self.on_failure: list[Callable[[BaseException], None]] = []
-        self.failure: BaseException | None = None
-        self._consumer: AIOKafkaConsumer | None = None  # made in start(), on the serving loop
-        self._reader: asyncio.Task | None = None
+        self.reader = TopicReader(bootstrap, topic, lambda r: self._apply(r.key, r.value),
+                                  at="beginning", after_batch=self._after_batch,
+                                  fetch_max_wait_ms=100)
         self._caught_up = asyncio.Event()
         self._targets: dict[TopicPartition, int] = {}
         self._waiters: list[tuple[dict[TopicPartition, int], asyncio.Future[None]]] = []
 
+    @property
+    def on_failure(self) -> list[Callable[[BaseException], None]]:
+        return self.reader.on_failure
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.reader.failure
+
+    @property
+    def healthy(self) -> bool:
+        return self.reader.healthy
+
     async def start(self, timeout_s: float = 30.0) -> None:
         await ensure_control_topic(self.bootstrap, self.topic)
-        # read_committed: a table may be written in transactions (the router's quota
-        # buckets), and a record of an aborted one never happened.
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **client_options(),
-                                          enable_auto_commit=False, fetch_max_wait_ms=100,
-                                          isolation_level="read_committed")
-        await self._consumer.start()
-        tps = await topic_partitions(self._consumer, self.topic)
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_beginning(*tps)
-        self._targets = {tp: off for tp, off in (await self._consumer.end_offsets(tps)).items()
-                         if off > 0}
+        reader = self.reader
+        await reader.open()
+        assert reader.consumer is not None
+        ends = await reader.consumer.end_offsets(reader.partitions)
+        self._targets = {tp: off for tp, off in ends.items() if off > 0}
         if not self._targets:
             self._caught_up.set()
-        self._reader = watch_reader(self._read(), f"control table {self.topic}", self._failed)
+        reader.run(f"control table {self.topic}")
+        assert reader.task is not None
         caught_up = asyncio.ensure_future(self._caught_up.wait())
-        await asyncio.wait([caught_up, self._reader], timeout=timeout_s,
+        await asyncio.wait([caught_up, reader.task], timeout=timeout_s,
                            return_when=asyncio.FIRST_COMPLETED)
         if not caught_up.done():
             caught_up.cancel()
-            if self.failure is not None:
-                raise self.failure
+            if reader.failure is not None:
+                raise reader.failure
             raise TimeoutError(f"{self.topic}: not read up to its end within {timeout_s:g}s")
 
     async def sync(self, timeout_s: float = 30.0) -> None:
         """Return once everything committed to the topic before this call has been read
         (the router calls it after fencing a partition's previous owner)."""
-        assert self._consumer is not None, "start() first"
-        ends = await self._consumer.end_offsets(list(self._consumer.assignment()))
+        consumer = self.reader.consumer
+        assert consumer is not None, "start() first"
+        ends = await consumer.end_offsets(self.reader.partitions)
         if await self._read_up_to(ends):
             return
         waiter: tuple[dict[TopicPartition, int], asyncio.Future[None]] = (
@@ -107,48 +115,28 @@ class CompactedView:
         finally:
             self._waiters.remove(waiter)
 
-    @property
-    def healthy(self) -> bool:
-        return self.failure is None
-
-    def _failed(self, exc: BaseException) -> None:
-        self.failure = exc
-        for callback in self.on_failure:
-            callback(exc)
-
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await self.reader.close()
 
-    async def _read(self) -> None:
-        assert self._consumer is not None
-        while True:
-            batches = await self._consumer.getmany(timeout_ms=500)
-            for tp, records in batches.items():
-                for record in records:
-                    try:
-                        self._apply(record.key, record.value)
-                    except Exception:  # one bad record (or callback) must not stop the table
-                        log.exception("%s: record at offset %d not applied", self.topic,
-                                      record.offset)
-            # By position, not by record offsets: transaction markers take offsets too, and
-            # the last one written is never a record.
-            for tp, target in list(self._targets.items()):
-                if await self._consumer.position(tp) >= target:
-                    del self._targets[tp]
-            if not self._targets and not self._caught_up.is_set():
-                self._caught_up.set()
-            for ends, reached in list(self._waiters):
-                if not reached.done() and await self._read_up_to(ends):
-                    reached.set_result(None)
+    async def _after_batch(self) -> None:
+        consumer = self.reader.consumer
+        assert consumer is not None
+        # By position, not by record offsets: transaction markers take offsets too, and
+        # the last one written is never a record.
+        for tp, target in list(self._targets.items()):
+            if await consumer.position(tp) >= target:
+                del self._targets[tp]
+        if not self._targets and not self._caught_up.is_set():
+            self._caught_up.set()
+        for ends, reached in list(self._waiters):
+            if not reached.done() and await self._read_up_to(ends):
+                reached.set_result(None)
 
     async def _read_up_to(self, ends: dict[TopicPartition, int]) -> bool:
-        assert self._consumer is not None
+        consumer = self.reader.consumer
+        assert consumer is not None
         for tp, end in ends.items():
-            if await self._consumer.position(tp) < end:
+            if await consumer.position(tp) < end:
                 return False
         return True
 

@@ -96,7 +96,7 @@ CHANNELS: tuple[Channel, ...] = (
     Channel("primary_results", t.PRIMARY_RESULTS_TOPIC,
             "The primary's results of mirrored requests, for the comparator.",
             "the request id", ("result",), t.DEFAULT_PARTITIONS,
-            headers={t.DEPLOYMENT_HEADER: "here: the deployment that produced the result"},
+            headers={t.PRODUCED_BY_HEADER: "the deployment that produced the result"},
             senders=("worker", "replay"), receivers=("comparator",)),
     Channel("comparisons", t.COMPARISONS_TOPIC,
             "One record per (request, candidate) pair the comparator joined.",

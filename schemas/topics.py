@@ -41,7 +41,10 @@ CONTROL_PARTITIONS = 1
 QUOTAS_SUFFIX = ".quotas"
 
 API_KEY_HEADER = "ferry-api-key"
-DEPLOYMENT_HEADER = "ferry-deployment"  # pins the backend (version routes, retries)
+DEPLOYMENT_HEADER = "ferry-deployment"  # on a request: pins the backend (version routes, retries)
+# On a primary's copy of a result (ferry.primary-results): the deployment that produced it.
+# Its own name, not the pin header: a pin means "send it there", this means "it came from".
+PRODUCED_BY_HEADER = "ferry-produced-by"
 ATTEMPT_HEADER = "ferry-attempt"  # 1 on first try; retries are not charged to quotas again
 # On the gateway's copies of results in ferry.results: the caller's tenant (only it may poll
 # the result) and whether the call was a chat one (the poll answers in that shape).

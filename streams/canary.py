@@ -34,8 +34,8 @@ from schemas.fields import from_dict
 from schemas.topics import TELEMETRY_PARTITIONS, TELEMETRY_TOPIC
 from streams.catalog import check_deployments
 from streams.routes import NAME, read_routes, set_route
-from edge.kafka_clients import client_options
-from edge.topic_admin import ensure_topics, pin_to_end, topic_partitions
+from edge.reader import assigned_consumer
+from edge.topic_admin import ensure_topics, pin_to_end
 
 log = logging.getLogger("ferry.canary")
 
@@ -166,22 +166,22 @@ class TelemetryWatch:
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client_options(),
-                                          enable_auto_commit=False,
-                                          fetch_max_wait_ms=100)
+        self._consumer: AIOKafkaConsumer | None = None  # made in start(), on the loop
         self._tps: list[TopicPartition] = []
 
     async def start(self) -> None:
         await ensure_topics(self.bootstrap, {TELEMETRY_TOPIC: TELEMETRY_PARTITIONS})
-        await self._consumer.start()
-        self._tps = await topic_partitions(self._consumer, TELEMETRY_TOPIC)
-        self._consumer.assign(self._tps)
+        self._consumer, self._tps = await assigned_consumer(
+            self.bootstrap, TELEMETRY_TOPIC, at=None, read_committed=False,
+            fetch_max_wait_ms=100)
 
     async def close(self) -> None:
-        await self._consumer.stop()
+        if self._consumer is not None:
+            await self._consumer.stop()
 
     async def mark(self) -> None:
         """Skip everything sent so far; the position is fixed before this returns."""
+        assert self._consumer is not None, "start() first"
         await pin_to_end(self._consumer, self._tps)
 
     async def collect(self, seconds: float, old: set[str],
@@ -190,6 +190,7 @@ class TelemetryWatch:
         old_stats, new_stats = WindowStats(), WindowStats()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
+        assert self._consumer is not None, "start() first"
         while (left := deadline - loop.time()) > 0:
             batches = await self._consumer.getmany(timeout_ms=max(1, int(min(left, 0.2) * 1000)))
             for record in (r for records in batches.values() for r in records):

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from schemas import (
     RESULTS_TOPIC, Cancel, Delta, ErrorCode, Request, Result, SchemaError, batch_key,
@@ -22,9 +22,8 @@ from schemas import (
 from schemas.topics import CANCELS_PARTITIONS, CANCELS_TOPIC, DELTAS_TOPIC
 from streams.deltas import MergedStream
 from edge.kafka_clients import client_options
-from edge.topic_admin import (
-    ensure_topics, pin_to_end, start_producer, topic_partitions, watch_reader,
-)
+from edge.reader import TopicReader
+from edge.topic_admin import ensure_topics, start_producer
 
 log = logging.getLogger("ferry.client")
 
@@ -49,15 +48,16 @@ class FerryClient:
                                           acks="all", linger_ms=1, enable_idempotence=True,
                                           max_request_size=max_message_bytes * 2)
         # Results may be written in transactions: only committed ones are answers.
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client_options(),
-                                          enable_auto_commit=False,
-                                          isolation_level="read_committed")
-        self._reader: asyncio.Task | None = None
+        self._results = TopicReader(bootstrap, reply_to, self._on_result, at="end")
+        self._results.on_failure.append(self._failed)
         self.failure: BaseException | None = None  # why the result (or delta) reader died
         self._topics_ready: set[str] = {reply_to}
         self._listeners: dict[str, Callable[[Delta], None]] = {}  # request id -> on_delta
-        self._deltas: AIOKafkaConsumer | None = None  # started by the first streaming submit
-        self._delta_reader: asyncio.Task | None = None
+        # Deltas are never in transactions (an open one must not hold them back).
+        self._deltas = TopicReader(bootstrap, self.stream_to, self._on_delta, at="end",
+                                   read_committed=False)
+        self._deltas.on_failure.append(self._failed)
+        self._deltas_started = False  # by the first streaming submit
         self._deltas_lock = asyncio.Lock()
         self._streaming = streaming  # read deltas from start() on, not from the first stream
 
@@ -69,41 +69,29 @@ class FerryClient:
         await self.close()
 
     async def start(self) -> None:
-        await ensure_topics(self.bootstrap, {self.reply_to: self._partitions})
+        # The cancels topic too: the producer tracks it from the start, and a tracked topic
+        # that does not exist yet logs an ERROR at every metadata refresh.
+        await ensure_topics(self.bootstrap, {self.reply_to: self._partitions,
+                                             CANCELS_TOPIC: CANCELS_PARTITIONS})
+        self._topics_ready.add(CANCELS_TOPIC)
         await start_producer(self._producer, [CANCELS_TOPIC])
-        await self._consumer.start()
-        tps = await topic_partitions(self._consumer, self.reply_to)
-        self._consumer.assign(tps)
-        await pin_to_end(self._consumer, tps)  # no result sent after start() is missed
-        self._reader = watch_reader(self._read_results(), f"client results on {self.reply_to}",
-                                    self._failed)
+        # Positioned before start() returns: no result sent after it is missed.
+        await self._results.start(f"client results on {self.reply_to}")
         if self._streaming:
             await self._start_deltas()
 
     async def close(self) -> None:
-        for reader in (self._reader, self._delta_reader):
-            if reader is not None:
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
-        if self._deltas is not None:
-            await self._deltas.stop()
-        await self._consumer.stop()
+        await self._deltas.close()
+        await self._results.close()
         await self._producer.stop()
 
     async def _start_deltas(self) -> None:
         async with self._deltas_lock:
-            if self._deltas is not None:
+            if self._deltas_started:
                 return
             await ensure_topics(self.bootstrap, {self.stream_to: self._partitions})
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **client_options(),
-                                        enable_auto_commit=False)
-            await consumer.start()
-            tps = await topic_partitions(consumer, self.stream_to)
-            consumer.assign(tps)
-            await pin_to_end(consumer, tps)
-            self._deltas = consumer
-            self._delta_reader = watch_reader(self._read_deltas(consumer),
-                                              f"client deltas on {self.stream_to}", self._failed)
+            await self._deltas.start(f"client deltas on {self.stream_to}")
+            self._deltas_started = True
 
     async def submit(self, request: Request, topic: str | None = None, *,
                      key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None,
@@ -215,27 +203,25 @@ class FerryClient:
         finally:
             self._waiting.pop(request.id, None)  # a timed-out call leaves nothing waiting
 
-    async def _read_results(self) -> None:
-        async for msg in self._consumer:
-            try:
-                result = decode_result(msg.value)
-            except SchemaError as exc:
-                log.warning("unreadable result at %s@%d: %s", msg.topic, msg.offset, exc)
-                continue
-            self._listeners.pop(result.id, None)
-            future = self._waiting.pop(result.id, None)
-            if future is not None and not future.done():
-                future.set_result(result)
+    def _on_result(self, msg: ConsumerRecord) -> None:
+        try:
+            result = decode_result(msg.value)
+        except SchemaError as exc:
+            log.warning("unreadable result at %s@%d: %s", msg.topic, msg.offset, exc)
+            return
+        self._listeners.pop(result.id, None)
+        future = self._waiting.pop(result.id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
 
-    async def _read_deltas(self, consumer: AIOKafkaConsumer) -> None:
-        async for msg in consumer:
-            try:
-                delta = decode_delta(msg.value)
-            except SchemaError as exc:
-                log.warning("unreadable delta at %s@%d: %s", msg.topic, msg.offset, exc)
-                continue
-            if (listener := self._listeners.get(delta.id)) is not None:
-                listener(delta)
+    def _on_delta(self, msg: ConsumerRecord) -> None:
+        try:
+            delta = decode_delta(msg.value)
+        except SchemaError as exc:
+            log.warning("unreadable delta at %s@%d: %s", msg.topic, msg.offset, exc)
+            return
+        if (listener := self._listeners.get(delta.id)) is not None:
+            listener(delta)
 
     @property
     def healthy(self) -> bool:

@@ -3,7 +3,7 @@ request and publishes one comparison per (request, candidate) to `ferry.comparis
 
 Inputs (one faust agent, one consumer group = the app id):
 - `ferry.primary-results`: the primary's Result of a mirrored request (header
-  `ferry-deployment` = the primary).
+  `ferry-produced-by` = the primary).
 - `ferry.shadow-results.<candidate>`: the candidate's Result (header `ferry-primary`), and the
   answers to the comparator's own score requests (id `<request id>#score`).
 - `ferry.mirror.<candidate>`: the mirrored requests, kept for their prompt: when a pair is
@@ -43,7 +43,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import faust
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from schemas import (
@@ -51,11 +50,11 @@ from schemas import (
 )
 from schemas.events import Comparison
 from schemas.topics import (
-    COMPARISONS_TOPIC, DEPLOYMENT_HEADER, MIRROR_PREFIX, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC,
+    COMPARISONS_TOPIC, MIRROR_PREFIX, PRODUCED_BY_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC,
     SHADOW_RESULTS_PREFIX, mirror_topic, shadow_results_topic,
 )
 from streams.shadow_report import summarize
-from edge.kafka_clients import faust_options
+from edge.faust_app import faust_app, run_app
 from edge.metrics_server import serve_metrics
 from edge.topic_admin import ensure_topics
 
@@ -283,10 +282,9 @@ class Comparator:
         self.stats_window_s = stats_window_s
         self.recent: dict[str, deque[dict[str, Any]]] = {c: deque() for c in self.candidates}
         self.metrics = ComparatorMetrics(registry if registry is not None else CollectorRegistry())
-        self.app = faust.App(
-            app_id, broker=f"kafka://{bootstrap}", store="memory://", web_enabled=False,
-            consumer_auto_offset_reset="earliest", producer_acks=-1, stream_wait_empty=False,
-            broker_commit_every=100, broker_commit_interval=1.0, **faust_options())
+        self.app = faust_app(app_id, bootstrap, consumer_auto_offset_reset="earliest",
+                             stream_wait_empty=False, broker_commit_every=100,
+                             broker_commit_interval=1.0)
         self.topic = self.app.topic(*self.topics(), key_type=bytes, value_type=bytes,
                                     key_serializer="raw", value_serializer="raw")
         self.app.agent(self.topic, name="compare")(self._stream)
@@ -329,7 +327,7 @@ class Comparator:
             log.warning("%s: unreadable record skipped: %s", topic, exc)
             return []
         if topic == PRIMARY_RESULTS_TOPIC:
-            primary = headers.get(DEPLOYMENT_HEADER, b"").decode() or result.model
+            primary = headers.get(PRODUCED_BY_HEADER, b"").decode() or result.model
             return self.window.add_primary(result, primary, now)
         candidate = topic.removeprefix(SHADOW_RESULTS_PREFIX)
         if result.id.endswith(SCORE_SUFFIX):
@@ -411,5 +409,4 @@ def run_comparator(bootstrap: str, candidates: Sequence[str], *,
                             score_timeout_s=score_timeout_s, stats_window_s=stats_window_s,
                             registry=registry)
     serve_metrics(metrics_port, registry)
-    worker = faust.Worker(comparator.app, loglevel=loglevel, quiet=True)
-    worker.execute_from_commandline()
+    run_app(comparator.app, loglevel)

@@ -1,40 +1,42 @@
 """Per-tenant token buckets for requests and tokens per minute, as plain values.
 
 A bucket holds up to a minute's allowance and refills continuously, so a tenant may burst
-its whole per-minute quota and then gets its rate. The state is a small dict so the router
-can keep it in a compacted topic (`ferry-router.quotas`: it survives a restart).
+its whole per-minute quota and then gets its rate. The state is a `schemas.tables.QuotaState`
+so the router can keep it in a compacted topic (`<router app id>.quotas`: it survives a
+restart).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
+from schemas.tables import QuotaState
 from streams.keys import Tenant
 
 
 @dataclass(frozen=True)
 class Verdict:
     allowed: bool
-    state: dict[str, float]  # the new state (unchanged when refused)
+    state: QuotaState | None  # the new state (unchanged when refused)
     retry_after_s: float = 0.0
     reason: str = ""
 
 
-def _level(state: dict[str, Any], name: str, per_minute: int, now: float) -> float:
+def _level(state: QuotaState | None, name: str, per_minute: int, now: float) -> float:
     """A bucket's level now: its stored level plus the refill since, capped at capacity."""
-    stored = state.get(name)
-    if not isinstance(stored, (int, float)):
+    stored = None if state is None else getattr(state, name)
+    if stored is None:
         return float(per_minute)
-    elapsed = max(0.0, now - float(state.get("at", now)))
-    return min(float(per_minute), float(stored) + elapsed * per_minute / 60.0)
+    assert state is not None
+    elapsed = max(0.0, now - state.at)
+    return min(float(per_minute), stored + elapsed * per_minute / 60.0)
 
 
-def admit(state: dict[str, Any] | None, tenant: Tenant, tokens: int, now: float) -> Verdict:
+def admit(state: QuotaState | None, tenant: Tenant, tokens: int, now: float) -> Verdict:
     """Take one request and `tokens` from the tenant's buckets, or say when to retry."""
-    state = state or {}
-    new: dict[str, float] = {"at": now}
+    new = QuotaState(at=now)
     waits: list[tuple[float, str]] = []
     for name, per_minute, cost in (("r", tenant.rpm, 1), ("t", tenant.tpm, tokens)):
         if per_minute is None:
@@ -42,14 +44,14 @@ def admit(state: dict[str, Any] | None, tenant: Tenant, tokens: int, now: float)
         level = _level(state, name, per_minute, now)
         if cost > per_minute:
             unit = "requests" if name == "r" else "tokens"
-            return Verdict(False, dict(state), math.inf,
+            return Verdict(False, state, math.inf,
                            f"{cost} {unit} exceed the quota of {per_minute} per minute")
         if level < cost:
             waits.append(((cost - level) * 60.0 / per_minute, "rpm" if name == "r" else "tpm"))
-        new[name] = level - cost
+        new = dataclasses.replace(new, **{name: level - cost})
     if waits:
         wait, which = max(waits)
-        return Verdict(False, dict(state), wait,
+        return Verdict(False, state, wait,
                        f"{which} quota of tenant {tenant.name!r} exceeded")
     return Verdict(True, new)
 

@@ -14,12 +14,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import ConsumerRecord
 
 from schemas import RESULTS_TOPIC, Result, SchemaError, decode_result
 from schemas.topics import CHAT_HEADER, TENANT_HEADER
-from edge.kafka_clients import client_options
-from edge.topic_admin import ensure_topics, pin_to_end, topic_partitions, watch_reader
+from edge.reader import TopicReader
+from edge.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.results")
 
@@ -38,39 +38,29 @@ class RecentResults:
         self.bootstrap, self.topic, self.retention_s = bootstrap, topic, retention_s
         self._seen: dict[str, Seen] = {}
         self._waiters: dict[str, list[asyncio.Future[Seen]]] = {}
-        self._consumer: AIOKafkaConsumer | None = None
-        self._reader: asyncio.Task | None = None
-        self.failure: BaseException | None = None
+        self.reader = TopicReader(bootstrap, topic, self._handle, at="end")
+        self.reader.on_failure.append(self._failed)
 
     async def start(self, partitions: int = 4) -> None:
         await ensure_topics(self.bootstrap, {self.topic: partitions})  # workers' default count
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, **client_options(),
-                                          enable_auto_commit=False,
-                                          isolation_level="read_committed")
-        await self._consumer.start()
-        tps = await topic_partitions(self._consumer, self.topic)
-        self._consumer.assign(tps)
-        await pin_to_end(self._consumer, tps)  # a result sent after start() is not missed
-        self._reader = watch_reader(self._read(), f"recent results on {self.topic}",
-                                    self._failed)
+        await self.reader.start(f"recent results on {self.topic}")
 
     @property
     def healthy(self) -> bool:
-        return self.failure is None
+        return self.reader.healthy
+
+    @property
+    def failure(self) -> BaseException | None:
+        return self.reader.failure
 
     def _failed(self, exc: BaseException) -> None:
-        self.failure = exc
         for futures in self._waiters.values():
             for future in futures:
                 if not future.done():
                     future.set_exception(exc)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await self.reader.close()
 
     async def wait(self, request_id: str, timeout_s: float) -> Seen | None:
         """The result for `request_id`, waiting up to `timeout_s` for it to arrive."""
@@ -89,28 +79,26 @@ class RecentResults:
             if not waiters:
                 self._waiters.pop(request_id, None)
 
-    async def _read(self) -> None:
-        assert self._consumer is not None
-        async for message in self._consumer:
-            try:
-                result = decode_result(message.value)
-            except SchemaError as exc:
-                log.warning("unreadable result at %s@%d: %s", message.topic, message.offset, exc)
-                continue
-            headers = dict(message.headers or ())
-            tenant = headers.get(TENANT_HEADER)
-            try:
-                name = tenant.decode() if tenant else None
-            except UnicodeDecodeError:  # anyone can write here: never let a record stop us
-                log.warning("result at %s@%d: %s header is not UTF-8; ignored", message.topic,
-                            message.offset, TENANT_HEADER)
-                continue
-            seen = Seen(result, name, headers.get(CHAT_HEADER) == b"1", time.monotonic())
-            self._seen[result.id] = seen
-            for future in self._waiters.pop(result.id, []):
-                if not future.done():
-                    future.set_result(seen)
-            self._expire()
+    def _handle(self, message: ConsumerRecord) -> None:
+        try:
+            result = decode_result(message.value)
+        except SchemaError as exc:
+            log.warning("unreadable result at %s@%d: %s", message.topic, message.offset, exc)
+            return
+        headers = dict(message.headers or ())
+        tenant = headers.get(TENANT_HEADER)
+        try:
+            name = tenant.decode() if tenant else None
+        except UnicodeDecodeError:  # anyone can write here: say why the record is skipped
+            log.warning("result at %s@%d: %s header is not UTF-8; ignored", message.topic,
+                        message.offset, TENANT_HEADER)
+            return
+        seen = Seen(result, name, headers.get(CHAT_HEADER) == b"1", time.monotonic())
+        self._seen[result.id] = seen
+        for future in self._waiters.pop(result.id, []):
+            if not future.done():
+                future.set_result(seen)
+        self._expire()
 
     def _expire(self) -> None:
         # dicts keep insertion order: the oldest entries are first.

@@ -26,7 +26,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from schemas import SchemaError, batch_key, decode, decode_request, encode
-from schemas.topics import DEPLOYMENT_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, mirror_topic
+from schemas.topics import (
+    DEPLOYMENT_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, PRODUCED_BY_HEADER, mirror_topic,
+)
 from streams.comparator import TOPIC_PARTITIONS
 from streams.shadow_report import read_range
 from edge.kafka_clients import client_options
@@ -87,7 +89,9 @@ async def collect(bootstrap: str, source: str, since: float | None = None,
             except SchemaError:
                 continue
             headers = dict(record.headers or ())
-            entry["primary"] = entry["primary"] or headers.get(DEPLOYMENT_HEADER, b"").decode()
+            # Logs recorded before the produced-by header carried the pin header instead.
+            by = headers.get(PRODUCED_BY_HEADER) or headers.get(DEPLOYMENT_HEADER, b"")
+            entry["primary"] = entry["primary"] or by.decode()
     return entries
 
 
@@ -140,7 +144,7 @@ async def replay(bootstrap: str, candidate: str, entries: list[Entry],
             if entry.get("primary_result") is not None:
                 await producer.send(PRIMARY_RESULTS_TOPIC, encode(entry["primary_result"]),
                                     key=request["id"].encode(),
-                                    headers=[(DEPLOYMENT_HEADER, primary)])
+                                    headers=[(PRODUCED_BY_HEADER, primary)])
                 results += 1
         await producer.flush()
     finally:

@@ -46,6 +46,8 @@ from schemas import (
     encode, requests_topic, salvage_reply_address,
 )
 from schemas.chat import messages_text
+from schemas.fields import from_dict
+from schemas.tables import QuotaState
 from schemas.topics import (
     API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_PARTITIONS, INGRESS_TOPIC,
     MIRRORED_HEADER, PRIMARY_HEADER, mirror_topic, reply_topic_problem, stream_topic_problem,
@@ -146,7 +148,7 @@ class Router:
         self.metrics = RouterMetrics(registry)
         registry.register(RouteGauges(self))
         self._ready = asyncio.Event()  # the control tables are read
-        self._buckets: dict[str, dict[str, float]] = {}  # tenants this router charged
+        self._buckets: dict[str, QuotaState] = {}  # tenants this router charged
         self._mirror_topics: set[str] = set()  # created already
         self._reply_topics: set[str] = set()  # created already
         self._ingress: TransactionalIngress | None = None
@@ -337,7 +339,7 @@ class Router:
         topic's copy arrives later); the topic keeps it for a restart."""
         now = time.time()
         state = (sink.staged.get(tenant.name) or self._buckets.get(tenant.name)
-                 or self.quotas.values.get(tenant.name))
+                 or self._stored_buckets(tenant.name))
         text = request.prompt if request.messages is None else messages_text(
             request.messages)  # rendered by the worker, a few tokens longer
         charged = estimate_tokens(text, request.input_ids, request.max_new_tokens)
@@ -352,6 +354,19 @@ class Router:
         await sink.send(self.quota_topic, tenant.name.encode(), encode(verdict.state))
         sink.on_commit(partial(self.metrics.tenant_tokens.labels(
             self.metrics.tenant(tenant.name)).inc, charged))
+
+    def _stored_buckets(self, tenant: str) -> QuotaState | None:
+        """The tenant's buckets as the quota table has them (after a restart); None (full
+        buckets) for a record this router cannot read."""
+        raw = self.quotas.values.get(tenant)
+        if raw is None:
+            return None
+        try:
+            return from_dict(QuotaState, raw)
+        except SchemaError as exc:
+            log.warning("quota state of tenant %r unreadable, buckets start full: %s", tenant,
+                        exc)
+            return None
 
     async def _pick(self, request: Request, posted: float) -> str | None:
         """The routed backend that exists and takes new requests (deployed checkpoints do so

@@ -33,6 +33,7 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 from edge.kafka_clients import client_options
 from edge.topic_admin import start_producer
 from edge.transactional import FATAL, transactional_id
+from schemas.tables import QuotaState
 
 log = logging.getLogger("ferry.router")
 
@@ -54,7 +55,7 @@ class Sink:
     def __init__(self, producer: AIOKafkaProducer, best_effort: bool = True) -> None:
         self._producer, self._best_effort = producer, best_effort
         self.acks: list[asyncio.Future[Any]] = []
-        self.staged: dict[str, Any] = {}  # state written in this transaction, not yet committed
+        self.staged: dict[str, QuotaState] = {}  # state written in this transaction, not yet committed
         self._effects: list[Callable[[], object]] = []
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None,

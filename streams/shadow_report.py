@@ -24,13 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
 from schemas import SchemaError, decode
 from schemas.topics import COMPARISONS_TOPIC
-from edge.kafka_clients import client_options
-from edge.topic_admin import topic_partitions
+from edge.reader import assigned_consumer
 
 _RELATIVE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(s|m|h|d)\s*")
 
@@ -53,15 +51,11 @@ async def read_range(bootstrap: str, topic: str, since: float | None = None,
                      until: float | None = None) -> list[ConsumerRecord]:
     """The records of `topic` with since <= timestamp <= until, as far as the topic's end when
     the call started (records appended later are not waited for). No consumer group."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, **client_options(),
-                                enable_auto_commit=False,
-                                fetch_max_wait_ms=100)
-    await consumer.start()
+    consumer, tps = await assigned_consumer(bootstrap, topic, at=None, read_committed=False,
+                                            fetch_max_wait_ms=100)
     try:
-        tps = await topic_partitions(consumer, topic)
         if not tps:
             return []
-        consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
         starts = await consumer.beginning_offsets(tps)
         if since is not None:

@@ -16,7 +16,7 @@ from ferry import shadow_cli
 from ferry.broker import free_port
 from schemas import ErrorCode, Request, Result, Timings, decode, encode
 from schemas.topics import (
-    COMPARISONS_TOPIC, DEPLOYMENT_HEADER, MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC,
+    COMPARISONS_TOPIC, MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, PRODUCED_BY_HEADER,
     mirror_topic, requests_topic, shadow_results_topic,
 )
 from streams.comparator import PairWindow, ScoreAsk, compare, common_prefix, overlap
@@ -200,7 +200,7 @@ async def test_comparator_pairs_scores_and_counts_unpaired(
             for cand in (same, diff):
                 await send(mirror_topic(cand), rid, {"id": rid, "model": cand, **prompt}, hdr)
             await send(PRIMARY_RESULTS_TOPIC, rid, _result(rid, primary, [1, 2, 3, 4], 10),
-                       [(DEPLOYMENT_HEADER, primary.encode())])
+                       [(PRODUCED_BY_HEADER, primary.encode())])
             await send(shadow_results_topic(same), rid, _result(rid, same, [1, 2, 3, 4], 30),
                        hdr)
             await send(shadow_results_topic(diff), rid, _result(rid, diff, [1, 2, 9], 20), hdr)

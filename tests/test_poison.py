@@ -199,7 +199,7 @@ async def test_control_view_skips_a_failing_callback_and_reports_a_dead_reader(
         async def broken(*_: object, **__: object) -> dict:
             raise RuntimeError("broker gone")
 
-        view._consumer.getmany = broken  # type: ignore[union-attr,method-assign]
+        view.reader.consumer.getmany = broken  # type: ignore[union-attr,method-assign]
         await wait_for(lambda: bool(failures), 20, "the reader's death to be reported")
         assert not view.healthy and "broker gone" in repr(view.failure)
     finally:
@@ -212,7 +212,7 @@ async def test_gateway_health_names_a_dead_reader(start_gateway, http) -> None:
     gateway = await start_gateway()
     async with http.get(f"{gateway.url}/healthz") as resp:
         assert resp.status == 200
-    gateway.app[GATEWAY].routes.view._failed(RuntimeError("reader died"))
+    gateway.app[GATEWAY].routes.view.reader._failed(RuntimeError("reader died"))
     async with http.get(f"{gateway.url}/healthz") as resp:
         assert resp.status == 503
         body = await resp.json()

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 from ferry import shadow_cli
 from schemas import ErrorCode, Request, Result, decode, decode_result, encode
 from schemas.topics import (
-    DEPLOYMENT_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, mirror_topic, shadow_results_topic,
+    PRIMARY_HEADER, PRODUCED_BY_HEADER, PRIMARY_RESULTS_TOPIC, mirror_topic, shadow_results_topic,
 )
 from streams.replay import Pacer, collect, read_entries, replay, retarget, write_entries
 from streams.shadow_report import parse_time
@@ -76,7 +76,7 @@ async def test_export_and_replay(kafka_bootstrap: str, unique: Callable[[str], s
         for rid in ids[:2]:
             await producer.send_and_wait(
                 PRIMARY_RESULTS_TOPIC, encode(Result(id=rid, model=primary, output_ids=[5])),
-                key=rid.encode(), headers=[(DEPLOYMENT_HEADER, primary.encode())])
+                key=rid.encode(), headers=[(PRODUCED_BY_HEADER, primary.encode())])
         await producer.send_and_wait(PRIMARY_RESULTS_TOPIC, encode(Result.failure(
             ids[2], primary, ErrorCode.INTERNAL, "x")), key=ids[2].encode())
     finally:
@@ -123,7 +123,7 @@ async def test_export_and_replay(kafka_bootstrap: str, unique: Callable[[str], s
     counts = {rid: sum(m.key.decode() == rid for m in reposted) for rid in ids}
     assert counts == {ids[0]: 2, ids[1]: 3, ids[2]: 3, ids[3]: 0}
     # The original failure had no header; both re-posts name the primary.
-    assert sum(dict(m.headers or ()).get(DEPLOYMENT_HEADER) == primary.encode()
+    assert sum(dict(m.headers or ()).get(PRODUCED_BY_HEADER) == primary.encode()
                for m in reposted if m.key.decode() == ids[2]) == 2
 
 

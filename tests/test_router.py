@@ -17,6 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from ferry.broker import free_port
 from schemas import ErrorCode, Request, Result, decode, decode_request, requests_topic
+from schemas.tables import QuotaState
 from schemas.topics import API_KEY_HEADER
 from streams.client import FerryClient
 from streams.gateway import GATEWAY
@@ -87,7 +88,7 @@ def test_parse_weights_names_the_bad_part() -> None:
 
 def test_token_buckets() -> None:
     tenant = Tenant("t", rpm=3, tpm=100)
-    state: dict | None = None
+    state: QuotaState | None = None
     for _ in range(3):
         verdict = admit(state, tenant, 10, now=1000.0)
         assert verdict.allowed
@@ -96,6 +97,7 @@ def test_token_buckets() -> None:
     assert not refused.allowed and "rpm" in refused.reason
     assert refused.retry_after_s == pytest.approx(20.0)  # one request refills in 60/3 s
     assert admit(state, tenant, 10, now=1020.0).allowed
+    assert state == QuotaState(at=1000.0, r=0.0, t=70.0)  # what the quota table stores
     assert not admit(None, tenant, 101, now=0.0).allowed  # can never fit
     assert admit(None, Tenant("free", None, None), 10**9, now=0.0).allowed
     assert estimate_tokens(None, [1, 2, 3], 5) == 8 and estimate_tokens("abcdefgh", None, 1) == 3

@@ -41,6 +41,7 @@ from schemas import (
 )
 from schemas.topics import (
     CANCELS_PARTITIONS, CANCELS_TOPIC, MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC,
+    PRODUCED_BY_HEADER,
     TELEMETRY_TOPIC, reply_topic_problem, shadow_results_topic, stream_topic_problem,
 )
 from workers.admission import Refused, admit
@@ -415,7 +416,7 @@ class Worker:
                          headers=((PRIMARY_HEADER, headers.get(PRIMARY_HEADER, b"")),))
         if MIRRORED_HEADER in headers:
             return Destination(reply_to, (PRIMARY_RESULTS_TOPIC,),
-                         (("ferry-deployment", self.config.deployment.encode()),))
+                         ((PRODUCED_BY_HEADER, self.config.deployment.encode()),))
         return Destination(reply_to)
 
     # ---- execute ---------------------------------------------------------------------
