@@ -16,11 +16,11 @@ from typing import Any, ClassVar, Self
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from schemas import SchemaError, decode, encode
-from schemas.topics import CONTROL_PARTITIONS
 from edge.kafka_clients import client_options
 from edge.reader import TopicReader
 from edge.topic_admin import ensure_topics
+from schemas import SchemaError, decode, encode
+from schemas.topics import CONTROL_PARTITIONS
 
 log = logging.getLogger("ferry.control")
 

@@ -1,2 +1,2 @@
 """Ferry's operator side: the `ferry` command, the local broker and the demo (the client
-is `streams.client.FerryClient`)."""
+is `streams.front.client.FerryClient`)."""

@@ -16,13 +16,18 @@ from typing import TYPE_CHECKING
 
 from aiokafka.errors import KafkaConnectionError
 
+from edge.metrics_server import MetricsPortError, add_metrics_port
 from ferry import kafka_acls
 from ferry.broker import (
-    DEFAULT_PORT, DEFAULT_SECURE_PORT, LocalBroker, SecureBroker, default_bootstrap,
-    default_data_dir, default_secure_data_dir,
+    DEFAULT_PORT,
+    DEFAULT_SECURE_PORT,
+    LocalBroker,
+    SecureBroker,
+    default_bootstrap,
+    default_data_dir,
+    default_secure_data_dir,
 )
 from schemas.topics import INGRESS_TOPIC
-from edge.metrics_server import MetricsPortError, add_metrics_port
 
 if TYPE_CHECKING:
     from workers.config import WorkerConfig
@@ -398,7 +403,7 @@ def _launch_ranks(args: argparse.Namespace, config: "WorkerConfig") -> int:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from streams.gateway import GatewaySettings, serve
+    from streams.front.gateway import GatewaySettings, serve
 
     settings = GatewaySettings(
         auth=not args.direct, request_timeout_s=args.request_timeout,
@@ -417,7 +422,7 @@ def _gateway(args: argparse.Namespace) -> int:
 
 
 def _canary(args: argparse.Namespace) -> int:
-    from streams.canary import CanaryPolicy, parse_seconds, run_canary
+    from streams.rollout.canary import CanaryPolicy, parse_seconds, run_canary
 
     try:
         policy = CanaryPolicy(
@@ -438,9 +443,9 @@ def _canary(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from streams.client import FerryClient
-    from schemas import Delta, Request, encode, requests_topic
     from edge.topic_admin import list_topics
+    from schemas import Delta, Request, encode, requests_topic
+    from streams.front.client import FerryClient
 
     bootstrap = args.bootstrap or default_bootstrap()
 

@@ -9,8 +9,8 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from ferry.broker import default_bootstrap
 from edge.metrics_server import add_metrics_port
+from ferry.broker import default_bootstrap
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
@@ -81,7 +81,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
     """Run the command if it is one of these; None when it is not."""
     if args.command == "router":
         from schemas.topics import INGRESS_TOPIC
-        from streams.router import run_router
+        from streams.routing.router import run_router
 
         run_router(args.bootstrap or default_bootstrap(), app_id=args.app_id,
                    ingress=args.ingress or INGRESS_TOPIC, metrics_port=args.metrics_port,
@@ -107,7 +107,7 @@ def run_command(coro: Any) -> int:
 
 
 async def _keys(args: argparse.Namespace) -> None:
-    from streams.keys import add_key, list_keys, revoke_key
+    from streams.routing.keys import add_key, list_keys, revoke_key
 
     bootstrap = args.bootstrap or default_bootstrap()
     if args.action == "add":
@@ -127,8 +127,13 @@ async def _keys(args: argparse.Namespace) -> None:
 
 
 async def _route(args: argparse.Namespace) -> None:
-    from streams.catalog import check_deployments
-    from streams.routes import delete_route, parse_weights, read_routes, set_route
+    from streams.routing.catalog import check_deployments
+    from streams.routing.routes import (
+        delete_route,
+        parse_weights,
+        read_routes,
+        set_route,
+    )
 
     bootstrap = args.bootstrap or default_bootstrap()
     if args.action == "set":
@@ -151,9 +156,9 @@ def _weights(weights: dict[str, int]) -> str:
 
 
 async def _shadow(args: argparse.Namespace) -> None:
-    from streams.catalog import check_deployments
-    from streams.routes import parse_weights
-    from streams.shadow import read_shadows, set_shadow, shadow_off
+    from streams.routing.catalog import check_deployments
+    from streams.routing.routes import parse_weights
+    from streams.routing.shadows import read_shadows, set_shadow, shadow_off
 
     bootstrap = args.bootstrap or default_bootstrap()
     if args.action == "set":

@@ -27,12 +27,12 @@ import aiohttp
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from edge.kafka_clients import client_options
 from ferry.broker import LocalBroker, ferry_home, free_port
 from schemas import Request, requests_topic
 from schemas.topics import shadow_results_topic
-from streams.client import FerryClient
-from streams.shadow_report import format_table, read_comparisons, summarize
-from edge.kafka_clients import client_options
+from streams.front.client import FerryClient
+from streams.shadow.report import format_table, read_comparisons, summarize
 
 DEPLOYMENT = "tiny"
 CANDIDATE = "tiny-candidate"  # the same checkpoint as a shadow candidate
@@ -85,10 +85,10 @@ def run_demo(n_requests: int = 8) -> int:
 
 
 async def _front_door(bootstrap: str, router_log: Path) -> None:
-    from streams.gateway import GatewaySettings, create_app
-    from streams.keys import add_key
-    from streams.routes import set_route
-    from streams.shadow import set_shadow
+    from streams.front.gateway import GatewaySettings, create_app
+    from streams.routing.keys import add_key
+    from streams.routing.routes import set_route
+    from streams.routing.shadows import set_shadow
 
     api_key = await add_key(bootstrap, "demo", rpm=600, tpm=100_000)
     await set_route(bootstrap, "chat", {DEPLOYMENT: 100})
@@ -154,9 +154,9 @@ async def _stream_one(http: aiohttp.ClientSession, url: str, api_key: str) -> No
 
 
 async def _checkpoints(bootstrap: str, home: Path) -> None:
-    from streams.deployer import Deployer, Policy
-    from streams.gateway import GATEWAY, GatewaySettings, create_app
-    from streams.launchers import LocalLauncher
+    from streams.front.gateway import GATEWAY, GatewaySettings, create_app
+    from streams.rollout.deployer import Deployer, Policy
+    from streams.rollout.launchers import LocalLauncher
     from workers.tokenizer import load_tokenizer
 
     run, store = home / "run", home / "store"

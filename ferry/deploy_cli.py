@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ferry.broker import default_bootstrap
 from edge.metrics_server import add_metrics_port
+from ferry.broker import default_bootstrap
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
@@ -54,11 +54,11 @@ def dispatch(args: argparse.Namespace) -> int | None:
         elif args.command == "deployments":
             asyncio.run(_list(bootstrap))
         elif args.command == "deploy":
-            from streams.deployer import request_deploy
+            from streams.rollout.deployer import request_deploy
 
             print(f"asked to deploy {asyncio.run(request_deploy(bootstrap, args.target))}")
         else:
-            from streams.deployer import request_undeploy
+            from streams.rollout.deployer import request_undeploy
 
             asyncio.run(request_undeploy(bootstrap, args.id))
             print(f"asked to undeploy {args.id}")
@@ -69,10 +69,10 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 
 async def _deployer(args: argparse.Namespace, bootstrap: str) -> None:
-    from streams.deployer import Deployer, Policy
-    from streams.deployer_metrics import deployer_registry
     from edge.metrics_server import serve_metrics
-    from streams.launchers import Launcher, LocalLauncher, ManifestLauncher
+    from streams.rollout.deployer import Deployer, Policy
+    from streams.rollout.launchers import Launcher, LocalLauncher, ManifestLauncher
+    from streams.rollout.metrics import deployer_registry
 
     launcher: Launcher = (ManifestLauncher(bootstrap, args.manifests)
                           if args.launcher == "manifests" else
@@ -86,8 +86,8 @@ async def _deployer(args: argparse.Namespace, bootstrap: str) -> None:
 
 
 async def _list(bootstrap: str) -> None:
-    from streams.backlog import BacklogProbe
-    from streams.registry import read_registry
+    from streams.routing.backlog import BacklogProbe
+    from streams.routing.registry import read_registry
 
     records = sorted(await read_registry(bootstrap), key=lambda r: r.id)
     probe = BacklogProbe(bootstrap)

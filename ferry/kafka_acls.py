@@ -19,10 +19,24 @@ import re
 from dataclasses import dataclass
 
 from schemas.topics import (
-    CANCELS_TOPIC, CHECKPOINTS_TOPIC, COMPARISONS_TOPIC, DELTAS_TOPIC, DLQ_TOPIC, INGRESS_TOPIC,
-    KEYS_TOPIC, MIRROR_PREFIX, PRIMARY_RESULTS_TOPIC, REGISTRY_TOPIC, REPLIES_PREFIX,
-    REQUESTS_PREFIX, RESULTS_TOPIC, ROUTES_TOPIC, SHADOW_RESULTS_PREFIX, SHADOW_TOPIC,
-    TELEMETRY_TOPIC, WORKER_GROUP_PREFIX,
+    CANCELS_TOPIC,
+    CHECKPOINTS_TOPIC,
+    COMPARISONS_TOPIC,
+    DELTAS_TOPIC,
+    DLQ_TOPIC,
+    INGRESS_TOPIC,
+    KEYS_TOPIC,
+    MIRROR_PREFIX,
+    PRIMARY_RESULTS_TOPIC,
+    REGISTRY_TOPIC,
+    REPLIES_PREFIX,
+    REQUESTS_PREFIX,
+    RESULTS_TOPIC,
+    ROUTES_TOPIC,
+    SHADOW_RESULTS_PREFIX,
+    SHADOW_TOPIC,
+    TELEMETRY_TOPIC,
+    WORKER_GROUP_PREFIX,
 )
 
 ADMIN = "admin"  # the broker's own principal (inter-broker, controller), the one super user
@@ -30,9 +44,9 @@ ROUTER, WORKER, GATEWAY, DEPLOYER, COMPARATOR, CONTROL = (
     "ferry-router", "ferry-worker", "ferry-gateway", "ferry-deployer", "ferry-comparator",
     "ferry-control")
 SHADOW_GROUP_PREFIX = "ferry.shadow."  # schemas.topics.shadow_group
-DEPLOYER_GROUP_PREFIX = "ferry.deployer."  # streams.deployer: one group per model
+DEPLOYER_GROUP_PREFIX = "ferry.deployer."  # streams.rollout.deployer: one group per model
 CONTROL_TABLES = (KEYS_TOPIC, ROUTES_TOPIC, SHADOW_TOPIC, REGISTRY_TOPIC)
-TENANT_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,100}$")  # = streams.keys.TENANT
+TENANT_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,100}$")  # = streams.routing.keys.TENANT
 
 READ = ("READ", "DESCRIBE")
 WRITE = ("WRITE", "DESCRIBE")
@@ -76,7 +90,7 @@ def _app(app_id: str) -> list[Grant]:
 
 
 def _router_app() -> list[Grant]:
-    """streams/router_transactions.py: the app id is the consumer group, the prefix of the
+    """streams/routing/transactions.py: the app id is the consumer group, the prefix of the
     transactional ids (`<id>.ferry.ingress.<partition>`) and of the quota topic
     (`<id>.quotas`). Prefixed by `ferry-router`, so any app id starting with it is covered
     (`ferry router --app-id ferry-router-eu`); a tenant name or prefix never starts so."""
@@ -90,7 +104,7 @@ def _tables(ops: tuple[str, ...]) -> list[Grant]:
 
 # What each component's code reads, writes and creates (see each module named).
 COMPONENTS: dict[str, list[Grant]] = {
-    # streams/router.py: ingress in (and re-posted keyed by tenant), the control tables and
+    # streams/routing/router.py: ingress in (and re-posted keyed by tenant), the control tables and
     # the deployment catalog read, requests + mirrors + refusals + error results out.
     ROUTER: [
         topic(INGRESS_TOPIC, (*READ_C, "WRITE")), *_tables(READ_C),
@@ -111,7 +125,7 @@ COMPONENTS: dict[str, list[Grant]] = {
         topic(TELEMETRY_TOPIC, WRITE_C), topic(PRIMARY_RESULTS_TOPIC, WRITE_C),
         topics(SHADOW_RESULTS_PREFIX, WRITE_C),
     ],
-    # streams/gateway.py: posts to ingress (or, --direct, to deployments), its own reply and
+    # streams/front/gateway.py: posts to ingress (or, --direct, to deployments), its own reply and
     # delta topics, cancels, async results copied to and polled from ferry.results; the
     # busy check and /v1/models read the worker groups' offsets and members.
     GATEWAY: [
@@ -119,7 +133,7 @@ COMPONENTS: dict[str, list[Grant]] = {
         topics(REPLIES_PREFIX, (*READ_C, "WRITE")), topic(RESULTS_TOPIC, (*READ_C, "WRITE")),
         *_tables(READ_C), groups(WORKER_GROUP_PREFIX, ("DESCRIBE",)),
     ],
-    # streams/deployer.py: checkpoint events in, registry and routes out, probe requests on
+    # streams/rollout/deployer.py: checkpoint events in, registry and routes out, probe requests on
     # the new deployment's topic answered on its own reply topic.
     DEPLOYER: [
         topic(CHECKPOINTS_TOPIC, READ_C), groups(DEPLOYER_GROUP_PREFIX),
@@ -127,7 +141,7 @@ COMPONENTS: dict[str, list[Grant]] = {
         topics(REQUESTS_PREFIX, WRITE_C), topics(REPLIES_PREFIX, READ_C),
         groups(WORKER_GROUP_PREFIX, ("DESCRIBE",)),
     ],
-    # streams/comparator.py: primary and candidates' results (and mirror copies) in,
+    # streams/shadow/comparator.py: primary and candidates' results (and mirror copies) in,
     # comparisons out.
     COMPARATOR: [
         topic(PRIMARY_RESULTS_TOPIC, READ_C), topics(SHADOW_RESULTS_PREFIX, READ_C),

@@ -17,9 +17,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ferry import kafka_acls
-from ferry.broker import fetch_jars, ferry_home, kafka_version
 from edge.kafka_clients import KafkaSecurity
+from ferry import kafka_acls
+from ferry.broker import ferry_home, fetch_jars, kafka_version
 
 _HERE = Path(__file__).resolve().parents[1] / "compose" / "kafka"
 SOURCE = _HERE / "FerryKafkaAdmin.java"

@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from edge.metrics_server import add_metrics_port
 from ferry.broker import default_bootstrap
 from ferry.control_cli import run_command
-from edge.metrics_server import add_metrics_port
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> Any:
@@ -62,7 +62,7 @@ def _range_args(parser: argparse.ArgumentParser) -> None:
 def dispatch(args: argparse.Namespace) -> int | None:
     """Run the command if it is one of these; None when it is not."""
     if args.command == "comparator":
-        from streams.comparator import run_comparator
+        from streams.shadow.comparator import run_comparator
 
         run_comparator(args.bootstrap or default_bootstrap(), args.candidate,
                        app_id=args.app_id, window_s=args.window,
@@ -77,7 +77,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 
 def _times(args: argparse.Namespace) -> tuple[float | None, float | None]:
-    from streams.shadow_report import parse_time
+    from streams.shadow.report import parse_time
 
     since = parse_time(args.since) if getattr(args, "since", None) else None
     until = parse_time(args.until) if getattr(args, "until", None) else None
@@ -85,7 +85,7 @@ def _times(args: argparse.Namespace) -> tuple[float | None, float | None]:
 
 
 async def _report(args: argparse.Namespace) -> None:
-    from streams.shadow_report import format_table, report
+    from streams.shadow.report import format_table, report
 
     summary = await report(args.bootstrap or default_bootstrap(), args.candidate,
                            _times(args)[0], args.png)
@@ -95,7 +95,7 @@ async def _report(args: argparse.Namespace) -> None:
 
 
 async def _replay(args: argparse.Namespace) -> None:
-    from streams.replay import collect, read_entries, replay, write_entries
+    from streams.shadow.replay import collect, read_entries, replay, write_entries
 
     bootstrap = args.bootstrap or default_bootstrap()
     since, until = _times(args)

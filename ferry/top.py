@@ -23,11 +23,11 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from streams.backlog import BacklogProbe
-from streams.registry import read_registry
-from streams.routes import read_routes
-from streams.shadow import read_shadows
 from edge.metrics_server import DEFAULT_PORTS
+from streams.routing.backlog import BacklogProbe
+from streams.routing.registry import read_registry
+from streams.routing.routes import read_routes
+from streams.routing.shadows import read_shadows
 
 DEFAULT_METRICS = [f"http://127.0.0.1:{DEFAULT_PORTS[c]}/metrics"
                    for c in ("worker", "router", "gateway")]

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.factory import CORPUS, build_tiny_checkpoint, write_weights
 from workers.loader import SINGLE_FILE, read_config
 from workers.model import Transformer
-from models.factory import CORPUS, build_tiny_checkpoint, write_weights
 from workers.tokenizer import load_tokenizer
 
 DOC_MODULES = ("json", "asyncio", "collections", "functools", "itertools", "pathlib",

@@ -14,13 +14,12 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry
 
 from ferry.broker import LocalBroker, free_port
-from streams.client import FerryClient
+from models.factory import build_tiny_checkpoint
+from streams.front.client import FerryClient
+from tests.harness import http, router, start_gateway  # noqa: F401  (fixtures for all modules)
 from workers.config import WorkerConfig
 from workers.engine import Engine
-from models.factory import build_tiny_checkpoint
 from workers.worker import Worker
-
-from tests.harness import http, router, start_gateway  # noqa: F401  (fixtures for all modules)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from ferry.broker import free_port
-from streams.gateway import GatewaySettings, create_app
+from streams.front.gateway import GatewaySettings, create_app
 
 
 @dataclass

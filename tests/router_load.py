@@ -22,13 +22,13 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import murmur2
 
+from edge.topic_admin import ensure_topics
 from ferry.broker import free_port
 from schemas import Request, requests_topic
 from schemas.topics import API_KEY_HEADER, INGRESS_PARTITIONS
-from streams.client import FerryClient
-from streams.keys import add_key
+from streams.front.client import FerryClient
+from streams.routing.keys import add_key
 from tests.harness import RouterProcess
-from edge.topic_admin import ensure_topics
 
 DEP_PARTITIONS = 4
 

@@ -10,16 +10,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from edge.topic_admin import ensure_topics
 from ferry.cli import main
 from schemas import Request, decode, encode, requests_topic
 from schemas.topics import TELEMETRY_TOPIC
-from streams.canary import (
-    CanaryOutcome, CanaryPolicy, WindowStats, judge, parse_seconds, run_canary, split_weights,
+from streams.rollout.canary import (
+    CanaryOutcome,
+    CanaryPolicy,
+    WindowStats,
+    judge,
+    parse_seconds,
+    run_canary,
+    split_weights,
 )
-from streams.routes import RouteTable, pick, read_routes, set_route
+from streams.routing.routes import RouteTable, pick, read_routes, set_route
 from tests.conftest import wait_for
 from workers.telemetry import telemetry_record
-from edge.topic_admin import ensure_topics
 
 POLICY = CanaryPolicy(steps=[50, 100], every_s=1.0, min_requests=10)
 

@@ -19,16 +19,19 @@ from prometheus_client import CollectorRegistry
 from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
+from models.factory import CORPUS, train_tokenizer
 from schemas import Request, SchemaError, decode_request
 from schemas.chat import ChatMessage
-from streams.comparator import score_request
-from streams.openai_format import parse_call, schema_error
+from streams.front.openai_format import parse_call, schema_error
+from streams.shadow.comparator import score_request
 from workers.chat_template import (
-    ChatTemplate, ChatTemplateError, deployment_template, load_chat_template,
+    ChatTemplate,
+    ChatTemplateError,
+    deployment_template,
+    load_chat_template,
 )
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
-from models.factory import CORPUS, train_tokenizer
 from workers.tokenizer import Tokenizer, load_tokenizer
 from workers.worker import Worker
 

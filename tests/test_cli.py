@@ -8,12 +8,12 @@ import sys
 
 import orjson
 
+from edge.topic_admin import ensure_topics, list_topics
 from schemas import requests_topic
 from schemas.topics import mirror_topic
-from streams.registry import DeploymentRecord, publish
-from streams.routes import read_routes
-from streams.shadow import read_shadows
-from edge.topic_admin import ensure_topics, list_topics
+from streams.routing.registry import DeploymentRecord, publish
+from streams.routing.routes import read_routes
+from streams.routing.shadows import read_shadows
 
 
 def ferry(*args: str) -> subprocess.CompletedProcess[str]:

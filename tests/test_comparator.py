@@ -12,18 +12,30 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from edge.topic_admin import ensure_topics
 from ferry import shadow_cli
 from ferry.broker import free_port
 from schemas import ErrorCode, Request, Result, Timings, decode, encode
 from schemas.topics import (
-    COMPARISONS_TOPIC, MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, PRODUCED_BY_HEADER,
-    mirror_topic, requests_topic, shadow_results_topic,
+    COMPARISONS_TOPIC,
+    MIRRORED_HEADER,
+    PRIMARY_HEADER,
+    PRIMARY_RESULTS_TOPIC,
+    PRODUCED_BY_HEADER,
+    mirror_topic,
+    requests_topic,
+    shadow_results_topic,
 )
-from streams.comparator import PairWindow, ScoreAsk, compare, common_prefix, overlap
-from streams.shadow_report import format_table, summarize, write_png
+from streams.shadow.comparator import (
+    PairWindow,
+    ScoreAsk,
+    common_prefix,
+    compare,
+    overlap,
+)
+from streams.shadow.report import format_table, summarize, write_png
 from tests.conftest import wait_for
 from tests.harness import FerryProcess
-from edge.topic_admin import ensure_topics
 
 
 def _result(rid: str, model: str, ids: list[int], ms: float = 10.0) -> Result:

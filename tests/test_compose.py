@@ -17,8 +17,8 @@ import jsonschema
 import pytest
 import yaml
 
-from streams.launchers import LocalLauncher, ManifestLauncher, WorkerTemplate
-from streams.registry import DeploymentRecord
+from streams.rollout.launchers import LocalLauncher, ManifestLauncher, WorkerTemplate
+from streams.routing.registry import DeploymentRecord
 from tests.manifest_checks import ferry_invocations, image_pinned, parse_ferry
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,19 +16,24 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from streams.deployer import (
-    Deployer, Policy, announce_checkpoint, request_deploy, request_undeploy, version_order,
+from models.factory import build_tiny_checkpoint
+from models.judge import COMPLETE, check
+from models.store import push
+from streams.front.gateway import GATEWAY
+from streams.rollout.deployer import (
+    Deployer,
+    Policy,
+    announce_checkpoint,
+    request_deploy,
+    request_undeploy,
+    version_order,
 )
-from streams.gateway import GATEWAY
-from streams.launchers import LocalLauncher, ManifestLauncher
-from streams.registry import DeploymentRecord
-from streams.routes import read_routes, set_route
-from streams.shadow import read_shadows
+from streams.rollout.launchers import LocalLauncher, ManifestLauncher
+from streams.routing.registry import DeploymentRecord
+from streams.routing.routes import read_routes, set_route
+from streams.routing.shadows import read_shadows
 from tests.conftest import wait_for
 from tests.harness import post
-from models.judge import COMPLETE, check
-from models.factory import build_tiny_checkpoint
-from models.store import push
 
 
 def make_checkpoint(directory: Path, seed: int = 0, complete: bool = True) -> Path:

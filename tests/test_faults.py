@@ -32,7 +32,7 @@ import pytest
 from aiokafka.partitioner import murmur2
 
 from schemas import Request
-from streams.client import FerryClient
+from streams.front.client import FerryClient
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -292,12 +292,12 @@ async def test_gateway_retries_same_id(router, start_worker, start_gateway, http
     from aiokafka import TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
-    from schemas.topics import worker_group
-    from streams.gateway import GATEWAY
-    from streams.keys import add_key
-    from streams.routes import set_route
-    from tests.router_load import committed_records
     from edge.topic_admin import ensure_topics
+    from schemas.topics import worker_group
+    from streams.front.gateway import GATEWAY
+    from streams.routing.keys import add_key
+    from streams.routing.routes import set_route
+    from tests.router_load import committed_records
 
     late, live, alias = unique("late"), unique("live"), unique("alias")
     await ensure_topics(kafka_bootstrap, {f"ferry.requests.{late}": 1})
@@ -735,8 +735,8 @@ async def test_poison_mixed_into_load_with_a_sigkill(fault_node, tiny_model, uni
     with its error (or normally, for odd but valid values) and/or dead-lettered, once."""
     from aiokafka import AIOKafkaProducer
 
-    from schemas import DLQ_TOPIC, encode, requests_topic
     from edge.topic_admin import ensure_topics
+    from schemas import DLQ_TOPIC, encode, requests_topic
 
     node = fault_node.node(1)
     bootstrap = node.bootstrap

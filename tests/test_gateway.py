@@ -10,19 +10,31 @@ import openai
 import orjson
 import pytest
 
+from edge.topic_admin import ensure_topics
 from ferry.broker import free_port
 from schemas import (
-    RESULTS_TOPIC, Request, Result, SchemaError, Usage, decode_request, requests_topic,
+    RESULTS_TOPIC,
+    Request,
+    Result,
+    SchemaError,
+    Usage,
+    decode_request,
+    requests_topic,
 )
-from streams.client import FerryClient
-from streams.gateway import serve
-from streams.openai_format import (
-    chunk_base, finish_chunk, host_name, parse_call, pick_model, role_chunk, text_chunk,
+from streams.front.client import FerryClient
+from streams.front.gateway import serve
+from streams.front.openai_format import (
+    chunk_base,
+    finish_chunk,
+    host_name,
+    parse_call,
+    pick_model,
+    role_chunk,
+    text_chunk,
     usage_chunk,
 )
 from tests.harness import post
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
-from edge.topic_admin import ensure_topics
 
 
 def alone(engine: Engine, prompt: str | list[int], **params: object) -> GenerationOutput:

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient
 
-from streams.launchers import ManifestLauncher, WorkerTemplate, is_loopback
-from streams.registry import DeploymentRecord
+from streams.rollout.launchers import ManifestLauncher, WorkerTemplate, is_loopback
+from streams.routing.registry import DeploymentRecord
 from tests.manifest_checks import ferry_invocations, image_pinned, parse_ferry
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ import asyncio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from ferry.broker import kafka_version
 from edge.topic_admin import ensure_topics, start_producer
+from ferry.broker import kafka_version
 
 
 def test_broker_is_kafka_4() -> None:

@@ -29,6 +29,13 @@ from aiokafka.errors import (
 )
 from prometheus_client import CollectorRegistry
 
+from edge.kafka_clients import (
+    KafkaSecurity,
+    KafkaSecurityError,
+    client_options,
+    faust_options,
+    security_from_env,
+)
 from ferry import kafka_acls
 from ferry.broker import SecureBroker, free_port
 from ferry.cli import main
@@ -40,17 +47,10 @@ from schemas.topics import (
     RESULTS_TOPIC,
     ROUTES_TOPIC,
 )
-from streams.launchers import LocalLauncher, ManifestLauncher, worker_kafka_env
-from streams.registry import DeploymentRecord
+from streams.rollout.launchers import LocalLauncher, ManifestLauncher, worker_kafka_env
+from streams.routing.registry import DeploymentRecord
 from tests.harness import post
 from workers.engine import Engine, GenerationInput, SamplingParams
-from edge.kafka_clients import (
-    KafkaSecurity,
-    KafkaSecurityError,
-    client_options,
-    faust_options,
-    security_from_env,
-)
 
 # ---- client options from the environment (no broker) -------------------------------------
 
@@ -410,7 +410,7 @@ async def test_the_gateway_serves_as_its_own_principal(
         secure, secure_worker: FerryProcess, engine: Engine, monkeypatch, http) -> None:
     """A gateway (direct mode) whose every Kafka client connects as ferry-gateway, through
     the secure worker: the answer comes back over HTTP."""
-    from streams.gateway import GatewaySettings, create_app
+    from streams.front.gateway import GatewaySettings, create_app
 
     for key, value in secure.security(kafka_acls.GATEWAY).env().items():
         monkeypatch.setenv(key, value)

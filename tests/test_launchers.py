@@ -11,11 +11,16 @@ from pathlib import Path
 
 import yaml
 
-from streams.deployer import Deployer, Policy, announce_checkpoint, request_undeploy
-from streams.launchers import LocalLauncher, ManifestLauncher
-from tests.conftest import wait_for
-from models.judge import COMPLETE
 from models.factory import build_tiny_checkpoint
+from models.judge import COMPLETE
+from streams.rollout.deployer import (
+    Deployer,
+    Policy,
+    announce_checkpoint,
+    request_undeploy,
+)
+from streams.rollout.launchers import LocalLauncher, ManifestLauncher
+from tests.conftest import wait_for
 
 
 def checkpoint(directory: Path, seed: int) -> Path:

@@ -11,13 +11,17 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
+from edge.metrics_server import (
+    DEFAULT_PORTS,
+    BoundedLabel,
+    MetricsPortError,
+    parse_port,
+    serve_metrics,
+)
 from ferry.cli import _parser
 from schemas import Request
 from tests.conftest import wait_for
 from workers.metrics import WorkerMetrics
-from edge.metrics_server import (
-    DEFAULT_PORTS, BoundedLabel, MetricsPortError, parse_port, serve_metrics,
-)
 
 COMMANDS = {
     "worker": ["worker", "--model", "m", "--deployment", "d"],
@@ -132,10 +136,10 @@ async def test_gateway_counts_each_call_once_per_tenant(start_worker, start_gate
 def test_the_readme_table_documents_every_series() -> None:
     from pathlib import Path
 
-    from streams.comparator import ComparatorMetrics
-    from streams.gateway_metrics import GatewayMetrics
-    from streams.http_guard import ConnectionGuard
-    from streams.router import RouterMetrics
+    from streams.front.http_guard import ConnectionGuard
+    from streams.front.metrics import GatewayMetrics
+    from streams.routing.router import RouterMetrics
+    from streams.shadow.comparator import ComparatorMetrics
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     # Names in the table's rows (a vLLM row names its ferry_* twin in its meaning).
@@ -157,8 +161,8 @@ def test_the_readme_table_documents_every_series() -> None:
 def test_deployer_metrics_come_from_its_state() -> None:
     from types import SimpleNamespace
 
-    from streams.deployer_metrics import deployer_registry
-    from streams.registry import DeploymentRecord
+    from streams.rollout.metrics import deployer_registry
+    from streams.routing.registry import DeploymentRecord
 
     ready = DeploymentRecord("llm", "step-2", "/s/llm/step-2").moved("ready")
     retired = DeploymentRecord("llm", "step-1", "/s/llm/step-1").moved("retired")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.factory import build_tiny_checkpoint
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
 from workers.loader import load_model
 from workers.model import ModelConfig, Transformer
-from models.factory import build_tiny_checkpoint
 from workers.tokenizer import load_tokenizer
 
 PROMPTS = ["The ship", "Kafka topics are partitioned by key", "Once upon a time there was a",

@@ -23,16 +23,22 @@ from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from prometheus_client import CollectorRegistry
 
+from edge.topic_admin import ensure_topics
 from ferry.broker import free_port
 from schemas import SchemaError, decode_request, requests_topic
-from streams.gateway import GatewaySettings, create_app
-from streams.keys import add_key
-from streams.openai_fields import CHAT, COMPLETIONS, NOT_YET, Handling, check_fields
-from streams.routes import set_route
+from streams.front.gateway import GatewaySettings, create_app
+from streams.front.openai_fields import (
+    CHAT,
+    COMPLETIONS,
+    NOT_YET,
+    Handling,
+    check_fields,
+)
+from streams.routing.keys import add_key
+from streams.routing.routes import set_route
 from tests.conftest import own_engine
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, GenerationOutput, SamplingParams
-from edge.topic_admin import ensure_topics
 from workers.worker import Worker
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

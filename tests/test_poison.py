@@ -13,14 +13,22 @@ import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from schemas import DLQ_TOPIC, RESULTS_TOPIC, Request, Result, decode, encode, requests_topic
-from schemas.topics import API_KEY_HEADER, reply_topic_problem
-from streams.client import FerryClient
 from edge.tables import CompactedView, put
-from streams.keys import add_key
-from streams.recent_results import TENANT_HEADER, RecentResults
-from tests.conftest import own_engine, wait_for
 from edge.topic_admin import TopicCreationError, ensure_topics
+from schemas import (
+    DLQ_TOPIC,
+    RESULTS_TOPIC,
+    Request,
+    Result,
+    decode,
+    encode,
+    requests_topic,
+)
+from schemas.topics import API_KEY_HEADER, reply_topic_problem
+from streams.front.client import FerryClient
+from streams.front.recent_results import TENANT_HEADER, RecentResults
+from streams.routing.keys import add_key
+from tests.conftest import own_engine, wait_for
 
 
 async def end_offset(bootstrap: str, topic: str) -> int:
@@ -207,7 +215,7 @@ async def test_control_view_skips_a_failing_callback_and_reports_a_dead_reader(
 
 
 async def test_gateway_health_names_a_dead_reader(start_gateway, http) -> None:
-    from streams.gateway import GATEWAY
+    from streams.front.gateway import GATEWAY
 
     gateway = await start_gateway()
     async with http.get(f"{gateway.url}/healthz") as resp:
@@ -340,7 +348,7 @@ async def test_gateway_closes_stalled_and_excess_connections(kafka_bootstrap) ->
     from prometheus_client import CollectorRegistry
 
     from ferry.broker import free_port
-    from streams.http_guard import ConnectionGuard
+    from streams.front.http_guard import ConnectionGuard
 
     async def ok(_request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -24,9 +24,9 @@ from aiokafka import AIOKafkaProducer
 from ferry.broker import free_port
 from ferry.prometheus import PROMETHEUS, PROMTOOL, LocalPrometheus, has_data
 from schemas import requests_topic
-from streams.keys import add_key
-from streams.routes import set_route
-from streams.shadow import set_shadow
+from streams.routing.keys import add_key
+from streams.routing.routes import set_route
+from streams.routing.shadows import set_shadow
 from tests.harness import FerryProcess
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,8 +10,8 @@ from aiokafka import AIOKafkaProducer, ConsumerRecord
 from edge.reader import TopicReader
 from edge.topic_admin import ensure_topics
 from schemas import Request, Result, encode
-from streams.client import FerryClient
-from streams.recent_results import RecentResults
+from streams.front.client import FerryClient
+from streams.front.recent_results import RecentResults
 from tests.conftest import wait_for
 
 

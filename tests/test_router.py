@@ -15,22 +15,22 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from edge.topic_admin import ensure_topics
 from ferry.broker import free_port
 from schemas import ErrorCode, Request, Result, decode, decode_request, requests_topic
 from schemas.tables import QuotaState
 from schemas.topics import API_KEY_HEADER
-from streams.client import FerryClient
-from streams.gateway import GATEWAY
-from streams.keys import KeyRing, Tenant, add_key, revoke_key
-from streams.quota import admit, estimate_tokens
-from streams.router_transactions import Sink, TransactionalIngress
-from streams.routes import parse_weights, pick, set_route
+from streams.front.client import FerryClient
+from streams.front.gateway import GATEWAY
+from streams.routing.keys import KeyRing, Tenant, add_key, revoke_key
+from streams.routing.quota import admit, estimate_tokens
+from streams.routing.routes import parse_weights, pick, set_route
+from streams.routing.transactions import Sink, TransactionalIngress
 from tests.conftest import own_engine, wait_for
 from tests.harness import RouterProcess, post
 from tests.router_load import committed_records, router_killed_mid_load
 from workers.config import WorkerConfig
 from workers.engine import GenerationInput, SamplingParams
-from edge.topic_admin import ensure_topics
 from workers.worker import Worker
 
 

@@ -9,15 +9,19 @@ import uuid
 
 import torch
 
+from edge.topic_admin import ensure_topics
 from schemas import Request, decode, decode_result, requests_topic
 from schemas.topics import (
-    API_KEY_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, mirror_topic, shadow_results_topic,
+    API_KEY_HEADER,
+    PRIMARY_HEADER,
+    PRIMARY_RESULTS_TOPIC,
+    mirror_topic,
+    shadow_results_topic,
 )
-from streams.client import FerryClient
-from streams.keys import add_key
-from streams.routes import set_route
-from streams.shadow import Shadow, set_shadow
-from edge.topic_admin import ensure_topics
+from streams.front.client import FerryClient
+from streams.routing.keys import add_key
+from streams.routing.routes import set_route
+from streams.routing.shadows import Shadow, set_shadow
 
 
 async def post(client: FerryClient, ingress: str, api_key: str, tenant: str, model: str,

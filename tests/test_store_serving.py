@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 
+from models.store import push
 from schemas import Request
 from workers.engine import GenerationInput, SamplingParams
-from models.store import push
 
 
 def test_worker_refuses_a_corrupted_version(tiny_model, tmp_path) -> None:

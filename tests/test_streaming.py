@@ -12,26 +12,35 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
+from edge.topic_admin import ensure_topics
+from models.factory import build_tiny_checkpoint
 from schemas import (
-    DLQ_TOPIC, RESULTS_TOPIC, Delta, ErrorCode, Request, Result, decode, decode_delta,
-    decode_result, encode, requests_topic,
+    DLQ_TOPIC,
+    RESULTS_TOPIC,
+    Delta,
+    ErrorCode,
+    Request,
+    Result,
+    decode,
+    decode_delta,
+    decode_result,
+    encode,
+    requests_topic,
 )
 from schemas.messages import Choice, TokenLogprob
 from schemas.topics import API_KEY_HEADER, DELTAS_TOPIC, stream_topic_problem
-from streams.client import FerryClient
-from streams.deltas import Diverged, MergedStream
-from streams.keys import add_key
+from streams.front.client import FerryClient
+from streams.front.deltas import Diverged, MergedStream
+from streams.routing.keys import add_key
 from tests.conftest import wait_for
 from tests.test_crash import spawn_worker
 from tests.test_poison import dead_letters_for, end_offset, post_raw
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
-from models.factory import build_tiny_checkpoint
 from workers.logprobs import records
 from workers.sampler import TokenLogprobs
 from workers.streaming import DeltaStream, RequestStream
 from workers.tokenizer import load_tokenizer
-from edge.topic_admin import ensure_topics
 from workers.worker import Worker
 
 # With the long model below, greedy decoding of this prompt runs to max_new_tokens (no eos

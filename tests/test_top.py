@@ -11,8 +11,8 @@ from rich.console import Console
 from ferry.broker import free_port
 from ferry.top import Scrape, p99, rate, run_top
 from schemas import Request
-from streams.routes import set_route
-from streams.shadow import set_shadow
+from streams.routing.routes import set_route
+from streams.routing.shadows import set_shadow
 from tests.conftest import wait_for
 
 

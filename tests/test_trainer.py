@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.engine import Engine, GenerationInput, SamplingParams
 from models.trainer import COMPLETE, STATE_FILE, CheckpointInfo, train
+from workers.engine import Engine, GenerationInput, SamplingParams
 
 # Tiny enough to train in a second or two on the default (stdlib docstrings) corpus.
 TINY: dict[str, Any] = dict(seq_len=32, batch_size=8, vocab_size=512, hidden_size=32,

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
+from edge.topic_admin import ensure_topics
 from schemas import DLQ_TOPIC, DeadLetter, Delta, ErrorCode, Result, encode
 from workers.config import WorkerConfig
 from workers.metrics import WorkerMetrics
-from edge.topic_admin import ensure_topics
 
 log = logging.getLogger("ferry.worker")
 

@@ -1,6 +1,6 @@
 """Per-batch telemetry: one small record per delivered batch on `ferry.telemetry`.
 
-Canaries (`streams/canary.py`) and dashboards read it to compare deployments. Serving never
+Canaries (`streams/rollout/canary.py`) and dashboards read it to compare deployments. Serving never
 depends on it: a failed send is logged (once per kind of failure) and otherwise ignored.
 """
 

@@ -25,15 +25,14 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import Histogram
 
-from schemas import encode
-
-from workers.config import WorkerConfig
 from edge.kafka_clients import client_options
-from workers.offsets import OffsetTracker, answered_above
-from workers.publisher import Answer, Publisher
 from edge.topic_admin import start_producer
 from edge.transactional import FATAL as _FATAL
 from edge.transactional import transactional_id
+from schemas import encode
+from workers.config import WorkerConfig
+from workers.offsets import OffsetTracker, answered_above
+from workers.publisher import Answer, Publisher
 
 log = logging.getLogger("ferry.worker")
 

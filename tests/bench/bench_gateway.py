@@ -36,16 +36,16 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from ferry.broker import free_port
+from models.factory import build_tiny_checkpoint
 from schemas import Request
 from schemas.topics import API_KEY_HEADER
-from streams.client import FerryClient
-from streams.gateway import GatewaySettings, create_app
-from streams.keys import add_key
-from streams.routes import set_route
+from streams.front.client import FerryClient
+from streams.front.gateway import GatewaySettings, create_app
+from streams.routing.keys import add_key
+from streams.routing.routes import set_route
 from tests.bench.common import kafka_and_tmp, pct, router_process, write_results
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
-from models.factory import build_tiny_checkpoint
 from workers.worker import Worker
 
 SEQUENTIAL = int(os.environ.get("BENCH_SEQUENTIAL", "100"))  # per path

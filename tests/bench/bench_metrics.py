@@ -26,14 +26,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 
 from ferry.broker import free_port
+from models.factory import build_tiny_checkpoint
 from schemas import Request
-from streams.client import FerryClient
+from streams.front.client import FerryClient
 from tests.bench.bench_pipeline import HIDDEN, LAYERS, MAX_BATCH, burst, fresh
 from tests.bench.common import kafka_and_tmp, write_results
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
 from workers.metrics import WorkerMetrics
-from models.factory import build_tiny_checkpoint
 from workers.worker import Worker
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))

@@ -23,13 +23,13 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
+from edge.topic_admin import ensure_topics
+from models.factory import build_tiny_checkpoint
 from schemas import Request
-from streams.client import FerryClient
+from streams.front.client import FerryClient
 from tests.bench.common import kafka_and_tmp, pct, write_results
 from workers.config import WorkerConfig
 from workers.engine import Engine, EngineRequest, GenerationInput, SamplingParams
-from models.factory import build_tiny_checkpoint
-from edge.topic_admin import ensure_topics
 from workers.worker import Worker
 
 N_REQUESTS = int(os.environ.get("BENCH_REQUESTS", "96"))

@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.bench.common import write_results
 from models.store import push
+from tests.bench.common import write_results
 
 TOTAL_MB = int(os.environ.get("BENCH_PUSH_MB", "1024"))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "2"))

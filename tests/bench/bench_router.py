@@ -30,13 +30,13 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaConsumer
 
+from edge.topic_admin import ensure_topics
 from ferry.broker import free_port
 from schemas import Request, requests_topic
 from schemas.topics import API_KEY_HEADER
-from streams.client import FerryClient
-from streams.keys import add_key
+from streams.front.client import FerryClient
+from streams.routing.keys import add_key
 from tests.bench.common import kafka_and_tmp, pct, write_results
-from edge.topic_admin import ensure_topics
 
 SEQUENTIAL = int(os.environ.get("BENCH_SEQUENTIAL", "100"))
 BURST = int(os.environ.get("BENCH_BURST", "2000"))

@@ -35,20 +35,24 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry
 
+from edge.topic_admin import ensure_topics
+from models.factory import build_tiny_checkpoint
 from schemas import Request, decode
 from schemas.topics import (
-    API_KEY_HEADER, INGRESS_PARTITIONS, PRIMARY_RESULTS_TOPIC, mirror_topic, shadow_results_topic,
+    API_KEY_HEADER,
+    INGRESS_PARTITIONS,
+    PRIMARY_RESULTS_TOPIC,
+    mirror_topic,
+    shadow_results_topic,
 )
-from streams.client import FerryClient
-from streams.keys import add_key
-from streams.routes import set_route
-from streams.shadow import set_shadow
+from streams.front.client import FerryClient
+from streams.routing.keys import add_key
+from streams.routing.routes import set_route
+from streams.routing.shadows import set_shadow
 from tests.bench.common import kafka_and_tmp, pct, router_process, write_results
 from tests.harness import RouterProcess
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams
-from models.factory import build_tiny_checkpoint
-from edge.topic_admin import ensure_topics
 from workers.worker import Worker
 
 SEQUENTIAL = int(os.environ.get("BENCH_SEQUENTIAL", "100"))    # per mode

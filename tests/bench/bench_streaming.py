@@ -176,8 +176,8 @@ def pick_prompts(engine, n: int) -> tuple[list[str], dict]:
     """n prompts of ~PROMPT_TOKENS tokens (distinct from their first word) whose greedy
     completion of MAX_TOKENS tokens streams one text piece per token (no token that decodes
     to nothing or to half a character). Also warms the engine up on the real shapes."""
-    from workers.engine import GenerationInput, SamplingParams
     from models.factory import CORPUS
+    from workers.engine import GenerationInput, SamplingParams
     from workers.streaming import DeltaStream
 
     vocab = sorted({w.strip(".,!?:") for w in CORPUS.split()} - {""})
@@ -542,7 +542,7 @@ def gateway_child(argv: list[str]) -> None:
     ap.add_argument("--port", type=int, required=True)
     args = ap.parse_args(argv)
     from ferry.cli import _run_until_signalled, _setup_logging
-    from streams.gateway import GatewaySettings, serve
+    from streams.front.gateway import GatewaySettings, serve
 
     _setup_logging()
     settings = GatewaySettings(ingress=args.ingress, request_timeout_s=CALL_TIMEOUT_S,
@@ -600,8 +600,8 @@ def _tail(log: Path, chars: int = 1500) -> str:
 async def measure(bootstrap: str, ingress: str, engine, prompts: list[str],
                   gateway: GatewayProcess, worker: WorkerProcess, vllm: Vllm | None
                   ) -> list[Run]:
-    from streams.keys import add_key
-    from streams.routes import set_route
+    from streams.routing.keys import add_key
+    from streams.routing.routes import set_route
 
     tag = uuid.uuid4().hex[:8]
     alias, tenant = f"bench-stream-alias-{tag}", f"bench-stream-{tag}"

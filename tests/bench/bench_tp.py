@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from models.factory import build_tiny_checkpoint
 from workers.engine import GenerationInput, SamplingParams
 from workers.loader import load_model
-from models.factory import build_tiny_checkpoint
 from workers.ranks import launch_local, load_engine, wait_all
 from workers.reshard import load_rank, reshard
 from workers.tokenizer import load_tokenizer

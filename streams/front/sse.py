@@ -1,6 +1,6 @@
 """A gateway call in progress, and its server-sent events: text as it is generated.
 
-`LiveCall` collects a call's deltas (merged across attempts and re-runs, `streams.deltas`)
+`LiveCall` collects a call's deltas (merged across attempts and re-runs, `streams.front.deltas`)
 while its attempts run; `send_events` writes them in OpenAI's chunk format as they come:
 the role (chat), the echoed prompt (completions with echo), text pieces with their tokens'
 logprobs when asked, each choice's finish reason (n > 1: every choice with its `index`), the
@@ -23,11 +23,21 @@ from aiohttp import web
 
 from schemas import Delta, ErrorCode, Request, Result
 from schemas.messages import TokenLogprob
-from streams.deltas import Diverged, MergedStream
-from streams.gateway_metrics import GatewayMetrics
-from streams.openai_format import (
-    ApiError, chunk_base, chunk_logprobs, echo_chunk, error_event, error_response, finish_chunk,
-    prompt_error, result_error, role_chunk, text_chunk, usage_chunk,
+from streams.front.deltas import Diverged, MergedStream
+from streams.front.metrics import GatewayMetrics
+from streams.front.openai_format import (
+    ApiError,
+    chunk_base,
+    chunk_logprobs,
+    echo_chunk,
+    error_event,
+    error_response,
+    finish_chunk,
+    prompt_error,
+    result_error,
+    role_chunk,
+    text_chunk,
+    usage_chunk,
 )
 
 log = logging.getLogger("ferry.gateway")

@@ -28,14 +28,14 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from edge.reader import assigned_consumer
+from edge.topic_admin import ensure_topics, pin_to_end
 from schemas import ErrorCode, SchemaError, decode
 from schemas.events import Telemetry
 from schemas.fields import from_dict
 from schemas.topics import TELEMETRY_PARTITIONS, TELEMETRY_TOPIC
-from streams.catalog import check_deployments
-from streams.routes import NAME, read_routes, set_route
-from edge.reader import assigned_consumer
-from edge.topic_admin import ensure_topics, pin_to_end
+from streams.routing.catalog import check_deployments
+from streams.routing.routes import NAME, read_routes, set_route
 
 log = logging.getLogger("ferry.canary")
 

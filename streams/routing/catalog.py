@@ -9,10 +9,10 @@ from collections.abc import Iterable
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from schemas.topics import MIRROR_PREFIX, REQUESTS_PREFIX
-from streams.registry import read_registry
 from edge.kafka_clients import client_options
 from edge.topic_admin import list_topics
+from schemas.topics import MIRROR_PREFIX, REQUESTS_PREFIX
+from streams.routing.registry import read_registry
 
 
 class DeploymentCatalog:

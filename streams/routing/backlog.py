@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from schemas.topics import requests_topic, worker_group
 from edge.kafka_clients import client_options
 from edge.topic_admin import topic_partitions
+from schemas.topics import requests_topic, worker_group
 
 
 @dataclass

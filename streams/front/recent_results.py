@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from aiokafka import ConsumerRecord
 
-from schemas import RESULTS_TOPIC, Result, SchemaError, decode_result
-from schemas.topics import CHAT_HEADER, TENANT_HEADER
 from edge.reader import TopicReader
 from edge.topic_admin import ensure_topics
+from schemas import RESULTS_TOPIC, Result, SchemaError, decode_result
+from schemas.topics import CHAT_HEADER, TENANT_HEADER
 
 log = logging.getLogger("ferry.results")
 

@@ -10,7 +10,7 @@ dead-letter record with the reason; nothing is dropped silently.
 Exactly once: everything the router writes because of one ingress record (the forwarded
 request, mirror copies, the quota bucket's new state, a dead letter, an error reply, a
 re-keyed re-post) goes into its ingress partition's transaction together with the
-partition's commit point (`streams/router_transactions.py`), so a router killed at any
+partition's commit point (`streams/routing/transactions.py`), so a router killed at any
 moment forwards nothing twice to `read_committed` readers (every Ferry reader is one) and
 charges no quota twice. (Not faust: its exactly-once mode derives transactional ids from
 output partitions, which fences nothing here.)
@@ -41,27 +41,45 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edge.metrics_server import BoundedLabel, serve_metrics
+from edge.tables import CompactedView
+from edge.topic_admin import ensure_topics
 from schemas import (
-    DLQ_TOPIC, DeadLetter, ErrorCode, Request, Result, SchemaError, batch_key, decode_request,
-    encode, requests_topic, salvage_reply_address,
+    DLQ_TOPIC,
+    DeadLetter,
+    ErrorCode,
+    Request,
+    Result,
+    SchemaError,
+    batch_key,
+    decode_request,
+    encode,
+    requests_topic,
+    salvage_reply_address,
 )
 from schemas.chat import messages_text
 from schemas.fields import from_dict
 from schemas.tables import QuotaState
 from schemas.topics import (
-    API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_PARTITIONS, INGRESS_TOPIC,
-    MIRRORED_HEADER, PRIMARY_HEADER, mirror_topic, reply_topic_problem, stream_topic_problem,
+    API_KEY_HEADER,
+    ATTEMPT_HEADER,
+    DEPLOYMENT_HEADER,
+    INGRESS_PARTITIONS,
+    INGRESS_TOPIC,
+    MIRRORED_HEADER,
+    PRIMARY_HEADER,
+    mirror_topic,
+    reply_topic_problem,
+    stream_topic_problem,
 )
-from streams.catalog import DeploymentCatalog
-from edge.tables import CompactedView
-from streams.keys import KeyRing, Tenant
-from streams.quota import admit, estimate_tokens
-from streams.registry import Registry
-from streams.router_transactions import Sink, TransactionalIngress
-from streams.routes import RouteTable
-from streams.shadow import Shadow, ShadowTable
-from edge.metrics_server import BoundedLabel, serve_metrics
-from edge.topic_admin import ensure_topics
+from streams.routing.catalog import DeploymentCatalog
+from streams.routing.choose import choose_backend
+from streams.routing.keys import KeyRing, Tenant
+from streams.routing.quota import admit, estimate_tokens
+from streams.routing.registry import Registry
+from streams.routing.routes import RouteTable
+from streams.routing.shadows import Shadow, ShadowTable
+from streams.routing.transactions import Sink, TransactionalIngress
 
 log = logging.getLogger("ferry.router")
 
@@ -371,13 +389,8 @@ class Router:
     async def _pick(self, request: Request, posted: float) -> str | None:
         """The routed backend that exists and takes new requests (deployed checkpoints do so
         only when ready)."""
-        tried: set[str] = set()
-        while (deployment := self.routes.resolve(request.model, request.id, tried)) is not None:
-            if self.registry.accepts_new(deployment) and await self.catalog.exists(deployment,
-                                                                                  posted):
-                return deployment
-            tried.add(deployment)
-        return None
+        return (await choose_backend(request.model, request.id, self.routes, self.catalog,
+                                     self.registry, set(), since=posted)).deployment
 
     async def _mirror(self, sink: Sink, forwarded: Request, shadow: Shadow,
                       primary: str) -> None:

@@ -17,7 +17,7 @@ first record.
 
 State is a plain in-memory window (`PairWindow`, a dict by request id with explicit expiry
 on a 0.5 s tick), not a faust Table: with aiokafka 0.14 a restarted app whose table had a
-changelog to restore sometimes never fetched its input again (see streams/router.py). The
+changelog to restore sometimes never fetched its input again (see streams/routing/router.py). The
 price: pairs in flight during a restart are lost (a later record of such a pair is counted as
 unpaired). Records older than the window when read (a new group's backlog, a long outage)
 cannot pair and are skipped, counted in `ferry_shadow_stale_total`. Run ONE comparator per
@@ -28,7 +28,7 @@ Entries live `window_s` after their first record; a result still unpaired then i
 (`ferry_shadow_unpaired_total{side, candidate}`) and logged once per tick. A primary result whose
 request was never seen mirrored here (e.g. to a candidate this comparator does not watch) is
 counted with candidate="unknown". Aggregates per
-candidate over the last `stats_window_s` are Prometheus gauges (`streams.shadow_report.
+candidate over the last `stats_window_s` are Prometheus gauges (`streams.shadow.report.
 summarize` rules).
 """
 
@@ -45,18 +45,30 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from schemas import (
-    Request, Result, SchemaError, batch_key, decode_request, decode_result, encode,
-)
-from schemas.events import Comparison
-from schemas.topics import (
-    COMPARISONS_TOPIC, MIRROR_PREFIX, PRODUCED_BY_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC,
-    SHADOW_RESULTS_PREFIX, mirror_topic, shadow_results_topic,
-)
-from streams.shadow_report import summarize
 from edge.faust_app import faust_app, run_app
 from edge.metrics_server import serve_metrics
 from edge.topic_admin import ensure_topics
+from schemas import (
+    Request,
+    Result,
+    SchemaError,
+    batch_key,
+    decode_request,
+    decode_result,
+    encode,
+)
+from schemas.events import Comparison
+from schemas.topics import (
+    COMPARISONS_TOPIC,
+    MIRROR_PREFIX,
+    PRIMARY_HEADER,
+    PRIMARY_RESULTS_TOPIC,
+    PRODUCED_BY_HEADER,
+    SHADOW_RESULTS_PREFIX,
+    mirror_topic,
+    shadow_results_topic,
+)
+from streams.shadow.report import summarize
 
 log = logging.getLogger("ferry.comparator")
 

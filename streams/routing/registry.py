@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from edge.tables import ControlTable, put
 from schemas import SchemaError
 from schemas.fields import from_dict
 from schemas.tables import LIVE, STATUSES, DeploymentRecord, deployment_name
 from schemas.topics import REGISTRY_TOPIC
-from edge.tables import ControlTable, put
 
 __all__ = ["LIVE", "STATUSES", "DeploymentRecord", "Registry", "deployment_name", "publish",
            "read_registry"]

@@ -11,12 +11,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from edge.tables import ControlTable, put
 from schemas import SchemaError
 from schemas.fields import from_dict
 from schemas.tables import ShadowRecord
 from schemas.topics import SHADOW_TOPIC
-from edge.tables import ControlTable, put
-from streams.routes import NAME, parse_weights, point
+from streams.routing.routes import NAME, parse_weights, point
 
 log = logging.getLogger("ferry.shadow")
 

@@ -1,6 +1,6 @@
 """Every field of OpenAI's /v1/completions and /v1/chat/completions bodies, and what Ferry does
 with it: implemented, accepted with no effect (identifiers, options of features not asked
-for), handled by the sampling module (`streams/openai_sampling.py`), or refused with a 400 that
+for), handled by the sampling module (`streams/front/openai_sampling.py`), or refused with a 400 that
 names the field and says why. A value equal to the field's neutral value (OpenAI's default:
 `n: 1`, `presence_penalty: 0`, `tools: []`, `response_format: {"type": "text"}`) is accepted
 everywhere, since clients such as LangChain send defaults explicitly.
@@ -28,9 +28,9 @@ log = logging.getLogger("ferry.gateway")
 
 
 class Handling(Enum):
-    IMPLEMENTED = "implemented"      # parsed into the Request (streams/openai_format.py)
+    IMPLEMENTED = "implemented"      # parsed into the Request (streams/front/openai_format.py)
     NO_EFFECT = "no effect"          # accepted: an identifier, or a no-op without other fields
-    SAMPLING = "sampling"            # streams/openai_sampling.py (see NOT_YET)
+    SAMPLING = "sampling"            # streams/front/openai_sampling.py (see NOT_YET)
     REFUSED = "refused"              # a 400 naming the field, unless the value is neutral
 
 
@@ -94,7 +94,7 @@ CHAT: dict[str, Field] = {
 }
 
 # Sampling fields still refused (400 naming the field) because the engine lacks them; the
-# sampling module (streams/openai_sampling.py) implements every field marked S today.
+# sampling module (streams/front/openai_sampling.py) implements every field marked S today.
 NOT_YET: frozenset[str] = frozenset()
 
 # Unknown field names already logged (bounded: a client cannot grow it without end).

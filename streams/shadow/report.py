@@ -26,9 +26,9 @@ from typing import Any
 
 from aiokafka.structs import ConsumerRecord
 
+from edge.reader import assigned_consumer
 from schemas import SchemaError, decode
 from schemas.topics import COMPARISONS_TOPIC
-from edge.reader import assigned_consumer
 
 _RELATIVE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*(s|m|h|d)\s*")
 

@@ -1,7 +1,7 @@
 """OpenAI's sampling fields to Ferry's Request fields, checked with OpenAI's ranges and named as
 OpenAI names them (a SchemaError whose field is the OpenAI parameter). vLLM's extensions
 (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids) are accepted
-under their vLLM names. Pure functions; `streams/openai_format.py` calls them."""
+under their vLLM names. Pure functions; `streams/front/openai_format.py` calls them."""
 
 from __future__ import annotations
 

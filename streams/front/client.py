@@ -15,15 +15,25 @@ from collections.abc import AsyncIterator, Callable
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
-from schemas import (
-    RESULTS_TOPIC, Cancel, Delta, ErrorCode, Request, Result, SchemaError, batch_key,
-    decode_delta, decode_result, encode, requests_topic,
-)
-from schemas.topics import CANCELS_PARTITIONS, CANCELS_TOPIC, DELTAS_TOPIC
-from streams.deltas import MergedStream
 from edge.kafka_clients import client_options
 from edge.reader import TopicReader
 from edge.topic_admin import ensure_topics, start_producer
+from schemas import (
+    RESULTS_TOPIC,
+    Cancel,
+    Delta,
+    ErrorCode,
+    Request,
+    Result,
+    SchemaError,
+    batch_key,
+    decode_delta,
+    decode_result,
+    encode,
+    requests_topic,
+)
+from schemas.topics import CANCELS_PARTITIONS, CANCELS_TOPIC, DELTAS_TOPIC
+from streams.front.deltas import MergedStream
 
 log = logging.getLogger("ferry.client")
 
@@ -169,7 +179,7 @@ class FerryClient:
         """Post a streaming request: yields its text as it is generated (deltas merged across
         re-runs, the last ones completed from the result; with n > 1 each piece names its
         `choice`), then the result. Raises
-        `streams.deltas.Diverged` if a re-run contradicts what was already yielded."""
+        `streams.front.deltas.Diverged` if a re-run contradicts what was already yielded."""
         events: asyncio.Queue[Delta | asyncio.Future[Result]] = asyncio.Queue()
         future = await self.submit(request, on_delta=events.put_nowait)
         future.add_done_callback(events.put_nowait)

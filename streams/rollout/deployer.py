@@ -31,21 +31,21 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from edge.kafka_clients import client_options
+from edge.topic_admin import ensure_topics
+from models import store as model_store
+from models.judge import check
 from schemas import Request, Result, SchemaError, decode, encode, requests_topic
 from schemas.events import CheckpointEvent
 from schemas.fields import from_dict
 from schemas.topics import CHECKPOINTS_TOPIC, CONTROL_PARTITIONS, DEFAULT_PARTITIONS
-from streams.backlog import BacklogProbe
-from streams.canary import split_weights
-from streams.client import FerryClient
-from streams.launchers import Launcher
-from streams.registry import LIVE, DeploymentRecord, Registry, publish
-from streams.routes import RouteTable, set_route
-from streams.shadow import set_shadow
-from models import store as model_store
-from models.judge import check
-from edge.kafka_clients import client_options
-from edge.topic_admin import ensure_topics
+from streams.front.client import FerryClient
+from streams.rollout.canary import split_weights
+from streams.rollout.launchers import Launcher
+from streams.routing.backlog import BacklogProbe
+from streams.routing.registry import LIVE, DeploymentRecord, Registry, publish
+from streams.routing.routes import RouteTable, set_route
+from streams.routing.shadows import set_shadow
 
 log = logging.getLogger("ferry.deployer")
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from schemas.tables import QuotaState
-from streams.keys import Tenant
+from streams.routing.keys import Tenant
 
 
 @dataclass(frozen=True)

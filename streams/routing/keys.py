@@ -16,11 +16,11 @@ import secrets
 from dataclasses import dataclass
 from typing import TypeVar
 
+from edge.tables import ControlTable, put
 from schemas import SchemaError
 from schemas.fields import from_dict
 from schemas.tables import ApiKeyRecord, TenantRecord
 from schemas.topics import KEYS_TOPIC
-from edge.tables import ControlTable, put
 
 KEY_FORMAT = re.compile(r"^fk_([0-9a-f]{12})_([A-Za-z0-9_-]{32})$")
 TENANT = re.compile(r"^[a-zA-Z0-9._-]{1,100}$")

@@ -14,13 +14,13 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from edge.tables import ControlTable, put
 from schemas import SchemaError
 from schemas.fields import from_dict
 from schemas.messages import TOPIC_PATTERN
 from schemas.tables import NAME_PATTERN, RouteRecord
 from schemas.topics import ROUTES_TOPIC
-from edge.tables import ControlTable, put
-from streams.registry import deployment_name
+from streams.routing.registry import deployment_name
 
 NAME = re.compile(NAME_PATTERN)
 log = logging.getLogger("ferry.routes")

@@ -12,7 +12,7 @@ router (`ferry.ingress`, keyed by tenant) which charges quotas and forwards it. 
 Routing (first match wins): `POST /v1/models/{model}/versions/{version}/completions` (and
 `.../chat/completions`) pins deployment `{model}-{version}`; otherwise the body's `model`,
 or for `"default"`/absent the Host table, names an alias or a deployment. The gateway picks
-the alias's backend with the router's own routing core (`streams.routes.pick`, by request
+the alias's backend with the router's own routing core (`streams.routing.routes.pick`, by request
 id) and pins it, so it knows which backend to avoid on a retry.
 
 Busy check: when the chosen backend's worker-group lag is at `max_lag` or above, the next
@@ -24,11 +24,11 @@ same alias with the same request id, at most `max_attempts` in all within
 
 Chat messages are passed on as they are; the worker renders them with its model's chat
 template. Every OpenAI field is implemented or refused with a 400 naming it
-(`streams.openai_fields`). Defaults: greedy; 16 tokens for completions, the rest of the
+(`streams.front.openai_fields`). Defaults: greedy; 16 tokens for completions, the rest of the
 context for chat (as vLLM). A list of prompts becomes one request per prompt, gathered into
 one answer.
 `stream: true` sends server-sent events in OpenAI's chunk format as the worker generates
-(`streams.sse`): the request carries `stream_to` (this gateway's delta topic) and every
+(`streams.front.sse`): the request carries `stream_to` (this gateway's delta topic) and every
 delta becomes a text chunk (with its tokens' logprobs when asked; with n > 1 each choice's
 deltas become chunks of its `index`; with echo the prompt comes first). A caller who
 disconnects, and an attempt the gateway gives up on, are cancelled (a `Cancel` on
@@ -40,7 +40,7 @@ Async: `"async": true` in the body (or `Prefer: respond-async`) answers 202 `{id
 unknown) and `GET /v1/requests/{id}/events` streams it as SSE. Finished async results are
 kept for `RESULT_RETENTION_S` and copied to `ferry.results` (with the caller's tenant), so
 any gateway instance answers the poll; the same works for producers that posted on Kafka
-with `reply_to = ferry.results` (`streams.recent_results`).
+with `reply_to = ferry.results` (`streams.front.recent_results`).
 """
 
 from __future__ import annotations
@@ -59,25 +59,47 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from edge.metrics_server import serve_metrics
 from schemas import RESULTS_TOPIC, ErrorCode, Request, Result, SchemaError
 from schemas.errors import RETRYABLE
-from schemas.topics import API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_TOPIC
-from streams.backlog import BacklogProbe, retry_after_s
-from streams.catalog import DeploymentCatalog
-from streams.client import FerryClient
-from streams.gateway_metrics import GatewayMetrics
-from streams.http_guard import ConnectionGuard
-from streams.keys import KeyRing, Tenant
-from streams.openai_format import (
-    REASON, ApiError, Call, completion_object, completions_object, error_response, json_text,
-    parse_call, pick_model, prompt_error, result_error, schema_error,
+from schemas.topics import (
+    API_KEY_HEADER,
+    ATTEMPT_HEADER,
+    DEPLOYMENT_HEADER,
+    INGRESS_TOPIC,
 )
-from streams.recent_results import CHAT_HEADER, TENANT_HEADER, RecentResults, Seen
-from streams.registry import Registry
-from streams.routes import RouteTable
-from streams.serving import WorkerGroups
-from streams.sse import DISCONNECT_POLL_S, Disconnected, LiveCall, gone, send_events
-from edge.metrics_server import serve_metrics
+from streams.front.client import FerryClient
+from streams.front.http_guard import ConnectionGuard
+from streams.front.metrics import GatewayMetrics
+from streams.front.openai_format import (
+    REASON,
+    ApiError,
+    Call,
+    completion_object,
+    completions_object,
+    error_response,
+    json_text,
+    parse_call,
+    pick_model,
+    prompt_error,
+    result_error,
+    schema_error,
+)
+from streams.front.recent_results import CHAT_HEADER, TENANT_HEADER, RecentResults, Seen
+from streams.front.serving import WorkerGroups
+from streams.front.sse import (
+    DISCONNECT_POLL_S,
+    Disconnected,
+    LiveCall,
+    gone,
+    send_events,
+)
+from streams.routing.backlog import BacklogProbe, retry_after_s
+from streams.routing.catalog import DeploymentCatalog
+from streams.routing.choose import choose_backend
+from streams.routing.keys import KeyRing, Tenant
+from streams.routing.registry import Registry
+from streams.routing.routes import RouteTable
 
 log = logging.getLogger("ferry.gateway")
 
@@ -295,25 +317,12 @@ class Gateway:
 
     async def _choose(self, request: Request, pinned: bool, tried: set[str]) -> str:
         """The backend for a new call: by route, skipping missing and busy deployments."""
-        busy: list[int] = []
-        unready: list[str] = []
-        while True:
-            deployment = (None if request.model in tried else request.model) if pinned else \
-                self.routes.resolve(request.model, request.id, exclude=tried)
-            if deployment is None:
-                break
-            tried.add(deployment)
-            if not await self.catalog.exists(deployment):
-                continue  # an alias may name a deployment that is not up yet
-            if not self.deployments.accepts_new(deployment):
-                unready.append(deployment)  # loading, draining or retired: no new requests
-                continue
-            if self.settings.max_lag is not None:
-                sample = await self.backlog.sample(deployment)
-                if sample.lag >= self.settings.max_lag:
-                    busy.append(retry_after_s(sample, self.settings.max_lag))
-                    continue
-            return deployment
+        choice = await choose_backend(
+            request.model, request.id, self.routes, self.catalog, self.deployments, tried,
+            pinned=pinned, busy=self._busy if self.settings.max_lag is not None else None)
+        if choice.deployment is not None:
+            return choice.deployment
+        unready, busy = choice.unready, choice.busy_retry_s
         if unready and not busy:
             self.metrics.rejections.labels(ErrorCode.OVERLOADED.value).inc()
             states = ", ".join(f"{d} is {r.status}" for d in unready
@@ -359,13 +368,17 @@ class Gateway:
                                   f"{self.settings.request_timeout_s:g}s")
         return result
 
+    async def _busy(self, deployment: str) -> float | None:
+        assert self.settings.max_lag is not None
+        sample = await self.backlog.sample(deployment)
+        if sample.lag >= self.settings.max_lag:
+            return retry_after_s(sample, self.settings.max_lag)
+        return None
+
     async def _alternative(self, request: Request, tried: set[str]) -> str | None:
         """Another backend of the alias that takes requests (no busy check: a retry is owed)."""
-        while (deployment := self.routes.resolve(request.model, request.id, tried)) is not None:
-            tried.add(deployment)
-            if self.deployments.accepts_new(deployment) and await self.catalog.exists(deployment):
-                return deployment
-        return None
+        return (await choose_backend(request.model, request.id, self.routes, self.catalog,
+                                     self.deployments, tried)).deployment
 
     async def _attempt(self, request: Request, caller: Caller, live: LiveCall, attempt: int,
                        timeout_s: float, deadline: float, streamed: bool) -> Result:

@@ -12,10 +12,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from schemas import ErrorCode, Request, Result, SchemaError, decode_request, encode, http_status
+from schemas import (
+    ErrorCode,
+    Request,
+    Result,
+    SchemaError,
+    decode_request,
+    encode,
+    http_status,
+)
 from schemas.messages import MAX_CONTEXT_TOKENS, REST_OF_CONTEXT, TokenLogprob
-from streams.openai_fields import check_fields
-from streams import openai_sampling
+from streams.front import openai_sampling
+from streams.front.openai_fields import check_fields
 
 DEFAULT_MODEL = "default"
 REASON = web.ResponseKey("reason", str)  # the error code of an answer, for metrics

@@ -12,8 +12,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.admin import DescribeGroupsRequest_v2
 from aiokafka.protocol.api import Request
 
-from schemas.topics import worker_group
 from edge.kafka_clients import client_options
+from schemas.topics import worker_group
 
 
 class _DescribeGroups(Request[DescribeGroupsRequest_v2]):

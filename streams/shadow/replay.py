@@ -25,14 +25,18 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
-from schemas import SchemaError, batch_key, decode, decode_request, encode
-from schemas.topics import (
-    DEPLOYMENT_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, PRODUCED_BY_HEADER, mirror_topic,
-)
-from streams.comparator import TOPIC_PARTITIONS
-from streams.shadow_report import read_range
 from edge.kafka_clients import client_options
 from edge.topic_admin import ensure_topics
+from schemas import SchemaError, batch_key, decode, decode_request, encode
+from schemas.topics import (
+    DEPLOYMENT_HEADER,
+    PRIMARY_HEADER,
+    PRIMARY_RESULTS_TOPIC,
+    PRODUCED_BY_HEADER,
+    mirror_topic,
+)
+from streams.shadow.comparator import TOPIC_PARTITIONS
+from streams.shadow.report import read_range
 
 log = logging.getLogger("ferry.replay")
 

@@ -40,9 +40,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
-from streams.registry import DeploymentRecord
 from edge.kafka_clients import KafkaSecurityError, security_from_env
 from edge.metrics_server import free_port
+from streams.routing.registry import DeploymentRecord
 
 log = logging.getLogger("ferry.launcher")
 

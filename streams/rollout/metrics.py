@@ -8,9 +8,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from streams.deployer import Deployer
-from streams.registry import STATUSES
 from edge.metrics_server import with_process_metrics
+from streams.rollout.deployer import Deployer
+from streams.routing.registry import STATUSES
 
 
 class DeployerCollector(Collector):
