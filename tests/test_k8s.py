@@ -408,7 +408,8 @@ def kafka_sources(container: dict[str, Any], maps: dict[str, dict[str, str]]
                   ) -> dict[str, tuple[str, str, str, bool]]:
     """Where each FERRY_KAFKA_* security variable comes from, env over envFrom as the
     kubelet resolves it: (kind, name, key, optional), kind one of configMap, secret (a
-    secretKeyRef), secretRef (a whole Secret by envFrom: any key may be in it), value."""
+    secretKeyRef), secretRef (a whole Secret by envFrom: any key may be in it), value (a
+    literal), fieldRef."""
     sources: dict[str, tuple[str, str, str, bool]] = {}
     for source in container.get("envFrom", []):
         if ref := source.get("secretRef"):
@@ -422,7 +423,7 @@ def kafka_sources(container: dict[str, Any], maps: dict[str, dict[str, str]]
         if var["name"] not in KAFKA_VARS:
             continue
         if "value" in var:
-            sources[var["name"]] = ("value", var["value"], "", False)
+            sources[var["name"]] = ("value", "", "", False)  # never echo a password
             continue
         kind, ref = next(iter(var["valueFrom"].items()))
         kind = {"configMapKeyRef": "configMap", "secretKeyRef": "secret"}.get(kind, kind)
@@ -451,14 +452,14 @@ def _kafka_security_problems(where: str, container: dict[str, Any],
     secret, sources = kafka_secret(principal), kafka_sources(container, maps)
     problems = []
     for var in CREDENTIALS:
-        kind, name, key, optional = sources.get(var, ("nothing", "", "", False))
+        kind, name, key, optional = sources.get(var, ("unset", "", "", False))
         if kind not in ("secret", "secretRef") or name != secret:
             problems.append(f"{where}: {var} must come from Secret {secret} ({principal}), "
                             f"not {kind} {name}".rstrip())
         elif kind == "secret" and (optional or key != var):
             problems.append(f"{where}: {var} from {name}/{key}: key {var}, optional: false")
     for var in ("FERRY_KAFKA_SECURITY_PROTOCOL", "FERRY_KAFKA_SASL_MECHANISM"):
-        kind, name, _, _ = sources.get(var, ("nothing", "", "", False))
+        kind, name, _, _ = sources.get(var, ("unset", "", "", False))
         if kind != "configMap" and (kind, name) != ("secretRef", secret):
             problems.append(f"{where}: {var} must come from the ConfigMap, not {kind}")
     return problems
@@ -477,7 +478,7 @@ def principal_secrets(objects: list[dict[str, Any]]) -> dict[str, set[str]]:
             continue
         sources = kafka_sources(container, maps)
         for var in CREDENTIALS:
-            kind, name, _, _ = sources.get(var, ("nothing", "", "", False))
+            kind, name, _, _ = sources.get(var, ("unset", "", "", False))
             if kind in ("secret", "secretRef"):
                 users.setdefault(name, set()).update(principals(parsed))
     return users
@@ -542,6 +543,26 @@ def test_manifests_follow_ferrys_rules(overlay: str, tmp_path: Path) -> None:
     (lambda o: [x for x in o if x["kind"] == "PersistentVolumeClaim"
                 and x["metadata"]["name"] == "ferry-models"][0]["metadata"].update(
         name="models"), "claim ferry-models is not in the manifests"),
+    # Static membership: the router's id is its StatefulSet pod's name.
+    (lambda o: _workload(o, "ferry-router").update(kind="Deployment"),
+     "the router must be a StatefulSet"),
+    (lambda o: _container(o, "ferry-router")["env"].remove(
+        _env(o, "ferry-router", "FERRY_ROUTER_INSTANCE_ID")), "needs its pod name"),
+    (lambda o: _env(o, "ferry-worker", "FERRY_GROUP_INSTANCE_ID")["valueFrom"]["fieldRef"]
+     .update(fieldPath="metadata.uid"), "needs its pod name"),
+    (lambda o: _workload(o, "ferry-router")["spec"].update(serviceName="ferry-gateway"),
+     "serviceName is not a headless Service"),
+    # Kafka principals: each its own Secret, never a literal, protocol from the ConfigMap.
+    (lambda o: _env(o, "ferry-gateway", "FERRY_KAFKA_USERNAME")["valueFrom"]["secretKeyRef"]
+     .update(name="ferry-router-kafka"), "Secret ferry-router-kafka is shared"),
+    (lambda o: _literal(o, "ferry-deployer", "FERRY_KAFKA_PASSWORD", "hunter2"),
+     "FERRY_KAFKA_PASSWORD must come from Secret ferry-deployer-kafka"),
+    (lambda o: _container(o, "ferry-bootstrap")["env"].remove(
+        _env(o, "ferry-bootstrap", "FERRY_KAFKA_USERNAME")), "FERRY_KAFKA_USERNAME must come"),
+    (lambda o: _env(o, "ferry-worker", "FERRY_KAFKA_PASSWORD")["valueFrom"]["secretKeyRef"]
+     .update(optional=True), "optional: false"),
+    (lambda o: _literal(o, "ferry-router", "FERRY_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+     "FERRY_KAFKA_SECURITY_PROTOCOL must come from the ConfigMap"),
 ])
 def test_rules_catch_mistakes(change: Any, problem: str) -> None:
     objects = build("gpu")
@@ -551,6 +572,21 @@ def test_rules_catch_mistakes(change: Any, problem: str) -> None:
 
 def _container(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return next(c for o, c in containers(objects) if o["metadata"]["name"] == name)
+
+
+def _workload(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(o for o, _ in pod_specs(objects) if o["metadata"]["name"] == name)
+
+
+def _env(objects: list[dict[str, Any]], workload: str, var: str) -> dict[str, Any]:
+    return next(v for v in _container(objects, workload)["env"] if v["name"] == var)
+
+
+def _literal(objects: list[dict[str, Any]], workload: str, var: str, value: str) -> None:
+    """`var` written into the manifest instead of taken from where it belongs."""
+    entry = _env(objects, workload, var)
+    del entry["valueFrom"]
+    entry["value"] = value
 
 
 def _config(objects: list[dict[str, Any]]) -> dict[str, str]:
@@ -628,3 +664,63 @@ def test_kafka_statefulset_and_bootstrap() -> None:
     assert ["route", "set", maps["ferry-config"]["FERRY_ALIAS"],
             f"{served.deployment}=100", "--force"] in commands
     assert ["keys", "add", maps["ferry-config"]["FERRY_TENANT"]] in commands
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_router_takes_its_pod_name_as_static_member_id(overlay: str) -> None:
+    objects = build(overlay)
+    maps = config_maps(objects)
+    for name, command, attr in (("ferry-router", "router", "instance_id"),
+                                ("ferry-worker", "worker", "group_instance_id")):
+        [workload] = [o for o, _ in pod_specs(objects) if o["metadata"]["name"] == name]
+        assert workload["kind"] == "StatefulSet"
+        headless = next(o for o in objects if o["kind"] == "Service"
+                        and o["metadata"]["name"] == workload["spec"]["serviceName"])
+        assert headless["spec"]["clusterIP"] == "None"
+        container = _container(objects, name)
+        # The kubelet gives each pod its own name (ferry-router-0, -1, ...): each reaches
+        # `ferry router` as its id, through the flag's environment default.
+        ids = set()
+        for ordinal in range(3):
+            pod = f"{name}-{ordinal}"
+            env = {k: v.replace(POD_NAME, pod)
+                   for k, v in environment(container, maps, []).items()}
+            [args] = ferry_commands(container, env)
+            parsed = parse_ferry(args, env)
+            assert (parsed.command, getattr(parsed, attr)) == (command, pod)
+            ids.add(getattr(parsed, attr))
+        assert len(ids) == 3
+    # What the deployer renders per checkpoint stays a Deployment without a static id.
+    assert parse_ferry(["worker", "--model", "m", "--deployment", "d"], {}).group_instance_id \
+        is None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_component_connects_as_its_own_principal(overlay: str, tmp_path: Path) -> None:
+    objects = build(overlay) + [rendered(overlay, tmp_path)]
+    maps = config_maps(objects)
+    secrets: dict[str, set[str]] = {}
+    for obj, container in containers(objects):
+        if not is_ferry(container):
+            continue
+        env = environment(container, maps, [])
+        [principal] = principals(parse_ferry(a, env) for a in ferry_commands(container, env))
+        sources = kafka_sources(container, maps)
+        secrets.setdefault(principal, set()).update(
+            sources[var][1] for var in CREDENTIALS)
+        if obj["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by"):
+            continue  # rendered: the worker's whole Secret by envFrom (streams/launchers.py)
+        for var in CREDENTIALS:
+            assert sources[var] == ("secret", f"{principal}-kafka", var, False), (obj, var)
+        for var in ("FERRY_KAFKA_SECURITY_PROTOCOL", "FERRY_KAFKA_SASL_MECHANISM"):
+            assert sources[var][:2] == ("configMap", "ferry-config")
+            assert env[var] == maps["ferry-config"][var]
+    # One Secret per principal, none shared (the static worker and the rendered ones are
+    # the same principal: they read the one ferry-worker-kafka).
+    assert secrets == {p: {f"{p}-kafka"} for p in (
+        "ferry-router", "ferry-gateway", "ferry-worker", "ferry-deployer", "ferry-control")}
+    assert principal_secrets(objects) == {f"{p}-kafka": {p} for p in secrets}
+    # No Secret in the manifests: the operator creates them (README), none is committed.
+    assert "Secret" not in {o["kind"] for o in objects}
+    # A plaintext cluster as shipped; the protocol is one ConfigMap key away from SASL.
+    assert maps["ferry-config"]["FERRY_KAFKA_SECURITY_PROTOCOL"] == "PLAINTEXT"
