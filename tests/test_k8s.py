@@ -467,7 +467,7 @@ def _kafka_security_problems(where: str, container: dict[str, Any],
 
 def principal_secrets(objects: list[dict[str, Any]]) -> dict[str, set[str]]:
     """Secret -> the principals of the Ferry containers whose credentials it gives."""
-    maps, users = config_maps(objects), {}
+    maps, users = config_maps(objects), dict[str, set[str]]()
     for _, container in containers(objects):
         if not is_ferry(container):
             continue
@@ -667,7 +667,8 @@ def test_kafka_statefulset_and_bootstrap() -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_router_takes_its_pod_name_as_static_member_id(overlay: str) -> None:
+def test_router_and_worker_take_their_pod_names_as_static_member_ids(
+        overlay: str, tmp_path: Path) -> None:
     objects = build(overlay)
     maps = config_maps(objects)
     for name, command, attr in (("ferry-router", "router", "instance_id"),
@@ -690,9 +691,12 @@ def test_router_takes_its_pod_name_as_static_member_id(overlay: str) -> None:
             assert (parsed.command, getattr(parsed, attr)) == (command, pod)
             ids.add(getattr(parsed, attr))
         assert len(ids) == 3
-    # What the deployer renders per checkpoint stays a Deployment without a static id.
-    assert parse_ferry(["worker", "--model", "m", "--deployment", "d"], {}).group_instance_id \
-        is None
+    # What the deployer renders per checkpoint is a Deployment: no static id.
+    checkpoint = rendered(overlay, tmp_path)
+    assert checkpoint["kind"] == "Deployment"
+    [container] = checkpoint["spec"]["template"]["spec"]["containers"]
+    env = environment(container, maps, [])
+    assert parse_ferry(ferry_commands(container, env)[0], env).group_instance_id is None
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -711,15 +715,15 @@ def test_each_component_connects_as_its_own_principal(overlay: str, tmp_path: Pa
         if obj["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by"):
             continue  # rendered: the worker's whole Secret by envFrom (streams/launchers.py)
         for var in CREDENTIALS:
-            assert sources[var] == ("secret", f"{principal}-kafka", var, False), (obj, var)
+            assert sources[var] == ("secret", kafka_secret(principal), var, False), var
         for var in ("FERRY_KAFKA_SECURITY_PROTOCOL", "FERRY_KAFKA_SASL_MECHANISM"):
             assert sources[var][:2] == ("configMap", "ferry-config")
             assert env[var] == maps["ferry-config"][var]
     # One Secret per principal, none shared (the static worker and the rendered ones are
     # the same principal: they read the one ferry-worker-kafka).
-    assert secrets == {p: {f"{p}-kafka"} for p in (
+    assert secrets == {p: {kafka_secret(p)} for p in (
         "ferry-router", "ferry-gateway", "ferry-worker", "ferry-deployer", "ferry-control")}
-    assert principal_secrets(objects) == {f"{p}-kafka": {p} for p in secrets}
+    assert principal_secrets(objects) == {kafka_secret(p): {p} for p in secrets}
     # No Secret in the manifests: the operator creates them (README), none is committed.
     assert "Secret" not in {o["kind"] for o in objects}
     # A plaintext cluster as shipped; the protocol is one ConfigMap key away from SASL.
