@@ -1,14 +1,19 @@
 """Checks shared by the compose and Kubernetes tests: commands parsed by Ferry's own CLI
-parser (a wrong subcommand or flag fails), shell scripts' `ferry` lines, pinned images."""
+parser (a wrong subcommand or flag fails), shell scripts' `ferry` lines, pinned images, the
+Kafka principal each component connects as."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import os
 import re
 import shlex
+from collections.abc import Iterable, Mapping
+from unittest import mock
 
+from ferry import kafka_acls
 from ferry.cli import _parser
 
 _OPERATORS = {";", "&&", "||", "|", "&", "(", ")", ";;"}
@@ -18,11 +23,14 @@ _DEFAULT = re.compile(r"\$\{(\w+):?=([^}]*)\}")  # ${NAME:=default}
 _VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 
-def parse_ferry(argv: list[str]) -> argparse.Namespace | None:
+def parse_ferry(argv: list[str], env: Mapping[str, str] | None = None
+                ) -> argparse.Namespace | None:
     """`argv` parsed as `ferry` parses it (None for --help); AssertionError naming the
-    mistake when ferry would refuse it."""
+    mistake when ferry would refuse it. With `env`, flags' environment defaults (such as
+    FERRY_ROUTER_INSTANCE_ID) are read from it, as in the container, not from the tests'."""
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+            _container_environ(env):
         try:
             return _parser().parse_args(argv)
         except SystemExit as exc:
@@ -61,3 +69,31 @@ def image_pinned(image: str) -> bool:
         return True
     name, _, tag = image.rpartition(":")
     return bool(name) and "/" not in tag and tag != "latest" and any(c.isdigit() for c in tag)
+
+
+@contextlib.contextmanager
+def _container_environ(env: Mapping[str, str] | None):  # type: ignore[no-untyped-def]
+    if env is None:
+        yield
+        return
+    with mock.patch.dict(os.environ):
+        for name in [n for n in os.environ if n.startswith(("FERRY_", "KAFKA_"))]:
+            del os.environ[name]
+        os.environ.update(env)
+        yield
+
+
+# The Kafka principal of each component's `ferry` command (ferry/kafka_acls.py); any other
+# command (`ferry keys`, `ferry route`: the bootstrap job's) is the operator's, ferry-control.
+PRINCIPALS = {"router": kafka_acls.ROUTER, "worker": kafka_acls.WORKER,
+              "gateway": kafka_acls.GATEWAY, "deployer": kafka_acls.DEPLOYER,
+              "comparator": kafka_acls.COMPARATOR}
+KAFKA_VARS = ("FERRY_KAFKA_SECURITY_PROTOCOL", "FERRY_KAFKA_SASL_MECHANISM",
+              "FERRY_KAFKA_USERNAME", "FERRY_KAFKA_PASSWORD")
+CREDENTIALS = ("FERRY_KAFKA_USERNAME", "FERRY_KAFKA_PASSWORD")
+
+
+def principals(commands: Iterable[argparse.Namespace | None]) -> set[str]:
+    """The principals a process running these commands needs (one, when it is right)."""
+    return {PRINCIPALS.get(c.command, kafka_acls.CONTROL) for c in commands if c is not None
+            and c.command not in ("model", "schemas")}  # these two never touch Kafka

@@ -1,7 +1,8 @@
 """The compose stack, checked where no Docker engine runs: the Compose Specification's JSON
 Schema (vendored in compose/schema), then Ferry's own rules: every service health-gated,
 every image built or pinned, every `ferry` command parsed by Ferry's CLI parser, listeners
-and volumes that fit together, the CPU override, the image and what Prometheus scrapes."""
+and volumes that fit together, the CPU override, the image and what Prometheus scrapes, the
+router's static member id, each component's Kafka principal from variables of its own."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ import jsonschema
 import pytest
 import yaml
 
-from streams.rollout.launchers import LocalLauncher, ManifestLauncher, WorkerTemplate
+from edge.kafka_clients import KafkaSecurityError, security_from_env
+from streams.rollout.launchers import LocalLauncher, ManifestLauncher, WorkerTemplate, worker_kafka_env
 from streams.routing.registry import DeploymentRecord
-from tests.manifest_checks import ferry_invocations, image_pinned, parse_ferry
+from tests.manifest_checks import (
+    CREDENTIALS, ferry_invocations, image_pinned, parse_ferry, principals,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose"
@@ -118,13 +122,18 @@ def load(name: str) -> Any:
     return yaml.load((COMPOSE / name).read_text(), ComposeLoader)
 
 
+def merged(*names: str) -> dict[str, Any]:
+    """The project of `docker compose -f A -f B ...` before interpolation (${...} as written)."""
+    docs = [load(n) for n in names]
+    project = plain(docs[0])
+    for doc in docs[1:]:
+        project = merge(project, doc)
+    return project
+
+
 def effective(*names: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """The project Compose would run for `docker compose -f A -f B ...`, interpolated."""
-    docs = [load(n) for n in names]
-    merged = plain(docs[0])
-    for doc in docs[1:]:
-        merged = merge(merged, doc)
-    return interpolate(merged, env or {}, [])
+    return interpolate(merged(*names), env or {}, [])
 
 
 GPU = effective("docker-compose.yml")
@@ -518,3 +527,106 @@ async def test_rendered_compose_service_joins_the_stack(tmp_path: Path) -> None:
     assert service["deploy"]["replicas"] == 2
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
     assert WorkerTemplate().image == GPU["services"]["worker"]["image"]
+
+
+# ---- static membership and Kafka principals -------------------------------------------
+
+def service_env(service: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in service.get("environment", {}).items()}
+
+
+def parsed_commands(service: dict[str, Any]) -> list[Any]:
+    env = service_env(service)
+    return [parse_ferry(args, env) for args in ferry_commands(service)]
+
+
+@pytest.mark.parametrize("stack", STACKS, ids=str)
+def test_router_has_a_static_member_id(stack: str) -> None:
+    services = ferry_services(STACKS[stack])
+    [router] = parsed_commands(services["router"])
+    # Read from FERRY_ROUTER_INSTANCE_ID, as `ferry router` reads it in the container.
+    assert router.instance_id == services["router"]["environment"]["FERRY_ROUTER_INSTANCE_ID"]
+    assert router.instance_id and "replicas" not in services["router"].get("deploy", {})
+    ids = [p.instance_id for s in services.values() for p in parsed_commands(s)
+           if p is not None and p.command == "router"]
+    assert ids == [router.instance_id]  # unique: a second member with it would be fenced
+    # The worker's replicas share one environment: no static id they would all carry.
+    [worker] = parsed_commands(services["worker"])
+    assert worker.group_instance_id is None
+
+
+def credential_problems(project: dict[str, Any]) -> list[str]:
+    """Each Ferry service connects as its own principal: username and password from
+    variables named for it (FERRY_ROUTER_KAFKA_USERNAME...: never a literal password, never
+    another's), the username defaulting to the principal, the password to none; protocol and
+    mechanism from the stack's one pair of variables. `project` as written (`merged`)."""
+    problems, owners = [], {}
+    for name, service in ferry_services(project).items():
+        env = service_env(service)
+        needed = principals(parse_ferry(a, env) for a in ferry_commands(service))
+        if len(needed) != 1:
+            problems.append(f"{name}: runs as principals {sorted(needed)}, not one")
+            continue
+        [principal] = needed
+        prefix = f"FERRY_{principal.removeprefix('ferry-').upper()}_KAFKA"
+        wanted = {"FERRY_KAFKA_USERNAME": f"${{{prefix}_USERNAME:-{principal}}}",
+                  "FERRY_KAFKA_PASSWORD": f"${{{prefix}_PASSWORD:-}}",
+                  "FERRY_KAFKA_SECURITY_PROTOCOL": "${FERRY_KAFKA_SECURITY_PROTOCOL:-PLAINTEXT}",
+                  "FERRY_KAFKA_SASL_MECHANISM": "${FERRY_KAFKA_SASL_MECHANISM:-SCRAM-SHA-512}"}
+        for var, value in wanted.items():
+            if env.get(var) != value:  # never echo what is there: it may be a password
+                problems.append(f"{name}: {var} must be {value}")
+        for var in CREDENTIALS:
+            owners.setdefault(env.get(var), set()).add(principal)
+    problems += [f"{value} is shared by principals {sorted(users)}"
+                 for value, users in owners.items() if len(users) > 1 and value]
+    return problems
+
+
+@pytest.mark.parametrize("files", [("docker-compose.yml",),
+                                   ("docker-compose.yml", "docker-compose.cpu.yml")])
+def test_each_component_connects_as_its_own_principal(files: tuple[str, ...]) -> None:
+    assert credential_problems(merged(*files)) == []
+    components = ("ROUTER", "GATEWAY", "WORKER", "DEPLOYER", "CONTROL")
+    sasl = {"FERRY_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            **{f"FERRY_{c}_KAFKA_PASSWORD": f"pw-{c.lower()}" for c in components}}
+    # As shipped: plaintext, no password needed.
+    for name, service in ferry_services(effective(*files)).items():
+        assert security_from_env(service_env(service)).protocol == "PLAINTEXT", name
+    # On SASL each service connects as its own principal with its own password.
+    logins = {name: security_from_env(service_env(service))
+              for name, service in ferry_services(effective(*files, env=sasl)).items()}
+    assert {n: (s.protocol, s.username) for n, s in logins.items()} == {
+        "bootstrap": ("SASL_PLAINTEXT", "ferry-control"),
+        "router": ("SASL_PLAINTEXT", "ferry-router"),
+        "gateway": ("SASL_PLAINTEXT", "ferry-gateway"),
+        "worker": ("SASL_PLAINTEXT", "ferry-worker"),
+        "deployer": ("SASL_PLAINTEXT", "ferry-deployer")}
+    assert len({s.password for s in logins.values()}) == len(logins)
+    # The deployer's local workers connect as the worker service does, not as the deployer.
+    services = effective(*files, env=sasl)["services"]
+    assert security_from_env(worker_kafka_env(service_env(services["deployer"]))) == \
+        logins["worker"]
+    # SASL without a component's password: that component refuses to start, naming it.
+    unset = effective(*files, env={**sasl, "FERRY_GATEWAY_KAFKA_PASSWORD": ""})
+    with pytest.raises(KafkaSecurityError, match="FERRY_KAFKA_PASSWORD"):
+        security_from_env(service_env(unset["services"]["gateway"]))
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: s["gateway"]["environment"].update(
+        FERRY_KAFKA_USERNAME="${FERRY_ROUTER_KAFKA_USERNAME:-ferry-router}"),
+     "FERRY_ROUTER_KAFKA_USERNAME:-ferry-router} is shared"),
+    (lambda s: s["router"]["environment"].update(FERRY_KAFKA_PASSWORD="hunter2"),
+     "router: FERRY_KAFKA_PASSWORD must be ${FERRY_ROUTER_KAFKA_PASSWORD:-}"),
+    (lambda s: s["worker"]["environment"].pop("FERRY_KAFKA_SECURITY_PROTOCOL"),
+     "worker: FERRY_KAFKA_SECURITY_PROTOCOL must be"),
+    (lambda s: s["bootstrap"]["environment"].pop("FERRY_KAFKA_USERNAME"),
+     "bootstrap: FERRY_KAFKA_USERNAME must be ${FERRY_CONTROL_KAFKA_USERNAME:-ferry-control}"),
+])
+def test_credential_rule_catches_mistakes(change: Any, problem: str) -> None:
+    project = merged("docker-compose.yml")
+    change(project["services"])
+    found = credential_problems(project)
+    assert any(problem in p for p in found), found
+    assert not any("hunter2" in p for p in found)

@@ -3,10 +3,12 @@ Deployment the deployer renders for a checkpoint, checked without a cluster: eve
 loads into the official client's typed models with nothing dropped or coerced, then Ferry's
 own rules (probes on the endpoints the components really serve, pinned images, no
 loopback, the bootstrap from the ConfigMap, the store as a read-only claim that exists, GPU
-limits, `ferry` arguments that Ferry's CLI parser accepts)."""
+limits, `ferry` arguments that Ferry's CLI parser accepts, static group membership from a
+StatefulSet's pod names, each component's Kafka principal from a Secret of its own)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import json
@@ -23,7 +25,9 @@ from kubernetes.client import ApiClient
 
 from streams.rollout.launchers import ManifestLauncher, WorkerTemplate, is_loopback
 from streams.routing.registry import DeploymentRecord
-from tests.manifest_checks import ferry_invocations, image_pinned, parse_ferry
+from tests.manifest_checks import (
+    CREDENTIALS, KAFKA_VARS, ferry_invocations, image_pinned, parse_ferry, principals,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "compose" / "k8s"
@@ -181,6 +185,8 @@ def environment(container: dict[str, Any], maps: dict[str, dict[str, str]],
                 problems.append(f"{container['name']}: {var['name']} from missing "
                                 f"{ref['name']}/{ref['key']}")
             env[var["name"]] = maps.get(ref["name"], {}).get(ref["key"], "")
+        elif ref := var["valueFrom"].get("secretKeyRef"):  # the cluster's, as a placeholder
+            env[var["name"]] = f"<secret {ref['name']}/{ref['key']}>"
         else:
             env[var["name"]] = f"<{var['valueFrom']['fieldRef']['fieldPath']}>"
     return env
@@ -258,6 +264,12 @@ def rule_problems(objects: list[dict[str, Any]]) -> list[str]:
         selector = obj["spec"].get("selector", {}).get("matchLabels", {})
         if obj["kind"] != "Job" and not selector.items() <= template["metadata"]["labels"].items():
             problems.append(f"{name}: selector {selector} does not select its pods")
+        if obj["kind"] == "StatefulSet":  # its pods' DNS names come from a headless Service
+            governing = next((s for s in services
+                              if s["metadata"]["name"] == obj["spec"].get("serviceName")), None)
+            if governing is None or governing["spec"].get("clusterIP") != "None" or not \
+                    governing["spec"]["selector"].items() <= template["metadata"]["labels"].items():
+                problems.append(f"{name}: serviceName is not a headless Service of its pods")
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         templates = {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
         for volume in volumes.values():
@@ -291,7 +303,10 @@ def rule_problems(objects: list[dict[str, Any]]) -> list[str]:
                     if action in probe and port_number(container, probe[action]["port"]) is None:
                         problems.append(f"{where}: {kind} on an undeclared port")
             if is_ferry(container):
-                problems += _ferry_problems(where, obj, template, container, env, volumes)
+                problems += _ferry_problems(where, obj, template, container, env, volumes, maps)
+    for secret, users in principal_secrets(objects).items():
+        if len(users) > 1:
+            problems.append(f"Secret {secret} is shared by principals {sorted(users)}")
     for service in services:
         pods = [t for _, t in pod_specs(objects)
                 if service["spec"]["selector"].items() <= t["metadata"]["labels"].items()]
@@ -306,8 +321,9 @@ def rule_problems(objects: list[dict[str, Any]]) -> list[str]:
 
 def _ferry_problems(where: str, obj: dict[str, Any], template: dict[str, Any],
                     container: dict[str, Any], env: dict[str, str],
-                    volumes: dict[str, Any]) -> list[str]:
+                    volumes: dict[str, Any], maps: dict[str, dict[str, str]]) -> list[str]:
     problems = []
+    commands: list[argparse.Namespace] = []
     bootstrap = next((v for v in container.get("env", []) if v["name"] == "KAFKA_BOOTSTRAP"),
                      None)
     if not env.get("KAFKA_BOOTSTRAP") or (bootstrap is not None and "value" in bootstrap):
@@ -318,12 +334,13 @@ def _ferry_problems(where: str, obj: dict[str, Any], template: dict[str, Any],
         if unresolved := [a for a in args if "$(" in a]:
             problems.append(f"{where}: unresolved {unresolved}")
         try:
-            parsed = parse_ferry(args)
+            parsed = parse_ferry(args, env)
         except AssertionError as exc:
             problems.append(f"{where}: {exc}")
             continue
         if parsed is None:
             continue
+        commands.append(parsed)
         if getattr(parsed, "bootstrap", None):
             problems.append(f"{where}: --bootstrap in args (it belongs in the ConfigMap)")
         if parsed.command == "gateway" and parsed.host in ("127.0.0.1", "localhost", "::1"):
@@ -353,7 +370,118 @@ def _ferry_problems(where: str, obj: dict[str, Any], template: dict[str, Any],
             if not (mount and mount.get("readOnly")
                     and source.get("persistentVolumeClaim", {}).get("readOnly")):
                 problems.append(f"{where}: model store {parsed.store} not a read-only claim")
+    return (problems + _membership_problems(where, obj, commands)
+            + _kafka_security_problems(where, container, commands, maps))
+
+
+# The flag of each command that makes it a static group member (env defaults:
+# FERRY_ROUTER_INSTANCE_ID, FERRY_GROUP_INSTANCE_ID).
+_MEMBER_ID = {"router": "instance_id", "worker": "group_instance_id"}
+POD_NAME = "<metadata.name>"  # what `environment` gives a fieldRef to the pod's name
+
+
+def _membership_problems(where: str, obj: dict[str, Any],
+                         commands: list[argparse.Namespace]) -> list[str]:
+    """A StatefulSet's pods keep their names: each one's name is its static member id (a
+    restart takes its partitions back at once). A Deployment's pods get new names, so a
+    static id there would only keep a dead member's partitions waiting; the router's
+    failover depends on one, so it must be a StatefulSet."""
+    problems = []
+    for parsed in commands:
+        attr = _MEMBER_ID.get(parsed.command)
+        if attr is None or obj["kind"] == "Job":
+            continue
+        member = getattr(parsed, attr)
+        if obj["kind"] == "StatefulSet" and member != POD_NAME:
+            problems.append(f"{where}: `ferry {parsed.command}` in a StatefulSet needs its pod "
+                            f"name as static member id, has {member!r}")
+        elif obj["kind"] != "StatefulSet" and parsed.command == "router":
+            problems.append(f"{where}: the router must be a StatefulSet (static membership "
+                            f"by pod name), not a {obj['kind']}")
+        elif obj["kind"] != "StatefulSet" and member is not None:
+            problems.append(f"{where}: static member id {member!r} in a {obj['kind']}, whose "
+                            "pods' names never come back")
     return problems
+
+
+def kafka_sources(container: dict[str, Any], maps: dict[str, dict[str, str]]
+                  ) -> dict[str, tuple[str, str, str, bool]]:
+    """Where each FERRY_KAFKA_* security variable comes from, env over envFrom as the
+    kubelet resolves it: (kind, name, key, optional), kind one of configMap, secret (a
+    secretKeyRef), secretRef (a whole Secret by envFrom: any key may be in it), value (a
+    literal), fieldRef."""
+    sources: dict[str, tuple[str, str, str, bool]] = {}
+    for source in container.get("envFrom", []):
+        if ref := source.get("secretRef"):
+            sources.update({v: ("secretRef", ref["name"], v, ref.get("optional", False))
+                            for v in KAFKA_VARS})
+        else:
+            name = source["configMapRef"]["name"]
+            sources.update({v: ("configMap", name, v, False)
+                            for v in KAFKA_VARS if v in maps.get(name, {})})
+    for var in container.get("env", []):
+        if var["name"] not in KAFKA_VARS:
+            continue
+        if "value" in var:
+            sources[var["name"]] = ("value", "", "", False)  # never echo a password
+            continue
+        kind, ref = next(iter(var["valueFrom"].items()))
+        kind = {"configMapKeyRef": "configMap", "secretKeyRef": "secret"}.get(kind, kind)
+        sources[var["name"]] = (kind, ref.get("name", ""), ref.get("key", ""),
+                                ref.get("optional", False))
+    return sources
+
+
+def kafka_secret(principal: str) -> str:
+    """The Secret the operator creates for a principal's username and password."""
+    return f"{principal}-kafka"
+
+
+def _kafka_security_problems(where: str, container: dict[str, Any],
+                             commands: list[argparse.Namespace],
+                             maps: dict[str, dict[str, str]]) -> list[str]:
+    """Least privilege: each component connects as its own principal, its username and
+    password from its own Secret (never a literal; a secretKeyRef not optional, so a pod
+    without its credentials never starts); protocol and mechanism from the ConfigMap, one
+    setting for the whole stack. A Deployment the deployer renders takes the worker's whole
+    Secret by envFrom (streams/rollout/launchers.py), protocol included."""
+    needed = principals(commands)
+    if len(needed) != 1:
+        return [f"{where}: runs as principals {sorted(needed)}, not one"] if needed else []
+    [principal] = needed
+    secret, sources = kafka_secret(principal), kafka_sources(container, maps)
+    problems = []
+    for var in CREDENTIALS:
+        kind, name, key, optional = sources.get(var, ("unset", "", "", False))
+        if kind not in ("secret", "secretRef") or name != secret:
+            problems.append(f"{where}: {var} must come from Secret {secret} ({principal}), "
+                            f"not {kind} {name}".rstrip())
+        elif kind == "secret" and (optional or key != var):
+            problems.append(f"{where}: {var} from {name}/{key}: key {var}, optional: false")
+    for var in ("FERRY_KAFKA_SECURITY_PROTOCOL", "FERRY_KAFKA_SASL_MECHANISM"):
+        kind, name, _, _ = sources.get(var, ("unset", "", "", False))
+        if kind != "configMap" and (kind, name) != ("secretRef", secret):
+            problems.append(f"{where}: {var} must come from the ConfigMap, not {kind}")
+    return problems
+
+
+def principal_secrets(objects: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Secret -> the principals of the Ferry containers whose credentials it gives."""
+    maps, users = config_maps(objects), dict[str, set[str]]()
+    for _, container in containers(objects):
+        if not is_ferry(container):
+            continue
+        env = environment(container, maps, [])
+        try:
+            parsed = [parse_ferry(a, env) for a in ferry_commands(container, env)]
+        except AssertionError:  # a command ferry refuses: its own problem
+            continue
+        sources = kafka_sources(container, maps)
+        for var in CREDENTIALS:
+            kind, name, _, _ = sources.get(var, ("unset", "", "", False))
+            if kind in ("secret", "secretRef"):
+                users.setdefault(name, set()).update(principals(parsed))
+    return users
 
 
 # ---- the tests ---------------------------------------------------------------------------
@@ -384,7 +512,8 @@ def test_every_object_loads_into_the_typed_models(overlay: str, tmp_path: Path) 
 
 
 def test_typed_check_refuses_unknown_and_missing_fields() -> None:
-    [worker] = [o for o in build("cpu") if o["metadata"]["name"] == "ferry-worker"]
+    [worker] = [o for o in build("cpu") if o["metadata"]["name"] == "ferry-worker"
+                and o["kind"] == "StatefulSet"]
     unknown = copy.deepcopy(worker)
     unknown["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
     assert "readinessProbes: unknown to the model" in typed_problem(unknown)
@@ -414,6 +543,26 @@ def test_manifests_follow_ferrys_rules(overlay: str, tmp_path: Path) -> None:
     (lambda o: [x for x in o if x["kind"] == "PersistentVolumeClaim"
                 and x["metadata"]["name"] == "ferry-models"][0]["metadata"].update(
         name="models"), "claim ferry-models is not in the manifests"),
+    # Static membership: the router's id is its StatefulSet pod's name.
+    (lambda o: _workload(o, "ferry-router").update(kind="Deployment"),
+     "the router must be a StatefulSet"),
+    (lambda o: _container(o, "ferry-router")["env"].remove(
+        _env(o, "ferry-router", "FERRY_ROUTER_INSTANCE_ID")), "needs its pod name"),
+    (lambda o: _env(o, "ferry-worker", "FERRY_GROUP_INSTANCE_ID")["valueFrom"]["fieldRef"]
+     .update(fieldPath="metadata.uid"), "needs its pod name"),
+    (lambda o: _workload(o, "ferry-router")["spec"].update(serviceName="ferry-gateway"),
+     "serviceName is not a headless Service"),
+    # Kafka principals: each its own Secret, never a literal, protocol from the ConfigMap.
+    (lambda o: _env(o, "ferry-gateway", "FERRY_KAFKA_USERNAME")["valueFrom"]["secretKeyRef"]
+     .update(name="ferry-router-kafka"), "Secret ferry-router-kafka is shared"),
+    (lambda o: _literal(o, "ferry-deployer", "FERRY_KAFKA_PASSWORD", "hunter2"),
+     "FERRY_KAFKA_PASSWORD must come from Secret ferry-deployer-kafka"),
+    (lambda o: _container(o, "ferry-bootstrap")["env"].remove(
+        _env(o, "ferry-bootstrap", "FERRY_KAFKA_USERNAME")), "FERRY_KAFKA_USERNAME must come"),
+    (lambda o: _env(o, "ferry-worker", "FERRY_KAFKA_PASSWORD")["valueFrom"]["secretKeyRef"]
+     .update(optional=True), "optional: false"),
+    (lambda o: _literal(o, "ferry-router", "FERRY_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+     "FERRY_KAFKA_SECURITY_PROTOCOL must come from the ConfigMap"),
 ])
 def test_rules_catch_mistakes(change: Any, problem: str) -> None:
     objects = build("gpu")
@@ -423,6 +572,21 @@ def test_rules_catch_mistakes(change: Any, problem: str) -> None:
 
 def _container(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
     return next(c for o, c in containers(objects) if o["metadata"]["name"] == name)
+
+
+def _workload(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(o for o, _ in pod_specs(objects) if o["metadata"]["name"] == name)
+
+
+def _env(objects: list[dict[str, Any]], workload: str, var: str) -> dict[str, Any]:
+    return next(v for v in _container(objects, workload)["env"] if v["name"] == var)
+
+
+def _literal(objects: list[dict[str, Any]], workload: str, var: str, value: str) -> None:
+    """`var` written into the manifest instead of taken from where it belongs."""
+    entry = _env(objects, workload, var)
+    del entry["valueFrom"]
+    entry["value"] = value
 
 
 def _config(objects: list[dict[str, Any]]) -> dict[str, str]:
@@ -475,7 +639,8 @@ def test_rendered_deployment_fits_the_stack(overlay: str, tmp_path: Path) -> Non
 
 def test_kafka_statefulset_and_bootstrap() -> None:
     objects = build("gpu")
-    [kafka] = [o for o in objects if o["kind"] == "StatefulSet"]
+    [kafka] = [o for o in objects if o["kind"] == "StatefulSet"
+               and o["metadata"]["name"] == "kafka"]
     container = kafka["spec"]["template"]["spec"]["containers"][0]
     env = environment(container, {}, [])
     assert kafka["spec"]["template"]["spec"]["enableServiceLinks"] is False
@@ -499,3 +664,67 @@ def test_kafka_statefulset_and_bootstrap() -> None:
     assert ["route", "set", maps["ferry-config"]["FERRY_ALIAS"],
             f"{served.deployment}=100", "--force"] in commands
     assert ["keys", "add", maps["ferry-config"]["FERRY_TENANT"]] in commands
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_router_and_worker_take_their_pod_names_as_static_member_ids(
+        overlay: str, tmp_path: Path) -> None:
+    objects = build(overlay)
+    maps = config_maps(objects)
+    for name, command, attr in (("ferry-router", "router", "instance_id"),
+                                ("ferry-worker", "worker", "group_instance_id")):
+        [workload] = [o for o, _ in pod_specs(objects) if o["metadata"]["name"] == name]
+        assert workload["kind"] == "StatefulSet"
+        headless = next(o for o in objects if o["kind"] == "Service"
+                        and o["metadata"]["name"] == workload["spec"]["serviceName"])
+        assert headless["spec"]["clusterIP"] == "None"
+        container = _container(objects, name)
+        # The kubelet gives each pod its own name (ferry-router-0, -1, ...): each reaches
+        # `ferry router` as its id, through the flag's environment default.
+        ids = set()
+        for ordinal in range(3):
+            pod = f"{name}-{ordinal}"
+            env = {k: v.replace(POD_NAME, pod)
+                   for k, v in environment(container, maps, []).items()}
+            [args] = ferry_commands(container, env)
+            parsed = parse_ferry(args, env)
+            assert (parsed.command, getattr(parsed, attr)) == (command, pod)
+            ids.add(getattr(parsed, attr))
+        assert len(ids) == 3
+    # What the deployer renders per checkpoint is a Deployment: no static id.
+    checkpoint = rendered(overlay, tmp_path)
+    assert checkpoint["kind"] == "Deployment"
+    [container] = checkpoint["spec"]["template"]["spec"]["containers"]
+    env = environment(container, maps, [])
+    assert parse_ferry(ferry_commands(container, env)[0], env).group_instance_id is None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_component_connects_as_its_own_principal(overlay: str, tmp_path: Path) -> None:
+    objects = build(overlay) + [rendered(overlay, tmp_path)]
+    maps = config_maps(objects)
+    secrets: dict[str, set[str]] = {}
+    for obj, container in containers(objects):
+        if not is_ferry(container):
+            continue
+        env = environment(container, maps, [])
+        [principal] = principals(parse_ferry(a, env) for a in ferry_commands(container, env))
+        sources = kafka_sources(container, maps)
+        secrets.setdefault(principal, set()).update(
+            sources[var][1] for var in CREDENTIALS)
+        if obj["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by"):
+            continue  # rendered: the worker's whole Secret by envFrom (streams/rollout/launchers.py)
+        for var in CREDENTIALS:
+            assert sources[var] == ("secret", kafka_secret(principal), var, False), var
+        for var in ("FERRY_KAFKA_SECURITY_PROTOCOL", "FERRY_KAFKA_SASL_MECHANISM"):
+            assert sources[var][:2] == ("configMap", "ferry-config")
+            assert env[var] == maps["ferry-config"][var]
+    # One Secret per principal, none shared (the static worker and the rendered ones are
+    # the same principal: they read the one ferry-worker-kafka).
+    assert secrets == {p: {kafka_secret(p)} for p in (
+        "ferry-router", "ferry-gateway", "ferry-worker", "ferry-deployer", "ferry-control")}
+    assert principal_secrets(objects) == {kafka_secret(p): {p} for p in secrets}
+    # No Secret in the manifests: the operator creates them (README), none is committed.
+    assert "Secret" not in {o["kind"] for o in objects}
+    # A plaintext cluster as shipped; the protocol is one ConfigMap key away from SASL.
+    assert maps["ferry-config"]["FERRY_KAFKA_SECURITY_PROTOCOL"] == "PLAINTEXT"
