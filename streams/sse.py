@@ -5,10 +5,10 @@ while its attempts run; `send_events` writes them in OpenAI's chunk format as th
 the role (chat), the echoed prompt (completions with echo), text pieces with their tokens'
 logprobs when asked, each choice's finish reason (n > 1: every choice with its `index`, as
 soon as that choice ends: the worker's last delta of it says so, else the result), the
-usage chunk if asked, `[DONE]`. The first byte waits for the first piece of text or the result, so a request the worker
-refuses is still answered with an HTTP error, not a stream. A failure after text was sent
-(a retry or re-run that would contradict it, an error result) ends the stream with one
-error event: text already shown is never repeated or replaced.
+usage chunk if asked, `[DONE]`. The first byte waits for the first piece of text or the
+result, so a request the worker refuses is still answered with an HTTP error, not a stream.
+A failure after text was sent (a retry or re-run that would contradict it, an error result)
+ends the stream with one error event: text already shown is never repeated or replaced.
 """
 
 from __future__ import annotations
