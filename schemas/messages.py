@@ -309,12 +309,18 @@ class Delta:
         "If the request asked (prompt_logprobs): the prompt's, as in Result.prompt_logprobs "
         "(the first null), in a delta of its own with no tokens: choice 0's first, published "
         "before any sample's tokens."))
+    finish_reason: Literal["stop", "length"] | None = field(default=None, metadata=spec(
+        "Set on the last delta of a choice (of this source), the moment that choice stops: "
+        "stop (end-of-sequence, a stop token or string) or length (max_new_tokens), as "
+        "Result.choices[choice].finish_reason; it flushes any text held back, so the "
+        "choice's deltas then concatenate to its whole text (it may carry no tokens). A "
+        "choice of n > 1 that ends before the others is known done before the result."))
     schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(
         "Version of this schema.", minimum=1))
 
     def to_dict(self) -> dict[str, Any]:
-        """The record as published: unset fields (no logprobs asked, choice 0) are left out,
-        so a plain delta costs what it did before they existed."""
+        """The record as published: unset fields (no logprobs asked, choice 0, no finish yet)
+        are left out, so a plain delta costs what it did before they existed."""
         out = {k: v for k, v in vars(self).items() if v is not None}
         if not self.choice:
             del out["choice"]

@@ -32,6 +32,8 @@ from schemas.topics import API_KEY_HEADER, DELTAS_TOPIC, stream_topic_problem
 from streams.front.client import FerryClient
 from streams.front.deltas import Diverged, MergedStream
 from streams.routing.keys import add_key
+from streams.front.openai_format import reason_chunk
+from streams.front.sse import LiveCall
 from tests.conftest import wait_for
 from tests.test_crash import spawn_worker
 from tests.test_poison import dead_letters_for, end_offset, post_raw
@@ -196,6 +198,104 @@ def test_merged_choices_logprobs_and_prompt_complete_from_the_result() -> None:
         merged.add(Delta("r", "m", "c", 0, 0, [9], "z", choice=1))
 
 
+def test_a_samples_last_delta_flushes_the_rest_and_names_its_end(tiny_model: Path) -> None:
+    tok = load_tokenizer(tiny_model)
+    assert tok is not None
+    text = "Hello boat ST"
+    ids = tok.encode(text, add_special_tokens=False)
+    # Ended by length: the text held back for the stop string comes with the reason.
+    stream = DeltaStream("r", "m", "s", tok, stop=["STOP!"])
+    sent = [d for t in ids[:-1] if (d := stream.push([t])) is not None]
+    last = stream.finish(ids, text, "length", ids[-1:])  # the step's token comes with it
+    assert last is not None and last.finish_reason == "length" and last.text
+    assert "".join(d.text for d in [*sent, last]) == text
+    assert [t for d in [*sent, last] for t in d.token_ids] == ids
+    assert (last.seq, last.index) == (len(sent), sum(len(d.token_ids) for d in sent))
+    assert all("finish_reason" not in d.to_dict() for d in sent)
+    assert decode_delta(encode(last.to_dict())) == last
+    assert stream.push([5]) is None and stream.finish(ids, text, "stop") is None  # ended once
+    # Ended by a stop string: the engine cut the text and tokens pushed before (the step
+    # that completed it pushed nothing); what was sent never goes past the cut.
+    cut = DeltaStream("r", "m", "s", tok, stop=["boat S"])
+    hit = next(k for k in range(len(ids)) if "boat S" in tok.decode(ids[:k + 1]))
+    sent = [d for t in ids[:hit] if (d := cut.push([t])) is not None]
+    final = tok.decode(ids[:hit + 1]).split("boat S")[0]
+    keep = max(k for k in range(hit + 1) if len(tok.decode(ids[:k])) <= len(final))
+    last = cut.finish(ids[:keep], final, "stop")
+    assert last is not None and last.finish_reason == "stop"
+    assert "".join(d.text for d in [*sent, last]) == final
+    assert [t for d in [*sent, last] for t in d.token_ids] == ids[:keep]
+    # Nothing left to flush: an empty delta ends it; an end that contradicts what was sent
+    # is not vouched for (the result says it).
+    bare = DeltaStream("r", "m", "s", None)
+    assert bare.push([5, 6]) is not None
+    assert bare.finish([5, 6], "", "stop") == Delta("r", "m", "s", 1, 2, [], "",
+                                                    finish_reason="stop")
+    wrong = DeltaStream("r", "m", "s", None)
+    wrong.push([5, 6])
+    assert wrong.finish([7], "", "stop") is None
+    # n > 1 with logprobs: a sample's end carries its last token's logprob.
+    entries = [TokenLogprobs(t, -1.0, ((t, -1.0),)) for t in ids]
+    request = Request(id="r", model="m", prompt="x", n=2, logprobs=1, stream_to=DELTAS_TOPIC)
+    per_request = RequestStream(request, "m", "s", tok)
+    first = per_request.push(1, ids[:1], entries[0])
+    end = per_request.finish(1, ids[:2], tok.decode(ids[:2]), "length", ids[1:2], entries[1])
+    assert end is not None and (end.choice, end.finish_reason) == (1, "length")
+    pieces = [p for p in (first, end) if p is not None]
+    assert [e for p in pieces for e in p.logprobs or []] == records(entries[:2], tok)
+    alone = per_request.finish(0, [], "", "stop")  # a sample that ended before any token
+    assert alone is not None and (alone.choice, alone.seq, alone.token_ids) == (0, 0, [])
+
+
+def test_merged_choices_end_once_as_soon_as_their_last_delta_says() -> None:
+    def d(source: str, choice: int, seq: int, ids: list[int], text: str,
+          reason: str | None = None) -> Delta:
+        return Delta("r", "m", source, seq, 0, ids, text, choice=choice,
+                     finish_reason=reason)  # type: ignore[arg-type]
+
+    merged = MergedStream("r")
+    assert merged.add(d("a", 1, 0, [3], "c")).finish_reason is None  # type: ignore[union-attr]
+    end = merged.add(d("a", 1, 1, [], "", "stop"))  # nothing left to flush: an empty end
+    assert end is not None and (end.choice, end.text, end.finish_reason) == (1, "", "stop")
+    assert merged.add(d("b", 1, 0, [3], "c", "stop")) is None  # an agreeing re-run: once
+    both = merged.add(d("a", 0, 0, [1, 2], "ab", "length"))   # its text and its end at once
+    assert both is not None and (both.text, both.finish_reason) == ("ab", "length")
+    merged.add(d("a", 2, 0, [5, 6], "ef"))
+    assert merged.add(d("b", 2, 0, [5], "e", "stop")) is None  # ends short of what was shown
+    result = Result(id="r", model="m", output_ids=[1, 2], text="ab", choices=[
+        Choice(0, [1, 2], "ab", "length"), Choice(1, [3], "c", "stop"),
+        Choice(2, [5, 6, 7], "efg", "length")])
+    rest = merged.finish(result)  # only what no delta ended
+    assert [(p.choice, p.text, p.finish_reason) for p in rest] == [(2, "g", "length")]
+    with pytest.raises(Diverged):  # nothing of a choice after its end
+        merged.add(d("c", 1, 0, [3, 4], "cd"))
+    # Deltas that never name an end (an older worker): the result ends every choice, in
+    # order, the one it adds no text to with an empty piece.
+    old = MergedStream("r")
+    old.add(d("a", 0, 0, [1, 2], "ab"))
+    old.add(d("a", 1, 0, [3], "c"))
+    assert [(p.choice, p.text, p.finish_reason) for p in old.finish(result)] == [
+        (0, "", "length"), (1, "", "stop"), (2, "efg", "length")]
+
+
+def test_live_call_shows_a_choices_end_before_the_rest_of_the_others() -> None:
+    live = LiveCall("r", n=2)
+    live.deployment = "m"
+    for delta in (Delta("r", "m", "a", 0, 0, [1], "a"),
+                  Delta("r", "m", "a", 0, 0, [3], "c", choice=1),
+                  Delta("r", "m", "a", 1, 1, [], "", choice=1, finish_reason="stop"),
+                  Delta("r", "m", "a", 1, 1, [2], "b"),
+                  Delta("r", "x", "z", 0, 0, [9], "z", choice=1)):  # another backend: unheard
+        live.on_delta(delta)
+    live.complete(Result(id="r", model="m", output_ids=[1, 2, 4], text="abd", choices=[
+        Choice(0, [1, 2, 4], "abd", "length"), Choice(1, [3], "c", "stop")]))
+    # The order send_events writes them in: each piece's text, then its choice's end.
+    assert [(p.choice, p.text, p.finish_reason) for p in live.pieces] == [
+        (0, "a", None), (1, "c", None), (1, "", "stop"), (0, "b", None), (0, "d", "length")]
+    assert reason_chunk({"id": "r"}, True, "stop", 3)["choices"] == [
+        {"index": 3, "delta": {}, "finish_reason": "stop", "logprobs": None}]
+
+
 # ---- on the broker ------------------------------------------------------------------------
 
 async def test_deltas_arrive_before_the_result_and_add_up_to_it(
@@ -339,6 +439,91 @@ async def test_openai_streams_token_by_token(start_worker, start_gateway, unique
                                         {"route": "/v1/completions"}) >= 1
     assert gw.registry.get_sample_value("ferry_gateway_inter_token_latency_seconds_count",
                                         {"route": "/v1/chat/completions"}) >= 1
+
+
+# Seeded so that the tiny model's samples end at different steps: one at end-of-sequence
+# within a few tokens, others at max_new_tokens (the stop string makes text wait too).
+EARLY_END = {"prompt": "The ship", "temperature": 1.0, "seed": 7, "n": 3, "stop": ["partition"]}
+
+
+async def test_each_samples_last_delta_names_its_end_as_it_ends(
+        start_worker, client: FerryClient, read_topic, unique) -> None:
+    dep = unique("stream-end")
+    await start_worker(dep)
+    [_ async for _ in client.stream(Request(id=unique("w"), model=dep, prompt="x",
+                                            max_new_tokens=2))]  # the stream topic is warm
+    request = Request(id=unique("e"), model=dep, max_new_tokens=24, logprobs=1,
+                      **EARLY_END)  # type: ignore[arg-type]
+    events = [e async for e in client.stream(request)]
+    result = events[-1]
+    assert isinstance(result, Result) and result.error is None and result.choices is not None
+    reasons = {c.finish_reason for c in result.choices}
+    assert reasons == {"stop", "length"}, result.choices  # they end at different steps
+    for choice in result.choices:  # each choice's pieces end once, with its reason
+        mine = [e for e in events[:-1] if isinstance(e, Delta) and e.choice == choice.index]
+        assert [p.finish_reason for p in mine] == [None] * (len(mine) - 1) + [
+            choice.finish_reason]
+        assert "".join(p.text for p in mine) == choice.text
+    # On Kafka: every choice's records end with one naming its reason; they concatenate to
+    # the whole of the choice (held-back text flushed), and an early end comes before the
+    # other choices' later tokens.
+    key = request.id.encode()
+    ends = await read_topic(client.stream_to, 3, where=lambda m: m.key == key and decode_delta(
+        m.value).finish_reason is not None)
+    [partition] = {m.partition for m in ends}
+    last = max(m.offset for m in ends)
+    upto = await read_topic(client.stream_to, last + 1,  # every record up to the last end
+                            where=lambda m: m.partition == partition and m.offset <= last)
+    deltas = [decode_delta(m.value) for m in upto if m.key == key]
+    for choice in result.choices:
+        mine = [d for d in deltas if d.choice == choice.index]
+        assert [d.finish_reason for d in mine] == [None] * (len(mine) - 1) + [
+            choice.finish_reason]
+        assert "".join(d.text for d in mine) == choice.text
+        assert [t for d in mine for t in d.token_ids] == choice.output_ids
+        assert [e for d in mine for e in d.logprobs or []] == choice.logprobs
+    first_end = next(k for k, d in enumerate(deltas) if d.finish_reason is not None)
+    assert deltas[first_end].finish_reason == "stop"
+    assert any(d.token_ids and d.choice != deltas[first_end].choice
+               for d in deltas[first_end + 1:])
+    plain = await client.request(Request(id=unique("p"), model=dep, max_new_tokens=24,
+                                         logprobs=1, **EARLY_END))  # type: ignore[arg-type]
+    assert plain.choices == result.choices  # streaming changes nothing about the answer
+
+
+async def test_openai_stream_ends_each_choice_as_it_finishes(start_worker, start_gateway,
+                                                             unique) -> None:
+    dep = unique("sse-n")
+    await start_worker(dep)
+    gw = await start_gateway()
+    async with gw.openai() as client:
+        [_ async for _ in await client.completions.create(model=dep, prompt="x", max_tokens=2,
+                                                          stream=True)]  # warm the path
+        args = {"model": dep, "max_tokens": 24, **EARLY_END}
+        plain = await client.completions.create(**args)
+        want = {c.index: c for c in plain.choices}
+        assert sorted(want) == [0, 1, 2]
+        early = [i for i, c in want.items() if c.finish_reason == "stop"]
+        late = [i for i, c in want.items() if c.finish_reason == "length"]
+        assert early and late, plain.choices  # lengths differ: one ends steps before another
+        chunks = [c async for c in await client.completions.create(
+            **args, stream=True, stream_options={"include_usage": True})]
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+        events = [(k, c.choices[0]) for k, c in enumerate(chunks[:-1])]
+        assert all(len(c.choices) == 1 for c in chunks[:-1])
+        ends: dict[int, int] = {}
+        for i, choice in want.items():
+            texts = [(k, c.text) for k, c in events if c.index == i and c.text]
+            finishes = [(k, c.finish_reason) for k, c in events
+                        if c.index == i and c.finish_reason is not None]
+            assert [r for _, r in finishes] == [choice.finish_reason]  # exactly one end
+            ends[i] = finishes[0][0]
+            assert "".join(t for _, t in texts) == choice.text
+            assert not texts or texts[-1][0] < ends[i]  # after its last text
+        # The early choice's end is sent while a later one still streams its tokens.
+        after = [k for k, c in events if c.index in late and c.text and k > ends[early[0]]]
+        assert len(after) >= 2, chunks
 
 
 async def test_caller_disconnect_cancels_the_row(long_worker, start_gateway, unique) -> None:

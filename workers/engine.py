@@ -139,6 +139,9 @@ class StepOutput:
     # them), and a request's prompt logprobs the step its first token is sampled.
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # row id ->
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # request id ->
+    # Samples of a request with n > 1 that ended this step while others run on (row id -> its
+    # Choice), so a stream can finish them before the request; the request's end is `finished`.
+    ended: dict[str, Choice] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -610,6 +613,8 @@ class Engine:
              error: str | None = None) -> None:
         if (done := self._finish(req, reason, error)) is not None:
             out.finished.append(done)
+        elif req.group is not None and req.index in req.group.choices:
+            out.ended[req.sid] = req.group.choices[req.index]
 
     def _fork(self, group: _Group, index: int) -> _Request:
         """Sample `index` of a group, drawing its first token from sample 0's logits this

@@ -6,9 +6,10 @@ a byte-level token that completes a character comes out right, and nothing is em
 the window ends inside a UTF-8 character (the decoder shows U+FFFD there). Text a stop
 string could still remove (its length minus one) is held back, and token ids are released
 only with the text they decode to (and their logprobs, when asked), so a source's deltas
-concatenate to a prefix of the result's text, ids and logprobs. A request with n > 1
-streams each sample on its own (`RequestStream`: one `DeltaStream` per choice). Pure: no
-Kafka, no clock.
+concatenate to a prefix of the result's text, ids and logprobs; when a sample ends, its last
+delta flushes the rest and names its finish reason, so they then concatenate to all of it.
+A request with n > 1 streams each sample on its own (`RequestStream`: one `DeltaStream` per
+choice). Pure: no Kafka, no clock.
 """
 
 from __future__ import annotations
@@ -50,17 +51,46 @@ class DeltaStream:
              ) -> Delta | None:
         """Add a step's tokens (and their logprobs, if this stream carries them); the delta
         now safe to publish, or None."""
-        if self._stopped:
+        if not self._take(tokens, logprobs):
             return None
+        return self._release()
+
+    def finish(self, ids: Sequence[int], text: str, reason: str, tokens: Sequence[int] = (),
+               logprobs: Sequence[TokenLogprobs] = ()) -> Delta | None:
+        """The sample ended with output `ids` and `text` (the result's; `tokens`, `logprobs`:
+        this step's, not pushed): its last delta, with everything not sent yet (text held
+        back for stop strings included; perhaps nothing) and `finish_reason`. None when the
+        stream cannot vouch for the end (it stopped, or the output does not extend what was
+        sent): the result then supplies it."""
+        if not self._take(tokens, logprobs):
+            return None
+        self._stopped = True  # nothing after the last delta
+        sent, chars = self._sent_ids, self._sent_chars
+        # A stop string cuts tokens (even ones pushed earlier) and text, never what was sent.
+        if not (sent <= len(ids) and list(ids) == self._ids[:len(ids)]
+                and text.startswith(self._text[:chars])):
+            return None
+        delta = Delta(id=self.request_id, model=self.model, source=self.source, seq=self._seq,
+                      index=sent, token_ids=list(ids[sent:]), text=text[chars:],
+                      choice=self.choice, finish_reason=reason,  # type: ignore[arg-type]
+                      logprobs=None if self._logprobs is None else records(
+                          self._logprobs[sent:len(ids)], self._tokenizer, self._texts))
+        self._seq += 1
+        return delta
+
+    def _take(self, tokens: Sequence[int], logprobs: Sequence[TokenLogprobs]) -> bool:
+        """Decode a step's tokens; False once the stream has stopped."""
+        if self._stopped:
+            return False
         if self._logprobs is not None:
             if len(logprobs) != len(tokens):  # the engine computes one per token asked: if it
                 self._stopped = True          # did not, stop; the result carries the rest
-                return None
+                return False
             self._logprobs.extend(logprobs)
         for token in tokens:
             self._ids.append(token)
             self._decode()
-        return self._release()
+        return True
 
     def prompt(self, entries: list[TokenLogprobs]) -> Delta:
         """The prompt's logprobs (tokens 1.., as the engine computes them) as a delta of their
@@ -119,8 +149,17 @@ class RequestStream:
              logprob: TokenLogprobs | None = None) -> Delta | None:
         """A step's tokens of one sample (and the logprob of its one new token, which the
         engine computes when the request asked); the delta safe to publish, or None."""
-        lps = [logprob] if self.request.logprobs is not None and logprob is not None else []
-        return self._stream(choice).push(tokens, lps)
+        return self._stream(choice).push(tokens, self._logprobs(logprob))
+
+    def finish(self, choice: int, ids: Sequence[int], text: str, reason: str,
+               tokens: Sequence[int] = (), logprob: TokenLogprobs | None = None
+               ) -> Delta | None:
+        """Sample `choice` ended (its output `ids` and `text`, this step's `tokens`): its last
+        delta, carrying `finish_reason`, or None (`DeltaStream.finish`)."""
+        return self._stream(choice).finish(ids, text, reason, tokens, self._logprobs(logprob))
+
+    def _logprobs(self, logprob: TokenLogprobs | None) -> list[TokenLogprobs]:
+        return [logprob] if self.request.logprobs is not None and logprob is not None else []
 
     def prompt(self, entries: list[TokenLogprobs]) -> Delta | None:
         """The prompt's logprobs as the first delta, if the request asked for them."""

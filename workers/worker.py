@@ -501,13 +501,14 @@ class Worker:
             self._gauges()
 
     def _tokens_out(self, out: StepOutput, now: float) -> None:
-        """Token timings of the step, and the deltas of streaming rows still running (a
-        finished row's result carries the rest)."""
+        """Token timings of the step, and the deltas of streaming rows: a row that ended this
+        step (its request finished, or one sample of n > 1) gets its last delta, which names
+        its finish reason, the moment it ends."""
         dep = self.config.deployment
-        finished = {c.id for c in out.finished}
+        ends = self._stream_ends(out)
         for eid, entries in out.prompt_logprobs.items():  # before any sample's tokens
             job = self._jobs.get(eid)
-            if job is not None and job.stream is not None and eid not in finished:
+            if job is not None and job.stream is not None:
                 self._publish_delta(job, job.stream.prompt(entries))
         for row, tokens in out.new_tokens.items():
             eid, choice = sample_of(row)  # sample j > 0 of a request with n > 1: its own row
@@ -521,8 +522,32 @@ class Worker:
                 elif job.last_token is not None:
                     self.metrics.itl.labels(dep).observe(now - job.last_token)
                 job.last_token = now
-            if job.stream is not None and eid not in finished:
+            if job.stream is not None and (eid, choice) not in ends:
                 self._publish_delta(job, job.stream.push(choice, tokens, out.logprobs.get(row)))
+        last = {sample_of(row): (tokens, out.logprobs.get(row))  # an ending row's last token,
+                for row, tokens in out.new_tokens.items()}      # when its end kept one
+        for (eid, choice), (ids, text, reason) in ends.items():
+            stream = self._jobs[eid].stream
+            assert stream is not None
+            tokens, logprob = last.get((eid, choice), ((), None))
+            self._publish_delta(self._jobs[eid], stream.finish(choice, ids, text, reason,
+                                                                tokens, logprob))
+
+    def _stream_ends(self, out: StepOutput) -> dict[tuple[str, int], tuple[list[int], str, str]]:
+        """(request id, choice) -> (output ids, text, finish reason) of the streaming rows
+        that ended this step (not those that failed or were aborted: their result says so)."""
+        ends: dict[tuple[str, int], tuple[list[int], str, str]] = {}
+        samples = [(*sample_of(row), c.output_ids, c.text, c.finish_reason)
+                   for row, c in out.ended.items()]
+        for done in out.finished:
+            samples += ([(done.id, c.index, c.output_ids, c.text, c.finish_reason)
+                         for c in done.choices] if done.choices is not None else
+                        [(done.id, 0, done.output_ids, done.text, done.finish_reason)])
+        for eid, choice, ids, text, reason in samples:
+            job = self._jobs.get(eid)
+            if job is not None and job.stream is not None and reason in ("stop", "length"):
+                ends[eid, choice] = (ids, text, reason)
+        return ends
 
     def _publish_delta(self, job: Job, delta: Delta | None) -> None:
         if delta is not None:

@@ -9,6 +9,10 @@ because text already shown cannot be taken back. The result, the answer of recor
 whatever the deltas did not (deltas and results travel on different topics, so the last
 deltas may arrive after it, or never).
 
+Each choice ends once: with the piece of the delta that names its `finish_reason` (a run
+that ended where the caller's view is), else with the result's. That piece carries the
+reason (it may have no text); nothing is shown of that choice after it.
+
 A request with n > 1 is n such views, one per choice (`Delta.choice`); per-token logprobs
 travel with their tokens, and the prompt's logprobs (asked by echo) are shown once, first.
 """
@@ -42,6 +46,7 @@ class _Shown:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     pieces: int = 0
+    finished: str | None = None  # its finish reason, once shown
 
 
 class MergedStream:
@@ -71,16 +76,27 @@ class MergedStream:
         run.text += delta.text
         piece = self._extend(delta.choice, run.ids, run.text, run.logprobs, delta.model,
                              delta.source)
-        return self._with_prompt(piece, delta.prompt_logprobs, delta.model, delta.source)
+        piece = self._with_prompt(piece, delta.prompt_logprobs, delta.model, delta.source)
+        shown = self._shown[delta.choice]
+        if delta.finish_reason is not None and (run.ids, run.text) == (shown.ids, shown.text):
+            piece = self._ended(delta.choice, delta.finish_reason, piece, delta.model,
+                                delta.source)
+        return piece  # a run that ends short of what was shown: the result decides
 
     def finish(self, result: Result) -> list[Delta]:
-        """The rest of the result after what was shown, per choice (the prompt's logprobs
-        first if no delta brought them); raises Diverged."""
-        choices = [(c.index, c.output_ids, c.text, c.logprobs) for c in result.choices] \
-            if result.choices else [(0, result.output_ids, result.text, result.logprobs)]
-        pieces = [p for index, ids, text, logprobs in choices
-                  if (p := self._extend(index, ids, text, logprobs, result.model, "result"))
-                  is not None]
+        """The rest of the result after what was shown, per choice, each choice not ended yet
+        ending with its finish reason (the prompt's logprobs first if no delta brought them);
+        raises Diverged."""
+        choices = [(c.index, c.output_ids, c.text, c.logprobs, c.finish_reason)
+                   for c in result.choices] if result.choices else [
+            (0, result.output_ids, result.text, result.logprobs, result.finish_reason)]
+        pieces = []
+        for index, ids, text, logprobs, reason in choices:
+            piece = self._extend(index, ids, text, logprobs, result.model, "result")
+            if self._shown[index].finished is None:
+                piece = self._ended(index, reason, piece, result.model, "result")
+            if piece is not None:
+                pieces.append(piece)
         if result.prompt_logprobs is not None and self.prompt_logprobs is None:
             head = pieces[0] if pieces and pieces[0].choice == 0 else None
             first = self._with_prompt(head, result.prompt_logprobs, result.model, "result")
@@ -101,6 +117,20 @@ class MergedStream:
             shown.pieces += 1
         return dataclasses.replace(piece, prompt_logprobs=prompt)
 
+    def _ended(self, choice: int, reason: str, piece: Delta | None, model: str,
+               source: str) -> Delta | None:
+        """`piece` (or an empty piece) ending `choice` with `reason`; unchanged if it was
+        ended already."""
+        shown = self._shown[choice]
+        if shown.finished is not None:
+            return piece
+        shown.finished = reason
+        if piece is None:
+            piece = Delta(id=self.request_id, model=model, source=source, seq=shown.pieces,
+                          index=len(shown.ids), choice=choice)
+            shown.pieces += 1
+        return dataclasses.replace(piece, finish_reason=reason)  # type: ignore[arg-type]
+
     def _extend(self, choice: int, ids: list[int], text: str,
                 logprobs: list[TokenLogprob] | None, model: str, source: str) -> Delta | None:
         shown = self._shown.setdefault(choice, _Shown())
@@ -111,6 +141,9 @@ class MergedStream:
                            f"than the {len(shown.ids)} already streamed")
         if len(ids) <= len(shown.ids) and len(text) <= len(shown.text):
             return None
+        if shown.finished is not None:
+            raise Diverged(f"request {self.request_id}: a run of it produced more of choice "
+                           f"{choice} than the {len(shown.ids)} tokens it ended with")
         new = ids[len(shown.ids):]
         piece = Delta(id=self.request_id, model=model, source=source, seq=shown.pieces,
                       index=len(shown.ids), token_ids=new, text=text[len(shown.text):],

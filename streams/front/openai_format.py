@@ -350,6 +350,12 @@ def finish_chunk(base: dict[str, Any], chat: bool, result: Result, index: int = 
                  choice: int = 0) -> dict[str, Any]:
     """The end of one choice (`result.choices[choice]` with n > 1), as chunk `index`."""
     reason = result.choices[choice].finish_reason if result.choices else result.finish_reason
+    return reason_chunk(base, chat, reason, index)
+
+
+def reason_chunk(base: dict[str, Any], chat: bool, reason: str, index: int = 0
+                 ) -> dict[str, Any]:
+    """The end of choice `index` of a stream, with its finish reason."""
     out = {"index": index, "delta": {}} if chat else {"index": index, "text": ""}
     return {**base, "choices": [{**out, "finish_reason": reason, "logprobs": None}]}
 

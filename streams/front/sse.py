@@ -3,12 +3,12 @@
 `LiveCall` collects a call's deltas (merged across attempts and re-runs, `streams.front.deltas`)
 while its attempts run; `send_events` writes them in OpenAI's chunk format as they come:
 the role (chat), the echoed prompt (completions with echo), text pieces with their tokens'
-logprobs when asked, each choice's finish reason (n > 1: every choice with its `index`), the
-usage chunk if asked, `[DONE]`. The
-first byte waits for the first piece of text or the result, so a request the worker
-refuses is still answered with an HTTP error, not a stream. A failure after text was sent
-(a retry or re-run that would contradict it, an error result) ends the stream with one
-error event: text already shown is never repeated or replaced.
+logprobs when asked, each choice's finish reason (n > 1: every choice with its `index`, as
+soon as that choice ends: the worker's last delta of it says so, else the result), the
+usage chunk if asked, `[DONE]`. The first byte waits for the first piece of text or the
+result, so a request the worker refuses is still answered with an HTTP error, not a stream.
+A failure after text was sent (a retry or re-run that would contradict it, an error result)
+ends the stream with one error event: text already shown is never repeated or replaced.
 """
 
 from __future__ import annotations
@@ -26,18 +26,8 @@ from schemas.messages import TokenLogprob
 from streams.front.deltas import Diverged, MergedStream
 from streams.front.metrics import GatewayMetrics
 from streams.front.openai_format import (
-    ApiError,
-    chunk_base,
-    chunk_logprobs,
-    echo_chunk,
-    error_event,
-    error_response,
-    finish_chunk,
-    prompt_error,
-    result_error,
-    role_chunk,
-    text_chunk,
-    usage_chunk,
+    ApiError, chunk_base, chunk_logprobs, echo_chunk, error_event, error_response, prompt_error,
+    reason_chunk, result_error, role_chunk, text_chunk, usage_chunk,
 )
 
 log = logging.getLogger("ferry.gateway")
@@ -164,16 +154,21 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
             await writer.text(chunk)
 
     async def send(i: int, piece: Delta) -> None:
+        """A piece's text chunk, then, if it ends its choice, the choice's finish chunk (the
+        prompt's logprobs alone go with the echo)."""
         c = lives[i]
+        index = i * c.n + piece.choice
         with_logprobs = c.logprobs and piece.logprobs is not None
-        if not piece.text and not with_logprobs:
-            return  # the prompt's logprobs alone (they go with the echo), or nothing new
-        await start(i)  # first: the echo's offsets come before the completion's
-        lp = None
-        if with_logprobs:
-            lp, offsets[i, piece.choice] = chunk_logprobs(
-                chat, list(piece.logprobs or ()), offsets.get((i, piece.choice), 0))
-        await writer.text(text_chunk(base, chat, piece.text, i * c.n + piece.choice, lp))
+        if piece.text or with_logprobs:
+            await start(i)  # first: the echo's offsets come before the completion's
+            lp = None
+            if with_logprobs:
+                lp, offsets[i, piece.choice] = chunk_logprobs(
+                    chat, list(piece.logprobs or ()), offsets.get((i, piece.choice), 0))
+            await writer.text(text_chunk(base, chat, piece.text, index, lp))
+        if piece.finish_reason is not None:
+            await start(i)  # an echo whose completion is empty
+            await writer.send(reason_chunk(base, chat, piece.finish_reason, index))
 
     try:
         if chat:
@@ -205,10 +200,7 @@ async def send_events(http: web.Request, live: LiveCall | list[LiveCall],
                                                                i, many)))
                         failed = True
                         break
-                    await start(i)  # an echo whose completion is empty
-                    for j in range(len(result.choices or ()) or 1):
-                        await writer.send(finish_chunk(base, chat, result, i * c.n + j, j))
-                    finished[i] = result
+                    finished[i] = result  # its pieces ended every choice not ended before
             if not failed and not all(finished):
                 await _until(lives, tasks, [i for i, r in enumerate(finished) if r is None],
                              lambda i: len(lives[i].pieces) > sent[i] or tasks[i].done()
