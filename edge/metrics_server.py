@@ -17,11 +17,7 @@ from wsgiref.simple_server import WSGIRequestHandler as WSGIRequestHandlerBase
 from wsgiref.simple_server import make_server
 
 from prometheus_client import (
-    CollectorRegistry,
-    GCCollector,
-    PlatformCollector,
-    ProcessCollector,
-    make_wsgi_app,
+    CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, make_wsgi_app,
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 

@@ -19,13 +19,8 @@ from aiokafka.errors import KafkaConnectionError
 from edge.metrics_server import MetricsPortError, add_metrics_port
 from ferry import kafka_acls
 from ferry.broker import (
-    DEFAULT_PORT,
-    DEFAULT_SECURE_PORT,
-    LocalBroker,
-    SecureBroker,
-    default_bootstrap,
-    default_data_dir,
-    default_secure_data_dir,
+    DEFAULT_PORT, DEFAULT_SECURE_PORT, LocalBroker, SecureBroker, default_bootstrap,
+    default_data_dir, default_secure_data_dir,
 )
 from schemas.topics import INGRESS_TOPIC
 

@@ -12,20 +12,8 @@ from schemas.batch_key import batch_key
 from schemas.codec import decode, encode
 from schemas.errors import ErrorCode, SchemaError, http_status
 from schemas.messages import (
-    DEFAULT_REPLY_TO,
-    SCHEMA_VERSION,
-    Cancel,
-    DeadLetter,
-    Delta,
-    ErrorInfo,
-    Request,
-    Result,
-    Timings,
-    Usage,
-    decode_cancel,
-    decode_delta,
-    decode_request,
-    decode_result,
+    DEFAULT_REPLY_TO, SCHEMA_VERSION, Cancel, DeadLetter, Delta, ErrorInfo, Request, Result,
+    Timings, Usage, decode_cancel, decode_delta, decode_request, decode_result,
     salvage_reply_address,
 )
 from schemas.topics import DLQ_TOPIC, RESULTS_TOPIC, requests_topic, worker_group

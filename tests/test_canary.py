@@ -15,13 +15,7 @@ from ferry.cli import main
 from schemas import Request, decode, encode, requests_topic
 from schemas.topics import TELEMETRY_TOPIC
 from streams.rollout.canary import (
-    CanaryOutcome,
-    CanaryPolicy,
-    WindowStats,
-    judge,
-    parse_seconds,
-    run_canary,
-    split_weights,
+    CanaryOutcome, CanaryPolicy, WindowStats, judge, parse_seconds, run_canary, split_weights,
 )
 from streams.routing.routes import RouteTable, pick, read_routes, set_route
 from tests.conftest import wait_for

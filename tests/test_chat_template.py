@@ -25,10 +25,7 @@ from schemas.chat import ChatMessage
 from streams.front.openai_format import parse_call, schema_error
 from streams.shadow.comparator import score_request
 from workers.chat_template import (
-    ChatTemplate,
-    ChatTemplateError,
-    deployment_template,
-    load_chat_template,
+    ChatTemplate, ChatTemplateError, deployment_template, load_chat_template,
 )
 from workers.config import WorkerConfig
 from workers.engine import Engine, GenerationInput, SamplingParams

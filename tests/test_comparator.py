@@ -17,22 +17,10 @@ from ferry import shadow_cli
 from ferry.broker import free_port
 from schemas import ErrorCode, Request, Result, Timings, decode, encode
 from schemas.topics import (
-    COMPARISONS_TOPIC,
-    MIRRORED_HEADER,
-    PRIMARY_HEADER,
-    PRIMARY_RESULTS_TOPIC,
-    PRODUCED_BY_HEADER,
-    mirror_topic,
-    requests_topic,
-    shadow_results_topic,
+    COMPARISONS_TOPIC, MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, PRODUCED_BY_HEADER,
+    mirror_topic, requests_topic, shadow_results_topic,
 )
-from streams.shadow.comparator import (
-    PairWindow,
-    ScoreAsk,
-    common_prefix,
-    compare,
-    overlap,
-)
+from streams.shadow.comparator import PairWindow, ScoreAsk, common_prefix, compare, overlap
 from streams.shadow.report import format_table, summarize, write_png
 from tests.conftest import wait_for
 from tests.harness import FerryProcess

@@ -20,18 +20,11 @@ import yaml
 
 from edge.kafka_clients import KafkaSecurityError, security_from_env
 from streams.rollout.launchers import (
-    LocalLauncher,
-    ManifestLauncher,
-    WorkerTemplate,
-    worker_kafka_env,
+    LocalLauncher, ManifestLauncher, WorkerTemplate, worker_kafka_env,
 )
 from streams.routing.registry import DeploymentRecord
 from tests.manifest_checks import (
-    CREDENTIALS,
-    ferry_invocations,
-    image_pinned,
-    parse_ferry,
-    principals,
+    CREDENTIALS, ferry_invocations, image_pinned, parse_ferry, principals,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -21,12 +21,7 @@ from models.judge import COMPLETE, check
 from models.store import push
 from streams.front.gateway import GATEWAY
 from streams.rollout.deployer import (
-    Deployer,
-    Policy,
-    announce_checkpoint,
-    request_deploy,
-    request_undeploy,
-    version_order,
+    Deployer, Policy, announce_checkpoint, request_deploy, request_undeploy, version_order,
 )
 from streams.rollout.launchers import LocalLauncher, ManifestLauncher
 from streams.routing.registry import DeploymentRecord

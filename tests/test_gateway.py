@@ -13,24 +13,12 @@ import pytest
 from edge.topic_admin import ensure_topics
 from ferry.broker import free_port
 from schemas import (
-    RESULTS_TOPIC,
-    Request,
-    Result,
-    SchemaError,
-    Usage,
-    decode_request,
-    requests_topic,
+    RESULTS_TOPIC, Request, Result, SchemaError, Usage, decode_request, requests_topic,
 )
 from streams.front.client import FerryClient
 from streams.front.gateway import serve
 from streams.front.openai_format import (
-    chunk_base,
-    finish_chunk,
-    host_name,
-    parse_call,
-    pick_model,
-    role_chunk,
-    text_chunk,
+    chunk_base, finish_chunk, host_name, parse_call, pick_model, role_chunk, text_chunk,
     usage_chunk,
 )
 from tests.harness import post

@@ -26,12 +26,7 @@ from kubernetes.client import ApiClient
 from streams.rollout.launchers import ManifestLauncher, WorkerTemplate, is_loopback
 from streams.routing.registry import DeploymentRecord
 from tests.manifest_checks import (
-    CREDENTIALS,
-    KAFKA_VARS,
-    ferry_invocations,
-    image_pinned,
-    parse_ferry,
-    principals,
+    CREDENTIALS, KAFKA_VARS, ferry_invocations, image_pinned, parse_ferry, principals,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

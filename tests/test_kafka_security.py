@@ -23,30 +23,18 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
-    GroupAuthorizationFailedError,
-    KafkaConnectionError,
-    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError, KafkaConnectionError, TopicAuthorizationFailedError,
 )
 from prometheus_client import CollectorRegistry
 
 from edge.kafka_clients import (
-    KafkaSecurity,
-    KafkaSecurityError,
-    client_options,
-    faust_options,
-    security_from_env,
+    KafkaSecurity, KafkaSecurityError, client_options, faust_options, security_from_env,
 )
 from ferry import kafka_acls
 from ferry.broker import SecureBroker, free_port
 from ferry.cli import main
 from schemas import Request, decode_result, encode, requests_topic
-from schemas.topics import (
-    API_KEY_HEADER,
-    INGRESS_TOPIC,
-    KEYS_TOPIC,
-    RESULTS_TOPIC,
-    ROUTES_TOPIC,
-)
+from schemas.topics import API_KEY_HEADER, INGRESS_TOPIC, KEYS_TOPIC, RESULTS_TOPIC, ROUTES_TOPIC
 from streams.rollout.launchers import LocalLauncher, ManifestLauncher, worker_kafka_env
 from streams.routing.registry import DeploymentRecord
 from tests.harness import post

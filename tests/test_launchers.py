@@ -13,12 +13,7 @@ import yaml
 
 from models.factory import build_tiny_checkpoint
 from models.judge import COMPLETE
-from streams.rollout.deployer import (
-    Deployer,
-    Policy,
-    announce_checkpoint,
-    request_undeploy,
-)
+from streams.rollout.deployer import Deployer, Policy, announce_checkpoint, request_undeploy
 from streams.rollout.launchers import LocalLauncher, ManifestLauncher
 from tests.conftest import wait_for
 

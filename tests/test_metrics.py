@@ -12,11 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from edge.metrics_server import (
-    DEFAULT_PORTS,
-    BoundedLabel,
-    MetricsPortError,
-    parse_port,
-    serve_metrics,
+    DEFAULT_PORTS, BoundedLabel, MetricsPortError, parse_port, serve_metrics,
 )
 from ferry.cli import _parser
 from schemas import Request

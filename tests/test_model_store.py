@@ -12,13 +12,7 @@ import pytest
 from models import store as model_store
 from models.factory import build_tiny_checkpoint
 from models.store import (
-    Manifest,
-    StoreError,
-    list_versions,
-    open_version,
-    parse_target,
-    push,
-    verify,
+    Manifest, StoreError, list_versions, open_version, parse_target, push, verify,
 )
 
 SHARD = "model-00001-of-00002.safetensors"

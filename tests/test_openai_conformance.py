@@ -27,13 +27,7 @@ from edge.topic_admin import ensure_topics
 from ferry.broker import free_port
 from schemas import SchemaError, decode_request, requests_topic
 from streams.front.gateway import GatewaySettings, create_app
-from streams.front.openai_fields import (
-    CHAT,
-    COMPLETIONS,
-    NOT_YET,
-    Handling,
-    check_fields,
-)
+from streams.front.openai_fields import CHAT, COMPLETIONS, NOT_YET, Handling, check_fields
 from streams.routing.keys import add_key
 from streams.routing.routes import set_route
 from tests.conftest import own_engine

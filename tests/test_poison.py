@@ -15,15 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from edge.tables import CompactedView, put
 from edge.topic_admin import TopicCreationError, ensure_topics
-from schemas import (
-    DLQ_TOPIC,
-    RESULTS_TOPIC,
-    Request,
-    Result,
-    decode,
-    encode,
-    requests_topic,
-)
+from schemas import DLQ_TOPIC, RESULTS_TOPIC, Request, Result, decode, encode, requests_topic
 from schemas.topics import API_KEY_HEADER, reply_topic_problem
 from streams.front.client import FerryClient
 from streams.front.recent_results import TENANT_HEADER, RecentResults

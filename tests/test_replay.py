@@ -18,20 +18,9 @@ from edge.topic_admin import ensure_topics
 from ferry import shadow_cli
 from schemas import ErrorCode, Request, Result, decode, decode_result, encode
 from schemas.topics import (
-    PRIMARY_HEADER,
-    PRIMARY_RESULTS_TOPIC,
-    PRODUCED_BY_HEADER,
-    mirror_topic,
-    shadow_results_topic,
+    PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, PRODUCED_BY_HEADER, mirror_topic, shadow_results_topic,
 )
-from streams.shadow.replay import (
-    Pacer,
-    collect,
-    read_entries,
-    replay,
-    retarget,
-    write_entries,
-)
+from streams.shadow.replay import Pacer, collect, read_entries, replay, retarget, write_entries
 from streams.shadow.report import parse_time
 
 

@@ -9,13 +9,7 @@ import pytest
 from schemas import SchemaError
 from streams.front.openai_format import parse_call
 from tests.harness import post
-from workers.engine import (
-    Engine,
-    EngineRequest,
-    GenerationInput,
-    GenerationOutput,
-    SamplingParams,
-)
+from workers.engine import Engine, EngineRequest, GenerationInput, GenerationOutput, SamplingParams
 
 PROMPT = "Once upon a time there was a small ship that sailed between two islands"
 

@@ -12,11 +12,7 @@ import torch
 from edge.topic_admin import ensure_topics
 from schemas import Request, decode, decode_result, requests_topic
 from schemas.topics import (
-    API_KEY_HEADER,
-    PRIMARY_HEADER,
-    PRIMARY_RESULTS_TOPIC,
-    mirror_topic,
-    shadow_results_topic,
+    API_KEY_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, mirror_topic, shadow_results_topic,
 )
 from streams.front.client import FerryClient
 from streams.routing.keys import add_key

@@ -15,17 +15,8 @@ from prometheus_client import CollectorRegistry
 from edge.topic_admin import ensure_topics
 from models.factory import build_tiny_checkpoint
 from schemas import (
-    DLQ_TOPIC,
-    RESULTS_TOPIC,
-    Delta,
-    ErrorCode,
-    Request,
-    Result,
-    decode,
-    decode_delta,
-    decode_result,
-    encode,
-    requests_topic,
+    DLQ_TOPIC, RESULTS_TOPIC, Delta, ErrorCode, Request, Result, decode, decode_delta,
+    decode_result, encode, requests_topic,
 )
 from schemas.messages import Choice, TokenLogprob
 from schemas.topics import API_KEY_HEADER, DELTAS_TOPIC, stream_topic_problem

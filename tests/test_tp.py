@@ -19,14 +19,7 @@ from safetensors.torch import load_file, save_file
 from models.factory import build_tiny_checkpoint
 from workers.engine import Engine, GenerationInput, SamplingParams
 from workers.loader import load_model
-from workers.ranks import (
-    RankedEngine,
-    RanksFailed,
-    follow,
-    launch_local,
-    load_engine,
-    wait_all,
-)
+from workers.ranks import RankedEngine, RanksFailed, follow, launch_local, load_engine, wait_all
 from workers.reshard import load_rank, merge, reshard
 from workers.tokenizer import Tokenizer, load_tokenizer
 from workers.tp import apply_tp, check_tp, env_rank, init_distributed, shard_state_dict

@@ -30,12 +30,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from aiokafka import (
-    AIOKafkaConsumer,
-    AIOKafkaProducer,
-    ConsumerRebalanceListener,
-    TopicPartition,
-)
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
@@ -44,43 +39,18 @@ from edge.kafka_clients import client_options
 from edge.metrics_server import serve_metrics
 from edge.topic_admin import ensure_topics, pin_to_end, start_producer, topic_partitions
 from schemas import (
-    DLQ_TOPIC,
-    RESULTS_TOPIC,
-    DeadLetter,
-    Delta,
-    ErrorCode,
-    Request,
-    Result,
-    SchemaError,
-    Timings,
-    Usage,
-    decode_cancel,
-    decode_request,
-    salvage_reply_address,
+    DLQ_TOPIC, RESULTS_TOPIC, DeadLetter, Delta, ErrorCode, Request, Result, SchemaError, Timings,
+    Usage, decode_cancel, decode_request, salvage_reply_address,
 )
 from schemas.topics import (
-    CANCELS_PARTITIONS,
-    CANCELS_TOPIC,
-    MIRRORED_HEADER,
-    PRIMARY_HEADER,
-    PRIMARY_RESULTS_TOPIC,
-    PRODUCED_BY_HEADER,
-    TELEMETRY_TOPIC,
-    reply_topic_problem,
-    shadow_results_topic,
+    CANCELS_PARTITIONS, CANCELS_TOPIC, MIRRORED_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC,
+    PRODUCED_BY_HEADER, TELEMETRY_TOPIC, reply_topic_problem, shadow_results_topic,
     stream_topic_problem,
 )
 from workers.admission import Refused, admit
 from workers.chat_template import deployment_template
 from workers.config import WorkerConfig
-from workers.engine import (
-    Completion,
-    Engine,
-    EngineDown,
-    EngineRequest,
-    StepOutput,
-    sample_of,
-)
+from workers.engine import Completion, Engine, EngineDown, EngineRequest, StepOutput, sample_of
 from workers.logprobs import completion_tokens, result_fields
 from workers.metrics import BacklogSampler, WorkerMetrics
 from workers.offsets import OffsetTracker

@@ -19,18 +19,8 @@ from edge.kafka_clients import client_options
 from edge.reader import TopicReader
 from edge.topic_admin import ensure_topics, start_producer
 from schemas import (
-    RESULTS_TOPIC,
-    Cancel,
-    Delta,
-    ErrorCode,
-    Request,
-    Result,
-    SchemaError,
-    batch_key,
-    decode_delta,
-    decode_result,
-    encode,
-    requests_topic,
+    RESULTS_TOPIC, Cancel, Delta, ErrorCode, Request, Result, SchemaError, batch_key, decode_delta,
+    decode_result, encode, requests_topic,
 )
 from schemas.topics import CANCELS_PARTITIONS, CANCELS_TOPIC, DELTAS_TOPIC
 from streams.front.deltas import MergedStream

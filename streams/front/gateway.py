@@ -62,38 +62,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from edge.metrics_server import serve_metrics
 from schemas import RESULTS_TOPIC, ErrorCode, Request, Result, SchemaError
 from schemas.errors import RETRYABLE
-from schemas.topics import (
-    API_KEY_HEADER,
-    ATTEMPT_HEADER,
-    DEPLOYMENT_HEADER,
-    INGRESS_TOPIC,
-)
+from schemas.topics import API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_TOPIC
 from streams.front.client import FerryClient
 from streams.front.http_guard import ConnectionGuard
 from streams.front.metrics import GatewayMetrics
 from streams.front.openai_format import (
-    REASON,
-    ApiError,
-    Call,
-    completion_object,
-    completions_object,
-    error_response,
-    json_text,
-    parse_call,
-    pick_model,
-    prompt_error,
-    result_error,
-    schema_error,
+    REASON, ApiError, Call, completion_object, completions_object, error_response, json_text,
+    parse_call, pick_model, prompt_error, result_error, schema_error,
 )
 from streams.front.recent_results import CHAT_HEADER, TENANT_HEADER, RecentResults, Seen
 from streams.front.serving import WorkerGroups
-from streams.front.sse import (
-    DISCONNECT_POLL_S,
-    Disconnected,
-    LiveCall,
-    gone,
-    send_events,
-)
+from streams.front.sse import DISCONNECT_POLL_S, Disconnected, LiveCall, gone, send_events
 from streams.routing.backlog import BacklogProbe, retry_after_s
 from streams.routing.catalog import DeploymentCatalog
 from streams.routing.choose import choose_backend

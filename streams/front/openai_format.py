@@ -12,15 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from schemas import (
-    ErrorCode,
-    Request,
-    Result,
-    SchemaError,
-    decode_request,
-    encode,
-    http_status,
-)
+from schemas import ErrorCode, Request, Result, SchemaError, decode_request, encode, http_status
 from schemas.messages import MAX_CONTEXT_TOKENS, REST_OF_CONTEXT, TokenLogprob
 from streams.front import openai_sampling
 from streams.front.openai_fields import check_fields

@@ -45,32 +45,15 @@ from edge.metrics_server import BoundedLabel, serve_metrics
 from edge.tables import CompactedView
 from edge.topic_admin import ensure_topics
 from schemas import (
-    DLQ_TOPIC,
-    DeadLetter,
-    ErrorCode,
-    Request,
-    Result,
-    SchemaError,
-    batch_key,
-    decode_request,
-    encode,
-    requests_topic,
-    salvage_reply_address,
+    DLQ_TOPIC, DeadLetter, ErrorCode, Request, Result, SchemaError, batch_key, decode_request,
+    encode, requests_topic, salvage_reply_address,
 )
 from schemas.chat import messages_text
 from schemas.fields import from_dict
 from schemas.tables import QuotaState
 from schemas.topics import (
-    API_KEY_HEADER,
-    ATTEMPT_HEADER,
-    DEPLOYMENT_HEADER,
-    INGRESS_PARTITIONS,
-    INGRESS_TOPIC,
-    MIRRORED_HEADER,
-    PRIMARY_HEADER,
-    mirror_topic,
-    reply_topic_problem,
-    stream_topic_problem,
+    API_KEY_HEADER, ATTEMPT_HEADER, DEPLOYMENT_HEADER, INGRESS_PARTITIONS, INGRESS_TOPIC,
+    MIRRORED_HEADER, PRIMARY_HEADER, mirror_topic, reply_topic_problem, stream_topic_problem,
 )
 from streams.routing.catalog import DeploymentCatalog
 from streams.routing.choose import choose_backend

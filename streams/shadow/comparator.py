@@ -48,25 +48,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from edge.faust_app import faust_app, run_app
 from edge.metrics_server import serve_metrics
 from edge.topic_admin import ensure_topics
-from schemas import (
-    Request,
-    Result,
-    SchemaError,
-    batch_key,
-    decode_request,
-    decode_result,
-    encode,
-)
+from schemas import Request, Result, SchemaError, batch_key, decode_request, decode_result, encode
 from schemas.events import Comparison
 from schemas.topics import (
-    COMPARISONS_TOPIC,
-    MIRROR_PREFIX,
-    PRIMARY_HEADER,
-    PRIMARY_RESULTS_TOPIC,
-    PRODUCED_BY_HEADER,
-    SHADOW_RESULTS_PREFIX,
-    mirror_topic,
-    shadow_results_topic,
+    COMPARISONS_TOPIC, MIRROR_PREFIX, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, PRODUCED_BY_HEADER,
+    SHADOW_RESULTS_PREFIX, mirror_topic, shadow_results_topic,
 )
 from streams.shadow.report import summarize
 

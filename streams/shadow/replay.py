@@ -29,11 +29,7 @@ from edge.kafka_clients import client_options
 from edge.topic_admin import ensure_topics
 from schemas import SchemaError, batch_key, decode, decode_request, encode
 from schemas.topics import (
-    DEPLOYMENT_HEADER,
-    PRIMARY_HEADER,
-    PRIMARY_RESULTS_TOPIC,
-    PRODUCED_BY_HEADER,
-    mirror_topic,
+    DEPLOYMENT_HEADER, PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, PRODUCED_BY_HEADER, mirror_topic,
 )
 from streams.shadow.comparator import TOPIC_PARTITIONS
 from streams.shadow.report import read_range

@@ -39,11 +39,7 @@ from edge.topic_admin import ensure_topics
 from models.factory import build_tiny_checkpoint
 from schemas import Request, decode
 from schemas.topics import (
-    API_KEY_HEADER,
-    INGRESS_PARTITIONS,
-    PRIMARY_RESULTS_TOPIC,
-    mirror_topic,
-    shadow_results_topic,
+    API_KEY_HEADER, INGRESS_PARTITIONS, PRIMARY_RESULTS_TOPIC, mirror_topic, shadow_results_topic,
 )
 from streams.front.client import FerryClient
 from streams.routing.keys import add_key
