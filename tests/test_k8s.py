@@ -443,8 +443,7 @@ def _kafka_security_problems(where: str, container: dict[str, Any],
     """Least privilege: each component connects as its own principal, its username and
     password from its own Secret (never a literal; a secretKeyRef not optional, so a pod
     without its credentials never starts); protocol and mechanism from the ConfigMap, one
-    setting for the whole stack. A Deployment the deployer renders takes the worker's whole
-    Secret by envFrom (streams/rollout/launchers.py), protocol included."""
+    setting for the whole stack, also in the Deployments the deployer renders."""
     needed = principals(commands)
     if len(needed) != 1:
         return [f"{where}: runs as principals {sorted(needed)}, not one"] if needed else []
@@ -453,14 +452,14 @@ def _kafka_security_problems(where: str, container: dict[str, Any],
     problems = []
     for var in CREDENTIALS:
         kind, name, key, optional = sources.get(var, ("unset", "", "", False))
-        if kind not in ("secret", "secretRef") or name != secret:
+        if kind != "secret" or name != secret:
             problems.append(f"{where}: {var} must come from Secret {secret} ({principal}), "
                             f"not {kind} {name}".rstrip())
         elif kind == "secret" and (optional or key != var):
             problems.append(f"{where}: {var} from {name}/{key}: key {var}, optional: false")
     for var in ("FERRY_KAFKA_SECURITY_PROTOCOL", "FERRY_KAFKA_SASL_MECHANISM"):
         kind, name, _, _ = sources.get(var, ("unset", "", "", False))
-        if kind != "configMap" and (kind, name) != ("secretRef", secret):
+        if kind != "configMap":
             problems.append(f"{where}: {var} must come from the ConfigMap, not {kind}")
     return problems
 
@@ -712,8 +711,6 @@ def test_each_component_connects_as_its_own_principal(overlay: str, tmp_path: Pa
         sources = kafka_sources(container, maps)
         secrets.setdefault(principal, set()).update(
             sources[var][1] for var in CREDENTIALS)
-        if obj["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by"):
-            continue  # rendered: the worker's whole Secret by envFrom (streams/rollout/launchers.py)
         for var in CREDENTIALS:
             assert sources[var] == ("secret", kafka_secret(principal), var, False), var
         for var in ("FERRY_KAFKA_SECURITY_PROTOCOL", "FERRY_KAFKA_SASL_MECHANISM"):

@@ -18,8 +18,8 @@ A replica connects to Kafka as the worker's principal, never as the deployer's: 
 get the deployer's FERRY_KAFKA_* settings with each FERRY_WORKER_KAFKA_* in its place
 (`worker_kafka_env`); rendered compose services get the same settings, username and password
 as `${FERRY_WORKER_KAFKA_USERNAME}`/`${FERRY_WORKER_KAFKA_PASSWORD}` for compose to fill in;
-Kubernetes ones take theirs from the `ferry-worker-kafka` Secret (optional: a plaintext
-cluster has none).
+Kubernetes ones as the static worker does: protocol and mechanism from the `ferry-config`
+ConfigMap, username and password from the `ferry-worker-kafka` Secret.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ def _version() -> str:
     except metadata.PackageNotFoundError:  # running from a source tree that is not installed
         return "0.1.0"
 
+
+# What a rendered Kubernetes replica reads from the ConfigMap, and from the worker's Secret.
+_CONFIG_VARS = ("KAFKA_BOOTSTRAP", "FERRY_KAFKA_SECURITY_PROTOCOL", "FERRY_KAFKA_SASL_MECHANISM")
+_SECRET_VARS = ("FERRY_KAFKA_USERNAME", "FERRY_KAFKA_PASSWORD")
 
 @dataclass(frozen=True)
 class WorkerTemplate:
@@ -293,10 +297,13 @@ def kubernetes_deployment(record: DeploymentRecord, t: WorkerTemplate) -> dict[s
     container = {
         "name": "worker", "image": t.image, "command": ["ferry"],
         "args": [*worker_args(record), "--metrics-port", str(port), *t.worker_flags()],
-        "env": [{"name": "KAFKA_BOOTSTRAP", "valueFrom": {
-            "configMapKeyRef": {"name": t.config_map, "key": "KAFKA_BOOTSTRAP"}}}],
-        # FERRY_KAFKA_* (the worker's principal) when the cluster has the Secret.
-        "envFrom": [{"secretRef": {"name": t.kafka_secret, "optional": True}}],
+        # As the static worker: the stack's settings from the ConfigMap, the worker's
+        # principal from its Secret (a pod without its credentials never starts).
+        "env": [*({"name": var, "valueFrom": {"configMapKeyRef": {
+                    "name": t.config_map, "key": var}}} for var in _CONFIG_VARS),
+                *({"name": var, "valueFrom": {"secretKeyRef": {
+                    "name": t.kafka_secret, "key": var, "optional": False}}}
+                  for var in _SECRET_VARS)],
         "ports": [{"name": "metrics", "containerPort": port}],
         "resources": {"requests": {"cpu": t.cpu, "memory": t.memory}, "limits": limits},
         # The metrics port opens once the weights are loaded: startup allows a long load.
