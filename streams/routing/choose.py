@@ -10,12 +10,22 @@ is chosen: the gateway answers 503/404 with the reasons, the router refuses the 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from streams.routing.catalog import DeploymentCatalog
-from streams.routing.registry import Registry
-from streams.routing.routes import RouteTable
+
+class Routes(Protocol):  # streams.routing.routes.RouteTable
+    def resolve(self, model: str, request_id: str,
+                exclude: Collection[str] = ()) -> str | None: ...
+
+
+class Catalog(Protocol):  # streams.routing.catalog.DeploymentCatalog
+    async def exists(self, deployment: str, since: float | None = None) -> bool: ...
+
+
+class Lifecycle(Protocol):  # streams.routing.registry.Registry
+    def accepts_new(self, deployment: str) -> bool: ...
 
 # Given a deployment: None when it is not busy, else seconds after which to retry.
 BusyCheck = Callable[[str], Awaitable[float | None]]
@@ -30,8 +40,8 @@ class Choice:
     busy_retry_s: list[float] = field(default_factory=list)  # per busy deployment
 
 
-async def choose_backend(model: str, request_id: str, routes: RouteTable, catalog: DeploymentCatalog,
-                         registry: Registry, tried: set[str], *, pinned: bool = False,
+async def choose_backend(model: str, request_id: str, routes: Routes, catalog: Catalog,
+                         registry: Lifecycle, tried: set[str], *, pinned: bool = False,
                          busy: BusyCheck | None = None, since: float | None = None) -> Choice:
     """The backend for `model`; every candidate looked at is added to `tried` (and none in
     it is chosen), so a retry asks for the next one. `pinned`: `model` is the deployment
