@@ -4,6 +4,9 @@ The jars come from Maven Central through `compose/kafka/pom.xml` (Apache's downl
 out of reach here), are cached once under FERRY_HOME, and `kafka.Kafka` runs from them with
 the machine's Java 17. State (pid, port) lives in the data directory, so `down` and
 `status` find a broker started by another process.
+
+Why one long module: the plain and the secure broker share the jar fetch, the storage
+format and the start/stop protocol of one JVM.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ directory holds `manifest.json` (every file's path, size and sha256, plus config
 sharding.json when the source has them). Uploads go to `NAME/.VERSION.partial/`, with one
 completion record per finished file under `.done/` so an interrupted push resumes where it
 stopped, and become visible only through one atomic rename once every byte is on disk.
+
+Why one long module: upload, resume, verify and open share the manifest format and the
+locking rules of one store layout.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ the next step. A row's result does not depend on its batch mates: greedy rows ta
 argmax, seeded rows draw from their own generator, and each row attends only to its own
 blocks. Nothing here reads a clock: deadlines are the caller's, turned into `abort`s, so
 tensor-parallel ranks that make the same calls stay in lockstep.
+
+Why one long module: add, step, abort and the per-step bookkeeping share the running set
+and its KV blocks; split apart they would pass that state back and forth every step.
 """
 
 from __future__ import annotations

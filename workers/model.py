@@ -11,6 +11,9 @@ Two ways to run it: `forward` on (batch, time) tensors with a dense per-row `KVC
 continuous batch: every scheduled token of every row in one flat sequence (no padding in
 the matmuls), keys and values written to slots of block pools and read back per row
 through its block table (see `workers/kv_cache.py`).
+
+Why one long module: the dense and the paged forward are the same layers; kept side by
+side so a change to one is seen against the other.
 """
 
 from __future__ import annotations

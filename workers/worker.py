@@ -16,6 +16,10 @@ A request with `stream_to` also gets a `Delta` after each step that gave it text
 (`workers/streaming.py`), published in order by one loop and never waited for. Every worker
 reads `ferry.cancels` from its end: a cancelled request's row is dropped between two steps
 and answered with a `cancelled` error.
+
+Why one long module: the loops (consume, serve, stream, cancel, commit) share one offset
+tracker and one set of in-flight jobs; their ordering is the delivery guarantee, so it
+reads top to bottom in one place.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ get the deployer's FERRY_KAFKA_* settings with each FERRY_WORKER_KAFKA_* in its 
 as `${FERRY_WORKER_KAFKA_USERNAME}`/`${FERRY_WORKER_KAFKA_PASSWORD}` for compose to fill in;
 Kubernetes ones as the static worker does: protocol and mechanism from the `ferry-config`
 ConfigMap, username and password from the `ferry-worker-kafka` Secret.
+
+Why one long module: the two launchers and the templates they render share one worker
+command line and one set of Kafka settings; the tests check them against each other.
 """
 
 from __future__ import annotations

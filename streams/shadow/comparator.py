@@ -30,6 +30,9 @@ request was never seen mirrored here (e.g. to a candidate this comparator does n
 counted with candidate="unknown". Aggregates per
 candidate over the last `stats_window_s` are Prometheus gauges (`streams.shadow.report.
 summarize` rules).
+
+Why one long module: the pairing window, the score requests and the metrics act on the
+same pairs in one faust agent.
 """
 
 from __future__ import annotations
