@@ -23,7 +23,7 @@ from schemas.topics import API_KEY_HEADER
 from streams.front.client import FerryClient
 from streams.front.gateway import GATEWAY
 from streams.routing.keys import KeyRing, Tenant, add_key, revoke_key
-from streams.routing.quota import admit, estimate_tokens
+from streams.routing.quota import REST_OF_CONTEXT_CHARGE, admit, estimate_tokens
 from streams.routing.routes import parse_weights, pick, set_route
 from streams.routing.transactions import Sink, TransactionalIngress
 from tests.conftest import own_engine, wait_for
@@ -101,6 +101,8 @@ def test_token_buckets() -> None:
     assert not admit(None, tenant, 101, now=0.0).allowed  # can never fit
     assert admit(None, Tenant("free", None, None), 10**9, now=0.0).allowed
     assert estimate_tokens(None, [1, 2, 3], 5) == 8 and estimate_tokens("abcdefgh", None, 1) == 3
+    # No max_tokens (the rest of the context): charged as a long answer, never as none.
+    assert estimate_tokens(None, [1, 2, 3], 0) == 3 + REST_OF_CONTEXT_CHARGE
 
 
 def test_keys_authenticate_only_the_whole_key() -> None:
@@ -244,11 +246,16 @@ async def test_quotas_reject_exactly_what_exceeds_them(
                for _ in range(6)]  # 20 tokens each: 5 fit in 100
     too_big = await post_ingress(client, router.ingress, key2, dep, tenant2.encode(),
                                  max_new_tokens=200)
-    sixth, big = await asyncio.wait_for(asyncio.gather(futures[5], too_big), 30)
+    # No limit (the rest of the context): charged as 2,048 tokens, not as none.
+    unbounded = await post_ingress(client, router.ingress, key2, dep, tenant2.encode(),
+                                   prompt=None, input_ids=[1] * 10, max_new_tokens=0)
+    sixth, big, unbounded = await asyncio.wait_for(
+        asyncio.gather(futures[5], too_big, unbounded), 30)
     assert sixth.error and sixth.error.code is ErrorCode.QUOTA_EXCEEDED
     assert "tpm" in sixth.error.message
     assert big.error and "exceed the quota of 100" in big.error.message
     assert big.error.retry_after_s is None
+    assert unbounded.error and "2058 tokens exceed the quota of 100" in unbounded.error.message
     assert all(not f.done() for f in futures[:5])
 
     letters = await read_topic("ferry.dlq", 1, where=lambda m: tenant2 in (m.key or b"").decode()

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from schemas.messages import REST_OF_CONTEXT
 from schemas.tables import QuotaState
 from streams.routing.keys import Tenant
 
@@ -56,9 +57,18 @@ def admit(state: QuotaState | None, tenant: Tenant, tokens: int, now: float) -> 
     return Verdict(True, new)
 
 
-def estimate_tokens(prompt: str | None, input_ids: list[int] | None, max_new_tokens: int) -> int:
+# Charged for a request that asks for the rest of the context (max_new_tokens 0: a chat call
+# without max_tokens). The router does not know a deployment's context length, and charging
+# nothing would let such requests pass any tokens-per-minute quota.
+REST_OF_CONTEXT_CHARGE = 2048
+
+
+def estimate_tokens(prompt: str | None, input_ids: list[int] | None, max_new_tokens: int,
+                    rest_of_context: int = REST_OF_CONTEXT_CHARGE) -> int:
     """Tokens charged up front: the prompt (ids, or ~4 bytes of text per token) plus the most
-    that may be generated. The router cannot tokenize: each deployment has its own tokenizer."""
+    that may be generated (`rest_of_context` when it is not bounded). The router cannot
+    tokenize: each deployment has its own tokenizer."""
     prompt_tokens = len(input_ids) if input_ids is not None else math.ceil(
         len((prompt or "").encode()) / 4)
-    return prompt_tokens + max_new_tokens
+    return prompt_tokens + (max_new_tokens if max_new_tokens != REST_OF_CONTEXT
+                            else rest_of_context)
