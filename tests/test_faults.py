@@ -537,6 +537,7 @@ async def test_worker_sigkill_three_times(fault_node, tiny_model, unique, tmp_pa
 
 
 FENCED = re.compile(r"ProducerFenced|InvalidProducerEpoch")
+HELD = re.compile(r"revoked partitions \[[\d, ]*\] \(rebalance\), (\d+) requests held")
 
 
 async def test_sigstopped_zombie_answers_nothing_twice(fault_node, tiny_model, unique,
@@ -548,6 +549,7 @@ async def test_sigstopped_zombie_answers_nothing_twice(fault_node, tiny_model, u
     fleet = Fleet(tiny_model, unique("fault-zombie"), tmp_path / "logs",
                   [fast_flags(fault_node.node(1)) for _ in range(2)])
     fenced: list[str] = []
+    held: list[int] = []  # requests the zombie still held when it woke (its log says)
 
     async def freeze(load: Load) -> list[float]:
         zombie = fleet.procs[0]
@@ -558,49 +560,65 @@ async def test_sigstopped_zombie_answers_nothing_twice(fault_node, tiny_model, u
         # What it held were among the first requests waiting at the freeze: answered by now.
         await until(lambda: load.answered() >= len(load.futures) - 20, 300, "most answers")
         mark = len(fleet.log(0))
+
+        def fenced_and_gave_up() -> bool:
+            woken = fleet.log(0)[mark:]
+            return FENCED.search(woken) is not None and HELD.search(woken) is not None
+
         zombie.send_signal(signal.SIGCONT)
-        await until(lambda: FENCED.search(fleet.log(0)[mark:]) is not None, 120,
-                    "the woken zombie to find itself fenced")
-        fenced.extend(FENCED.findall(fleet.log(0)[mark:]))
+        await until(fenced_and_gave_up, 120,
+                    "the woken zombie to find itself fenced and give up what it held")
+        woken = fleet.log(0)[mark:]
+        fenced.extend(FENCED.findall(woken))
+        held.append(int(HELD.search(woken).group(1)))  # type: ignore[union-attr]
         return [recovery]
 
     row, _, _ = await serve_row("SIGSTOP zombie", fault_node.node(1).bootstrap, fleet, freeze,
                                 unique("fault-replies"),
                                 ready=lambda: fleet.joined(0) and fleet.joined(1))
-    print(f"[faults]   the zombie, woken: {Counter(fenced)}")
+    print(f"[faults]   the zombie, woken: {Counter(fenced)}, holding {held[0]} requests")
     check(row)
+    assert held[0] > 0, "the zombie woke with no work in hand: nothing it could publish twice"
 
 
 async def test_rebalance_churn(fault_node, tiny_model, unique, tmp_path) -> None:
-    """Three times an extra member joins while the group serves (it is assigned partitions,
-    and 20 more answers come in with it), then leaves gracefully (SIGTERM: it delivers or
-    hands back what it holds and leaves the group): every partition waiting at a leave
-    answers again within the bound."""
+    """Three times an extra member joins while the group serves (its wave of requests is
+    posted as it starts, so it is assigned partitions with requests waiting, and 20 answers
+    come in with it), then leaves gracefully under load (SIGTERM: it delivers or hands back
+    what it holds and leaves the group): every partition waiting at a leave answers again
+    within the bound. The first wave is served before any churn."""
     node = fault_node.node(1)
     fleet = Fleet(tiny_model, unique("fault-churn"), tmp_path / "logs",
                   [fast_flags(node) for _ in range(2)])
+    at_join: list[int] = []  # requests waiting as each extra member joined
 
     async def churn(load: Load) -> list[float]:
         recoveries = []
         for round_ in range(3):
-            start = load.answered()
-            await until(lambda: load.answered() >= start + 50, 240, "answers between churns")
             slot = fleet.add(fast_flags(node))
+            await until(lambda: "worker starting" in fleet.log(slot), 120,
+                        "the extra member to start")
+            await load.next_wave()
             await until(lambda: fleet.joined(slot), 120, "the extra member to join")
+            at_join.append(len(load.futures) - load.answered())
             joined = load.answered()
             await until(lambda: load.answered() >= joined + 20, 120,
                         "answers with the extra member")
             waiting, fault_at = load.waiting_partitions(), time.monotonic()
             all_waiting(waiting, f"leave {round_ + 1}")
+            print(f"\n[faults]   leave at {fault_at - load.started:.1f}s, {load.answered()}/"
+                  f"{len(load.futures)} answered, partitions {sorted(waiting)} waiting")
             assert await fleet.stop(slot) == 0, f"extra member {slot} did not stop cleanly"
             recoveries.append(await recovered(load, fault_at, waiting))
         return recoveries
 
     row, _, _ = await serve_row("rebalance churn", node.bootstrap, fleet, churn,
-                                unique("fault-replies"),
+                                unique("fault-replies"), n=4 * 600, waves=4,
                                 ready=lambda: fleet.joined(0) and fleet.joined(1))
+    print(f"[faults]   requests waiting as each extra member joined: {at_join}")
     check(row)
     assert len(row.recoveries) == 3 and fleet.restarts == 0, str(row)
+    assert all(at_join), f"an extra member joined with nothing waiting: {at_join}"
 
 
 async def test_broker_sigkill_in_a_three_node_cluster(cluster, tiny_model, unique,
