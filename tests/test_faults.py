@@ -12,7 +12,7 @@ poison with a kill, TP rank kill, static membership. They run on brokers started
 the shared dev broker), so they can be killed, cut off and configured for the fault (3 s
 sessions); each fault must strike while every partition has requests waiting, and rows that
 strike three times post their requests in waves, one per fault. The router rows (1,200
-requests each) and the gateway retry row (24 calls) run on the session's broker. The worker
+requests each) and the gateway retry row (1,000 calls) run on the session's broker. The worker
 SIGKILL case at one kill also runs in the default suite (tests/test_crash.py), and what a
 rebalance keeps in tests/test_rebalance.py.
 """
@@ -223,7 +223,7 @@ async def test_gateway_retries_same_id(router, start_worker, start_gateway, http
     tenant = unique("retry")
     api_key = await add_key(kafka_bootstrap, tenant)
     gw = await start_gateway(auth=True, ingress=router.ingress, attempt_timeout_s=3.0)
-    n = 24
+    n = 1000
     auth = {"Authorization": f"Bearer {api_key}"}
 
     async def call(i: int) -> dict:
