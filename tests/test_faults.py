@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 import pytest
@@ -38,6 +39,9 @@ from aiokafka.partitioner import murmur2
 
 from schemas import Request
 from streams.client import FerryClient
+
+if TYPE_CHECKING:
+    from ferry.cluster import ClusterNode
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -501,11 +505,10 @@ def fault_node(tmp_path_factory: pytest.TempPathFactory):
     node.down()
 
 
-def fast_flags(node: object) -> list[str]:
+def fast_flags(node: ClusterNode) -> list[str]:
     """A worker on the suite's node, with the short session: a dead or frozen member is
     found out after 3 s, not the default's 6."""
-    return ["--bootstrap", node.bootstrap,  # type: ignore[attr-defined]
-            "--session-timeout-ms", str(FAST_SESSION_MS)]
+    return ["--bootstrap", node.bootstrap, "--session-timeout-ms", str(FAST_SESSION_MS)]
 
 
 def all_waiting(waiting: set[int], what: str) -> None:
