@@ -365,6 +365,11 @@ class Fleet:
         been assigned partitions, as its log says."""
         return len(re.findall(r"assigned partitions \[\d", self.log(slot)))
 
+    def partitions(self, slot: int) -> set[int]:
+        """The partitions worker `slot` was last assigned, as its log says."""
+        found = re.findall(r"assigned partitions \[([\d, ]*)\]", self.log(slot))
+        return {int(p) for p in found[-1].split(",") if p.strip()} if found else set()
+
     def joined(self, slot: int) -> bool:
         """Whether worker `slot` has been assigned partitions (its log says so)."""
         return self.joins(slot) > 0
@@ -595,8 +600,9 @@ async def test_rebalance_churn(fault_node, tiny_model, unique, tmp_path) -> None
     """Three times an extra member joins while the group serves (its wave of requests is
     posted as it starts, so it is assigned partitions with requests waiting, and 20 answers
     come in with it), then leaves gracefully under load (SIGTERM: it delivers or hands back
-    what it holds and leaves the group): every partition waiting at a leave answers again
-    within the bound. The first wave is served before any churn."""
+    what it holds and leaves the group) while its partitions have requests waiting: every
+    partition waiting at a leave answers again within the bound. The first wave (of 1,000,
+    like each) is served before any churn."""
     node = fault_node.node(1)
     fleet = Fleet(tiny_model, unique("fault-churn"), tmp_path / "logs",
                   [fast_flags(node) for _ in range(2)])
@@ -615,15 +621,18 @@ async def test_rebalance_churn(fault_node, tiny_model, unique, tmp_path) -> None
             await until(lambda: load.answered() >= joined + 20, 120,
                         "answers with the extra member")
             waiting, fault_at = load.waiting_partitions(), time.monotonic()
-            all_waiting(waiting, f"leave {round_ + 1}")
+            owned = fleet.partitions(slot)
             print(f"\n[faults]   leave at {fault_at - load.started:.1f}s, {load.answered()}/"
-                  f"{len(load.futures)} answered, partitions {sorted(waiting)} waiting")
+                  f"{len(load.futures)} answered, partitions {sorted(waiting)} waiting, the "
+                  f"leaving member's {sorted(owned)}")
+            # What a leave moves must have requests waiting, or it tests nothing.
+            assert owned and owned <= waiting, f"leave {round_ + 1}: {owned} not all waiting"
             assert await fleet.stop(slot) == 0, f"extra member {slot} did not stop cleanly"
             recoveries.append(await recovered(load, fault_at, waiting))
         return recoveries
 
     row, _, _ = await serve_row("rebalance churn", node.bootstrap, fleet, churn,
-                                unique("fault-replies"), n=4 * 600, waves=4,
+                                unique("fault-replies"), n=4 * 1000, waves=4,
                                 ready=lambda: fleet.joined(0) and fleet.joined(1))
     print(f"[faults]   requests waiting as each extra member joined: {at_join}")
     check(row)
