@@ -11,6 +11,7 @@ import shlex
 import signal
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from aiokafka.errors import KafkaConnectionError
 
 from edge.metrics_server import MetricsPortError, add_metrics_port
 from ferry import kafka_acls
+from ferry.flags import add_flags, describe, from_args
 from ferry.broker import (
     DEFAULT_PORT, DEFAULT_SECURE_PORT, LocalBroker, SecureBroker, default_bootstrap,
     default_data_dir, default_secure_data_dir,
@@ -26,6 +28,8 @@ from schemas.topics import INGRESS_TOPIC
 
 if TYPE_CHECKING:
     from workers.config import WorkerConfig
+
+log = logging.getLogger("ferry.cli")
 
 
 def _bootstrap_arg(parser: argparse.ArgumentParser) -> None:
@@ -70,57 +74,12 @@ def _parser() -> argparse.ArgumentParser:
                             help=f"broker directory (default {default_data_dir()}; secure: "
                                  f"{default_secure_data_dir()})")
 
+    from workers.config import WorkerConfig
+
     w = sub.add_parser("worker", help="serve one deployment from a consumer group")
-    w.add_argument("--model", type=Path, required=True,
-                   help="Hugging Face layout directory, or NAME/VERSION with --store")
-    w.add_argument("--store", type=Path, default=None,
-                   help="model store (a mounted volume): load --model NAME/VERSION from it")
-    w.add_argument("--verify-hashes", action="store_true",
-                   help="check every file's sha256 before loading (sizes are always checked)")
-    w.add_argument("--deployment", required=True)
+    add_flags(w, WorkerConfig, skip=("bootstrap", "metrics_port"))
     _bootstrap_arg(w)
-    w.add_argument("--max-num-seqs", type=int, default=64,
-                   help="rows the engine decodes at once")
-    w.add_argument("--max-num-batched-tokens", type=int, default=512,
-                   help="tokens per engine step (decodes + prefill chunks)")
-    w.add_argument("--kv-cache-gb", type=float, default=2.0,
-                   help="KV cache per rank, in GiB (blocks are allocated on demand)")
-    w.add_argument("--no-prefix-caching", action="store_true",
-                   help="do not share KV blocks between prompts with equal prefixes")
-    w.add_argument("--max-queued", type=int, default=256)
-    w.add_argument("--exactly-once", action=argparse.BooleanOptionalAction, default=True,
-                   help="one transaction per input partition for answers and the commit "
-                        "point, so a crash cannot answer a request twice (read_committed "
-                        "readers); --no-exactly-once: plain acked sends, at least once")
-    w.add_argument("--session-timeout-ms", type=int, default=6000,
-                   help="a dead worker's partitions move after this (the broker's "
-                        "group.min.session.timeout.ms, 6000 by default, is the floor)")
-    w.add_argument("--group-instance-id", default=os.environ.get("FERRY_GROUP_INSTANCE_ID"),
-                   help="static group membership: a worker restarted with the same id "
-                        "(e.g. a StatefulSet pod name) takes its partitions back with no "
-                        "rebalance (env FERRY_GROUP_INSTANCE_ID)")
-    w.add_argument("--transaction-timeout-ms", type=int, default=60_000,
-                   help="exactly-once: the broker aborts a transaction open longer")
-    w.add_argument("--partitions", type=int, default=4)
-    w.add_argument("--max-message-bytes", type=int, default=1_048_576)
     add_metrics_port(w, "worker")
-    w.add_argument("--device", default="cpu")
-    w.add_argument("--dtype", default=None)
-    w.add_argument("--shadow", action="store_true",
-                   help="serve as a shadow candidate: read ferry.mirror.DEPLOYMENT, answer on "
-                        "ferry.shadow-results.DEPLOYMENT (never to clients)")
-    w.add_argument("--chat-template", type=Path, default=None, metavar="FILE",
-                   help="Jinja chat template rendering chat messages, in place of the "
-                        "model's own (chat_template.jinja or tokenizer_config.json); gives a "
-                        "model without one a template")
-    w.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel ranks of this replica on this node")
-    w.add_argument("--nnodes", type=int, default=1, help="nodes the replica spans")
-    w.add_argument("--node-rank", type=int, default=0)
-    w.add_argument("--master-addr", default="127.0.0.1", help="rank 0's node address")
-    w.add_argument("--master-port", type=int, default=None)
-    w.add_argument("--tp-timeout", type=float, default=60.0,
-                   help="seconds before a dead or stalled rank stops the whole replica")
 
     model = sub.add_parser("model", help="checkpoints")
     msub = model.add_subparsers(dest="action", required=True)
@@ -157,28 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--stream", action="store_true",
                       help="print each prompt's text as it is generated, then its result")
 
+    from streams.front.gateway import GatewaySettings
+
     gw = sub.add_parser("gateway", help="OpenAI-compatible HTTP gateway over Kafka")
-    gw.add_argument("--port", type=int, default=8000)
-    gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--direct", action="store_true",
-                    help="no API keys and no router: post straight to deployment topics")
-    gw.add_argument("--request-timeout", type=float, default=60.0,
-                    help="seconds for the whole call, retries included")
-    gw.add_argument("--attempt-timeout", type=float, default=20.0,
-                    help="seconds one backend gets before the call is retried on another")
-    gw.add_argument("--max-attempts", type=int, default=3)
-    gw.add_argument("--max-lag", type=int, default=None,
-                    help="busy threshold: a deployment with this many requests queued gets "
-                         "no new ones (503 overloaded + Retry-After when all of an alias's are busy; 429 is the caller's "
-                         "own quota)")
-    gw.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    gw.add_argument("--header-timeout", type=float, default=10.0,
-                    help="seconds a new connection has to send its first request's headers")
-    gw.add_argument("--max-connections", type=int, default=1024,
-                    help="open connections beyond this are closed at once")
-    gw.add_argument("--host-route", action="append", default=[], metavar="HOST=MODEL",
-                    help="send calls whose Host is HOST (and model absent/'default') to MODEL "
-                         "(an alias or a deployment)")
+    add_flags(gw, GatewaySettings)
     add_metrics_port(gw, "gateway")
     _bootstrap_arg(gw)
 
@@ -307,31 +248,20 @@ def _worker(args: argparse.Namespace) -> int:
     from workers.engine import Engine
     from workers.worker import Worker
 
-    model_dir = args.model
-    if args.store is not None:
+    config = from_args(WorkerConfig, args, bootstrap=args.bootstrap or default_bootstrap(),
+                       metrics_port=args.metrics_port)
+    if config.store is not None:
         from models.store import StoreError, open_version
 
-        name, _, version = str(args.model).partition("/")
+        name, _, version = str(config.model_dir).partition("/")
         try:
-            model_dir = open_version(args.store, name, version, verify_hashes=args.verify_hashes)
+            config = replace(config, model_dir=open_version(
+                config.store, name, version, verify_hashes=config.verify_hashes))
         except StoreError as exc:  # refuse a corrupt or incomplete version, saying which file
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    config = WorkerConfig(
-        model_dir=model_dir, deployment=args.deployment,
-        bootstrap=args.bootstrap or default_bootstrap(), max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_gb=args.kv_cache_gb,
-        prefix_caching=not args.no_prefix_caching, max_queued=args.max_queued,
-        exactly_once=args.exactly_once,
-        session_timeout_ms=args.session_timeout_ms,
-        group_instance_id=args.group_instance_id,
-        transaction_timeout_ms=args.transaction_timeout_ms,
-        partitions=args.partitions,
-        max_message_bytes=args.max_message_bytes, metrics_port=args.metrics_port,
-        device=args.device, dtype=args.dtype, shadow=args.shadow,
-        chat_template=args.chat_template)
-    if args.tp * args.nnodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return _launch_ranks(args, config)
+    if config.tp * config.nnodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _launch_ranks(config)
     engine = Engine.from_dir(config.model_dir, device=config.device, dtype=config.dtype,
                              engine_config=config.engine_config())
     try:
@@ -361,16 +291,16 @@ def _serve_ranks(config: "WorkerConfig", timeout_s: float) -> None:
                dtype=config.dtype, engine_config=config.engine_config())
 
 
-def _launch_ranks(args: argparse.Namespace, config: "WorkerConfig") -> int:
+def _launch_ranks(config: "WorkerConfig") -> int:
     """Start this node's ranks (or, under torchrun, be one); stop all if one fails."""
     from workers.ranks import launch_local
 
     if "RANK" in os.environ:  # torchrun started us: this process is one rank
-        _serve_ranks(config, args.tp_timeout)
+        _serve_ranks(config, config.tp_timeout)
         return 0
-    procs = launch_local(args.tp, _serve_ranks, config, args.tp_timeout, nnodes=args.nnodes,
-                         node_rank=args.node_rank, master_addr=args.master_addr,
-                         master_port=args.master_port)
+    procs = launch_local(config.tp, _serve_ranks, config, config.tp_timeout,
+                         nnodes=config.nnodes, node_rank=config.node_rank,
+                         master_addr=config.master_addr, master_port=config.master_port)
 
     def stop(*_: object) -> None:  # rank 0 (if on this node) shuts the followers down cleanly
         if procs[0].is_alive():
@@ -390,7 +320,7 @@ def _launch_ranks(args: argparse.Namespace, config: "WorkerConfig") -> int:
             break
         procs[0].join(timeout=0.2)
     for p in procs:
-        p.join(timeout=args.tp_timeout)
+        p.join(timeout=config.tp_timeout)
         if p.is_alive():
             p.kill()
             p.join()
@@ -400,15 +330,15 @@ def _launch_ranks(args: argparse.Namespace, config: "WorkerConfig") -> int:
 def _gateway(args: argparse.Namespace) -> int:
     from streams.front.gateway import GatewaySettings, serve
 
-    settings = GatewaySettings(
-        auth=not args.direct, request_timeout_s=args.request_timeout,
-        attempt_timeout_s=args.attempt_timeout, max_attempts=args.max_attempts,
-        max_lag=args.max_lag, host_routes=dict(r.split("=", 1) for r in args.host_route))
+    bootstrap = args.bootstrap or default_bootstrap()
+    settings = from_args(GatewaySettings, args)
+    log.info("gateway config: bootstrap=%s metrics_port=%s %s", bootstrap, args.metrics_port,
+             describe(settings))
     try:
         asyncio.run(_run_until_signalled(serve(
-            args.bootstrap or default_bootstrap(), args.port, args.host, settings,
-            max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
-            max_connections=args.max_connections, metrics_port=args.metrics_port,
+            bootstrap, settings.port, settings.host, settings,
+            max_body_bytes=settings.max_body_bytes, header_timeout_s=settings.header_timeout_s,
+            max_connections=settings.max_connections, metrics_port=args.metrics_port,
             metrics_route=False)))  # tenants' names are not for callers to read
     except MetricsPortError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,28 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import logging
 import sys
 from datetime import datetime, timezone
 from typing import Any
 
 from edge.metrics_server import add_metrics_port
 from ferry.broker import default_bootstrap
+from ferry.flags import add_flags, describe, from_args
+
+log = logging.getLogger("ferry.router")
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
+    from streams.routing.router import RouterConfig
+
     router = sub.add_parser("router", help="the router stream: ingress -> auth, quota, route")
-    router.add_argument("--app-id", default="ferry-router",
-                        help="app id: consumer group, transactional ids and quota topic (on a secure "
-                             "cluster it must start with ferry-router: its ACLs' prefix)")
-    router.add_argument("--ingress", default=None, help="ingress topic (default ferry.ingress)")
-    router.add_argument("--instance-id", default=os.environ.get("FERRY_ROUTER_INSTANCE_ID"),
-                        help="static group membership: a name unique among the app's routers "
-                             "and kept across restarts (a StatefulSet pod name); its restart "
-                             "takes its partitions back without waiting for the session "
-                             "timeout ($FERRY_ROUTER_INSTANCE_ID; default none)")
+    add_flags(router, RouterConfig)
     add_metrics_port(router, "router")
-    router.add_argument("--log-level", default="WARNING")
     bootstrap_arg(router)
 
     keys = sub.add_parser("keys", help="API keys of tenants")
@@ -80,12 +76,13 @@ def _force_arg(parser: argparse.ArgumentParser) -> None:
 def dispatch(args: argparse.Namespace) -> int | None:
     """Run the command if it is one of these; None when it is not."""
     if args.command == "router":
-        from schemas.topics import INGRESS_TOPIC
-        from streams.routing.router import run_router
+        from streams.routing.router import RouterConfig, run_router
 
-        run_router(args.bootstrap or default_bootstrap(), app_id=args.app_id,
-                   ingress=args.ingress or INGRESS_TOPIC, metrics_port=args.metrics_port,
-                   loglevel=args.log_level, instance_id=args.instance_id)
+        bootstrap = args.bootstrap or default_bootstrap()
+        config = from_args(RouterConfig, args)
+        log.info("router config: bootstrap=%s metrics_port=%s %s", bootstrap,
+                 args.metrics_port, describe(config))
+        run_router(bootstrap, config, metrics_port=args.metrics_port)
         return 0
     if args.command == "keys":
         return run_command(_keys(args))

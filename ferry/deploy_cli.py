@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 from pathlib import Path
@@ -11,28 +12,16 @@ from typing import Any
 
 from edge.metrics_server import add_metrics_port
 from ferry.broker import default_bootstrap
+from ferry.flags import add_flags, describe, from_args
+
+log = logging.getLogger("ferry.deployer")
 
 
 def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
+    from streams.rollout.deployer import DeployerConfig
+
     d = sub.add_parser("deployer", help="deploy every finished checkpoint of a training run")
-    d.add_argument("--model", required=True, help="model name: deployments are NAME@VERSION")
-    d.add_argument("--store", type=Path, required=True, help="model store directory")
-    d.add_argument("--watch", type=Path, default=None,
-                   help="training output directory to follow (checkpoint-* subdirectories)")
-    d.add_argument("--keep", type=int, default=3, help="checkpoints kept deployed")
-    d.add_argument("--settle", type=float, default=10.0,
-                   help="seconds without change that finish a checkpoint lacking COMPLETE")
-    d.add_argument("--replicas", type=int, default=1)
-    d.add_argument("--shadow-of", default=None, metavar="ALIAS",
-                   help="make each new checkpoint the shadow candidate of ALIAS")
-    d.add_argument("--shadow-percent", type=float, default=100.0)
-    d.add_argument("--canary-of", default=None, metavar="ALIAS",
-                   help="give each new checkpoint --canary-weight %% of ALIAS's traffic")
-    d.add_argument("--canary-weight", type=int, default=10)
-    d.add_argument("--launcher", choices=("local", "manifests"), default="local")
-    d.add_argument("--manifests", type=Path, default=Path("deployments"),
-                   help="where the manifests launcher writes compose/Kubernetes files")
-    d.add_argument("--logs", type=Path, default=None, help="worker logs (local launcher)")
+    add_flags(d, DeployerConfig)
     add_metrics_port(d, "deployer")
     bootstrap_arg(d)
     lst = sub.add_parser("deployments", help="deployments with status, age, lag, endpoint")
@@ -70,17 +59,18 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 async def _deployer(args: argparse.Namespace, bootstrap: str) -> None:
     from edge.metrics_server import serve_metrics
-    from streams.rollout.deployer import Deployer, Policy
+    from streams.rollout.deployer import Deployer, DeployerConfig
     from streams.rollout.launchers import Launcher, LocalLauncher, ManifestLauncher
     from streams.rollout.metrics import deployer_registry
 
-    launcher: Launcher = (ManifestLauncher(bootstrap, args.manifests)
-                          if args.launcher == "manifests" else
-                          LocalLauncher(bootstrap, args.logs or args.store / ".logs"))
-    policy = Policy(keep=args.keep, settle_s=args.settle, replicas=args.replicas,
-                    shadow_of=args.shadow_of, shadow_percent=args.shadow_percent,
-                    canary_of=args.canary_of, canary_weight=args.canary_weight)
-    deployer = Deployer(bootstrap, args.model, args.store, launcher, policy, watch=args.watch)
+    config = from_args(DeployerConfig, args)
+    log.info("deployer config: bootstrap=%s metrics_port=%s %s", bootstrap, args.metrics_port,
+             describe(config))
+    launcher: Launcher = (ManifestLauncher(bootstrap, config.manifests)
+                          if config.launcher == "manifests" else
+                          LocalLauncher(bootstrap, config.logs or config.store / ".logs"))
+    deployer = Deployer(bootstrap, config.model, config.store, launcher, config.policy,
+                        watch=config.watch)
     serve_metrics(args.metrics_port, deployer_registry(deployer))
     await deployer.run()
 
