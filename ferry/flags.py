@@ -26,7 +26,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +233,38 @@ def _value(f: dataclasses.Field[Any], kind: Any, value: Any) -> Any:
     if origin is dict:
         return dict(value)
     return value
+
+
+# ---- flags added on first use ------------------------------------------------------------
+
+class DeferredParser(argparse.ArgumentParser):
+    """A (sub)command parser whose flags may be added when it is first used: a component's
+    config lives next to its code, whose imports (aiohttp, torch, ...) `ferry --version` or
+    `ferry keys list` should not pay for. argparse hands a subcommand's arguments to its
+    parser's `parse_known_args`, and help or an error formats it first: all of them run
+    `ready()` before."""
+
+    _deferred: list[Callable[[argparse.ArgumentParser], None]]
+
+    def defer(self, add: Callable[[argparse.ArgumentParser], None]) -> None:
+        """Run `add(self)` before this parser is first used."""
+        self.__dict__.setdefault("_deferred", []).append(add)
+
+    def ready(self) -> argparse.ArgumentParser:
+        """Add the deferred flags now (idempotent); returns the parser."""
+        pending = self.__dict__.pop("_deferred", [])
+        for add in pending:
+            add(self)
+        return self
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self.ready()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self.ready()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.ready()
+        return super().format_help()

@@ -17,7 +17,7 @@ import pytest
 
 from edge.topic_admin import ensure_topics, list_topics
 from ferry.cli import _parser
-from ferry.flags import add_flags, describe, flag_name, from_args
+from ferry.flags import DeferredParser, add_flags, describe, flag_name, from_args
 from schemas import requests_topic
 from schemas.topics import mirror_topic
 from streams.routing.registry import DeploymentRecord, publish
@@ -221,7 +221,9 @@ def _component_commands() -> dict[str, tuple[type, list[str], dict[str, Any]]]:
 
 def _subparser(command: str) -> argparse.ArgumentParser:
     [sub] = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return sub.choices[command]
+    parser = sub.choices[command]
+    assert isinstance(parser, DeferredParser)
+    return parser.ready()  # its flags are added when it is first used
 
 
 @pytest.mark.parametrize("command", ["worker", "gateway", "router", "deployer"])
