@@ -51,7 +51,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str]
 
 def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
     """`cls` built from flags that `add_flags` added; `overrides` (field names, nested ones
-    included) win, and a field with no flag and no override keeps its default."""
+    included) win, and a field with no flag and no override keeps its default. A skipped
+    field whose name is still an attribute of `args` (a hand-written flag) is read from it:
+    override it when it means something else."""
     unknown = set(overrides) - _names(cls)
     if unknown:
         raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
@@ -94,7 +96,7 @@ def field_default(f: dataclasses.Field[Any]) -> Any:
 def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field[Any], kind: Any,
               required: bool) -> None:
     meta: Mapping[str, Any] = f.metadata
-    base, _optional = _unwrap_optional(kind)
+    base, _ = _unwrap_optional(kind)
     default = field_default(f)
     env = meta.get("env")
     if env and os.environ.get(env) not in (None, ""):

@@ -258,3 +258,16 @@ def _leaf_fields(cls: type) -> list[dataclasses.Field[Any]]:
         kind = typing.get_type_hints(cls)[f.name]
         out += _leaf_fields(kind) if dataclasses.is_dataclass(kind) else [f]
     return out
+
+
+def test_a_command_imports_only_its_own_component() -> None:
+    """Component flags are added when their command is used: `ferry keys list` (or
+    `--version`) does not import the gateway's aiohttp nor the worker's torch."""
+    probe = ("import sys; from ferry.cli import _parser; _parser().parse_args(%r); "
+             "print(sorted(m for m in ('aiohttp', 'torch', 'streams.front.gateway') "
+             "if m in sys.modules))")
+    for argv, loaded in ((["keys", "list"], "[]"),
+                         (["gateway"], "['aiohttp', 'streams.front.gateway']")):
+        done = subprocess.run([sys.executable, "-c", probe % argv], capture_output=True,
+                              text=True, timeout=60)
+        assert done.stdout.strip() == loaded, done.stderr

@@ -50,7 +50,8 @@ class WorkerConfig:
     # How long a transaction may stay open before the broker aborts it (and fences its
     # producer); ours last one batch's sends and commit, milliseconds.
     transaction_timeout_ms: int = field(default=60_000, metadata={
-        "help": "exactly-once: the broker aborts a transaction open longer"})
+        "help": "exactly-once: the broker aborts a transaction open longer (and fences its "
+                "producer: the worker stops)"})
     partitions: int = field(default=4, metadata={
         "help": "partitions of the request topic if the worker creates it"})
     max_message_bytes: int = field(default=1_048_576, metadata={
