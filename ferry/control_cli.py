@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
+import logging
 import sys
 from datetime import datetime, timezone
 from typing import Any
 
 from edge.metrics_server import add_metrics_port
-from ferry.broker import default_bootstrap
+from ferry.common import bootstrap, bootstrap_arg, run_command
+from ferry.flags import add_flags, describe, from_args
+
+log = logging.getLogger("ferry.router")
 
 
-def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
+def register(sub: Any) -> None:
     router = sub.add_parser("router", help="the router stream: ingress -> auth, quota, route")
-    router.add_argument("--app-id", default="ferry-router",
-                        help="app id: consumer group, transactional ids and quota topic (on a secure "
-                             "cluster it must start with ferry-router: its ACLs' prefix)")
-    router.add_argument("--ingress", default=None, help="ingress topic (default ferry.ingress)")
-    router.add_argument("--instance-id", default=os.environ.get("FERRY_ROUTER_INSTANCE_ID"),
-                        help="static group membership: a name unique among the app's routers "
-                             "and kept across restarts (a StatefulSet pod name); its restart "
-                             "takes its partitions back without waiting for the session "
-                             "timeout ($FERRY_ROUTER_INSTANCE_ID; default none)")
-    add_metrics_port(router, "router")
-    router.add_argument("--log-level", default="WARNING")
-    bootstrap_arg(router)
+    router.defer(_add_router_flags)  # when `ferry router` is used: no config import otherwise
+    router.set_defaults(func=_router)
 
     keys = sub.add_parser("keys", help="API keys of tenants")
+    keys.set_defaults(func=lambda args: run_command(_keys(args)))
     ksub = keys.add_subparsers(dest="action", required=True)
     add = ksub.add_parser("add", help="create a key for TENANT; prints it once")
     add.add_argument("tenant")
@@ -43,82 +36,58 @@ def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
         bootstrap_arg(parser)
 
     route = sub.add_parser("route", help="aliases -> weighted deployments")
+    route.set_defaults(func=lambda args: run_command(_route(args)))
     rsub = route.add_subparsers(dest="action", required=True)
     rset = rsub.add_parser("set", help="ferry route set ALIAS dep-a=90 dep-b=10")
     rset.add_argument("alias")
     rset.add_argument("weights", nargs="+", metavar="DEPLOYMENT=WEIGHT",
                       help="a deployment and its share (a bare name weighs 100; 0 attaches "
                            "it without traffic)")
-    _force_arg(rset)
+    force_arg(rset)
     rdel = rsub.add_parser("delete", help="remove ALIAS's route")
     rdel.add_argument("alias")
     for parser in (rset, rdel, rsub.add_parser("show", help="every alias and its weights")):
         bootstrap_arg(parser)
 
 
-def add_shadow_parsers(shadow_sub: Any, bootstrap_arg: Any) -> None:
-    """`ferry shadow set|off|show` (next to `ferry shadow report`)."""
-    sset = shadow_sub.add_parser("set", help="mirror a share of ALIAS's traffic to candidates")
-    sset.add_argument("alias")
-    sset.add_argument("--candidate", action="append", required=True, dest="candidates",
-                      metavar="DEPLOYMENT", help="a candidate deployment (repeat for several)")
-    sset.add_argument("--percent", type=float, default=100.0,
-                      help="share of ALIAS's requests copied to every candidate")
-    _force_arg(sset)
-    soff = shadow_sub.add_parser("off", help="stop mirroring ALIAS")
-    soff.add_argument("alias")
-    for parser in (sset, soff, shadow_sub.add_parser("show", help="every alias's candidates")):
-        bootstrap_arg(parser)
-
-
-def _force_arg(parser: argparse.ArgumentParser) -> None:
+def force_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="name deployments that do not exist yet (one about to be "
                              "deployed: a first route set before its workers start)")
 
 
-def dispatch(args: argparse.Namespace) -> int | None:
-    """Run the command if it is one of these; None when it is not."""
-    if args.command == "router":
-        from schemas.topics import INGRESS_TOPIC
-        from streams.routing.router import run_router
+def _add_router_flags(parser: argparse.ArgumentParser) -> None:
+    from streams.routing.router import RouterConfig
 
-        run_router(args.bootstrap or default_bootstrap(), app_id=args.app_id,
-                   ingress=args.ingress or INGRESS_TOPIC, metrics_port=args.metrics_port,
-                   loglevel=args.log_level, instance_id=args.instance_id)
-        return 0
-    if args.command == "keys":
-        return run_command(_keys(args))
-    if args.command == "route":
-        return run_command(_route(args))
-    if args.command == "shadow" and args.action in ("set", "off", "show"):
-        return run_command(_shadow(args))
-    return None
+    add_flags(parser, RouterConfig)
+    add_metrics_port(parser, "router")
+    bootstrap_arg(parser)
 
 
-def run_command(coro: Any) -> int:
-    """Run a command's coroutine; a ValueError is the user's mistake: print it, exit 1."""
-    try:
-        asyncio.run(coro)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def _router(args: argparse.Namespace) -> int:
+    from streams.routing.router import RouterConfig, run_router
+
+    servers = bootstrap(args)
+    config = from_args(RouterConfig, args)
+    log.info("router config: bootstrap=%s metrics_port=%s %s", servers, args.metrics_port,
+             describe(config))
+    run_router(servers, config, metrics_port=args.metrics_port)
     return 0
 
 
 async def _keys(args: argparse.Namespace) -> None:
     from streams.routing.keys import add_key, list_keys, revoke_key
 
-    bootstrap = args.bootstrap or default_bootstrap()
+    servers = bootstrap(args)
     if args.action == "add":
-        print(await add_key(bootstrap, args.tenant, args.rpm, args.tpm, args.reply_prefix))
+        print(await add_key(servers, args.tenant, args.rpm, args.tpm, args.reply_prefix))
         print(f"(key for tenant {args.tenant}; it is not stored and will not be shown again)",
               file=sys.stderr)
     elif args.action == "revoke":
-        print(f"revoked {await revoke_key(bootstrap, args.key)}")
+        print(f"revoked {await revoke_key(servers, args.key)}")
     else:
         print(f"{'KEY ID':14} {'TENANT':20} {'RPM':>8} {'TPM':>10}  CREATED")
-        for row in await list_keys(bootstrap):
+        for row in await list_keys(servers):
             stamp = row["created_at"]
             created = datetime.fromtimestamp(stamp if isinstance(stamp, float) else 0,
                                              timezone.utc)
@@ -135,41 +104,21 @@ async def _route(args: argparse.Namespace) -> None:
         set_route,
     )
 
-    bootstrap = args.bootstrap or default_bootstrap()
+    servers = bootstrap(args)
     if args.action == "set":
         weights = parse_weights(args.weights)
         if not args.force:
-            await check_deployments(bootstrap, weights)
-        route = await set_route(bootstrap, args.alias, weights)
+            await check_deployments(servers, weights)
+        route = await set_route(servers, args.alias, weights)
         print(f"{route.alias} -> {_weights(route.weights)}")
     elif args.action == "delete":
-        await delete_route(bootstrap, args.alias)
+        await delete_route(servers, args.alias)
         print(f"deleted route {args.alias}")
     else:
-        for alias, route in sorted((await read_routes(bootstrap)).items()):
+        for alias, route in sorted((await read_routes(servers)).items()):
             print(f"{alias} -> {_weights(route.weights)}")
 
 
 def _weights(weights: dict[str, int]) -> str:
     total = sum(weights.values()) or 1
     return ", ".join(f"{d}={w} ({100 * w / total:.0f}%)" for d, w in weights.items())
-
-
-async def _shadow(args: argparse.Namespace) -> None:
-    from streams.routing.catalog import check_deployments
-    from streams.routing.routes import parse_weights
-    from streams.routing.shadows import read_shadows, set_shadow, shadow_off
-
-    bootstrap = args.bootstrap or default_bootstrap()
-    if args.action == "set":
-        parse_weights(args.candidates)  # valid names first, then whether they exist
-        if not args.force:
-            await check_deployments(bootstrap, args.candidates, candidates=True)
-        shadow = await set_shadow(bootstrap, args.alias, args.candidates, args.percent)
-        print(f"{shadow.alias}: {shadow.percent:g}% mirrored to {', '.join(shadow.candidates)}")
-    elif args.action == "off":
-        await shadow_off(bootstrap, args.alias)
-        print(f"{args.alias}: shadow off")
-    else:
-        for alias, shadow in sorted((await read_shadows(bootstrap)).items()):
-            print(f"{alias}: {shadow.percent:g}% mirrored to {', '.join(shadow.candidates)}")

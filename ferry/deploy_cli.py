@@ -1,40 +1,25 @@
-"""`ferry deployer`, `ferry deployments`, `ferry deploy`, `ferry undeploy`."""
+"""`ferry deployer`, `ferry deployments`, `ferry deploy`, `ferry undeploy`, `ferry canary`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from edge.metrics_server import add_metrics_port
-from ferry.broker import default_bootstrap
+from ferry.common import bootstrap, bootstrap_arg
+from ferry.flags import add_flags, describe, from_args
+
+log = logging.getLogger("ferry.deployer")
 
 
-def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
+def register(sub: Any) -> None:
     d = sub.add_parser("deployer", help="deploy every finished checkpoint of a training run")
-    d.add_argument("--model", required=True, help="model name: deployments are NAME@VERSION")
-    d.add_argument("--store", type=Path, required=True, help="model store directory")
-    d.add_argument("--watch", type=Path, default=None,
-                   help="training output directory to follow (checkpoint-* subdirectories)")
-    d.add_argument("--keep", type=int, default=3, help="checkpoints kept deployed")
-    d.add_argument("--settle", type=float, default=10.0,
-                   help="seconds without change that finish a checkpoint lacking COMPLETE")
-    d.add_argument("--replicas", type=int, default=1)
-    d.add_argument("--shadow-of", default=None, metavar="ALIAS",
-                   help="make each new checkpoint the shadow candidate of ALIAS")
-    d.add_argument("--shadow-percent", type=float, default=100.0)
-    d.add_argument("--canary-of", default=None, metavar="ALIAS",
-                   help="give each new checkpoint --canary-weight %% of ALIAS's traffic")
-    d.add_argument("--canary-weight", type=int, default=10)
-    d.add_argument("--launcher", choices=("local", "manifests"), default="local")
-    d.add_argument("--manifests", type=Path, default=Path("deployments"),
-                   help="where the manifests launcher writes compose/Kubernetes files")
-    d.add_argument("--logs", type=Path, default=None, help="worker logs (local launcher)")
-    add_metrics_port(d, "deployer")
-    bootstrap_arg(d)
+    d.defer(_add_deployer_flags)  # when `ferry deployer` is used: no config import otherwise
     lst = sub.add_parser("deployments", help="deployments with status, age, lag, endpoint")
     dep = sub.add_parser("deploy", help="deploy STORE/NAME/VERSION (through its deployer)")
     dep.add_argument("target", type=Path)
@@ -42,25 +27,48 @@ def add_parsers(sub: Any, bootstrap_arg: Any) -> None:
     und.add_argument("id")
     for parser in (lst, dep, und):
         bootstrap_arg(parser)
+    for parser in (d, lst, dep, und):
+        parser.set_defaults(func=_run)
+
+    canary = sub.add_parser("canary", help="shift an alias to a deployment step by step; roll "
+                                           "back on worse errors or latency")
+    canary.add_argument("alias")
+    canary.add_argument("--to", required=True, metavar="DEPLOYMENT")
+    canary.add_argument("--steps", default="5,25,50,100", help="percents for --to, ending at 100")
+    canary.add_argument("--every", default="60s", help="watch time per step: 60s, 2m, 1.5")
+    canary.add_argument("--max-error-margin", type=float, default=0.05,
+                        help="roll back if new error rate > old + this (absolute)")
+    canary.add_argument("--max-p99-ratio", type=float, default=1.5,
+                        help="roll back if new p99 latency > old p99 x this")
+    canary.add_argument("--min-requests", type=int, default=10,
+                        help="results a side needs in a step before it is judged")
+    bootstrap_arg(canary)
+    canary.set_defaults(func=_canary)
 
 
-def dispatch(args: argparse.Namespace) -> int | None:
-    if args.command not in ("deployer", "deployments", "deploy", "undeploy"):
-        return None
-    bootstrap = args.bootstrap or default_bootstrap()
+def _add_deployer_flags(parser: argparse.ArgumentParser) -> None:
+    from streams.rollout.deployer import DeployerConfig
+
+    add_flags(parser, DeployerConfig)
+    add_metrics_port(parser, "deployer")
+    bootstrap_arg(parser)
+
+
+def _run(args: argparse.Namespace) -> int:
+    servers = bootstrap(args)
     try:
         if args.command == "deployer":
-            asyncio.run(_deployer(args, bootstrap))
+            asyncio.run(_deployer(args, servers))
         elif args.command == "deployments":
-            asyncio.run(_list(bootstrap))
+            asyncio.run(_list(servers))
         elif args.command == "deploy":
             from streams.rollout.deployer import request_deploy
 
-            print(f"asked to deploy {asyncio.run(request_deploy(bootstrap, args.target))}")
+            print(f"asked to deploy {asyncio.run(request_deploy(servers, args.target))}")
         else:
             from streams.rollout.deployer import request_undeploy
 
-            asyncio.run(request_undeploy(bootstrap, args.id))
+            asyncio.run(request_undeploy(servers, args.id))
             print(f"asked to undeploy {args.id}")
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -68,29 +76,51 @@ def dispatch(args: argparse.Namespace) -> int | None:
     return 0
 
 
-async def _deployer(args: argparse.Namespace, bootstrap: str) -> None:
+def _canary(args: argparse.Namespace) -> int:
+    from streams.rollout.canary import CanaryPolicy, parse_seconds, run_canary
+
+    try:
+        policy = CanaryPolicy(
+            steps=[int(s) for s in args.steps.split(",")], every_s=parse_seconds(args.every),
+            max_error_rate_margin=args.max_error_margin, max_p99_ratio=args.max_p99_ratio,
+            min_requests=args.min_requests)
+        outcome = asyncio.run(run_canary(bootstrap(args), args.alias,
+                                         args.to, policy, log_fn=print))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if outcome.status == "rolled_back":
+        print(f"rolled back at {outcome.step}%: {outcome.reason}; route restored to "
+              f"{outcome.weights}")
+        return 1
+    print(f"completed: {args.alias} -> {outcome.weights}")
+    return 0
+
+
+async def _deployer(args: argparse.Namespace, servers: str) -> None:
     from edge.metrics_server import serve_metrics
-    from streams.rollout.deployer import Deployer, Policy
+    from streams.rollout.deployer import Deployer, DeployerConfig
     from streams.rollout.launchers import Launcher, LocalLauncher, ManifestLauncher
     from streams.rollout.metrics import deployer_registry
 
-    launcher: Launcher = (ManifestLauncher(bootstrap, args.manifests)
-                          if args.launcher == "manifests" else
-                          LocalLauncher(bootstrap, args.logs or args.store / ".logs"))
-    policy = Policy(keep=args.keep, settle_s=args.settle, replicas=args.replicas,
-                    shadow_of=args.shadow_of, shadow_percent=args.shadow_percent,
-                    canary_of=args.canary_of, canary_weight=args.canary_weight)
-    deployer = Deployer(bootstrap, args.model, args.store, launcher, policy, watch=args.watch)
+    config = from_args(DeployerConfig, args)
+    log.info("deployer config: bootstrap=%s metrics_port=%s %s", servers, args.metrics_port,
+             describe(config))
+    launcher: Launcher = (ManifestLauncher(servers, config.manifests)
+                          if config.launcher == "manifests" else
+                          LocalLauncher(servers, config.logs or config.store / ".logs"))
+    deployer = Deployer(servers, config.model, config.store, launcher, config.policy,
+                        watch=config.watch)
     serve_metrics(args.metrics_port, deployer_registry(deployer))
     await deployer.run()
 
 
-async def _list(bootstrap: str) -> None:
+async def _list(servers: str) -> None:
     from streams.routing.backlog import BacklogProbe
     from streams.routing.registry import read_registry
 
-    records = sorted(await read_registry(bootstrap), key=lambda r: r.id)
-    probe = BacklogProbe(bootstrap)
+    records = sorted(await read_registry(servers), key=lambda r: r.id)
+    probe = BacklogProbe(servers)
     await probe.start()
     try:
         print(f"{'DEPLOYMENT':34} {'STATUS':9} {'AGE':>7} {'REPL':>4} {'LAG':>5}  ENDPOINT")

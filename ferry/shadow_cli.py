@@ -1,4 +1,5 @@
-"""`ferry comparator`, `ferry shadow report`, `ferry replay ...`: judging shadow candidates."""
+"""`ferry comparator`, `ferry shadow ...`, `ferry replay ...`: shadow candidates and their
+judging."""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from edge.metrics_server import add_metrics_port
-from ferry.broker import default_bootstrap
-from ferry.control_cli import run_command
+from ferry.common import bootstrap, bootstrap_arg, run_command
+from ferry.control_cli import force_arg
 
 
-def add_parsers(sub: Any, bootstrap_arg: Any) -> Any:
-    """Add the commands; returns the `shadow` subparsers, for other modules' `shadow` actions."""
+def register(sub: Any) -> None:
     comp = sub.add_parser("comparator", help="pair primary and shadow results; publish "
                                              "comparisons to ferry.comparisons")
     comp.add_argument("--app-id", default="ferry-comparator", help="faust app id (group)")
@@ -27,17 +27,31 @@ def add_parsers(sub: Any, bootstrap_arg: Any) -> Any:
     add_metrics_port(comp, "comparator")
     comp.add_argument("--log-level", default="WARNING")
     bootstrap_arg(comp)
+    comp.set_defaults(func=_comparator)
 
     shadow = sub.add_parser("shadow", help="shadow traffic to candidate deployments")
+    shadow.set_defaults(func=_shadow)
     ssub = shadow.add_subparsers(dest="action", required=True)
     rep = ssub.add_parser("report", help="how CANDIDATE compares with its primary")
     rep.add_argument("candidate")
     rep.add_argument("--since", default=None, help="ISO time or a duration ago: 30m, 1h, 2d")
     rep.add_argument("--png", type=Path, default=None, help="also write a figure here")
     bootstrap_arg(rep)
+    sset = ssub.add_parser("set", help="mirror a share of ALIAS's traffic to candidates")
+    sset.add_argument("alias")
+    sset.add_argument("--candidate", action="append", required=True, dest="candidates",
+                      metavar="DEPLOYMENT", help="a candidate deployment (repeat for several)")
+    sset.add_argument("--percent", type=float, default=100.0,
+                      help="share of ALIAS's requests copied to every candidate")
+    force_arg(sset)
+    soff = ssub.add_parser("off", help="stop mirroring ALIAS")
+    soff.add_argument("alias")
+    for parser in (sset, soff, ssub.add_parser("show", help="every alias's candidates")):
+        bootstrap_arg(parser)
 
     replay = sub.add_parser("replay", help="re-send recorded mirror traffic to a candidate; "
                                            "`replay export` writes it to a file")
+    replay.set_defaults(func=lambda args: run_command(_replay(args)))
     _range_args(replay)
     replay.add_argument("--file", type=Path, default=None,
                         help="replay this exported JSONL file instead of a topic")
@@ -49,7 +63,6 @@ def add_parsers(sub: Any, bootstrap_arg: Any) -> Any:
     _range_args(export)
     export.add_argument("--file", type=Path, required=True)
     bootstrap_arg(export)
-    return ssub
 
 
 def _range_args(parser: argparse.ArgumentParser) -> None:
@@ -59,21 +72,19 @@ def _range_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", default=None, help="ISO time or a duration ago")
 
 
-def dispatch(args: argparse.Namespace) -> int | None:
-    """Run the command if it is one of these; None when it is not."""
-    if args.command == "comparator":
-        from streams.shadow.comparator import run_comparator
+def _comparator(args: argparse.Namespace) -> int:
+    from streams.shadow.comparator import run_comparator
 
-        run_comparator(args.bootstrap or default_bootstrap(), args.candidate,
-                       app_id=args.app_id, window_s=args.window,
-                       score_timeout_s=args.score_timeout, stats_window_s=args.stats_window,
-                       metrics_port=args.metrics_port, loglevel=args.log_level)
-        return 0
-    if args.command == "shadow" and args.action == "report":
+    run_comparator(bootstrap(args), args.candidate, app_id=args.app_id, window_s=args.window,
+                   score_timeout_s=args.score_timeout, stats_window_s=args.stats_window,
+                   metrics_port=args.metrics_port, loglevel=args.log_level)
+    return 0
+
+
+def _shadow(args: argparse.Namespace) -> int:
+    if args.action == "report":
         return run_command(_report(args))
-    if args.command == "replay":
-        return run_command(_replay(args))
-    return None
+    return run_command(_control(args))
 
 
 def _times(args: argparse.Namespace) -> tuple[float | None, float | None]:
@@ -87,7 +98,7 @@ def _times(args: argparse.Namespace) -> tuple[float | None, float | None]:
 async def _report(args: argparse.Namespace) -> None:
     from streams.shadow.report import format_table, report
 
-    summary = await report(args.bootstrap or default_bootstrap(), args.candidate,
+    summary = await report(bootstrap(args), args.candidate,
                            _times(args)[0], args.png)
     print(format_table(summary))
     if args.png is not None:
@@ -97,12 +108,12 @@ async def _report(args: argparse.Namespace) -> None:
 async def _replay(args: argparse.Namespace) -> None:
     from streams.shadow.replay import collect, read_entries, replay, write_entries
 
-    bootstrap = args.bootstrap or default_bootstrap()
+    servers = bootstrap(args)
     since, until = _times(args)
     if args.action == "export":
         if not args.source:
             raise ValueError("--from: the mirror topic to export is needed")
-        entries = await collect(bootstrap, args.source, since, until)
+        entries = await collect(servers, args.source, since, until)
         write_entries(entries, args.file)
         print(f"exported {len(entries)} requests to {args.file}")
         return
@@ -111,8 +122,29 @@ async def _replay(args: argparse.Namespace) -> None:
     if args.file is not None:
         entries = read_entries(args.file)
     elif args.source:
-        entries = await collect(bootstrap, args.source, since, until)
+        entries = await collect(servers, args.source, since, until)
     else:
         raise ValueError("--from TOPIC or --file FILE: something to replay is needed")
-    sent, results = await replay(bootstrap, args.candidate, entries, args.rate)
+    sent, results = await replay(servers, args.candidate, entries, args.rate)
     print(f"replayed {sent} requests to {args.candidate} ({results} primary results re-posted)")
+
+
+async def _control(args: argparse.Namespace) -> None:
+    """`shadow set|off|show`: the shadow table."""
+    from streams.routing.catalog import check_deployments
+    from streams.routing.routes import parse_weights
+    from streams.routing.shadows import read_shadows, set_shadow, shadow_off
+
+    servers = bootstrap(args)
+    if args.action == "set":
+        parse_weights(args.candidates)  # valid names first, then whether they exist
+        if not args.force:
+            await check_deployments(servers, args.candidates, candidates=True)
+        shadow = await set_shadow(servers, args.alias, args.candidates, args.percent)
+        print(f"{shadow.alias}: {shadow.percent:g}% mirrored to {', '.join(shadow.candidates)}")
+    elif args.action == "off":
+        await shadow_off(servers, args.alias)
+        print(f"{args.alias}: shadow off")
+    else:
+        for alias, shadow in sorted((await read_shadows(servers)).items()):
+            print(f"{alias}: {shadow.percent:g}% mirrored to {', '.join(shadow.candidates)}")

@@ -94,13 +94,39 @@ CLOSE_TIMEOUT_S = 15.0
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    auth: bool = True  # API keys + router; False posts straight to deployment topics
-    request_timeout_s: float = 60.0  # the whole call, all attempts
-    attempt_timeout_s: float = 20.0  # one backend's time before the call moves on
-    max_attempts: int = 3
-    max_lag: int | None = None  # busy threshold per deployment (None: no busy check)
-    host_routes: dict[str, str] = field(default_factory=dict)
-    ingress: str = INGRESS_TOPIC  # the router's input topic
+    """`ferry gateway`'s settings; its flags are generated from these fields (ferry/flags.py).
+    The last five are the HTTP server's (`serve`), not the application's."""
+
+    auth: bool = field(default=True, metadata={
+        "flag": "--direct", "negate": True,
+        "help": "no API keys and no router: post straight to deployment topics"})
+    request_timeout_s: float = field(default=60.0, metadata={
+        "flag": "--request-timeout", "help": "seconds for the whole call, retries included"})
+    attempt_timeout_s: float = field(default=20.0, metadata={
+        "flag": "--attempt-timeout",
+        "help": "seconds one backend gets before the call is retried on another"})
+    max_attempts: int = field(default=3, metadata={
+        "help": "backends one call tries (the first included), within --request-timeout"})
+    max_lag: int | None = field(default=None, metadata={
+        "help": "busy threshold: a deployment with this many requests queued gets no new ones "
+                "(503 overloaded + Retry-After when all of an alias's are busy; 429 is the "
+                "caller's own quota); default: no busy check"})
+    host_routes: dict[str, str] = field(default_factory=dict, metadata={
+        "flag": "--host-route", "metavar": "HOST=MODEL",
+        "help": "send calls whose Host is HOST (and model absent/'default') to MODEL (an alias "
+                "or a deployment); repeat for several"})
+    ingress: str = field(default=INGRESS_TOPIC, metadata={
+        "help": "the router's input topic (with API keys)"})
+    port: int = field(default=8000, metadata={"help": "HTTP port of the API"})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to listen on (0.0.0.0: every interface)"})
+    max_body_bytes: int = field(default=1 << 20, metadata={
+        "help": "larger request bodies are refused (413)"})
+    header_timeout_s: float = field(default=10.0, metadata={
+        "flag": "--header-timeout",
+        "help": "seconds a new connection has to send its first request's headers"})
+    max_connections: int = field(default=1024, metadata={
+        "help": "open connections beyond this are closed at once"})
 
 
 @dataclass(frozen=True)

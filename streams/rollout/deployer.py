@@ -25,9 +25,9 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -52,14 +52,43 @@ log = logging.getLogger("ferry.deployer")
 
 @dataclass(frozen=True)
 class Policy:
-    keep: int = 3  # checkpoints kept deployed
-    settle_s: float = 10.0  # quiet time that marks a checkpoint without COMPLETE as finished
-    replicas: int = 1
-    shadow_of: str | None = None  # attach each new checkpoint as this alias's shadow candidate
-    shadow_percent: float = 100.0
-    canary_of: str | None = None  # or give it this share of the alias's traffic
-    canary_weight: int = 10
-    load_timeout_s: float = 300.0  # for launchers that run replicas (not manifests)
+    keep: int = field(default=3, metadata={"help": "checkpoints kept deployed"})
+    settle_s: float = field(default=10.0, metadata={
+        "flag": "--settle",
+        "help": "seconds without change that finish a checkpoint lacking COMPLETE"})
+    replicas: int = field(default=1, metadata={"help": "workers of each deployment"})
+    shadow_of: str | None = field(default=None, metadata={
+        "metavar": "ALIAS", "help": "make each new checkpoint the shadow candidate of ALIAS"})
+    shadow_percent: float = field(default=100.0, metadata={
+        "help": "share of ALIAS's requests mirrored to the candidate (--shadow-of)"})
+    canary_of: str | None = field(default=None, metadata={
+        "metavar": "ALIAS", "help": "give each new checkpoint --canary-weight % of ALIAS's "
+                                    "traffic"})
+    canary_weight: int = field(default=10, metadata={
+        "help": "the new checkpoint's share of ALIAS (--canary-of), in %"})
+    load_timeout_s: float = field(default=300.0, metadata={
+        "flag": "--load-timeout",
+        "help": "seconds a replica has to load and answer (launchers that run replicas, not "
+                "manifests)"})
+
+
+@dataclass(frozen=True)
+class DeployerConfig:
+    """`ferry deployer`'s settings; its flags are generated from these fields
+    (ferry/flags.py)."""
+
+    model: str = field(metadata={"help": "model name: deployments are NAME@VERSION"})
+    store: Path = field(metadata={"help": "model store directory"})
+    watch: Path | None = field(default=None, metadata={
+        "help": "training output directory to follow (checkpoint-* subdirectories)"})
+    launcher: Literal["local", "manifests"] = field(default="local", metadata={
+        "help": "local: run `ferry worker` processes; manifests: write compose/Kubernetes "
+                "files"})
+    manifests: Path = field(default=Path("deployments"), metadata={
+        "help": "where the manifests launcher writes compose/Kubernetes files"})
+    logs: Path | None = field(default=None, metadata={
+        "help": "worker logs (local launcher; default STORE/.logs)"})
+    policy: Policy = field(default_factory=Policy)
 
 
 def version_order(version: str) -> tuple[int, str]:

@@ -435,23 +435,40 @@ def _attempt(headers: dict[str, bytes]) -> int:
         return 1
 
 
-def run_router(bootstrap: str, *, app_id: str = "ferry-router", ingress: str = INGRESS_TOPIC,
-               metrics_port: int | None = None, loglevel: str = "WARNING",
-               instance_id: str | None = None) -> None:
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """`ferry router`'s settings; its flags are generated from these fields (ferry/flags.py)."""
+
+    app_id: str = dataclasses.field(default="ferry-router", metadata={
+        "help": "app id: consumer group, transactional ids and quota topic (on a secure "
+                "cluster it must start with ferry-router: its ACLs' prefix)"})
+    ingress: str = dataclasses.field(default=INGRESS_TOPIC, metadata={
+        "help": "ingress topic"})
+    instance_id: str | None = dataclasses.field(default=None, metadata={
+        "env": "FERRY_ROUTER_INSTANCE_ID",
+        "help": "static group membership: a name unique among the app's routers and kept "
+                "across restarts (a StatefulSet pod name); its restart takes its partitions "
+                "back without waiting for the session timeout"})
+    log_level: str = dataclasses.field(default="WARNING", metadata={
+        "help": "root log level while routing"})
+
+
+def run_router(bootstrap: str, config: RouterConfig = RouterConfig(), *,
+               metrics_port: int | None = None) -> None:
     """Run one router until SIGTERM/SIGINT (then it finishes the transaction under way and
     leaves the group at once); exits 1 when a control table reader died."""
-    logging.getLogger().setLevel(loglevel.upper())
+    logging.getLogger().setLevel(config.log_level.upper())
     registry = CollectorRegistry()
     serve_metrics(metrics_port, registry)
 
     async def serve() -> None:
-        router = Router(bootstrap, app_id=app_id, ingress=ingress, registry=registry,
-                        instance_id=instance_id)
+        router = Router(bootstrap, app_id=config.app_id, ingress=config.ingress,
+                        registry=registry, instance_id=config.instance_id)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, router.stop)
         await router.run()
-        log.info("router stopped: ingress=%s", ingress)
+        log.info("router stopped: ingress=%s", config.ingress)
 
     try:
         asyncio.run(serve())
