@@ -526,6 +526,10 @@ async def test_rendered_replicas_take_credentials_from_compose_env_or_a_secret(
         "FERRY_KAFKA_PASSWORD": "${FERRY_WORKER_KAFKA_PASSWORD:?set FERRY_WORKER_KAFKA_PASSWORD}"}
     deployment = yaml.safe_load((tmp_path / f"{record.deployment}.k8s.yaml").read_text())
     [container] = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["envFrom"] == [{"secretRef": {"name": "ferry-worker-kafka",
-                                                   "optional": True}}]
+    env = {e["name"]: e["valueFrom"] for e in container["env"]}
+    for var in ("FERRY_KAFKA_USERNAME", "FERRY_KAFKA_PASSWORD"):  # the worker's own principal
+        assert env[var] == {"secretKeyRef": {"name": "ferry-worker-kafka", "key": var,
+                                             "optional": False}}
+    for var in ("KAFKA_BOOTSTRAP", "FERRY_KAFKA_SECURITY_PROTOCOL", "FERRY_KAFKA_SASL_MECHANISM"):
+        assert env[var] == {"configMapKeyRef": {"name": "ferry-config", "key": var}}
     assert "deployer-pw" not in str(service) + str(deployment)
