@@ -3,7 +3,6 @@ broker (with a faked candidate scorer), and `ferry shadow report`."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 from collections.abc import Callable, Iterator
@@ -13,7 +12,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from edge.topic_admin import ensure_topics
-from ferry import shadow_cli
+from ferry.cli import main
 from ferry.broker import free_port
 from schemas import ErrorCode, Request, Result, Timings, decode, encode
 from schemas.topics import (
@@ -296,13 +295,9 @@ def test_report_command_reads_comparisons(kafka_bootstrap: str, tag: str, tmp_pa
             await producer.stop()
 
     asyncio.run(publish())
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    shadow_cli.add_parsers(sub, lambda q: q.add_argument("--bootstrap"))
     png = tmp_path / "report.png"
-    args = parser.parse_args(["shadow", "report", f"b-{tag}", "--since", "10m", "--png",
-                              str(png), "--bootstrap", kafka_bootstrap])
-    assert shadow_cli.dispatch(args) == 0
+    assert main(["shadow", "report", f"b-{tag}", "--since", "10m", "--png", str(png),
+                 "--bootstrap", kafka_bootstrap]) == 0
     out = capsys.readouterr().out
     assert "(3 with both sides ok)" in out and "66.7%" in out and "-1.5000" in out
     assert png.stat().st_size > 0

@@ -3,7 +3,6 @@ the topic and from the file to a new candidate, on a real broker."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
@@ -15,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from edge.topic_admin import ensure_topics
-from ferry import shadow_cli
+from ferry.cli import main
 from schemas import ErrorCode, Request, Result, decode, decode_result, encode
 from schemas.topics import (
     PRIMARY_HEADER, PRIMARY_RESULTS_TOPIC, PRODUCED_BY_HEADER, mirror_topic, shadow_results_topic,
@@ -84,11 +83,11 @@ async def test_export_and_replay(kafka_bootstrap: str, unique: Callable[[str], s
 
     # Export [t0-250, t0-50]: requests 1 and 2, with their primary results.
     log = tmp_path / "log.jsonl"
-    args = _parse(["replay", "export", "--from", source, "--file", str(log),
-                   "--since", datetime.fromtimestamp(t0 - 250, timezone.utc).isoformat(),
-                   "--until", datetime.fromtimestamp(t0 - 50, timezone.utc).isoformat(),
-                   "--bootstrap", kafka_bootstrap])
-    assert await asyncio.to_thread(shadow_cli.dispatch, args) == 0
+    args = ["replay", "export", "--from", source, "--file", str(log),
+            "--since", datetime.fromtimestamp(t0 - 250, timezone.utc).isoformat(),
+            "--until", datetime.fromtimestamp(t0 - 50, timezone.utc).isoformat(),
+            "--bootstrap", kafka_bootstrap]
+    assert await asyncio.to_thread(main, args) == 0
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e["request"]["id"] for e in lines] == ids[1:3]
     assert {e["primary"] for e in lines} == {primary}
@@ -109,9 +108,9 @@ async def test_export_and_replay(kafka_bootstrap: str, unique: Callable[[str], s
 
     # Replay the file (through the CLI) to another candidate.
     other = f"other-{tag}"
-    args = _parse(["replay", "--file", str(log), "--candidate", other, "--rate", "50",
-                   "--bootstrap", kafka_bootstrap])
-    assert await asyncio.to_thread(shadow_cli.dispatch, args) == 0
+    args = ["replay", "--file", str(log), "--candidate", other, "--rate", "50",
+            "--bootstrap", kafka_bootstrap]
+    assert await asyncio.to_thread(main, args) == 0
     mirrored = await read_topic(mirror_topic(other), 2, timeout=15)
     assert [decode(m.value)["id"] for m in sorted(mirrored, key=lambda m: m.timestamp)] \
         == ids[1:3]
@@ -128,16 +127,9 @@ async def test_export_and_replay(kafka_bootstrap: str, unique: Callable[[str], s
 
 
 def test_replay_needs_a_source_and_a_candidate(capsys: pytest.CaptureFixture[str]) -> None:
-    assert shadow_cli.dispatch(_parse(["replay", "--candidate", "x"])) == 1
+    assert main(["replay", "--candidate", "x"]) == 1
     assert "--from TOPIC or --file FILE" in capsys.readouterr().err
-    assert shadow_cli.dispatch(_parse(["replay", "--from", "t"])) == 1
-
-
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    shadow_cli.add_parsers(sub, lambda q: q.add_argument("--bootstrap"))
-    return parser.parse_args(argv)
+    assert main(["replay", "--from", "t"]) == 1
 
 
 def test_write_entries_round_trip(tmp_path: Path) -> None:
