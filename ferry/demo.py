@@ -1,21 +1,25 @@
 """`ferry demo`: the whole pipeline on an embedded default, then everything stopped again.
 
-Starts a local Kafka broker, builds a small Llama checkpoint, starts a worker process for
-deployment `tiny`, posts a handful of requests straight to its topic (plus one malformed
-message, to show the dead-letter path) and prints the results and the worker's metrics.
-Then the front door: an API key, a route `chat -> tiny`, 100% shadow traffic to a candidate
-worker on the same checkpoint, a router process, a comparator process and an HTTP gateway; a
-few OpenAI-style chat calls through them, one with a bad key, and the shadow report.
-Last, every checkpoint deployed: a tiny trainer writes a checkpoint every 100 steps, the
-deployer deploys each one with its own endpoint and retires the oldest (keep 2); each
-checkpoint's validation loss, a corpus sentence's log-likelihood under it and its answer show
-the later checkpoints answering better.
+First a small Llama is trained once on an offline corpus (`ferry train`: a checkpoint every
+100 steps; cached under FERRY_HOME/demo/trained, so later runs skip it). Then a local Kafka
+broker and a worker process for deployment `tiny` serving the last checkpoint, with a shadow
+candidate worker serving the first one; requests are posted straight to its topic (plus one
+malformed message, to show the dead-letter path) and the results and the worker's metrics
+printed. Then the front door: an API key, a route `chat -> tiny`, 100% shadow traffic to the
+candidate, a router process, a comparator process and an HTTP gateway; a few OpenAI-style
+chat calls through them, one streamed, one with a bad key, and the shadow report comparing
+the two checkpoints. Last, every checkpoint deployed: the training run's checkpoints arrive
+in a watched directory one at a time, as a trainer writes them; the deployer deploys each
+with its own endpoint and retires the oldest (keep 2), and each one's validation loss, a
+sentence's log-likelihood under it and its answer show the later checkpoints answering
+better. The processes' logs go to FERRY_HOME/demo/logs; the demo prints its own story.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -29,62 +33,101 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from edge.kafka_clients import client_options
 from ferry.broker import LocalBroker, ferry_home, free_port
-from schemas import Request, requests_topic
+from schemas import DLQ_TOPIC, Request, requests_topic
 from schemas.topics import shadow_results_topic
 from streams.front.client import FerryClient
 from streams.shadow.report import format_table, read_comparisons, summarize
 
-DEPLOYMENT = "tiny"
-CANDIDATE = "tiny-candidate"  # the same checkpoint as a shadow candidate
+DEPLOYMENT = "tiny"  # the training run's last checkpoint
+CANDIDATE = "tiny-candidate"  # its first checkpoint, as a shadow candidate
+STEPS, EVERY = 300, 100
 PROMPTS = ["The ship left the harbour", "Kafka topics are", "Once upon a time",
            "A batch of requests", "Tensor parallel ranks", "The checkpoint was"]
 
 
 def run_demo(n_requests: int = 8) -> int:
     home = ferry_home() / "demo"
-    model_dir = home / "model"
-    if not (model_dir / "config.json").exists():
-        from models.factory import build_tiny_checkpoint
-
-        build_tiny_checkpoint(model_dir, seed=0)
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # one line per call: noise
+    trained = _trained(home / "trained")
     broker = LocalBroker(home / "broker", port=free_port())
     shutil.rmtree(broker.data_dir, ignore_errors=True)  # a demo starts from empty topics
     print(f"[demo] starting Kafka {broker.data_dir} ...", flush=True)
     bootstrap = broker.up()
     print(f"[demo] bootstrap={bootstrap}", flush=True)
     metrics_port = free_port()
-    worker = [sys.executable, "-m", "ferry.cli", "worker", "--model", str(model_dir),
-              "--bootstrap", bootstrap]
-    processes = [subprocess.Popen(worker + ["--deployment", DEPLOYMENT,
-                                            "--metrics-port", str(metrics_port)])]
+    processes: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> Path:
+        log = logs / f"{name}.log"
+        with log.open("w") as out:
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "ferry.cli", *args, "--bootstrap", bootstrap],
+                stdout=out, stderr=subprocess.STDOUT))
+        return log
+
+    primary, candidate = trained / f"checkpoint-{STEPS}", trained / f"checkpoint-{EVERY}"
     try:
+        start("worker-tiny", "worker", "--model", str(primary), "--deployment", DEPLOYMENT,
+              "--metrics-port", str(metrics_port))
+        # The candidate loads now, beside the primary: a shadow report that timed its start
+        # would compare loading, not serving.
+        candidate_log = start("worker-candidate", "worker", "--model", str(candidate),
+                              "--deployment", CANDIDATE, "--shadow",
+                              "--metrics-port", str(free_port()))
+        print(f"[demo] worker {DEPLOYMENT!r} serves {primary.name}, shadow candidate "
+              f"{CANDIDATE!r} serves {candidate.name} (logs in {logs})", flush=True)
         asyncio.run(_traffic(bootstrap, n_requests))
         _print_metrics(metrics_port)
-        processes.append(subprocess.Popen(worker + ["--deployment", CANDIDATE, "--shadow",
-                                                    "--metrics-port", str(free_port())]))
-        router_log = home / "router.log"
-        with router_log.open("w") as log:
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "ferry.cli", "router", "--bootstrap", bootstrap,
-                 "--log-level", "INFO", "--metrics-port", str(free_port())], stdout=log, stderr=subprocess.STDOUT))
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "ferry.cli", "comparator", "--bootstrap", bootstrap,
-                 "--candidate", CANDIDATE, "--window", "120",
-                 "--metrics-port", str(free_port())], stdout=log,
-                stderr=subprocess.STDOUT))
-        asyncio.run(_front_door(bootstrap, router_log))
-        asyncio.run(_checkpoints(bootstrap, home))
+        router_log = start("router", "router", "--log-level", "INFO",
+                           "--metrics-port", str(free_port()))
+        start("comparator", "comparator", "--candidate", CANDIDATE, "--window", "120",
+              "--metrics-port", str(free_port()))
+        asyncio.run(_front_door(bootstrap, router_log, candidate_log))
+        asyncio.run(_checkpoints(bootstrap, home, trained))
     finally:
         for process in processes:
             process.terminate()
         for process in processes:
             process.wait(timeout=60)
         broker.down()
-        print("[demo] workers, router and broker stopped", flush=True)
+        print(f"[demo] workers, router and broker stopped; their logs are in {logs}",
+              flush=True)
     return 0
 
 
-async def _front_door(bootstrap: str, router_log: Path) -> None:
+def _trained(run: Path) -> Path:
+    """The demo's training run, made once: `ferry train` writes a checkpoint every EVERY
+    steps (its COMPLETE marker last, so a run cut short is trained again)."""
+    from models.trainer import COMPLETE
+
+    if (run / f"checkpoint-{STEPS}" / COMPLETE).exists():
+        print(f"[demo] the small model's checkpoints, trained before: {run}", flush=True)
+        return run
+    shutil.rmtree(run, ignore_errors=True)
+    print(f"[demo] training a small model once ({STEPS} steps, a checkpoint every {EVERY}; "
+          f"cached in {run})", flush=True)
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "ferry.cli", "train", str(run), "--steps", str(STEPS),
+         "--every", str(EVERY)], stdout=subprocess.PIPE, text=True)
+    assert trainer.stdout is not None
+    for line in trainer.stdout:
+        print(f"[train] {line.strip()}", flush=True)
+    if trainer.wait() != 0:
+        raise RuntimeError(f"training failed (exit {trainer.returncode})")
+    return run
+
+
+def _wait_for_line(log: Path, text: str, what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready; see {log}")
+        time.sleep(0.2)
+
+
+async def _front_door(bootstrap: str, router_log: Path, candidate_log: Path) -> None:
     from streams.front.gateway import GatewaySettings, create_app
     from streams.routing.keys import add_key
     from streams.routing.routes import set_route
@@ -95,11 +138,9 @@ async def _front_door(bootstrap: str, router_log: Path) -> None:
     await set_shadow(bootstrap, "chat", [CANDIDATE], 100)
     print(f"\n[demo] front door: key for tenant 'demo', route chat -> {DEPLOYMENT}, "
           f"100% shadow to {CANDIDATE}; waiting for the router", flush=True)
-    deadline = time.monotonic() + 120
-    while "router ready" not in router_log.read_text(errors="replace"):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"router not ready; see {router_log}")
-        await asyncio.sleep(0.2)
+    await asyncio.to_thread(_wait_for_line, router_log, "router ready", "the router")
+    await asyncio.to_thread(_wait_for_line, candidate_log, "assigned partitions",
+                            "the shadow candidate")
     runner = web.AppRunner(create_app(bootstrap, GatewaySettings(request_timeout_s=120)))
     await runner.setup()
     port = free_port()
@@ -117,7 +158,7 @@ async def _front_door(bootstrap: str, router_log: Path) -> None:
                 ids.append(answer["id"])
                 print(f"[demo] POST /v1/chat/completions {resp.status} model={answer['model']} "
                       f"{answer['choices'][0]['message']['content']!r}", flush=True)
-            await _stream_one(http, url, api_key)
+            ids.append(await _stream_one(http, url, api_key))
             async with http.post(url, json={"model": "chat", "messages": []},
                                  headers={"Authorization": "Bearer fk_nope"}) as resp:
                 print(f"[demo] a bad key: {resp.status} {(await resp.json())['error']['code']}")
@@ -131,29 +172,34 @@ async def _front_door(bootstrap: str, router_log: Path) -> None:
         if time.monotonic() > deadline:
             break
         await asyncio.sleep(0.5)  # the comparator pairs, scores, then publishes
-    print(f"[demo] ferry shadow report {CANDIDATE} (same checkpoint as the primary):")
+    print(f"[demo] ferry shadow report {CANDIDATE} (checkpoint-{EVERY} against the primary's "
+          f"checkpoint-{STEPS}):")
     print(format_table(summarize(CANDIDATE, records)), flush=True)
 
 
-async def _stream_one(http: aiohttp.ClientSession, url: str, api_key: str) -> None:
+async def _stream_one(http: aiohttp.ClientSession, url: str, api_key: str) -> str:
     """One chat call with `stream: true`: its text arrives chunk by chunk, as generated."""
     body = {"model": "chat", "max_tokens": 24, "stream": True,
             "messages": [{"role": "user", "content": PROMPTS[4]}]}
-    start, first, pieces = time.perf_counter(), None, []
+    start, first, pieces, call_id = time.perf_counter(), None, [], ""
     async with http.post(url, json=body, headers={"Authorization": f"Bearer {api_key}"}) as resp:
         async for line in resp.content:
             if not line.startswith(b"data: {"):
                 continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
+            chunk = json.loads(line[6:])
+            call_id = chunk.get("id", "")
+            choices = chunk.get("choices") or [{}]
             if text := choices[0].get("delta", {}).get("content"):
                 first = first if first is not None else time.perf_counter() - start
                 pieces.append(text)
     total = time.perf_counter() - start
     print(f"[demo] stream: {len(pieces)} text chunks, the first after {1000 * (first or 0):.0f} "
           f"ms, the last after {1000 * total:.0f} ms: {''.join(pieces)!r}", flush=True)
+    return call_id
 
 
-async def _checkpoints(bootstrap: str, home: Path) -> None:
+async def _checkpoints(bootstrap: str, home: Path, trained: Path) -> None:
+    from models.trainer import COMPLETE
     from streams.front.gateway import GATEWAY, GatewaySettings, create_app
     from streams.rollout.deployer import Deployer, Policy
     from streams.rollout.launchers import LocalLauncher
@@ -163,11 +209,14 @@ async def _checkpoints(bootstrap: str, home: Path) -> None:
     for directory in (run, store):
         shutil.rmtree(directory, ignore_errors=True)
     run.mkdir(parents=True)
-    print(f"\n[demo] every checkpoint deployed: training into {run}, deployer keeps 2",
-          flush=True)
-    trainer = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ferry.cli", "train", str(run), "--steps", "300", "--every",
-        "100", stdout=asyncio.subprocess.PIPE)
+    print(f"\n[demo] every checkpoint deployed: the training run's checkpoints arrive in "
+          f"{run} one at a time, as a trainer writes them; the deployer keeps 2", flush=True)
+
+    def arrive(version: str) -> None:
+        """Written as `ferry train` writes one: files in place, COMPLETE last."""
+        shutil.copytree(trained / version, run / version, ignore=shutil.ignore_patterns(COMPLETE))
+        (run / version / COMPLETE).touch()
+
     deployer = Deployer(bootstrap, "tinylm", store, LocalLauncher(bootstrap, home / "logs"),
                         Policy(keep=2, settle_s=5.0), watch=run, poll_s=0.5)
     deploying = asyncio.create_task(deployer.run())
@@ -178,11 +227,9 @@ async def _checkpoints(bootstrap: str, home: Path) -> None:
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         async with aiohttp.ClientSession() as http, FerryClient(bootstrap) as client:
-            for step in (100, 200, 300):
+            for step in range(EVERY, STEPS + 1, EVERY):
                 version = f"checkpoint-{step}"
-                assert trainer.stdout is not None
-                line = (await trainer.stdout.readline()).decode().strip()
-                print(f"[train] {line}", flush=True)
+                await asyncio.to_thread(arrive, version)
                 while (record := deployer.record(version)) is None or record.status != "ready":
                     if deploying.done():
                         deploying.result()  # the deployer died: say why
@@ -206,10 +253,10 @@ async def _checkpoints(bootstrap: str, home: Path) -> None:
                       f" log-likelihood of a docstring {score.score:.2f};"
                       f" 'Return the' -> {text!r}",
                       flush=True)
-        while (first := deployer.record("checkpoint-100")) and first.status != "retired":
+        while (first := deployer.record(f"checkpoint-{EVERY}")) and first.status != "retired":
             await asyncio.sleep(0.2)  # keep=2: the oldest drains, then retires
         print("[demo] ferry deployments:")
-        for v in (100, 200, 300):
+        for v in range(EVERY, STEPS + 1, EVERY):
             record = deployer.record(f"checkpoint-{v}")
             assert record is not None
             print(f"    {record.id:24} {record.status:8} "
@@ -218,7 +265,6 @@ async def _checkpoints(bootstrap: str, home: Path) -> None:
         await runner.cleanup()
         deploying.cancel()
         await asyncio.gather(deploying, return_exceptions=True)
-        await trainer.wait()
 
 
 async def _count(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0) -> int:
@@ -256,7 +302,18 @@ async def _traffic(bootstrap: str, n: int) -> None:
             print(f"{r.id:<14}{r.finish_reason:<8}{r.usage.completion_tokens:>7}"
                   f"{r.timings.queued_ms:>11.0f}{r.timings.inference_ms:>10.0f}  {text!r}")
         print(f"\n[demo] {len(results)} answers in {took:.1f}s; the malformed message went to "
-              "ferry.dlq", flush=True)
+              f"ferry.dlq: {await _dead_letter_reason(bootstrap)!r}", flush=True)
+
+
+async def _dead_letter_reason(bootstrap: str, timeout_s: float = 30.0) -> str:
+    consumer = AIOKafkaConsumer(DLQ_TOPIC, bootstrap_servers=bootstrap, **client_options(),
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    try:
+        record = await asyncio.wait_for(consumer.getone(), timeout_s)
+        return str(json.loads(record.value)["reason"])
+    finally:
+        await consumer.stop()
 
 
 async def _post_malformed(bootstrap: str) -> None:

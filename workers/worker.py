@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry
 
 from edge.kafka_clients import client_options
 from edge.metrics_server import serve_metrics
+from edge.reader import fair_getmany
 from edge.topic_admin import ensure_topics, pin_to_end, start_producer, topic_partitions
 from schemas import (
     DLQ_TOPIC, RESULTS_TOPIC, DeadLetter, Delta, ErrorCode, Request, Result, SchemaError, Timings,
@@ -328,7 +329,7 @@ class Worker:
                 self._space.clear()
                 await self._space.wait()
                 continue
-            records = await self._consumer.getmany(timeout_ms=200, max_records=room)
+            records = await fair_getmany(self._consumer, room, timeout_ms=200)
             if self._txns is not None:
                 fetched_in = self._generation()
                 await self._adopted.wait()

@@ -41,6 +41,9 @@ unknown) and `GET /v1/requests/{id}/events` streams it as SSE. Finished async re
 kept for `RESULT_RETENTION_S` and copied to `ferry.results` (with the caller's tenant), so
 any gateway instance answers the poll; the same works for producers that posted on Kafka
 with `reply_to = ferry.results` (`streams.front.recent_results`).
+
+Why one long module: a call's path (auth, choice, attempts, retries, the answer) is one
+sequence of decisions on one `LiveCall`; the formats, fields, SSE and limits live beside it.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ queued is still answered) and are `retired` once their worker group's lag is zer
 topics stay, for replay). A deployment still in a route with weight is never drained by the
 policy. Optionally each new checkpoint becomes the alias's shadow candidate, or a canary at
 a given weight.
+
+Why one long module: a deployment's stages (judge, upload, launch, probe, retire) act on
+one registry record in order; the module is that state machine.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ producer that does not know its tenant) is re-posted keyed by its tenant first. 
 state is written to a compacted topic (`<app id>.quotas`) in the same transaction and read
 back on start and on every new partition, so it survives a restart and a hand-over.
 Retries (`ferry-attempt` > 1) are not charged again.
+
+Why one long module: the refusal, the charge, the forward and the mirror of one request
+happen in one transaction; they read best as one sequence.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from edge.kafka_clients import client_options
+from edge.reader import fair_getmany
 from edge.topic_admin import start_producer
 from edge.transactional import FATAL, transactional_id
 from schemas.tables import QuotaState
@@ -135,7 +136,7 @@ class TransactionalIngress:
             while not self._stop.is_set():
                 if self._adopt_error is not None:
                     raise self._adopt_error  # not fenced: forwarding could duplicate
-                batch = await self._consumer.getmany(timeout_ms=100, max_records=MAX_BATCH)
+                batch = await fair_getmany(self._consumer, MAX_BATCH, timeout_ms=100)
                 if batch:
                     await self._process(batch)
         finally:
