@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -33,12 +35,18 @@ def register(sub: Any) -> None:
     kenv.add_argument("principal", help="ferry-router, ferry-worker, ... or admin")
     tenant = ksub.add_parser("tenant", help="tenant principals of the secure broker")
     tsub = tenant.add_subparsers(dest="tenant_action", required=True)
-    tadd = tsub.add_parser("add", help="create NAME's principal and ACLs; prints its "
+    tadd = tsub.add_parser("add", help="create NAME's principal and ACLs and its API key, "
+                                       "both confined to one reply prefix; prints the "
                                        "credentials once")
     tadd.add_argument("name")
     tadd.add_argument("--reply-prefix", default=None,
-                      help="its reply topics and consumer groups (default NAME.); give "
-                           "`ferry keys add` the same")
+                      help="its reply topics and consumer groups, for the principal and the "
+                           "API key alike (default NAME.)")
+    tadd.add_argument("--rpm", type=int, default=None, help="the API key's requests per minute")
+    tadd.add_argument("--tpm", type=int, default=None, help="the API key's tokens per minute")
+    tadd.add_argument("--no-api-key", action="store_true",
+                      help="only the principal (a key made later with `ferry keys add NAME "
+                           "--reply-prefix` must name the same prefix)")
     tremove = tsub.add_parser("remove", help="delete NAME's credentials and ACLs")
     tremove.add_argument("name")
     acl = ksub.add_parser("acl", help="ACLs of the secure broker")
@@ -95,10 +103,14 @@ def _kafka_tenant(args: argparse.Namespace, broker: SecureBroker) -> int:
     try:
         if args.tenant_action == "add":
             security, prefix = broker.add_tenant(args.name, args.reply_prefix)
-            print(_exports({"KAFKA_BOOTSTRAP": broker.bootstrap, **security.env()}))
-            print(f"(tenant {args.name}: writes {INGRESS_TOPIC}, reads {prefix}*; the password "
-                  "is not stored and will not be shown again; give `ferry keys add "
-                  f"{args.name}` --reply-prefix {prefix})", file=sys.stderr)
+            exports = {"KAFKA_BOOTSTRAP": broker.bootstrap, **security.env()}
+            if not args.no_api_key:  # one prefix for both: the router checks the key's
+                exports["FERRY_API_KEY"] = asyncio.run(_tenant_key(broker, args, prefix))
+            print(_exports(exports))
+            print(f"(tenant {args.name}: writes {INGRESS_TOPIC}, reads {prefix}*"
+                  + ("" if args.no_api_key else f"; its API key sends replies to {prefix}*")
+                  + "; the password is not stored and will not be shown again)",
+                  file=sys.stderr)
             return 0
         if broker.remove_tenant(args.name):
             print(f"removed tenant {args.name}")
@@ -107,6 +119,23 @@ def _kafka_tenant(args: argparse.Namespace, broker: SecureBroker) -> int:
         return 1
     except ValueError as exc:
         raise CliError(str(exc)) from None
+
+
+async def _tenant_key(broker: SecureBroker, args: argparse.Namespace, prefix: str) -> str:
+    """The tenant's API key, written to the keys table as the broker's admin."""
+    from streams.routing.keys import add_key
+
+    saved = {k: os.environ.get(k) for k in broker.env("admin")}
+    os.environ.update(broker.env("admin"))
+    try:
+        return await add_key(broker.bootstrap, args.name, args.rpm, args.tpm,
+                             reply_prefix=prefix)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _exports(env: dict[str, str]) -> str:

@@ -36,6 +36,7 @@ from ferry.cli import main
 from schemas import Request, decode_result, encode, requests_topic
 from schemas.topics import API_KEY_HEADER, INGRESS_TOPIC, KEYS_TOPIC, RESULTS_TOPIC, ROUTES_TOPIC
 from streams.rollout.launchers import LocalLauncher, ManifestLauncher, worker_kafka_env
+from streams.routing.keys import KeyRing, Tenant
 from streams.routing.registry import DeploymentRecord
 from tests.harness import post
 from workers.engine import Engine, GenerationInput, SamplingParams
@@ -293,12 +294,25 @@ async def test_a_tenant_reads_its_own_replies_only(secure, tenants, unique) -> N
         await read_one(secure, acme, mine, group_id=f"globex.{unique('g')}")
 
 
-def test_tenant_cli_prints_working_exports_and_remove_revokes(secure, capsys) -> None:
-    assert main(["kafka", "tenant", "add", "initech", "--data", str(secure.data_dir)]) == 0
+def test_tenant_cli_prints_working_exports_and_remove_revokes(secure, capsys,
+                                                              monkeypatch) -> None:
+    assert main(["kafka", "tenant", "add", "initech", "--rpm", "7",
+                 "--data", str(secure.data_dir)]) == 0
     exports = capsys.readouterr().out.strip()
     env = dict(part.split("=", 1) for part in shlex.split(exports.removeprefix("export ")))
     assert env["FERRY_KAFKA_USERNAME"] == "initech" and env["KAFKA_BOOTSTRAP"] == secure.bootstrap
     security = security_from_env(env)
+    # One command, one prefix: the API key it made sends replies where the principal reads.
+    for key, value in secure.env("admin").items():
+        monkeypatch.setenv(key, value)
+
+    async def tenant_of_key() -> Tenant | None:
+        async with KeyRing.snapshot(secure.bootstrap) as ring:
+            return ring.authenticate(env["FERRY_API_KEY"])
+
+    tenant = asyncio.run(tenant_of_key())
+    assert tenant is not None and tenant.name == "initech"
+    assert tenant.reply_prefix == "initech." and tenant.rpm == 7
 
     async def post() -> None:
         await create_topics(secure, secure.security(kafka_acls.ROUTER), INGRESS_TOPIC)
