@@ -31,6 +31,7 @@ import itertools
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -127,6 +128,11 @@ class Worker:
         self._arrived = asyncio.Event()   # work for the engine
         self._space = asyncio.Event()     # room for more admitted requests
         self._engine_lock = asyncio.Lock()  # one engine call at a time (steps run in a thread)
+        # Every step on one thread of its own: torch's CPU thread pool (OpenMP) belongs to
+        # the thread that calls into it, and asyncio.to_thread spread steps over the
+        # loop's executor threads (seen with py-spy), each with a pool of its own.
+        self._engine_thread = ThreadPoolExecutor(max_workers=1,
+                                                 thread_name_prefix="ferry-engine")
         self._commit_lock = asyncio.Lock()
         self._dirty = asyncio.Event()     # answers acknowledged since the last commit
         self._deliveries: set[asyncio.Task] = set()
@@ -267,6 +273,7 @@ class Worker:
                                 what, _SHUTDOWN_STEP_S)
                 except Exception as exc:  # the rest still closes
                     log.warning("shutdown: closing the %s failed: %r", what, exc)
+            self._engine_thread.shutdown(wait=False)  # a step still running ends on its own
             log.info("worker stopped: deployment=%s", self.config.deployment)
 
     async def _release(self, revoked: set[TopicPartition]) -> None:
@@ -456,7 +463,8 @@ class Worker:
                 for request in new:
                     self._jobs[request.id].added = start
                 try:
-                    out, refused = await asyncio.to_thread(self._step, new, expired)
+                    out, refused = await asyncio.get_running_loop().run_in_executor(
+                        self._engine_thread, self._step, new, expired)
                 except EngineDown:
                     raise  # stop unanswered: the group's other replicas serve these requests
                 except Exception as exc:  # a failed step must not kill the worker
