@@ -4,29 +4,22 @@ judging."""
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
 from edge.metrics_server import add_metrics_port
 from ferry.common import bootstrap, bootstrap_arg, run_command
 from ferry.control_cli import force_arg
+from ferry.flags import add_flags, describe, from_args
+
+log = logging.getLogger("ferry.comparator")
 
 
 def register(sub: Any) -> None:
     comp = sub.add_parser("comparator", help="pair primary and shadow results; publish "
                                              "comparisons to ferry.comparisons")
-    comp.add_argument("--app-id", default="ferry-comparator", help="faust app id (group)")
-    comp.add_argument("--candidate", action="append", required=True, metavar="DEPLOYMENT",
-                      help="a shadow deployment to compare (repeat for several)")
-    comp.add_argument("--window", type=float, default=300.0,
-                      help="seconds a request waits for all of its results")
-    comp.add_argument("--score-timeout", type=float, default=30.0,
-                      help="seconds to wait for a candidate's teacher-forced score")
-    comp.add_argument("--stats-window", type=float, default=600.0,
-                      help="seconds of comparisons behind the Prometheus gauges")
-    add_metrics_port(comp, "comparator")
-    comp.add_argument("--log-level", default="WARNING")
-    bootstrap_arg(comp)
+    comp.defer(_add_comparator_flags)  # when `ferry comparator` is used: faust loads then
     comp.set_defaults(func=_comparator)
 
     shadow = sub.add_parser("shadow", help="shadow traffic to candidate deployments")
@@ -72,12 +65,21 @@ def _range_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", default=None, help="ISO time or a duration ago")
 
 
-def _comparator(args: argparse.Namespace) -> int:
-    from streams.shadow.comparator import run_comparator
+def _add_comparator_flags(parser: argparse.ArgumentParser) -> None:
+    from streams.shadow.comparator import ComparatorConfig
 
-    run_comparator(bootstrap(args), args.candidate, app_id=args.app_id, window_s=args.window,
-                   score_timeout_s=args.score_timeout, stats_window_s=args.stats_window,
-                   metrics_port=args.metrics_port, loglevel=args.log_level)
+    add_flags(parser, ComparatorConfig)
+    add_metrics_port(parser, "comparator")
+    bootstrap_arg(parser)
+
+
+def _comparator(args: argparse.Namespace) -> int:
+    from streams.shadow.comparator import ComparatorConfig, run_comparator
+
+    servers, config = bootstrap(args), from_args(ComparatorConfig, args)
+    log.info("comparator config: bootstrap=%s metrics_port=%s %s", servers, args.metrics_port,
+             describe(config))
+    run_comparator(servers, config, metrics_port=args.metrics_port)
     return 0
 
 

@@ -208,6 +208,7 @@ def _component_commands() -> dict[str, tuple[type, list[str], dict[str, Any]]]:
     from streams.front.gateway import GatewaySettings
     from streams.rollout.deployer import DeployerConfig
     from streams.routing.router import RouterConfig
+    from streams.shadow.comparator import ComparatorConfig
     from workers.config import WorkerConfig
 
     return {
@@ -216,6 +217,7 @@ def _component_commands() -> dict[str, tuple[type, list[str], dict[str, Any]]]:
         "gateway": (GatewaySettings, [], {}),
         "router": (RouterConfig, [], {}),
         "deployer": (DeployerConfig, ["--model", "m", "--store", "s"], {}),
+        "comparator": (ComparatorConfig, ["--candidate", "c"], {}),
     }
 
 
@@ -226,7 +228,7 @@ def _subparser(command: str) -> argparse.ArgumentParser:
     return parser.ready()  # its flags are added when it is first used
 
 
-@pytest.mark.parametrize("command", ["worker", "gateway", "router", "deployer"])
+@pytest.mark.parametrize("command", ["worker", "gateway", "router", "deployer", "comparator"])
 def test_every_option_has_help(command: str) -> None:
     parser = _subparser(command)
     missing = [a.option_strings[0] for a in parser._actions
@@ -234,7 +236,7 @@ def test_every_option_has_help(command: str) -> None:
     assert not missing, f"ferry {command}: no help for {missing}"
 
 
-@pytest.mark.parametrize("command", ["worker", "gateway", "router", "deployer"])
+@pytest.mark.parametrize("command", ["worker", "gateway", "router", "deployer", "comparator"])
 def test_parser_defaults_are_the_config_defaults(command: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("FERRY_GROUP_INSTANCE_ID", "FERRY_ROUTER_INSTANCE_ID"):
@@ -244,6 +246,8 @@ def test_parser_defaults_are_the_config_defaults(command: str,
     given = {k: v for k, v in vars(args).items() if k in {"model", "deployment", "store"}}
     if command == "worker":
         given["model_dir"] = Path(given.pop("model"))
+    if command == "comparator":
+        given["candidates"] = ("c",)
     built = from_args(cls, args, **passed)
     assert built == cls(**given, **passed)  # no flag default differs from its field's
     parser = _subparser(command)

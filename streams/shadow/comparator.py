@@ -396,18 +396,36 @@ def _headers(raw: Any) -> dict[str, bytes]:
     return {str(k).lower(): (v if isinstance(v, bytes) else str(v).encode()) for k, v in items}
 
 
-def run_comparator(bootstrap: str, candidates: Sequence[str], *,
-                   app_id: str = "ferry-comparator", window_s: float = 300.0,
-                   score_timeout_s: float = 30.0, stats_window_s: float = 600.0,
-                   metrics_port: int | None = None, loglevel: str = "WARNING") -> None:
+@dataclass(frozen=True)
+class ComparatorConfig:
+    """`ferry comparator`'s settings; its flags are generated from these fields (ferry/flags.py)."""
+
+    candidates: tuple[str, ...] = field(metadata={
+        "flag": "--candidate", "metavar": "DEPLOYMENT",
+        "help": "a shadow deployment to compare (repeat for several)"})
+    app_id: str = field(default="ferry-comparator", metadata={
+        "help": "faust app id (its consumer group)"})
+    window_s: float = field(default=300.0, metadata={
+        "flag": "--window", "help": "seconds a request waits for all of its results"})
+    score_timeout_s: float = field(default=30.0, metadata={
+        "flag": "--score-timeout",
+        "help": "seconds to wait for a candidate's teacher-forced score"})
+    stats_window_s: float = field(default=600.0, metadata={
+        "flag": "--stats-window", "help": "seconds of comparisons behind the Prometheus gauges"})
+    log_level: str = field(default="WARNING", metadata={"help": "faust's log level"})
+
+
+def run_comparator(bootstrap: str, config: ComparatorConfig, *,
+                   metrics_port: int | None = None) -> None:
     """Run one comparator until SIGTERM/SIGINT (faust's worker owns the loop and signals)."""
+    candidates = config.candidates
     comparator_topics = [PRIMARY_RESULTS_TOPIC, COMPARISONS_TOPIC,
                          *map(shadow_results_topic, candidates), *map(mirror_topic, candidates)]
     # Subscribed topics exist before faust subscribes (it does not create external topics).
     asyncio.run(ensure_topics(bootstrap, {t: TOPIC_PARTITIONS for t in comparator_topics}))
     registry = CollectorRegistry()
-    comparator = Comparator(bootstrap, candidates, app_id=app_id, window_s=window_s,
-                            score_timeout_s=score_timeout_s, stats_window_s=stats_window_s,
-                            registry=registry)
+    comparator = Comparator(bootstrap, candidates, app_id=config.app_id,
+                            window_s=config.window_s, score_timeout_s=config.score_timeout_s,
+                            stats_window_s=config.stats_window_s, registry=registry)
     serve_metrics(metrics_port, registry)
-    run_app(comparator.app, loglevel)
+    run_app(comparator.app, config.log_level)
