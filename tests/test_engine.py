@@ -159,6 +159,50 @@ def test_decode_slab_gives_the_tokens_of_the_gather_path(base: Engine) -> None:
     assert 0 in tiny_rows[len(tiny_rows) // 2:] and max(tiny_rows) > 0
 
 
+def test_slab_spans_follow_the_suffix_maximum() -> None:
+    from workers.decode_slab import spans
+    lengths = [90] * 8 + [40] * 8 + [95] + [10] * 8   # a long row joined last
+    assert spans(lengths, 16, 128) == [(0, 17, 96), (17, 25, 16)]
+    assert spans(sorted(lengths, reverse=True), 16, 128) == [(0, 9, 96), (9, 17, 48),
+                                                              (17, 25, 16)]
+    assert spans([5] * 3, 16, 8) == [(0, 3, 8)] and spans([], 16, 8) == []
+
+
+def test_sorted_slab_spans_give_the_tokens_of_the_gather_path(base: Engine) -> None:
+    """Two dozen rows of very different lengths, joining in three waves (each wave breaks
+    the slab's length order): attention span by span over a re-sorted slab gives each row
+    the tokens and logprobs of the gather path."""
+    kw = dict(num_blocks=400, block_size=4, max_num_batched_tokens=64, max_num_seqs=32)
+    prompts = [[(13 * i + 7 * j) % 500 + 2 for j in range(2 + (37 * i) % 90)]
+               for i in range(24)]
+
+    def run(engine: Engine) -> tuple[dict[str, Completion], int, int]:
+        done: dict[str, Completion] = {}
+        most_spans = resorts = 0
+        for wave in range(3):
+            for i in range(wave, 24, 3):
+                engine.add(EngineRequest(f"r{i}", prompts[i], SamplingParams(
+                    max_new_tokens=8 + i % 5 * 6, logprobs=0)))
+            for _ in range(6):
+                order = list(engine.slab.ids) if engine.slab is not None else []
+                done.update((c.id, c) for c in engine.step().finished)
+                if engine.slab is not None:
+                    most_spans = max(most_spans, len(engine.slab.spans()))
+                    kept = [r for r in order if r in engine.slab.ids]
+                    resorts += kept != [r for r in engine.slab.ids if r in kept]
+        done.update(drain(engine))
+        return done, most_spans, resorts
+
+    gathered, _, _ = run(variant(base, decode_slab_bytes=0, **kw))
+    on_slab, most_spans, resorts = run(variant(base, **kw))
+    assert len(gathered) == 24 and most_spans >= 2 and resorts >= 1
+    for rid, want in gathered.items():
+        got = on_slab[rid]
+        assert got.output_ids == want.output_ids
+        assert [lp.logprob for lp in got.logprobs] == pytest.approx(
+            [lp.logprob for lp in want.logprobs], abs=1e-5)
+
+
 def test_prefix_cache_hit_gives_the_same_tokens_and_counts_cached_tokens(base: Engine) -> None:
     engine = variant(base, block_size=4)
     shared = PROMPTS[3]

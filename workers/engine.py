@@ -449,7 +449,8 @@ class Engine:
             in_slab = [decode[i] for i in order]
             groups.insert(0, _slab_group([rows[i] for i in in_slab],
                                          [offsets[i] for i in in_slab], len(ids), self.slab.cap,
-                                         kv, self._group_size, self._dtype, dev))
+                                         kv, self._group_size, self._dtype, dev,
+                                         self.slab.spans()))
         slot = torch.tensor(slots)
         write_idx = ((slot // bs * kv)[:, None] + torch.arange(kv)) * bs + (slot % bs)[:, None]
         step = PagedStep(write_idx.view(-1).to(dev), groups)
@@ -731,21 +732,27 @@ def _split_by_context(decode: list[int], rows: list[ScheduledRow]) -> list[list[
 
 
 def _slab_group(rows: list[ScheduledRow], offsets: list[int], num_tokens: int, cap: int,
-                kv_heads: int, group_size: int, dtype: torch.dtype,
-                device: torch.device) -> AttnGroup:
-    """Index tensors for decode rows on the slab, `rows` in slab order (slot i = rows[i])."""
+                kv_heads: int, group_size: int, dtype: torch.dtype, device: torch.device,
+                spans: list[tuple[int, int, int]]) -> AttnGroup:
+    """Index tensors for decode rows on the slab, `rows` in slab order (slot i = rows[i]),
+    attending span by span (`DecodeSlab.spans`) when there is more than one."""
     R = len(rows)
     start = torch.tensor([r.start for r in rows])
     q_idx = torch.tensor(offsets)[:, None]
     attend = torch.arange(cap)[None] <= start[:, None]                       # (R, cap)
     bias = torch.where(attend, 0.0, float("-inf")).to(dtype)[:, None, None].expand(
         R, kv_heads, group_size, cap).reshape(R * kv_heads, group_size, cap).to(device)
+    slab_spans = None
+    if len(spans) > 1:
+        slab_spans = [(a, b, c, bias[a * kv_heads:b * kv_heads, :, :c].contiguous())
+                      for a, b, c in spans]
     slab_idx = ((torch.arange(R)[:, None] * kv_heads + torch.arange(kv_heads)) * cap
                 + start[:, None]).view(-1)
     out_idx = q_idx.view(-1)
     identity = R == num_tokens and bool((out_idx == torch.arange(R)).all())
     return AttnGroup(q_idx.to(device), out_idx.new_empty(0).to(device), None, bias,
-                     out_idx.to(device), None, identity=identity, slab_idx=slab_idx.to(device))
+                     out_idx.to(device), None, identity=identity, slab_idx=slab_idx.to(device),
+                     slab_spans=slab_spans)
 
 
 def _group(rows: list[ScheduledRow], offsets: list[int], block_size: int, kv_heads: int,

@@ -127,6 +127,9 @@ class AttnGroup:
     # gather: [R * kv_heads] row of the slab viewed as (-1, D) that each row's new key/value
     # of each kv head goes to (kv_idx is then empty; bias spans the slab's cap).
     slab_idx: Tensor | None = None
+    # Slab rows attend span by span where set (`DecodeSlab.spans`): (first row, end row,
+    # positions read, that span's bias [rows * kv_heads, group, positions]); bias is unused.
+    slab_spans: list[tuple[int, int, int, Tensor]] | None = None
 
 
 @dataclass
@@ -344,11 +347,25 @@ def _attend_slab(q: Tensor, k: Tensor, v: Tensor, slab: tuple[Tensor, Tensor],
         q, k, v = q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx)
     k_slab.view(-1, D).index_copy_(0, g.slab_idx, k.reshape(R * n_kv, D))
     v_slab.view(-1, D).index_copy_(0, g.slab_idx, v.reshape(R * n_kv, D))
-    keys, values = k_slab[:R].view(R * n_kv, cap, D), v_slab[:R].view(R * n_kv, cap, D)
-    s = _on_all_threads(torch.baddbmm, g.bias, q.reshape(R * n_kv, -1, D),
-                        keys.transpose(1, 2), alpha=D ** -0.5)
+    q = q.reshape(R * n_kv, -1, D)
+    if g.slab_spans is None:
+        return _slab_span(q, k_slab[:R], v_slab[:R], g.bias).view(R, 1, -1)
+    out = q.new_empty(q.shape)
+    for a, b, c, bias in g.slab_spans:  # each reads its rows' first c positions only
+        _slab_span(q[a * n_kv:b * n_kv], k_slab[a:b, :, :c], v_slab[a:b, :, :c], bias,
+                   out=out[a * n_kv:b * n_kv])
+    return out.view(R, 1, -1)
+
+
+def _slab_span(q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
+               out: Tensor | None = None) -> Tensor:
+    """q (rows * kv, group, D) over slab rows k, v (rows, kv, positions, D): (rows * kv,
+    group, D). The (rows, kv) axes of a slab slice merge into one view, no copy."""
+    n, kv, c, D = k.shape
+    keys, values = k.view(n * kv, c, D), v.view(n * kv, c, D)
+    s = _on_all_threads(torch.baddbmm, bias, q, keys.transpose(1, 2), alpha=D ** -0.5)
     p = torch.softmax(s, -1, dtype=torch.float32).to(q.dtype)
-    return _on_all_threads(torch.bmm, p, values).view(R, 1, -1)
+    return _on_all_threads(torch.bmm, p, values, out=out)
 
 
 def _attend(q: Tensor, k_pool: Tensor, v_pool: Tensor, g: AttnGroup) -> Tensor:
