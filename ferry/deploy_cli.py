@@ -33,15 +33,9 @@ def register(sub: Any) -> None:
     canary = sub.add_parser("canary", help="shift an alias to a deployment step by step; roll "
                                            "back on worse errors or latency")
     canary.add_argument("alias")
-    canary.add_argument("--to", required=True, metavar="DEPLOYMENT")
-    canary.add_argument("--steps", default="5,25,50,100", help="percents for --to, ending at 100")
-    canary.add_argument("--every", default="60s", help="watch time per step: 60s, 2m, 1.5")
-    canary.add_argument("--max-error-margin", type=float, default=0.05,
-                        help="roll back if new error rate > old + this (absolute)")
-    canary.add_argument("--max-p99-ratio", type=float, default=1.5,
-                        help="roll back if new p99 latency > old p99 x this")
-    canary.add_argument("--min-requests", type=int, default=10,
-                        help="results a side needs in a step before it is judged")
+    canary.add_argument("--to", required=True, metavar="DEPLOYMENT",
+                        help="the deployment the alias's traffic moves to")
+    canary.defer(_add_canary_flags)  # the policy's module imports aiokafka: only for `canary`
     bootstrap_arg(canary)
     canary.set_defaults(func=_canary)
 
@@ -52,6 +46,12 @@ def _add_deployer_flags(parser: argparse.ArgumentParser) -> None:
     add_flags(parser, DeployerConfig)
     add_metrics_port(parser, "deployer")
     bootstrap_arg(parser)
+
+
+def _add_canary_flags(parser: argparse.ArgumentParser) -> None:
+    from streams.rollout.canary import CanaryPolicy
+
+    add_flags(parser, CanaryPolicy)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -77,13 +77,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _canary(args: argparse.Namespace) -> int:
-    from streams.rollout.canary import CanaryPolicy, parse_seconds, run_canary
+    from streams.rollout.canary import CanaryPolicy, run_canary
 
     try:
-        policy = CanaryPolicy(
-            steps=[int(s) for s in args.steps.split(",")], every_s=parse_seconds(args.every),
-            max_error_rate_margin=args.max_error_margin, max_p99_ratio=args.max_p99_ratio,
-            min_requests=args.min_requests)
+        policy = from_args(CanaryPolicy, args)  # its checks raise ValueError
         outcome = asyncio.run(run_canary(bootstrap(args), args.alias,
                                          args.to, policy, log_fn=print))
     except ValueError as exc:

@@ -11,6 +11,9 @@ A field's `metadata` says the rest:
 - `negate`: a bool field set by a store_true flag that means its opposite (`--direct` for
   `auth`);
 - `metavar`, `choices` (or a `Literal[...]` annotation);
+- `parse`: a function from the flag's one text to the field's value, for a syntax of its own
+  (`--every 2m`, `--steps 5,25,100`); its ValueError is argparse's error message;
+- `format`: the default as the help shows it, in the flag's syntax (`parse`'s inverse);
 - `secret`: `describe` masks the value.
 
 Types: int, float, str, Path, bool (default False: `--x`; default True: `--x/--no-x`),
@@ -100,11 +103,14 @@ def _add_flag(parser: argparse.ArgumentParser, f: dataclasses.Field[Any], kind: 
     default = field_default(f)
     env = meta.get("env")
     if env and os.environ.get(env) not in (None, ""):
-        default = _convert(base, os.environ[env])
+        default = _convert(base, os.environ[env], meta)
     kwargs: dict[str, Any] = {"dest": dest(f)}
     if "metavar" in meta:
         kwargs["metavar"] = meta["metavar"]
-    shown = _default_text(field_default(f), env)
+    shown_default = field_default(f)
+    if "format" in meta and shown_default not in (_MISSING, None):
+        shown_default = meta["format"](shown_default)
+    shown = _default_text(shown_default, env)
     if base is bool:
         kwargs.update(_bool_kwargs(bool(default) if default is not _MISSING else False,
                                    meta.get("negate", False)))
@@ -131,6 +137,9 @@ def _bool_kwargs(default: bool, negate: bool) -> dict[str, Any]:
 
 
 def _value_kwargs(base: Any, meta: Mapping[str, Any], default: Any) -> dict[str, Any]:
+    if "parse" in meta:  # argparse runs `type` on a str default only: the field's is kept
+        return {"type": _parse_text(meta["parse"]),
+                "default": None if default is _MISSING else default}
     origin, params = typing.get_origin(base), typing.get_args(base)
     if origin is typing.Literal:
         return {"type": type(params[0]), "choices": params,
@@ -170,7 +179,21 @@ def _pair(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _convert(base: Any, text: str) -> Any:
+def _parse_text(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as an argparse `type`: its ValueError's message is the one shown."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    convert.__name__ = getattr(parse, "__name__", "parse")
+    return convert
+
+
+def _convert(base: Any, text: str, meta: Mapping[str, Any]) -> Any:
+    if "parse" in meta:
+        return meta["parse"](text)
     if base is bool:
         return text.strip().lower() in ("1", "true", "yes", "on")
     if typing.get_origin(base) is typing.Literal:

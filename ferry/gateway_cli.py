@@ -51,9 +51,7 @@ def _gateway(args: argparse.Namespace) -> int:
              describe(settings))
     try:
         asyncio.run(run_until_signalled(serve(
-            servers, settings.port, settings.host, settings,
-            max_body_bytes=settings.max_body_bytes, header_timeout_s=settings.header_timeout_s,
-            max_connections=settings.max_connections, metrics_port=args.metrics_port,
+            servers, settings, metrics_port=args.metrics_port,
             metrics_route=False)))  # tenants' names are not for callers to read
     except MetricsPortError as exc:
         print(f"error: {exc}", file=sys.stderr)

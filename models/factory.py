@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from workers.checkpoint_files import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from workers.model import ModelConfig, Transformer
 
 BOS, EOS = "<s>", "</s>"
@@ -82,7 +83,7 @@ def build_tiny_checkpoint(out_dir: str | Path, *, vocab_size: int = 512, hidden_
         "tie_word_embeddings": tie_word_embeddings, "bos_token_id": bos, "eos_token_id": eos,
         "torch_dtype": "float32",
     }
-    _write_json(out / "config.json", config)
+    _write_json(out / CONFIG_FILE, config)
     _write_json(out / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos})
     _write_json(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
@@ -133,7 +134,7 @@ def write_weights(out: Path, weights: dict[str, torch.Tensor], shards: int) -> N
     """`model.safetensors`, or `shards` files plus `model.safetensors.index.json`."""
     meta = {"format": "pt"}
     if shards <= 1:
-        save_file(weights, str(out / "model.safetensors"), metadata=meta)
+        save_file(weights, str(out / SINGLE_FILE), metadata=meta)
         return
     names = list(weights)
     if shards > len(names):
@@ -146,7 +147,7 @@ def write_weights(out: Path, weights: dict[str, torch.Tensor], shards: int) -> N
         save_file(part, str(out / file), metadata=meta)
         weight_map.update(dict.fromkeys(part, file))
     total = sum(t.numel() * t.element_size() for t in weights.values())
-    _write_json(out / "model.safetensors.index.json",
+    _write_json(out / INDEX_FILE,
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 

@@ -14,9 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-COMPLETE = "COMPLETE"
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+from workers.checkpoint_files import COMPLETE, CONFIG_FILE, weight_files
 
 
 @dataclass(frozen=True)
@@ -27,11 +25,10 @@ class Readiness:
 
 def check(directory: Path, settle_s: float, now: float) -> Readiness:
     """Whether `directory` holds a finished checkpoint at time `now` (unix seconds)."""
-    if not (directory / "config.json").is_file():
-        return Readiness(False, "config.json: missing")
+    if not (directory / CONFIG_FILE).is_file():
+        return Readiness(False, f"{CONFIG_FILE}: missing")
     try:
-        weights = weight_files(directory)
-        for file in weights:
+        for file in sorted(set(weight_files(directory).values())):  # each file once
             whole_safetensors(file)
     except (OSError, ValueError) as exc:
         return Readiness(False, str(exc))
@@ -41,20 +38,6 @@ def check(directory: Path, settle_s: float, now: float) -> Readiness:
     if now - newest < settle_s:
         return Readiness(False, f"changed {now - newest:.1f}s ago (settle time {settle_s:g}s)")
     return Readiness(True, "settled")
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The weights a checkpoint's index names (or its single file)."""
-    index = directory / INDEX
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{index.name}: unreadable ({exc})") from None
-        return [directory / name for name in names]
-    if (directory / SINGLE).is_file():
-        return [directory / SINGLE]
-    raise ValueError(f"{SINGLE}: missing (and no {INDEX})")
 
 
 def whole_safetensors(file: Path) -> None:

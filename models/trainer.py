@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.factory import CORPUS, build_tiny_checkpoint, write_weights
-from workers.loader import SINGLE_FILE, read_config
+from workers.checkpoint_files import COMPLETE, SINGLE_FILE
+from workers.loader import read_config
 from workers.model import Transformer
 from workers.tokenizer import load_tokenizer
 
 DOC_MODULES = ("json", "asyncio", "collections", "functools", "itertools", "pathlib",
                "argparse", "logging", "statistics", "textwrap", "string", "random", "heapq",
                "bisect", "dataclasses", "enum", "typing", "re", "unittest")
-COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 VAL_EVERY = 20  # every 20th chunk is validation: 5%, spread over the whole corpus
 

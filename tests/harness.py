@@ -47,11 +47,11 @@ async def start_gateway(kafka_bootstrap: str) -> AsyncIterator[GatewayFactory]:
     Direct mode (no keys, no router) unless `auth=True` is given."""
     runners: list[web.AppRunner] = []
 
-    async def start(max_body_bytes: int = 1 << 20, **settings: Any) -> Gateway:
+    async def start(**settings: Any) -> Gateway:
         settings.setdefault("auth", False)
         registry = CollectorRegistry()
         runner = web.AppRunner(create_app(kafka_bootstrap, GatewaySettings(**settings),
-                                          registry=registry, max_body_bytes=max_body_bytes))
+                                          registry=registry))
         runners.append(runner)
         await runner.setup()
         port = free_port()

@@ -202,10 +202,27 @@ def test_an_env_default_replaces_the_field_default(monkeypatch: pytest.MonkeyPat
     assert "$FERRY_TEST_MEMBER" in help_text and "(default: 3)" in help_text
 
 
+def test_a_parse_flag_reads_its_own_syntax(capsys: pytest.CaptureFixture[str]) -> None:
+    from streams.rollout.canary import CanaryPolicy
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, CanaryPolicy)
+    args = parser.parse_args(["--steps", "5,50,100", "--every", "2m"])
+    assert from_args(CanaryPolicy, args) == CanaryPolicy(steps=(5, 50, 100), every_s=120.0)
+    assert "(default: 5,25,50,100)" in parser.format_help()  # `format`: in the flag's syntax
+    for argv in (["--steps", "5,x"], ["--every", "soon"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+    assert "'soon' is not like 60s" in capsys.readouterr().err  # parse's message, not argparse's
+    with pytest.raises(ValueError, match="must end at 100"):  # the policy still checks itself
+        from_args(CanaryPolicy, parser.parse_args(["--steps", "5,50"]))
+
+
 def _component_commands() -> dict[str, tuple[type, list[str], dict[str, Any]]]:
     """Each converted command: its config class, the required flags, what its handler passes
     besides the flags."""
     from streams.front.gateway import GatewaySettings
+    from streams.rollout.canary import CanaryPolicy
     from streams.rollout.deployer import DeployerConfig
     from streams.routing.router import RouterConfig
     from streams.shadow.comparator import ComparatorConfig
@@ -218,6 +235,7 @@ def _component_commands() -> dict[str, tuple[type, list[str], dict[str, Any]]]:
         "router": (RouterConfig, [], {}),
         "deployer": (DeployerConfig, ["--model", "m", "--store", "s"], {}),
         "comparator": (ComparatorConfig, ["--candidate", "c"], {}),
+        "canary": (CanaryPolicy, ["alias", "--to", "d"], {}),
     }
 
 
@@ -228,7 +246,8 @@ def _subparser(command: str) -> argparse.ArgumentParser:
     return parser.ready()  # its flags are added when it is first used
 
 
-@pytest.mark.parametrize("command", ["worker", "gateway", "router", "deployer", "comparator"])
+@pytest.mark.parametrize("command", ["worker", "gateway", "router", "deployer", "comparator",
+                                     "canary"])
 def test_every_option_has_help(command: str) -> None:
     parser = _subparser(command)
     missing = [a.option_strings[0] for a in parser._actions
@@ -236,7 +255,8 @@ def test_every_option_has_help(command: str) -> None:
     assert not missing, f"ferry {command}: no help for {missing}"
 
 
-@pytest.mark.parametrize("command", ["worker", "gateway", "router", "deployer", "comparator"])
+@pytest.mark.parametrize("command", ["worker", "gateway", "router", "deployer", "comparator",
+                                     "canary"])
 def test_parser_defaults_are_the_config_defaults(command: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("FERRY_GROUP_INSTANCE_ID", "FERRY_ROUTER_INSTANCE_ID"):

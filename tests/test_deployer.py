@@ -29,6 +29,7 @@ from streams.routing.routes import read_routes, set_route
 from streams.routing.shadows import read_shadows
 from tests.conftest import wait_for
 from tests.harness import post
+from workers.checkpoint_files import INDEX_FILE
 
 
 def make_checkpoint(directory: Path, seed: int = 0, complete: bool = True) -> Path:
@@ -96,6 +97,18 @@ def test_finished_means_complete_or_settled_and_whole(tmp_path: Path) -> None:
     weights.unlink()
     assert "missing" in check(ckpt, 0, now).reason
     assert version_order("checkpoint-900") < version_order("checkpoint-1200")
+
+
+def test_an_unreadable_index_is_not_finished(tmp_path: Path) -> None:
+    """The loader's reading of the index (workers.checkpoint_files): a bad one is a reason
+    to wait, never an exception in the deployer's scan."""
+    ckpt = make_checkpoint(tmp_path / "checkpoint-1")
+    for text, reason in (('{"weight_map": {"a": 1}}', "no weight_map"),
+                         ("[1]", "not a JSON object"), ("{", "not valid JSON"),
+                         ('{"weight_map": {"a": "gone.safetensors"}}', "is missing")):
+        (ckpt / INDEX_FILE).write_text(text)
+        verdict = check(ckpt, settle_s=0, now=time.time() + 60)
+        assert not verdict.complete and reason in verdict.reason, (text, verdict)
 
 
 async def test_checkpoints_become_endpoints_and_old_ones_retire(

@@ -16,7 +16,7 @@ from schemas import (
     RESULTS_TOPIC, Request, Result, SchemaError, Usage, decode_request, requests_topic,
 )
 from streams.front.client import FerryClient
-from streams.front.gateway import serve
+from streams.front.gateway import GatewaySettings, serve
 from streams.front.openai_format import (
     chunk_base, finish_chunk, host_name, parse_call, pick_model, role_chunk, text_chunk,
     usage_chunk,
@@ -282,7 +282,7 @@ def test_host_name_strips_the_port() -> None:
 
 async def test_serve_answers_until_cancelled(kafka_bootstrap, http) -> None:
     port = free_port()
-    task = asyncio.create_task(serve(kafka_bootstrap, port))
+    task = asyncio.create_task(serve(kafka_bootstrap, GatewaySettings(port=port)))
     deadline = time.monotonic() + 30
     while True:  # poll for readiness with a deadline (there is no ready signal to await)
         assert not task.done(), task.exception() if task.done() else None

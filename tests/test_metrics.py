@@ -146,7 +146,7 @@ def test_the_readme_table_documents_every_series() -> None:
     GatewayMetrics.create(registry)
     RouterMetrics(registry)
     ComparatorMetrics(registry)
-    ConnectionGuard(lambda: None, registry)
+    ConnectionGuard(lambda: None, registry, header_timeout_s=10.0, max_connections=1024)
     names = {f.name + ("_total" if f.type == "counter" else "") for f in registry.collect()}
     names |= {"ferry_route_weight", "ferry_shadow_percent", "ferry_deployer_deployments",
               "ferry_deployment_status", "ferry_deployer_replica_restarts"}  # built at scrape

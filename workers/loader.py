@@ -1,23 +1,18 @@
 """Load a Hugging Face layout checkpoint directory into a `Transformer`.
 
-The directory holds `config.json`, the weights as `model.safetensors` or as shards listed
-by `model.safetensors.index.json`, and optionally `generation_config.json` (whose
-`eos_token_id` wins over config.json's, as in HF `generate`).
+The directory's files are named in `workers.checkpoint_files`; an optional
+`generation_config.json`'s `eos_token_id` wins over config.json's, as in HF `generate`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from workers.checkpoint_files import CONFIG_FILE, read_json, weight_files
 from workers.model import ModelConfig, Transformer
-
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
@@ -49,12 +44,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 def read_config(path: Path) -> ModelConfig:
     """config.json, with generation_config.json's eos id when that file gives one."""
-    file = path / "config.json"
+    file = path / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing (not a Hugging Face model directory?)")
-    config = ModelConfig.from_dict(_read_json(file))
+    config = ModelConfig.from_dict(read_json(file))
     gen_file = path / "generation_config.json"
-    if gen_file.is_file() and (eos := _read_json(gen_file).get("eos_token_id")) is not None:
+    if gen_file.is_file() and (eos := read_json(gen_file).get("eos_token_id")) is not None:
         config.eos_token_id = eos
     return config
 
@@ -69,22 +64,6 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig,
             raise ValueError(f"dtype {dtype!r} is not a torch floating point dtype")
         dtype = resolved
     return dtype
-
-
-def weight_files(path: Path) -> dict[str, Path]:
-    """tensor name -> file from the index, or {"": file} for a single-file checkpoint."""
-    if (index := path / INDEX_FILE).is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: no weight_map")
-        files = {name: path / file for name, file in weight_map.items()}
-        for file in set(files.values()):
-            if not file.is_file():
-                raise FileNotFoundError(f"{file}: shard named in {index} is missing")
-        return files
-    if (single := path / SINGLE_FILE).is_file():
-        return {"": single}
-    raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
 def read_weights(files: dict[str, Path], expected: dict[str, torch.Size],
@@ -115,10 +94,3 @@ def _ignored(name: str, expected: dict[str, torch.Size]) -> bool:
     # Old exports carry RoPE buffers; tied checkpoints may still ship lm_head.weight.
     return name.endswith("rotary_emb.inv_freq") or (
         name == "lm_head.weight" and name not in expected)
-
-
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{file}: not valid JSON ({exc})") from None

@@ -21,13 +21,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from workers.loader import read_config, read_weights, resolve_dtype, weight_files
+from workers.checkpoint_files import INDEX_FILE, SINGLE_FILE, weight_files
+from workers.loader import read_config, read_weights, resolve_dtype
 from workers.model import ModelConfig, Transformer
 from workers.tp import check_tp, load_local, parallelize, shard_index
 
 FORMAT = "ferry-tp-v1"
 SHARDING_FILE = "sharding.json"
-WEIGHTS = "model.safetensors"
+WEIGHTS = SINGLE_FILE  # each rank's file, and the merged one
 
 
 def rank_file(rank: int, tp: int) -> str:
@@ -188,14 +189,14 @@ def _source_files(src: Path, shapes: dict[str, torch.Size]) -> dict[str, Path]:
 
 
 def _has_full_weights(path: Path) -> bool:
-    return (path / WEIGHTS).is_file() or (path / "model.safetensors.index.json").is_file()
+    return (path / WEIGHTS).is_file() or (path / INDEX_FILE).is_file()
 
 
 def copy_side_files(src: Path, out: Path) -> None:
     """config, generation config and tokenizer files: everything but the weights."""
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in (
-                "model.safetensors.index.json", SHARDING_FILE):
+                INDEX_FILE, SHARDING_FILE):
             shutil.copy2(f, out / f.name)
 
 

@@ -657,13 +657,15 @@ GATEWAY = web.AppKey("gateway", Gateway)
 
 def create_app(bootstrap: str, settings: GatewaySettings | None = None, *,
                registry: CollectorRegistry | None = None,
-               max_body_bytes: int = 1 << 20, metrics_route: bool = True) -> web.Application:
+               metrics_route: bool = True) -> web.Application:
     """The gateway application; its Kafka clients start with the app and close with it.
     `metrics_route`: /metrics on the API port too (`serve` puts it on a port of its own:
     the series name tenants, which callers must not read)."""
+    settings = settings or GatewaySettings()
     gateway = Gateway(bootstrap, registry if registry is not None else CollectorRegistry(),
-                      settings or GatewaySettings())
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[gateway.middleware])
+                      settings)
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[gateway.middleware])
     app[GATEWAY] = gateway
     app.on_startup.append(gateway.start)
     app.on_cleanup.append(gateway.close)
@@ -682,22 +684,23 @@ def create_app(bootstrap: str, settings: GatewaySettings | None = None, *,
     return app
 
 
-async def serve(bootstrap: str, port: int, host: str = "127.0.0.1",
-                settings: GatewaySettings | None = None, max_body_bytes: int = 1 << 20,
-                header_timeout_s: float = 10.0, max_connections: int = 1024,
+async def serve(bootstrap: str, settings: GatewaySettings | None = None, *,
                 metrics_port: int | None = None, metrics_route: bool = True) -> None:
-    """Run the gateway until cancelled, behind a header-read timeout and a connection cap;
-    its metrics on `metrics_port` (None: none) and, with `metrics_route`, on the API port."""
-    app = create_app(bootstrap, settings, max_body_bytes=max_body_bytes,
-                     metrics_route=metrics_route)
+    """Run the gateway on `settings.host`:`settings.port` until cancelled, behind a
+    header-read timeout and a connection cap (the settings' too); its metrics on
+    `metrics_port` (None: none) and, with `metrics_route`, on the API port."""
+    settings = settings or GatewaySettings()
+    app = create_app(bootstrap, settings, metrics_route=metrics_route)
     serve_metrics(metrics_port, app[GATEWAY].registry)
     runner = web.AppRunner(app, keepalive_timeout=75.0)
     await runner.setup()
     guard = ConnectionGuard(runner.server, app[GATEWAY].registry,
-                            header_timeout_s=header_timeout_s, max_connections=max_connections)
-    server = await asyncio.get_running_loop().create_server(guard, host, port)
+                            header_timeout_s=settings.header_timeout_s,
+                            max_connections=settings.max_connections)
+    server = await asyncio.get_running_loop().create_server(guard, settings.host, settings.port)
     try:
-        log.info("gateway on http://%s:%d (bootstrap=%s)", host, port, bootstrap)
+        log.info("gateway on http://%s:%d (bootstrap=%s)", settings.host, settings.port,
+                 bootstrap)
         await asyncio.Event().wait()
     finally:
         server.close()

@@ -24,7 +24,8 @@ class ConnectionGuard:
     """A protocol factory for `loop.create_server` that limits what a connection may hold."""
 
     def __init__(self, server: web.Server, registry: CollectorRegistry, *,
-                 header_timeout_s: float = 10.0, max_connections: int = 1024) -> None:
+                 header_timeout_s: float, max_connections: int) -> None:
+        # no defaults: the gateway's are its settings' (GatewaySettings)
         self._server = server
         self.header_timeout_s, self.max_connections = header_timeout_s, max_connections
         self.open = 0

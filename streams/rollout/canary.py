@@ -45,20 +45,51 @@ SERVER_ERRORS = frozenset(code.value for code in (
     ErrorCode.DEADLINE_EXCEEDED, ErrorCode.OVERLOADED))
 
 
-@dataclass
+def parse_seconds(text: str) -> float:
+    """`60s`, `2m`, `500ms`, `1h` or bare seconds (`1.5`) -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", text)
+    if match is None:
+        raise ValueError(f"duration: {text!r} is not like 60s, 2m, 500ms or 1.5")
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
+    return float(match.group(1)) * scale
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    """`5,25,50,100` -> (5, 25, 50, 100)."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"steps: {text!r} is not comma-separated percents like 5,25,50,100"
+                         ) from None
+
+
+@dataclass(frozen=True)
 class CanaryPolicy:
-    steps: list[int]           # percent of traffic on the new deployment, ascending, ends at 100
-    every_s: float             # how long each step is watched
-    max_error_rate_margin: float = 0.05
-    max_p99_ratio: float = 1.5
-    min_requests: int = 10     # per side per step window, before a side is judged
+    """`ferry canary`'s settings; its flags are generated from these fields (ferry/flags.py)."""
+
+    steps: tuple[int, ...] = field(default=(5, 25, 50, 100), metadata={
+        "parse": parse_steps, "format": lambda steps: ",".join(map(str, steps)),
+        "metavar": "P,P,...",
+        "help": "percents of traffic on the new deployment, ascending, ending at 100"})
+    every_s: float = field(default=60.0, metadata={
+        "flag": "--every", "parse": parse_seconds, "metavar": "DURATION",
+        "help": "how long each step is watched: 60s, 2m, 500ms, 1.5 (seconds)"})
+    max_error_rate_margin: float = field(default=0.05, metadata={
+        "flag": "--max-error-margin",
+        "help": "roll back if new error rate > old + this (absolute)"})
+    max_p99_ratio: float = field(default=1.5, metadata={
+        "help": "roll back if new p99 latency > old p99 x this"})
+    min_requests: int = field(default=10, metadata={
+        "help": "results a side needs in a step window before it is judged"})
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", tuple(self.steps))  # a list given is kept as a tuple
         if not self.steps or self.steps[-1] != 100:
-            raise ValueError(f"steps: must end at 100, got {self.steps}")
-        if any(not 0 < s <= 100 for s in self.steps) or self.steps != sorted(set(self.steps)):
+            raise ValueError(f"steps: must end at 100, got {list(self.steps)}")
+        if (any(not 0 < s <= 100 for s in self.steps)
+                or list(self.steps) != sorted(set(self.steps))):
             raise ValueError(f"steps: must be strictly ascending percents in 1..100, "
-                             f"got {self.steps}")
+                             f"got {list(self.steps)}")
         if self.every_s <= 0:
             raise ValueError(f"every: must be above 0 seconds, got {self.every_s}")
         if self.max_error_rate_margin < 0 or self.max_p99_ratio <= 0 or self.min_requests < 1:
@@ -132,15 +163,6 @@ def split_weights(original: Mapping[str, int], to: str, percent: int) -> dict[st
     for d in by_remainder[:leftover]:
         shares[d] += 1
     return {**shares, to: percent}
-
-
-def parse_seconds(text: str) -> float:
-    """`60s`, `2m`, `500ms`, `1h` or bare seconds (`1.5`) -> seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", text)
-    if match is None:
-        raise ValueError(f"duration: {text!r} is not like 60s, 2m, 500ms or 1.5")
-    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
-    return float(match.group(1)) * scale
 
 
 @dataclass

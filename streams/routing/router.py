@@ -142,12 +142,12 @@ class Router:
     """One router instance: a transactional ingress reader; quota buckets in a compacted
     topic."""
 
-    def __init__(self, bootstrap: str, *, app_id: str = "ferry-router",
-                 ingress: str = INGRESS_TOPIC, registry: CollectorRegistry | None = None,
-                 instance_id: str | None = None) -> None:
-        self.bootstrap, self.app_id, self.ingress = bootstrap, app_id, ingress
-        self.instance_id = instance_id
-        self.quota_topic = f"{app_id}.quotas"
+    def __init__(self, bootstrap: str, config: RouterConfig | None = None, *,
+                 registry: CollectorRegistry | None = None) -> None:
+        config = config or RouterConfig()
+        self.bootstrap, self.app_id, self.ingress = bootstrap, config.app_id, config.ingress
+        self.instance_id = config.instance_id
+        self.quota_topic = f"{self.app_id}.quotas"
         registry = registry if registry is not None else CollectorRegistry()
         self.metrics = RouterMetrics(registry)
         registry.register(RouteGauges(self))
@@ -465,8 +465,7 @@ def run_router(bootstrap: str, config: RouterConfig = RouterConfig(), *,
     serve_metrics(metrics_port, registry)
 
     async def serve() -> None:
-        router = Router(bootstrap, app_id=config.app_id, ingress=config.ingress,
-                        registry=registry, instance_id=config.instance_id)
+        router = Router(bootstrap, config, registry=registry)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, router.stop)

@@ -151,7 +151,7 @@ class PairWindow:
     Each `add_*` returns the steps it makes possible; `expire(now)` returns the comparisons
     whose score timed out and counts what stayed unpaired past the window."""
 
-    def __init__(self, window_s: float = 300.0, score_timeout_s: float = 30.0) -> None:
+    def __init__(self, window_s: float, score_timeout_s: float) -> None:
         self.window_s, self.score_timeout_s = window_s, score_timeout_s
         # Both in time order (insertion = first seen; one fixed score timeout), so `expire`
         # looks only at what is due instead of the whole window on every tick.
@@ -272,18 +272,16 @@ class ComparatorMetrics:
 
 
 class Comparator:
-    def __init__(self, bootstrap: str, candidates: Sequence[str], *,
-                 app_id: str = "ferry-comparator", window_s: float = 300.0,
-                 score_timeout_s: float = 30.0, stats_window_s: float = 600.0,
+    def __init__(self, bootstrap: str, config: ComparatorConfig, *,
                  registry: CollectorRegistry | None = None) -> None:
-        if not candidates:
+        if not config.candidates:
             raise ValueError("candidate: at least one candidate deployment is needed")
-        self.bootstrap, self.candidates = bootstrap, list(dict.fromkeys(candidates))
-        self.window = PairWindow(window_s, score_timeout_s)
-        self.stats_window_s = stats_window_s
+        self.bootstrap, self.candidates = bootstrap, list(dict.fromkeys(config.candidates))
+        self.window = PairWindow(config.window_s, config.score_timeout_s)
+        self.stats_window_s = config.stats_window_s
         self.recent: dict[str, deque[dict[str, Any]]] = {c: deque() for c in self.candidates}
         self.metrics = ComparatorMetrics(registry if registry is not None else CollectorRegistry())
-        self.app = faust_app(app_id, bootstrap, consumer_auto_offset_reset="earliest",
+        self.app = faust_app(config.app_id, bootstrap, consumer_auto_offset_reset="earliest",
                              stream_wait_empty=False, broker_commit_every=100,
                              broker_commit_interval=1.0)
         self.topic = self.app.topic(*self.topics(), key_type=bytes, value_type=bytes,
@@ -424,8 +422,6 @@ def run_comparator(bootstrap: str, config: ComparatorConfig, *,
     # Subscribed topics exist before faust subscribes (it does not create external topics).
     asyncio.run(ensure_topics(bootstrap, {t: TOPIC_PARTITIONS for t in comparator_topics}))
     registry = CollectorRegistry()
-    comparator = Comparator(bootstrap, candidates, app_id=config.app_id,
-                            window_s=config.window_s, score_timeout_s=config.score_timeout_s,
-                            stats_window_s=config.stats_window_s, registry=registry)
+    comparator = Comparator(bootstrap, config, registry=registry)
     serve_metrics(metrics_port, registry)
     run_app(comparator.app, config.log_level)

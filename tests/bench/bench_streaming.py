@@ -546,8 +546,8 @@ def gateway_child(argv: list[str]) -> None:
 
     _setup_logging()
     settings = GatewaySettings(ingress=args.ingress, request_timeout_s=CALL_TIMEOUT_S,
-                               attempt_timeout_s=CALL_TIMEOUT_S)
-    asyncio.run(_run_until_signalled(serve(args.bootstrap, args.port, "127.0.0.1", settings)))
+                               attempt_timeout_s=CALL_TIMEOUT_S, port=args.port)
+    asyncio.run(_run_until_signalled(serve(args.bootstrap, settings)))
 
 
 # Histograms the Ferry processes keep, read before and after each Ferry run (sum and count
