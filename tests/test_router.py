@@ -14,6 +14,7 @@ import openai
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from edge.topic_admin import ensure_topics
 from ferry.broker import free_port
@@ -396,6 +397,77 @@ async def test_forwarded_records_are_visible_only_once_committed(kafka_bootstrap
         await asyncio.wait_for(task, 30)
         await producer.stop()
         await admin.close()
+
+
+async def test_a_transaction_left_open_is_aborted_by_its_timeout(kafka_bootstrap,
+                                                                unique) -> None:
+    """A forwarding transaction that stays open (a router stuck, or killed with no
+    successor to fence it) holds read_committed readers of its output only until its
+    timeout: the broker aborts it and later records become visible. The stuck router, once
+    it moves again, finds itself fenced and stops without committing (aiokafka cannot tell
+    a timed-out transaction from a zombie's); its successor forwards the record once."""
+    source, out, group = unique("ingress"), unique("out"), unique("router")
+    await ensure_topics(kafka_bootstrap, {source: 1, out: 1})
+    handled, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(record, sink: Sink) -> None:
+        await sink.send(out, record.key, record.value)
+        await sink.acks[-1]  # in the log: what follows it waits for the transaction
+        handled.set()
+        await release.wait()
+
+    ingress = TransactionalIngress(kafka_bootstrap, group, source, handle, writes_to=(out,),
+                                   transaction_timeout_ms=1_500)
+    task = asyncio.create_task(ingress.run())
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    successor = None
+    try:
+        await producer.send_and_wait(source, b"one", key=b"k")
+        await asyncio.wait_for(handled.wait(), 30)
+        await producer.send_and_wait(out, b"later")  # behind the open transaction
+        assert await _read(kafka_bootstrap, out, "read_committed", 1) == []
+        # The broker looks for timed-out transactions every 10 s by default.
+        assert await _read(kafka_bootstrap, out, "read_committed", 30) == [b"later"]
+        release.set()
+        with pytest.raises(KafkaError):
+            await asyncio.wait_for(task, 30)
+
+        async def forward(record, sink: Sink) -> None:
+            await sink.send(out, record.key, record.value)
+
+        successor = TransactionalIngress(kafka_bootstrap, group, source, forward,
+                                         writes_to=(out,))
+        successor_task = asyncio.create_task(successor.run())
+        deadline, seen = time.monotonic() + 30, []
+        while b"one" not in seen and time.monotonic() < deadline:
+            seen = await _read_all(kafka_bootstrap, out, "read_committed", 2)
+        assert sorted(seen) == [b"later", b"one"]
+        successor.stop()
+        await asyncio.wait_for(successor_task, 30)
+    finally:
+        release.set()
+        ingress.stop()
+        if successor is not None:
+            successor.stop()
+        await producer.stop()
+
+
+async def _read_all(bootstrap: str, topic: str, isolation: str, quiet_s: float) -> list[bytes]:
+    """Every value of `topic` with `isolation`, read until nothing new for `quiet_s`."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, isolation_level=isolation,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    values: list[bytes] = []
+    try:
+        last = time.monotonic()
+        while time.monotonic() - last < quiet_s:
+            for msgs in (await consumer.getmany(timeout_ms=100)).values():
+                values += [m.value for m in msgs]
+                last = time.monotonic()
+    finally:
+        await consumer.stop()
+    return values
 
 
 async def test_router_killed_mid_load_forwards_each_request_once(kafka_bootstrap, unique,

@@ -65,7 +65,7 @@ from streams.routing.quota import admit, estimate_tokens
 from streams.routing.registry import Registry
 from streams.routing.routes import RouteTable
 from streams.routing.shadows import Shadow, ShadowTable
-from streams.routing.transactions import Sink, TransactionalIngress
+from streams.routing.transactions import TRANSACTION_TIMEOUT_MS, Sink, TransactionalIngress
 
 log = logging.getLogger("ferry.router")
 
@@ -147,6 +147,7 @@ class Router:
         config = config or RouterConfig()
         self.bootstrap, self.app_id, self.ingress = bootstrap, config.app_id, config.ingress
         self.instance_id = config.instance_id
+        self.transaction_timeout_ms = config.transaction_timeout_ms
         self.quota_topic = f"{self.app_id}.quotas"
         registry = registry if registry is not None else CollectorRegistry()
         self.metrics = RouterMetrics(registry)
@@ -183,6 +184,7 @@ class Router:
             self._ingress = TransactionalIngress(
                 self.bootstrap, self.app_id, self.ingress, self._on_record,
                 undeliverable=self._undeliverable, instance_id=self.instance_id,
+                transaction_timeout_ms=self.transaction_timeout_ms,
                 writes_to=(self.ingress, self.quota_topic, DLQ_TOPIC),
                 on_assigned=self._adopt_buckets, on_revoked=self._forget_buckets)
             serving = asyncio.create_task(self._ingress.run(), name="router ingress")
@@ -452,6 +454,11 @@ class RouterConfig:
         "help": "static group membership: a name unique among the app's routers and kept "
                 "across restarts (a StatefulSet pod name); its restart takes its partitions "
                 "back without waiting for the session timeout"})
+    transaction_timeout_ms: int = dataclasses.field(default=TRANSACTION_TIMEOUT_MS, metadata={
+        "help": "the broker aborts a forwarding transaction open this long: about how long "
+                "a router killed mid-transaction, with no successor to fence it, holds "
+                "read_committed readers of the topics it writes (a transaction is one "
+                "fetch of at most 500 records: milliseconds)"})
     log_level: str = dataclasses.field(default="WARNING", metadata={
         "help": "root log level while routing"})
 

@@ -45,6 +45,10 @@ MAX_BATCH = 500
 SESSION_TIMEOUT_MS = 6_000
 HEARTBEAT_INTERVAL_MS = 1_000
 REBALANCE_TIMEOUT_MS = 10_000
+# The broker aborts a transaction open this long (aiokafka's default is 60 s): all a killed
+# router with no successor can hold read_committed readers of its output, plus the broker's
+# abort check interval (transaction.abort.timed.out.transaction.cleanup.interval.ms, 10 s).
+TRANSACTION_TIMEOUT_MS = 10_000
 # Longest a stopping router waits on the broker for each shutdown step.
 _SHUTDOWN_STEP_S = 15.0
 
@@ -100,8 +104,10 @@ class TransactionalIngress:
                  undeliverable: Undeliverable | None = None,
                  instance_id: str | None = None, writes_to: tuple[str, ...] = (),
                  on_assigned: Callable[[set[TopicPartition]], Awaitable[None]] | None = None,
-                 on_revoked: Callable[[set[TopicPartition]], None] | None = None) -> None:
+                 on_revoked: Callable[[set[TopicPartition]], None] | None = None,
+                 transaction_timeout_ms: int = TRANSACTION_TIMEOUT_MS) -> None:
         self.bootstrap, self.group, self.topic = bootstrap, group, topic
+        self._transaction_timeout_ms = transaction_timeout_ms
         self._handle, self._undeliverable, self._writes_to = handle, undeliverable, writes_to
         self._on_assigned, self._on_revoked = on_assigned, on_revoked
         self._consumer = AIOKafkaConsumer(
@@ -180,7 +186,8 @@ class TransactionalIngress:
     def _producer(self, tp: TopicPartition) -> AIOKafkaProducer:
         return AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
-            transactional_id=transactional_id(self.group, tp), **client_options())
+            transactional_id=transactional_id(self.group, tp),
+            transaction_timeout_ms=self._transaction_timeout_ms, **client_options())
 
     async def _alone(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         """One record's transaction: as handled, then without its error reply; one that
