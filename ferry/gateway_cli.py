@@ -12,6 +12,7 @@ from typing import Any
 from edge.metrics_server import MetricsPortError, add_metrics_port
 from ferry.common import CliError, bootstrap, bootstrap_arg, run_until_signalled
 from ferry.flags import add_flags, describe, from_args
+from schemas import Request
 
 log = logging.getLogger("ferry.gateway")
 
@@ -25,10 +26,14 @@ def register(sub: Any) -> None:
     send.add_argument("prompts", nargs="+")
     send.add_argument("--model", required=True, help="deployment name")
     bootstrap_arg(send)
-    send.add_argument("--max-new-tokens", type=int, default=16)
-    send.add_argument("--temperature", type=float, default=0.0)
-    send.add_argument("--seed", type=int, default=None)
-    send.add_argument("--timeout", type=float, default=60.0)
+    fields = Request.__dataclass_fields__  # the request's own defaults, written once
+    send.add_argument("--max-new-tokens", type=int, default=fields["max_new_tokens"].default,
+                      help="tokens to generate per prompt")
+    send.add_argument("--temperature", type=float, default=fields["temperature"].default,
+                      help="0 = greedy")
+    send.add_argument("--seed", type=int, default=None, help="sampling seed")
+    send.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds to wait for each result")
     send.add_argument("--stream", action="store_true",
                       help="print each prompt's text as it is generated, then its result")
     send.set_defaults(func=_send)

@@ -18,6 +18,9 @@ REQUESTS_PREFIX = "ferry.requests."
 # Partitions of a request topic (and of results, dead letters, ...) when Ferry creates it:
 # the most replicas one deployment's group can spread over.
 DEFAULT_PARTITIONS = 4
+# Largest record Ferry writes (Kafka's own default message.max.bytes is about this): a
+# result above it becomes a result_too_large error, a request above it is refused.
+MAX_MESSAGE_BYTES = 1_048_576
 WORKER_GROUP_PREFIX = "ferry.workers."
 
 # The router's input: requests from producers and the gateway, with an API key header.

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from schemas.topics import mirror_topic, requests_topic, shadow_group, worker_group
+from schemas.topics import (DEFAULT_PARTITIONS, MAX_MESSAGE_BYTES, mirror_topic,
+                            requests_topic, shadow_group, worker_group)
+from workers.engine_config import EngineConfig
 
-if TYPE_CHECKING:  # the engine imports torch: not for `ferry --help`, which reads the fields
-    from workers.engine import EngineConfig
+# Seconds before a dead or stalled rank stops the whole replica (`workers/tp.py` imports it:
+# defined here, where `ferry worker --help` can read it without torch).
+TP_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -22,12 +24,13 @@ class WorkerConfig:
     deployment: str = field(metadata={"help": "the deployment served: its request topic and "
                                               "consumer group"})
     bootstrap: str = field(metadata={"help": "Kafka bootstrap servers"})
-    max_num_seqs: int = field(default=64, metadata={"help": "rows the engine decodes at once"})
-    max_num_batched_tokens: int = field(default=512, metadata={
+    max_num_seqs: int = field(default=EngineConfig.max_num_seqs, metadata={
+        "help": "rows the engine decodes at once"})
+    max_num_batched_tokens: int = field(default=EngineConfig.max_num_batched_tokens, metadata={
         "help": "tokens per engine step (decodes + prefill chunks)"})
-    kv_cache_gb: float = field(default=2.0, metadata={
+    kv_cache_gb: float = field(default=EngineConfig.kv_cache_bytes / (1 << 30), metadata={
         "help": "KV cache per rank, in GiB (blocks are allocated on demand)"})
-    prefix_caching: bool = field(default=True, metadata={
+    prefix_caching: bool = field(default=EngineConfig.enable_prefix_caching, metadata={
         "help": "share KV blocks between prompts with equal prefixes"})
     max_queued: int = field(default=256, metadata={
         "help": "admitted requests held before consuming pauses (at most 400 with "
@@ -52,9 +55,9 @@ class WorkerConfig:
     transaction_timeout_ms: int = field(default=60_000, metadata={
         "help": "exactly-once: the broker aborts a transaction open longer (and fences its "
                 "producer: the worker stops)"})
-    partitions: int = field(default=4, metadata={
+    partitions: int = field(default=DEFAULT_PARTITIONS, metadata={
         "help": "partitions of the request topic if the worker creates it"})
-    max_message_bytes: int = field(default=1_048_576, metadata={
+    max_message_bytes: int = field(default=MAX_MESSAGE_BYTES, metadata={
         "help": "results above this become result_too_large errors"})
     metrics_port: int | None = field(default=None, metadata={
         "help": "Prometheus /metrics port (None: no HTTP endpoint; the registry still counts)"})
@@ -89,7 +92,7 @@ class WorkerConfig:
     master_addr: str = field(default="127.0.0.1", metadata={"help": "rank 0's node address"})
     master_port: int | None = field(default=None, metadata={
         "help": "rank 0's rendezvous port (default: a free one, on one node)"})
-    tp_timeout: float = field(default=60.0, metadata={
+    tp_timeout: float = field(default=TP_TIMEOUT_S, metadata={
         "help": "seconds before a dead or stalled rank stops the whole replica"})
 
     def __post_init__(self) -> None:
@@ -98,8 +101,6 @@ class WorkerConfig:
                              "travel in the commit's metadata, at most 4 KB)")
 
     def engine_config(self) -> EngineConfig:
-        from workers.engine import EngineConfig
-
         return EngineConfig(max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             kv_cache_bytes=int(self.kv_cache_gb * (1 << 30)),

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from workers.decode_slab import DecodeSlab
+from workers.engine_config import EngineConfig
 from workers.kv_cache import BlockManager, KVPools
 from workers.loader import load_model
 from workers.model import AttnGroup, ModelConfig, PagedStep, Transformer, small_op_threads
@@ -156,26 +157,6 @@ class EngineStats:
     prefix_queries: int             # prompt tokens looked up in the prefix cache
     prefix_hits: int                # of which served from it
     preemptions: int
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Scheduling budgets and the KV cache's size."""
-
-    max_num_seqs: int = 64               # rows running at once
-    max_num_batched_tokens: int = 512    # tokens per step (decodes + prefill chunks)
-    block_size: int = 16                 # token slots per KV block
-    num_blocks: int | None = None        # None: as many as `kv_cache_bytes` holds
-    kv_cache_bytes: int = 2 << 30        # K and V of every layer, this rank's heads
-    enable_prefix_caching: bool = True
-    prepack_weights: bool = True         # CPU: linears in oneDNN's layout (`Transformer.prepack`)
-    # CPU: threads for all but the matmuls and KV gathers (None: torch's count for all). 1
-    # pays on a host shared with other busy processes, where a 2-thread OpenMP team stalls on
-    # every small op (decode steps 3x faster at load ~10); on a dedicated host it costs 6-8%.
-    small_op_threads: int | None = None
-    # Decode rows' keys/values kept contiguous beside the pools (`workers/decode_slab.py`):
-    # spares a gather of every row's context per layer per step; 0 = gather always.
-    decode_slab_bytes: int = 1 << 30
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.config import TP_TIMEOUT_S
 from workers.model import ModelConfig, Transformer
 
 # name pattern -> (kind, dim). "column"/"row"/"vocab" split `dim` evenly across ranks;
@@ -228,7 +229,7 @@ def apply_tp(model: Transformer, rank: int, world: int) -> Transformer:
 
 # ---- process group ---------------------------------------------------------------------
 
-DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_TIMEOUT_S = TP_TIMEOUT_S  # defined with the worker's settings, torch-free
 DEFAULT_STARTUP_TIMEOUT_S = 1800.0
 
 

@@ -22,7 +22,8 @@ from schemas import (
     RESULTS_TOPIC, Cancel, Delta, ErrorCode, Request, Result, SchemaError, batch_key, decode_delta,
     decode_result, encode, requests_topic,
 )
-from schemas.topics import CANCELS_PARTITIONS, CANCELS_TOPIC, DELTAS_TOPIC
+from schemas.topics import (CANCELS_PARTITIONS, CANCELS_TOPIC, DEFAULT_PARTITIONS, DELTAS_TOPIC,
+                            MAX_MESSAGE_BYTES)
 from streams.front.deltas import MergedStream
 
 log = logging.getLogger("ferry.client")
@@ -32,7 +33,8 @@ class FerryClient:
     """Posts requests to `ferry.requests.<model>` and resolves them from `reply_to`."""
 
     def __init__(self, bootstrap: str, reply_to: str = RESULTS_TOPIC,
-                 max_message_bytes: int = 1_048_576, partitions: int = 4,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 partitions: int = DEFAULT_PARTITIONS,
                  stream_to: str | None = None, streaming: bool = False) -> None:
         self.bootstrap = bootstrap
         self.reply_to = reply_to
