@@ -29,6 +29,7 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient
 
 from edge.kafka_clients import KafkaSecurity, client_options
+from schemas.topics import DEFAULT_PARTITIONS
 
 log = logging.getLogger("ferry.broker")
 
@@ -131,7 +132,7 @@ class LocalBroker:
 
     data_dir: Path
     port: int = DEFAULT_PORT
-    partitions: int = 4
+    partitions: int = DEFAULT_PARTITIONS
     heap: str = "512m"
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from aiokafka.admin import AIOKafkaAdminClient
 
 from ferry.broker import LocalBroker, _pid_alive, _wait_ready, fetch_jars, free_port
+from schemas.topics import DEFAULT_PARTITIONS
 
 log = logging.getLogger("ferry.cluster")
 
@@ -83,7 +84,7 @@ class LocalCluster:
 
     data_dir: Path
     size: int = 3
-    partitions: int = 4
+    partitions: int = DEFAULT_PARTITIONS
     heap: str = "384m"
     extra: str = ""
     external: dict[int, str] = field(default_factory=dict)  # node id -> advertised host:port

@@ -15,6 +15,7 @@ from workers.engine_config import EngineConfig
 # Seconds before a dead or stalled rank stops the whole replica (`workers/tp.py` imports it:
 # defined here, where `ferry worker --help` can read it without torch).
 TP_TIMEOUT_S = 60.0
+DEVICE = "cpu"  # the torch device a worker (and a replica's ranks) runs on by default
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class WorkerConfig:
         "help": "results above this become result_too_large errors"})
     metrics_port: int | None = field(default=None, metadata={
         "help": "Prometheus /metrics port (None: no HTTP endpoint; the registry still counts)"})
-    device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda, cuda:1, ..."})
+    device: str = field(default=DEVICE, metadata={"help": "torch device: cpu, cuda, cuda:1, ..."})
     dtype: str | None = field(default=None, metadata={
         "help": "weights' dtype, e.g. bfloat16 (default: the checkpoint's)"})
     shadow: bool = field(default=False, metadata={

@@ -65,10 +65,9 @@ def span_cost(lengths: Sequence[int], grain: int, cap: int) -> int:
 class DecodeSlab:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, max_bytes: int,
-                 grain: int = 32, sorted_spans: bool | None = None) -> None:
+                 grain: int = 32) -> None:
         self.num_layers, self.kv, self.D, self.bs = num_layers, kv_heads, head_dim, block_size
-        # None: where it pays (see the module's docstring: float32)
-        self.sorted_spans = dtype == torch.float32 if sorted_spans is None else sorted_spans
+        self.sorted_spans = dtype == torch.float32  # where it pays (the module's docstring)
         self.dtype, self.device, self.max_bytes = dtype, device, max_bytes
         self.grain = -(-grain // block_size) * block_size  # whole blocks: fills fit in cap
         self.itemsize = torch.empty((), dtype=dtype).element_size()

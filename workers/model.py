@@ -341,7 +341,7 @@ def _attend_slab(q: Tensor, k: Tensor, v: Tensor, slab: tuple[Tensor, Tensor],
     this step's key/value there; rows are the slab's first R, in slab order."""
     k_slab, v_slab = slab
     R = g.q_idx.shape[0]
-    _, n_kv, cap, D = k_slab.shape
+    _, n_kv, _, D = k_slab.shape
     if not g.identity:
         idx = g.q_idx.view(-1)
         q, k, v = q.index_select(0, idx), k.index_select(0, idx), v.index_select(0, idx)

@@ -42,6 +42,7 @@ from workers.model import ModelConfig, Transformer
 from workers.reshard import load_rank
 from workers.sampler import MIN_TEMPERATURE
 from workers.tokenizer import Tokenizer, load_tokenizer
+from workers.config import DEVICE
 from workers.tp import DEFAULT_TIMEOUT_S, env_rank, init_distributed
 
 _PING = "ping"  # heartbeat message: keep followers' receive from timing out while idle
@@ -53,7 +54,7 @@ class RanksFailed(EngineDown):
     """A rank died or stalled; the process group is unusable and this process should exit."""
 
 
-def load_engine(path: str | Path, rank: int, world: int, device: str = "cpu",
+def load_engine(path: str | Path, rank: int, world: int, device: str = DEVICE,
                 dtype: torch.dtype | str | None = None,
                 engine_config: EngineConfig | None = None) -> Engine:
     """An Engine over rank's part of the model at `path` (pre-sharded or full)."""
@@ -240,7 +241,7 @@ def _with_seed(item: R) -> R:
 
 
 def serve_rank(path: str | Path, serve: Callable[[RankedEngine], None], *,
-               timeout_s: float = DEFAULT_TIMEOUT_S, device: str = "cpu",
+               timeout_s: float = DEFAULT_TIMEOUT_S, device: str = DEVICE,
                dtype: torch.dtype | str | None = None,
                engine_config: EngineConfig | None = None) -> None:
     """Per-process entry: load this rank's part, join the group, then serve or follow.

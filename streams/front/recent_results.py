@@ -19,7 +19,7 @@ from aiokafka import ConsumerRecord
 from edge.reader import TopicReader
 from edge.topic_admin import ensure_topics
 from schemas import RESULTS_TOPIC, Result, SchemaError, decode_result
-from schemas.topics import CHAT_HEADER, TENANT_HEADER
+from schemas.topics import CHAT_HEADER, DEFAULT_PARTITIONS, TENANT_HEADER
 
 log = logging.getLogger("ferry.results")
 
@@ -41,7 +41,7 @@ class RecentResults:
         self.reader = TopicReader(bootstrap, topic, self._handle, at="end")
         self.reader.on_failure.append(self._failed)
 
-    async def start(self, partitions: int = 4) -> None:
+    async def start(self, partitions: int = DEFAULT_PARTITIONS) -> None:
         await ensure_topics(self.bootstrap, {self.topic: partitions})  # workers' default count
         await self.reader.start(f"recent results on {self.topic}")
 
