@@ -32,8 +32,8 @@ def register(sub: Any) -> None:
     send.add_argument("--temperature", type=float, default=fields["temperature"].default,
                       help="0 = greedy")
     send.add_argument("--seed", type=int, default=None, help="sampling seed")
-    send.add_argument("--timeout", type=float, default=60.0,
-                      help="seconds to wait for each result")
+    send.add_argument("--timeout", type=float, default=None,
+                      help="seconds to wait for each result (default: the client's, 60)")
     send.add_argument("--stream", action="store_true",
                       help="print each prompt's text as it is generated, then its result")
     send.set_defaults(func=_send)
@@ -67,9 +67,10 @@ def _gateway(args: argparse.Namespace) -> int:
 def _send(args: argparse.Namespace) -> int:
     from edge.topic_admin import list_topics
     from schemas import Delta, Request, encode, requests_topic
-    from streams.front.client import FerryClient
+    from streams.front.client import REQUEST_TIMEOUT_S, FerryClient
 
     servers = bootstrap(args)
+    timeout = REQUEST_TIMEOUT_S if args.timeout is None else args.timeout
 
     async def go() -> int:
         # Never create a topic for a typo or an alias (the router resolves aliases).
@@ -86,7 +87,7 @@ def _send(args: argparse.Namespace) -> int:
                         for prompt in args.prompts]
             if args.stream:
                 for request in requests:
-                    async for event in client.stream(request, args.timeout):
+                    async for event in client.stream(request, timeout):
                         if isinstance(event, Delta):
                             print(event.text, end="", flush=True)
                         else:
@@ -95,9 +96,9 @@ def _send(args: argparse.Namespace) -> int:
                 return int(failed > 0)
             futures = [await client.submit(request) for request in requests]
             try:
-                results = await asyncio.wait_for(asyncio.gather(*futures), args.timeout)
+                results = await asyncio.wait_for(asyncio.gather(*futures), timeout)
             except TimeoutError:
-                raise CliError(f"no result within {args.timeout:g}s: is a worker serving "
+                raise CliError(f"no result within {timeout:g}s: is a worker serving "
                                f"{args.model!r}? (`ferry deployments`)") from None
             for result in results:
                 print(encode(result).decode())

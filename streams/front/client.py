@@ -28,6 +28,8 @@ from streams.front.deltas import MergedStream
 
 log = logging.getLogger("ferry.client")
 
+REQUEST_TIMEOUT_S = 60.0  # how long a caller waits for a result by default
+
 
 class FerryClient:
     """Posts requests to `ferry.requests.<model>` and resolves them from `reply_to`."""
@@ -166,7 +168,7 @@ class FerryClient:
                                                                         reason[:256])),
                                            key=request_id.encode())
 
-    async def stream(self, request: Request, timeout: float = 60.0
+    async def stream(self, request: Request, timeout: float = REQUEST_TIMEOUT_S
                      ) -> AsyncIterator[Delta | Result]:
         """Post a streaming request: yields its text as it is generated (deltas merged across
         re-runs, the last ones completed from the result; with n > 1 each piece names its
@@ -199,7 +201,7 @@ class FerryClient:
         if future is not None and not future.done():
             future.cancel()
 
-    async def request(self, request: Request, timeout: float = 60.0) -> Result:
+    async def request(self, request: Request, timeout: float = REQUEST_TIMEOUT_S) -> Result:
         try:
             return await asyncio.wait_for(await self.submit(request), timeout)
         finally:
