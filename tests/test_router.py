@@ -346,17 +346,23 @@ async def test_busy_deployment_gets_503_with_retry_after(start_gateway, http, un
 
 # ---- exactly once, fail-over, graceful stop --------------------------------------------
 
-async def _read(bootstrap: str, topic: str, isolation: str, window_s: float) -> list[bytes]:
-    """Every value of `topic` a reader with `isolation` sees within `window_s`."""
+async def _read(bootstrap: str, topic: str, isolation: str, window_s: float, *,
+                quiet_s: float | None = None) -> list[bytes]:
+    """The values of `topic` a reader with `isolation` sees within `window_s`: the first
+    ones fetched, or (`quiet_s`) all until nothing new comes for that long."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, isolation_level=isolation,
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     values: list[bytes] = []
     try:
-        deadline = time.monotonic() + window_s
-        while not values and time.monotonic() < deadline:
+        deadline = last = time.monotonic()
+        deadline += window_s
+        while time.monotonic() < deadline:
+            if values and (quiet_s is None or time.monotonic() - last >= quiet_s):
+                break
             for msgs in (await consumer.getmany(timeout_ms=100)).values():
                 values += [m.value for m in msgs]
+                last = time.monotonic()
     finally:
         await consumer.stop()
     return values
@@ -441,7 +447,7 @@ async def test_a_transaction_left_open_is_aborted_by_its_timeout(kafka_bootstrap
         successor_task = asyncio.create_task(successor.run())
         deadline, seen = time.monotonic() + 30, []
         while b"one" not in seen and time.monotonic() < deadline:
-            seen = await _read_all(kafka_bootstrap, out, "read_committed", 2)
+            seen = await _read(kafka_bootstrap, out, "read_committed", 10, quiet_s=2)
         assert sorted(seen) == [b"later", b"one"]
         successor.stop()
         await asyncio.wait_for(successor_task, 30)
@@ -451,23 +457,6 @@ async def test_a_transaction_left_open_is_aborted_by_its_timeout(kafka_bootstrap
         if successor is not None:
             successor.stop()
         await producer.stop()
-
-
-async def _read_all(bootstrap: str, topic: str, isolation: str, quiet_s: float) -> list[bytes]:
-    """Every value of `topic` with `isolation`, read until nothing new for `quiet_s`."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, isolation_level=isolation,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    values: list[bytes] = []
-    try:
-        last = time.monotonic()
-        while time.monotonic() - last < quiet_s:
-            for msgs in (await consumer.getmany(timeout_ms=100)).values():
-                values += [m.value for m in msgs]
-                last = time.monotonic()
-    finally:
-        await consumer.stop()
-    return values
 
 
 async def test_router_killed_mid_load_forwards_each_request_once(kafka_bootstrap, unique,
