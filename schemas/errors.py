@@ -35,9 +35,38 @@ _HTTP_STATUS = {
     ErrorCode.CANCELLED: 499,  # nginx's "client closed request": the caller went away
 }
 
-# Worth another attempt on another backend of the same alias: the backend failed, not the
-# request.
-RETRYABLE = frozenset({ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL, ErrorCode.OVERLOADED})
+class Fault(str, Enum):
+    """Whose doing an error is: the request's (the same request fails the same way anywhere)
+    or the serving side's (what a canary holds against a deployment)."""
+
+    CALLER = "caller"
+    SERVER = "server"
+
+
+_FAULT = {
+    ErrorCode.INVALID_REQUEST: Fault.CALLER,
+    ErrorCode.UNKNOWN_MODEL: Fault.CALLER,
+    ErrorCode.PROMPT_TOO_LONG: Fault.CALLER,
+    ErrorCode.DEADLINE_EXCEEDED: Fault.SERVER,   # the caller's budget, the server's slowness
+    ErrorCode.REQUEST_TOO_LARGE: Fault.CALLER,
+    ErrorCode.RESULT_TOO_LARGE: Fault.SERVER,
+    ErrorCode.INFERENCE_FAILED: Fault.SERVER,
+    ErrorCode.INTERNAL: Fault.SERVER,
+    ErrorCode.UNAUTHENTICATED: Fault.CALLER,
+    ErrorCode.QUOTA_EXCEEDED: Fault.CALLER,
+    ErrorCode.OVERLOADED: Fault.SERVER,
+    ErrorCode.CANCELLED: Fault.CALLER,
+}
+SERVER_FAULTS = frozenset(code for code, f in _FAULT.items() if f is Fault.SERVER)
+# Server faults worth another attempt on another backend of the same alias: that backend
+# failed, not the request (a deadline: the gateway's attempt timeout, shorter than the
+# request's; a result too large is so anywhere).
+RETRYABLE = frozenset({ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL, ErrorCode.OVERLOADED,
+                       ErrorCode.DEADLINE_EXCEEDED})
+
+
+def fault(code: ErrorCode) -> Fault:
+    return _FAULT[code]
 
 
 def http_status(code: ErrorCode) -> int:

@@ -332,3 +332,11 @@ def test_asyncapi_messages_headers_and_operations_resolve() -> None:
     assert {"canary_receive_telemetry", "ferry_route_send_routes",
             "deployer_receive_checkpoints"} <= set(doc["operations"])
 
+
+
+def test_every_error_code_has_one_fault_and_retries_are_server_faults() -> None:
+    from schemas.errors import RETRYABLE, SERVER_FAULTS, Fault, fault
+    assert {fault(code) for code in ErrorCode} <= set(Fault)  # a new code must be classified
+    assert RETRYABLE <= SERVER_FAULTS
+    assert fault(ErrorCode.INVALID_REQUEST) is Fault.CALLER
+    assert fault(ErrorCode.INFERENCE_FAILED) is Fault.SERVER

@@ -595,7 +595,7 @@ def _wait_param(http: web.Request) -> float:
 def _retryable(result: Result) -> bool:
     """A backend's failure (worth another backend), not the request's own fault."""
     assert result.error is not None
-    return result.error.code in RETRYABLE or result.error.code is ErrorCode.DEADLINE_EXCEEDED
+    return result.error.code in RETRYABLE
 
 
 def _route_label(http: web.Request) -> str:

@@ -30,7 +30,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from edge.reader import assigned_consumer
 from edge.topic_admin import ensure_topics, pin_to_end
-from schemas import ErrorCode, SchemaError, decode
+from schemas import SchemaError, decode
+from schemas.errors import SERVER_FAULTS
 from schemas.events import Telemetry
 from schemas.fields import from_dict
 from schemas.topics import TELEMETRY_PARTITIONS, TELEMETRY_TOPIC
@@ -39,10 +40,8 @@ from streams.routing.routes import NAME, read_routes, set_route
 
 log = logging.getLogger("ferry.canary")
 
-# Failures of the deployment itself; every other error code is the client's doing.
-SERVER_ERRORS = frozenset(code.value for code in (
-    ErrorCode.INFERENCE_FAILED, ErrorCode.INTERNAL, ErrorCode.RESULT_TOO_LARGE,
-    ErrorCode.DEADLINE_EXCEEDED, ErrorCode.OVERLOADED))
+# Failures of the deployment itself (`schemas.errors.fault`); the rest are the caller's.
+SERVER_ERRORS = frozenset(code.value for code in SERVER_FAULTS)
 
 
 def parse_seconds(text: str) -> float:
