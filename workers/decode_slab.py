@@ -125,8 +125,11 @@ class DecodeSlab:
         """Slots in descending length order when the current order reads a fifth more than
         that: the copy costs about what one step's attention reads, a span saves that
         fifth or more every step the rows stay."""
-        ordered = sorted(self.lengths, reverse=True)
-        if span_cost(self.lengths, self.bs, self.cap) <= RESORT_AT * span_cost(
+        lengths = self.lengths
+        if all(a >= b for a, b in zip(lengths, lengths[1:])):
+            return  # already in order: most steps, where no row joined
+        ordered = sorted(lengths, reverse=True)
+        if span_cost(lengths, self.bs, self.cap) <= RESORT_AT * span_cost(
                 ordered, self.bs, self.cap):
             return
         perm = sorted(range(len(self.ids)), key=lambda s: -self.lengths[s])
